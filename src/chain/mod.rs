@@ -1,0 +1,1 @@
+//! The chain of images, base to top.

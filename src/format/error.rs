@@ -1,0 +1,75 @@
+//! Errors of the format layer.
+
+use std::io;
+
+/// Result of a format operation.
+pub type Result<T, E = FormatError> = std::result::Result<T, E>;
+
+/// Why an image could not be opened, read or written.
+///
+/// Variants name the structure and the offset at fault; the chain layer adds
+/// the path of the image.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The host file failed; the errno is kept for the writer.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The image breaks its format's rules.
+    #[error("malformed image: {what}")]
+    Malformed {
+        /// What is wrong, naming the field or table and its offset.
+        what: String,
+    },
+    /// The image uses something chainfs does not implement.
+    #[error("unsupported image: {what}")]
+    Unsupported {
+        /// The feature, by name.
+        what: String,
+    },
+    /// The image is encrypted; chainfs has no keys.
+    #[error("encrypted images are not supported")]
+    Encrypted,
+    /// The header has incompatible feature bits chainfs does not know.
+    #[error("unknown incompatible feature bits: {features}")]
+    UnknownIncompatibleFeatures {
+        /// Each unknown bit, with its name from the image's feature table
+        /// where the image has one.
+        features: String,
+    },
+    /// The image carries the corrupt bit; it may be read but not written.
+    #[error("the image is marked corrupt; it can be read but not written")]
+    Corrupt,
+    /// A write to an image opened read-only.
+    #[error("the image is open read-only")]
+    ReadOnly,
+    /// A write or read outside the image.
+    #[error("offset {offset} length {len} is outside the image of {size} bytes")]
+    OutOfBounds {
+        /// Start of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Virtual size of the image.
+        size: u64,
+    },
+}
+
+impl FormatError {
+    /// Shorthand for a [`FormatError::Malformed`].
+    pub fn malformed(what: impl Into<String>) -> FormatError {
+        FormatError::Malformed { what: what.into() }
+    }
+
+    /// The errno that a filesystem request failing with this error returns.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FormatError::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
+            FormatError::Malformed { .. } | FormatError::Corrupt => libc::EIO,
+            FormatError::Unsupported { .. }
+            | FormatError::Encrypted
+            | FormatError::UnknownIncompatibleFeatures { .. } => libc::EOPNOTSUPP,
+            FormatError::ReadOnly => libc::EROFS,
+            FormatError::OutOfBounds { .. } => libc::ENOSPC,
+        }
+    }
+}

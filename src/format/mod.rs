@@ -1,0 +1,272 @@
+//! Disk image formats, one image at a time.
+//!
+//! An [`Image`] answers *shallowly*: what this image itself holds for a guest
+//! range, and which parts fall through to its backing file. It never opens or
+//! reads its backing file; the chain layer walks the chain and hands writes a
+//! [`BackingReader`] for copy-on-write.
+
+pub mod error;
+pub mod qcow2;
+pub mod raw;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use error::{FormatError, Result};
+
+use crate::storage::Storage;
+
+/// An on-disk image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A flat file: guest offset = file offset.
+    Raw,
+    /// QEMU copy-on-write v2 or v3.
+    Qcow2,
+}
+
+impl Format {
+    /// The name QEMU uses for the format (`raw`, `qcow2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses a QEMU format name, as found in a backing-format extension.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Guesses the format of `storage` as QEMU does without a format name:
+/// qcow2 by its magic, anything else raw.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    storage.read_at(&mut magic, 0)?;
+    Ok(if magic == qcow2::MAGIC.to_be_bytes() {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// How an image holds a guest range, looking at this image only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// The image holds data for the range.
+    Data,
+    /// The image says the range reads as zeros.
+    Zero,
+    /// The image holds nothing; reads fall through to the backing file.
+    Unallocated,
+}
+
+/// A run of guest bytes, starting where the query started, that an image
+/// holds in one way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run in bytes; never zero for a query inside the image.
+    pub len: u64,
+    /// How the image holds the run.
+    pub allocation: Allocation,
+}
+
+/// Where an image's backing file is, as its header says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The backing file name exactly as stored in the image.
+    pub file: String,
+    /// The backing format from the header extension, when there is one.
+    pub format: Option<Format>,
+}
+
+/// What the chain lends a write: the content below this image, for the parts
+/// of a cluster that a write does not cover.
+pub trait BackingReader {
+    /// Fills `buf` with what the backing chain shows at guest `offset`
+    /// (zeros past its end, or when there is no backing file).
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Whether there is a backing file at all: without one, unallocated
+    /// ranges already read as zeros.
+    fn has_backing(&self) -> bool;
+}
+
+/// A backing reader for an image without a backing file.
+pub struct NoBacking;
+
+impl BackingReader for NoBacking {
+    fn read_backing(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn has_backing(&self) -> bool {
+        false
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open for writing (repairs a dirty image, clears unknown autoclear bits).
+    pub writable: bool,
+    /// Upper bound, in bytes, of the metadata cache of this image.
+    pub cache_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            cache_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Opens the files an image names besides itself (a qcow2 external data
+/// file), resolved by the caller relative to the image's directory.
+pub type FileOpener<'a> = &'a dyn Fn(&str, bool) -> std::io::Result<Arc<dyn Storage>>;
+
+/// One open image of any supported format.
+#[derive(Debug)]
+pub enum Image {
+    /// A raw image.
+    Raw(raw::Raw),
+    /// A qcow2 image.
+    Qcow2(qcow2::Qcow2),
+}
+
+impl Image {
+    /// Opens `storage` as an image of `format`.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        format: Format,
+        options: &OpenOptions,
+        opener: FileOpener<'_>,
+    ) -> Result<Image> {
+        Ok(match format {
+            Format::Raw => Image::Raw(raw::Raw::open(storage)?),
+            Format::Qcow2 => Image::Qcow2(qcow2::Qcow2::open(storage, options, opener)?),
+        })
+    }
+
+    /// The format of this image.
+    pub fn format(&self) -> Format {
+        match self {
+            Image::Raw(_) => Format::Raw,
+            Image::Qcow2(_) => Format::Qcow2,
+        }
+    }
+
+    /// The guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Image::Raw(raw) => raw.virtual_size(),
+            Image::Qcow2(qcow2) => qcow2.virtual_size(),
+        }
+    }
+
+    /// The cluster size, for formats that have one.
+    pub fn cluster_size(&self) -> Option<u64> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(qcow2) => Some(qcow2.cluster_size()),
+        }
+    }
+
+    /// The backing file the image names, if any.
+    pub fn backing(&self) -> Option<BackingRef> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(qcow2) => qcow2.backing(),
+        }
+    }
+
+    /// Bytes of host storage this image occupies (its own files only).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        match self {
+            Image::Raw(raw) => raw.allocated_bytes(),
+            Image::Qcow2(qcow2) => qcow2.allocated_bytes(),
+        }
+    }
+
+    /// How this image holds the range `offset..offset + len`, from `offset`
+    /// up to the first change of [`Allocation`]. `offset` must be inside the
+    /// image.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        match self {
+            Image::Raw(raw) => raw.block_status(offset, len),
+            Image::Qcow2(qcow2) => qcow2.block_status(offset, len),
+        }
+    }
+
+    /// Reads what this image holds at `offset` into `buf` and returns the
+    /// guest ranges (absolute, ascending) that it does not hold; the content
+    /// of `buf` there is unspecified and the caller fills it from below.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<Range<u64>>> {
+        match self {
+            Image::Raw(raw) => raw.read(offset, buf).map(|()| Vec::new()),
+            Image::Qcow2(qcow2) => qcow2.read(offset, buf),
+        }
+    }
+
+    /// Writes `data` at `offset`; partial clusters are completed from
+    /// `backing`. The range must lie inside the image.
+    pub fn write(&self, offset: u64, data: &[u8], backing: &dyn BackingReader) -> Result<()> {
+        match self {
+            Image::Raw(raw) => raw.write(offset, data),
+            Image::Qcow2(qcow2) => qcow2.write(offset, data, backing),
+        }
+    }
+
+    /// Makes `offset..offset + len` read as zeros, freeing the space of whole
+    /// clusters where the format allows it.
+    pub fn zero_range(&self, offset: u64, len: u64, backing: &dyn BackingReader) -> Result<()> {
+        match self {
+            Image::Raw(raw) => raw.zero_range(offset, len),
+            Image::Qcow2(qcow2) => qcow2.zero_range(offset, len, backing),
+        }
+    }
+
+    /// Makes every completed write durable, metadata included.
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Image::Raw(raw) => raw.flush(),
+            Image::Qcow2(qcow2) => qcow2.flush(),
+        }
+    }
+
+    /// Flushes and leaves the image clean (no leaked reservations, no dirty
+    /// bit). The image must not be used afterwards.
+    pub fn close(&self) -> Result<()> {
+        match self {
+            Image::Raw(raw) => raw.flush(),
+            Image::Qcow2(qcow2) => qcow2.close(),
+        }
+    }
+
+    /// Rewrites the backing file name and format in the header.
+    pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        match self {
+            Image::Raw(_) => Err(FormatError::Unsupported {
+                what: "a raw image has no backing file to rewrite".into(),
+            }),
+            Image::Qcow2(qcow2) => qcow2.set_backing(backing),
+        }
+    }
+}

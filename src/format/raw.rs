@@ -1,0 +1,87 @@
+//! Raw images: guest offset = file offset; the file's holes are the
+//! unallocated ranges, but a raw image has no backing, so they read as zeros.
+
+use std::sync::Arc;
+
+use super::{Allocation, Extent, FormatError, Result};
+use crate::storage::{file::write_zeros, Storage};
+
+/// An open raw image. Its virtual size is the file size at open time.
+#[derive(Debug)]
+pub struct Raw {
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl Raw {
+    /// Opens a raw image on `storage`.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
+        let size = storage.len()?;
+        Ok(Raw { storage, size })
+    }
+
+    /// The guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes of host storage the file occupies.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        Ok(self.storage.allocated_bytes()?)
+    }
+
+    fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(FormatError::OutOfBounds {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Holes in the file are reported as zero ranges; everything else as data.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.check_bounds(offset, len)?;
+        let end = offset + len;
+        let data = self.storage.seek_data(offset)?.unwrap_or(end);
+        if data > offset {
+            return Ok(Extent {
+                len: data.min(end) - offset,
+                allocation: Allocation::Zero,
+            });
+        }
+        let hole = self.storage.seek_hole(offset)?;
+        Ok(Extent {
+            len: hole.clamp(offset + 1, end) - offset,
+            allocation: Allocation::Data,
+        })
+    }
+
+    /// Reads guest bytes; a raw image holds every byte of its range.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_bounds(offset, buf.len() as u64)?;
+        Ok(self.storage.read_at(buf, offset)?)
+    }
+
+    /// Writes guest bytes in place.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_bounds(offset, data.len() as u64)?;
+        Ok(self.storage.write_at(data, offset)?)
+    }
+
+    /// Punches a hole, which reads as zeros.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_bounds(offset, len)?;
+        match self.storage.punch_hole(offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => Ok(write_zeros(self.storage.as_ref(), offset, len)?),
+        }
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.storage.sync()?)
+    }
+}

@@ -1,0 +1,26 @@
+//! chainfs: a FUSE filesystem that shows every node of a QEMU disk-image
+//! snapshot chain as a flat raw file.
+//!
+//! The crate is layered; each layer imports only the one directly below it
+//! (the command line may also reach the chain for `info` and `demo`):
+//!
+//! ```text
+//! cli  →  chain  →  format  →  storage
+//! ```
+//!
+//! * [`storage`]: byte-addressed files (host files, QEMU-compatible locks,
+//!   and an in-memory double that can drop unsynced writes).
+//! * [`format`]: one image at a time (raw, qcow2), answering shallowly: what
+//!   this image holds, and which ranges fall through to its backing file.
+//! * [`chain`]: backing resolution and the one iterative walk down the chain
+//!   that reads, writes with copy-on-write, and answers allocation queries.
+//! * [`cli`]: the `chainfs` command line.
+//!
+//! [`sync`] is a leaf that every layer may use.
+#![warn(missing_docs)]
+
+pub mod chain;
+pub mod cli;
+pub mod format;
+pub mod storage;
+pub mod sync;

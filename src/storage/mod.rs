@@ -1,0 +1,52 @@
+//! Byte-addressed storage under an image: a host file, or a test double.
+//!
+//! Every format reads and writes through [`Storage`], so the crash tests can
+//! put [`mem::MemStorage`] under a real qcow2 image and drop whatever was not
+//! yet synced.
+
+pub mod file;
+pub mod lock;
+pub mod mem;
+
+use std::fmt;
+use std::io;
+
+pub use file::FileStorage;
+pub use lock::{LockMode, LockError};
+pub use mem::MemStorage;
+
+/// Positional I/O on one file. All methods take `&self`: implementations are
+/// shared by many threads and must not serialise independent requests.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Fills `buf` from `offset`. Bytes at or past the end of the file read
+    /// as zeros, as QEMU's file driver returns them.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Current length of the file in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Truncates or extends the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+
+    /// Deallocates `len` bytes at `offset`; they then read as zeros. Storage
+    /// that cannot deallocate writes zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Bytes of host storage the file occupies (`st_blocks * 512`).
+    fn allocated_bytes(&self) -> io::Result<u64>;
+
+    /// The first offset at or after `offset` that holds data, or `None` past
+    /// the last data (`lseek(SEEK_DATA)`); storage without holes reports
+    /// everything before the end as data.
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>>;
+
+    /// The first offset at or after `offset` that is a hole, or the end of
+    /// the file (`lseek(SEEK_HOLE)`).
+    fn seek_hole(&self, offset: u64) -> io::Result<u64>;
+}

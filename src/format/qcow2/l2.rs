@@ -201,7 +201,7 @@ impl L2Entry {
                 match host {
                     _ if zero & bit != 0 => Piece::Zero,
                     Some(host) if allocated & bit != 0 => {
-                        Piece::Data(host.add(u64::from(index) * geometry.subcluster_size()))
+                        Piece::Data(host + u64::from(index) * geometry.subcluster_size())
                     }
                     _ => Piece::Unallocated,
                 }
@@ -216,7 +216,7 @@ impl L2Entry {
         let to_cluster_end = (geometry.cluster_size() - in_cluster).min(max_len);
         if !matches!(self, L2Entry::Subclusters { .. }) {
             let piece = match self.piece(geometry, 0) {
-                Piece::Data(host) => Piece::Data(host.add(in_cluster)),
+                Piece::Data(host) => Piece::Data(host + in_cluster),
                 other => other,
             };
             return (piece, to_cluster_end);
@@ -239,7 +239,7 @@ impl L2Entry {
             index += 1;
         }
         let piece = match start_piece {
-            Piece::Data(host) => Piece::Data(host.add(in_cluster % sc_size)),
+            Piece::Data(host) => Piece::Data(host + in_cluster % sc_size),
             other => other,
         };
         (piece, len.min(to_cluster_end))

@@ -69,7 +69,7 @@ impl Qcow2 {
     fn in_place_target(&self, entry: &L2Entry, guest: u64, len: u64) -> Option<HostOffset> {
         let in_cluster = self.geometry.offset_in_cluster(guest);
         match *entry {
-            L2Entry::Data { host, copied: true } => Some(host.add(in_cluster)),
+            L2Entry::Data { host, copied: true } => Some(host + in_cluster),
             L2Entry::Subclusters {
                 host: Some(host),
                 copied: true,
@@ -77,7 +77,7 @@ impl Qcow2 {
                 ..
             } => {
                 let mask = self.subcluster_mask(guest, len);
-                (allocated & mask == mask).then_some(host.add(in_cluster))
+                (allocated & mask == mask).then_some(host + in_cluster)
             }
             _ => None,
         }

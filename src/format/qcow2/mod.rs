@@ -94,6 +94,9 @@ impl Qcow2 {
             cluster_bits: header.cluster_bits,
             extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
             refcount_order: header.refcount_order,
+            external_data: header
+                .incompatible
+                .contains(Incompatible::EXTERNAL_DATA_FILE),
         };
         let data_file = open_data_file(&header, options.writable, opener)?;
         let l1 = read_l1(storage.as_ref(), &header)?;

@@ -295,6 +295,21 @@ fn truncated_streams_are_malformed() {
 }
 
 #[test]
+fn flipped_stream_headers_are_malformed() {
+    // zstd: a damaged frame magic. deflate: block type 3, which is reserved.
+    let (_, mut zstd_frame) = compressed_cluster(CompressionType::Zstd, 65536);
+    zstd_frame[0] ^= 0xff;
+    malformed(decompress_to_vec(CompressionType::Zstd, &zstd_frame, 65536));
+    let (_, mut deflate_stream) = compressed_cluster(CompressionType::Deflate, 65536);
+    deflate_stream[0] |= 0b110;
+    malformed(decompress_to_vec(
+        CompressionType::Deflate,
+        &deflate_stream,
+        65536,
+    ));
+}
+
+#[test]
 fn streams_shorter_than_a_cluster_are_malformed() {
     for kind in KINDS {
         let (_, compressed) = compressed_cluster(kind, 4096);

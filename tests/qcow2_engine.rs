@@ -392,3 +392,36 @@ fn concurrent_writers_and_readers_keep_the_image_consistent() {
         );
     }
 }
+
+#[test]
+fn compressed_clusters_read_and_are_copied_before_a_write() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for (kind, cluster) in [("zlib", "65536"), ("zstd", "65536"), ("zlib", "512"), ("zstd", "2M")] {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("src.raw");
+        let image = dir.path().join("img.qcow2");
+        let mut model: Vec<u8> = (0..6u32 << 20).map(|i| ((i / 1000) % 7) as u8).collect();
+        std::fs::write(&raw, &model).unwrap();
+        let opts = format!("compression_type={kind},cluster_size={cluster}");
+        run(
+            "qemu-img",
+            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opts, p(&raw), p(&image)],
+        );
+        {
+            let engine = open(&image, true);
+            assert!(read_all(&engine, 100_000) == model, "{opts}: read differs");
+            for (offset, len) in [(100u64, 10usize), (70_000, 200_000), (5 << 20, 1 << 20)] {
+                engine.write(offset, &vec![0xee; len], &NoBacking).unwrap();
+                model[offset as usize..offset as usize + len].fill(0xee);
+            }
+            engine.zero_range(3 << 20, 1 << 20, &NoBacking).unwrap();
+            model[3 << 20..4 << 20].fill(0);
+            assert!(read_all(&engine, 1 << 20) == model, "{opts}: read after write differs");
+            engine.close().unwrap();
+        }
+        check_clean(&image);
+        assert!(convert_to_raw(&image) == model, "{opts}: qemu-img sees other data");
+    }
+}

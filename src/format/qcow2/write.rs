@@ -275,13 +275,10 @@ impl Qcow2 {
             return;
         }
         if let L2Entry::Compressed(word) = *old {
-            let descriptor = super::compress::decode_descriptor(word, self.geometry.cluster_bits);
-            let first = descriptor.host_offset & !511;
-            let end = descriptor.host_offset + descriptor.compressed_len;
-            let mut cluster = self.geometry.cluster_start(first);
-            while cluster < end {
-                meta.allocator.free_later(HostOffset(cluster));
-                cluster += self.geometry.cluster_size();
+            let bits = self.geometry.cluster_bits;
+            let descriptor = super::compress::decode_descriptor(word, bits);
+            for cluster in descriptor.host_clusters(bits) {
+                meta.allocator.free_later(HostOffset(cluster << bits));
             }
         } else if let Some(host) = old.host_cluster() {
             meta.allocator.free_later(host);

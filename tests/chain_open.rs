@@ -238,6 +238,19 @@ fn an_image_backed_by_itself_is_a_loop() {
 }
 
 #[test]
+fn a_loop_through_a_hard_link_is_caught() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    overlay(d, "a.qcow2", Some(("b.qcow2", "qcow2")), "1M");
+    std::fs::hard_link(at(d, "a.qcow2"), at(d, "b.qcow2")).unwrap();
+    let err = Chain::open(&at(d, "a.qcow2"), &ChainOptions::default()).unwrap_err();
+    assert!(matches!(err, ChainError::Loop { .. }), "{err:?}");
+}
+
+#[test]
 fn without_a_backing_format_the_backing_file_is_probed() {
     if !have_qemu() {
         return;

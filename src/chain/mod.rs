@@ -237,3 +237,15 @@ impl Chain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_can_be_shared_between_request_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Chain>();
+        shared::<ChainError>();
+    }
+}

@@ -5,7 +5,7 @@
 //! image naming it (absolute names as they are, `file:` stripped, other
 //! protocols refused); its format comes from the backing-format extension,
 //! else from probing, with a warning. One loop, no recursion, with loop
-//! detection on canonical paths and a depth limit.
+//! detection on file identity (device and inode) and a depth limit.
 //!
 //! Nothing is modified before the whole chain has opened: every image is
 //! first opened read-only, and only then is the top reopened writable (which
@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -84,10 +85,9 @@ pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>
         source,
     })?;
     let mut opened = open_all(top, options)?;
-    if options.writable {
-        if let Some(first) = opened.first_mut() {
-            reopen_writable(first, options)?;
-        }
+    if options.writable && !opened.is_empty() {
+        let top = opened.remove(0);
+        opened.insert(0, reopen_writable(top, options)?);
     }
     let mut nodes = into_nodes(opened);
     if let Some(top) = nodes.last_mut() {
@@ -113,8 +113,8 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
                 limit: MAX_DEPTH,
             });
         }
-        let canonical = std::fs::canonicalize(&target.path).map_err(|e| target.io_error(e))?;
-        if !seen.insert(canonical.clone()) {
+        let (identity, canonical) = target.locate()?;
+        if !seen.insert(identity) {
             return Err(ChainError::Loop {
                 image: target.pointed_by.unwrap_or_else(|| target.path.clone()),
                 backing: target.path,
@@ -134,19 +134,31 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
 }
 
 /// Replaces the read-only image of the top with a writable one on the same
-/// file (and so under the same lock).
-fn reopen_writable(top: &mut Opened, options: &ChainOptions) -> Result<(), ChainError> {
-    let storage: Arc<dyn Storage> = top.storage.clone();
-    let image =
-        open_image(storage, top.image.format(), &top.path, true, options).map_err(|source| {
-            ChainError::Image {
-                path: top.path.clone(),
-                source,
-            }
-        })?;
-    // The read-only image was only read from; dropping it writes nothing.
-    top.image = image;
-    Ok(())
+/// file, and so under the same lock.
+fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainError> {
+    let Opened {
+        path,
+        canonical,
+        storage,
+        image,
+    } = top;
+    let format = image.format();
+    // The read-only image was only read from, so dropping it writes nothing;
+    // it must go first, because it holds its external data file open under
+    // a read lock that the writable open's write lock would conflict with.
+    drop(image);
+    let image = open_image(storage.clone(), format, &path, true, options).map_err(|source| {
+        ChainError::Image {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(Opened {
+        path,
+        canonical,
+        storage,
+        image,
+    })
 }
 
 /// Names the opened images (top first) and turns them into nodes, base
@@ -178,6 +190,15 @@ impl Target {
                 source,
             },
         }
+    }
+
+    /// The file's identity (device and inode, so that a loop through a
+    /// hard link or another path to the same file is caught too) and its
+    /// canonical path.
+    fn locate(&self) -> Result<((u64, u64), PathBuf), ChainError> {
+        let metadata = std::fs::metadata(&self.path).map_err(|e| self.io_error(e))?;
+        let canonical = std::fs::canonicalize(&self.path).map_err(|e| self.io_error(e))?;
+        Ok(((metadata.dev(), metadata.ino()), canonical))
     }
 
     /// A format error on this target, naming what points to it.

@@ -82,7 +82,7 @@ pub enum ChainError {
         limit: usize,
     },
     /// An image is locked by another process (e.g. a QEMU writing it).
-    #[error("{}: failed to get lock: {source}", path.display())]
+    #[error("{}: {source}", path.display())]
     Lock {
         /// The locked file.
         path: PathBuf,
@@ -141,9 +141,7 @@ impl ChainError {
             }
             ChainError::UnsupportedBacking { .. } => libc::EOPNOTSUPP,
             ChainError::Loop { .. } | ChainError::TooDeep { .. } => libc::ELOOP,
-            // QEMU's "Failed to get ... lock" comes from an EAGAIN on the
-            // OFD lock.
-            ChainError::Lock { .. } => libc::EAGAIN,
+            ChainError::Lock { source, .. } => source.errno(),
             ChainError::ReadOnly { .. } => libc::EROFS,
             // As on a block device: writing past the end is "no space".
             ChainError::OutOfBounds { .. } => libc::ENOSPC,

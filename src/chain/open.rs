@@ -20,36 +20,18 @@ use std::sync::Arc;
 use super::naming;
 use super::{ChainError, ChainOptions, Node, NodeId};
 use crate::format::{self, BackingRef, Format, FormatError, Image, OpenOptions};
-use crate::storage::{FileStorage, LockMode, Storage};
+use crate::storage::{lock, FileStorage, LockMode, Storage};
 
 /// The deepest chain chainfs opens, top included.
 pub const MAX_DEPTH: usize = 4096;
 
-/// Which lock an image of the chain takes, as QEMU's file driver would.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LockIntent {
-    /// The writable top: nobody else may write or read inconsistently.
-    Write,
-    /// Read-only images: shared reading, nobody writing.
-    Read,
-    /// `force_share`: no locks, as `qemu-img -U`.
-    None,
-}
-
-/// Takes `intent`'s lock on `storage`'s file; it is held as long as the file
-/// stays open.
-///
-/// TEMPORARY: `storage::lock::lock` is being written by the lock helper and
-/// only has `LockMode::None` so far, so this takes no lock yet. Once it
-/// merges, the body becomes:
-/// `crate::storage::lock::lock(storage.file(), storage.path(), mode)`
-/// with `mode` mapped from `intent` (Write/Read/None).
-fn lock_file(storage: &FileStorage, intent: LockIntent) -> Result<(), ChainError> {
-    let _mode = match intent {
-        LockIntent::Write | LockIntent::Read | LockIntent::None => LockMode::None,
-    };
-    let _ = storage;
-    Ok(())
+/// Locks `storage`'s file as `mode` says; the lock is held as long as the
+/// file stays open (an OFD lock belongs to the open file description).
+fn lock_file(storage: &FileStorage, mode: LockMode) -> Result<(), ChainError> {
+    lock::lock(storage.file(), storage.path(), mode).map_err(|source| ChainError::Lock {
+        path: storage.path().to_path_buf(),
+        source,
+    })
 }
 
 /// An image the walk is about to open.
@@ -226,7 +208,7 @@ impl Target {
     ) -> Result<(Arc<FileStorage>, Image), ChainError> {
         let file_writable = is_top && options.writable;
         let storage = FileStorage::open(&self.path, file_writable).map_err(|e| self.io_error(e))?;
-        lock_file(&storage, lock_intent(is_top, options))?;
+        lock_file(&storage, lock_mode(is_top, options))?;
         let storage = Arc::new(storage);
         let format = self.format(storage.as_ref())?;
         let image = open_image(storage.clone(), format, &self.path, false, options)
@@ -261,15 +243,16 @@ impl Target {
     }
 }
 
-/// The lock an image takes: the writable top writes, everything else reads;
-/// `force_share` takes none.
-fn lock_intent(is_top: bool, options: &ChainOptions) -> LockIntent {
+/// The lock an image takes, as QEMU's file driver would: the writable top
+/// writes; everything else reads (shared reading, nobody writing);
+/// `force_share` takes none, as `qemu-img -U`.
+fn lock_mode(is_top: bool, options: &ChainOptions) -> LockMode {
     if options.force_share {
-        LockIntent::None
+        LockMode::None
     } else if is_top && options.writable {
-        LockIntent::Write
+        LockMode::Write
     } else {
-        LockIntent::Read
+        LockMode::Read
     }
 }
 
@@ -292,7 +275,7 @@ fn open_image(
         };
         let storage = FileStorage::open(&file, writable && wants_write)
             .map_err(|e| io::Error::new(e.kind(), describe(&e)))?;
-        lock_file(&storage, lock_intent(writable, options))
+        lock_file(&storage, lock_mode(writable, options))
             .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, describe(&e)))?;
         Ok(Arc::new(storage))
     };

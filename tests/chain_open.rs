@@ -342,3 +342,22 @@ fn duplicate_file_names_get_suffixes_below_the_top() {
         Some(chain.nodes()[0].id())
     );
 }
+
+#[test]
+fn create_image_refuses_bad_cluster_sizes_and_existing_files() {
+    let dir = tempdir();
+    let path = at(dir.path(), "new.qcow2");
+    for cluster in [0, 256, 3000, 4 << 20] {
+        let err = chainfs::chain::create_image(&path, 1 << 20, cluster, None).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{cluster}: {err}");
+        assert!(!path.exists(), "nothing is created for a bad request");
+    }
+    raw_image(&path, 512, None);
+    let err = chainfs::chain::create_image(&path, 1 << 20, 65536, None).unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST, "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap().len(),
+        512,
+        "an existing file is left alone"
+    );
+}

@@ -215,3 +215,52 @@ fn an_empty_chain_of_qcow2_without_backing_reads_zeros() {
         (Allocation::Unallocated, None, M)
     );
 }
+
+#[test]
+fn an_external_data_file_is_found_beside_its_image_and_written_through() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir(at(d, "vm")).unwrap();
+    let vm = at(d, "vm");
+    raw_image(
+        &at(&vm, "base.img"),
+        M as usize,
+        Some((0..M as usize, 0x11)),
+    );
+    qemu_img(
+        &vm,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=data.raw",
+            "-b",
+            "base.img",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    qemu_io(&vm, "top.qcow2", "qcow2", "write -P 0x22 64k 64k");
+    let want = convert_raw(&vm, "top.qcow2");
+    // Opened from elsewhere: the data file name is relative to the image.
+    let chain = open_writable(&at(&vm, "top.qcow2"));
+    let top = chain.active().id();
+    assert_same("data file", &read_node(&chain, top), &want);
+    chain.write(top, 200 * K, &[0x33; 4096]).unwrap();
+    chain.close().unwrap();
+    qemu_img(&vm, &["check", "top.qcow2"]);
+    let got = convert_raw(&vm, "top.qcow2");
+    assert!(got[(200 * K) as usize..(204 * K) as usize]
+        .iter()
+        .all(|&b| b == 0x33));
+    assert!(got[(64 * K) as usize..(128 * K) as usize]
+        .iter()
+        .all(|&b| b == 0x22));
+}

@@ -147,6 +147,13 @@ impl Qcow2 {
                 what: "writing an image with the dirty bit set (refcount repair)".into(),
             });
         }
+        if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {
+            // Clearing the bit would invalidate every bitmap and leak its
+            // clusters; keeping it while writing would make them lie.
+            return Err(FormatError::Unsupported {
+                what: "writing an image that holds persistent dirty bitmaps".into(),
+            });
+        }
         let kept = header.autoclear & Autoclear::MAINTAINED;
         if kept != header.autoclear {
             let mut meta = sync::lock(&self.meta);

@@ -1,1 +1,251 @@
-//! The chain of images, base to top.
+//! The chain of images, base to top: backing resolution, the one walk down
+//! the chain that reads and lends copy-on-write data, and allocation
+//! queries.
+//!
+//! ```text
+//! [A] <- [B] <- [C] <- [D] <- [E]     nodes() = [A, B, C, D, E]; E is active
+//! ```
+//!
+//! Every image is shown as a node; a node reads as a guest would see it if
+//! that node were the active image. Only the active node is written, and
+//! only in a chain opened writable.
+
+mod create;
+mod error;
+pub mod naming;
+mod node;
+pub mod open;
+mod query;
+mod resolve;
+mod write;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use create::create_image;
+pub use error::ChainError;
+pub use node::{Node, NodeId};
+pub use query::ChainExtent;
+
+/// How to open a chain.
+#[derive(Clone, Debug)]
+pub struct ChainOptions {
+    /// Open the top image for writing. Backing images are always read-only.
+    pub writable: bool,
+    /// Take no locks, as `qemu-img -U`; requires `writable == false`.
+    pub force_share: bool,
+    /// Metadata cache budget of each image, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for ChainOptions {
+    fn default() -> Self {
+        ChainOptions {
+            writable: false,
+            force_share: false,
+            cache_bytes: crate::format::OpenOptions::default().cache_bytes,
+        }
+    }
+}
+
+/// An open chain of images.
+#[derive(Debug)]
+pub struct Chain {
+    /// Base first, active last; never empty.
+    nodes: Vec<Node>,
+    /// Where each node is in `nodes`.
+    index: HashMap<NodeId, usize>,
+}
+
+impl Chain {
+    /// Opens `top` and its whole backing chain (see [`open`] for the rules).
+    pub fn open(top: &Path, options: &ChainOptions) -> Result<Chain, ChainError> {
+        let nodes = open::open_nodes(top, options)?;
+        let index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| (node.id(), i))
+            .collect();
+        Ok(Chain { nodes, index })
+    }
+
+    /// The nodes, base first, active last.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The active node: the top of the chain.
+    pub fn active(&self) -> &Node {
+        // The open walk always yields at least the top, and nothing removes it.
+        &self.nodes[self.nodes.len() - 1]
+    }
+
+    /// The node with `id`, if it is in the chain.
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.index.get(&id).map(|&i| &self.nodes[i])
+    }
+
+    /// The node called `name`: a node file name, `active`, or the absolute
+    /// path of its image (as the chain reached it, or any path to the same
+    /// file).
+    pub fn find(&self, name: &str) -> Option<&Node> {
+        if name == "active" {
+            return Some(self.active());
+        }
+        if let Some(node) = self.nodes.iter().find(|node| node.name() == name) {
+            return Some(node);
+        }
+        let path = Path::new(name);
+        if !path.is_absolute() {
+            return None;
+        }
+        let canonical = std::fs::canonicalize(path).ok();
+        self.nodes
+            .iter()
+            .find(|node| node.path() == path || canonical.as_deref() == Some(node.canonical_path()))
+    }
+
+    /// Fills `buf` with what a guest of `node` sees at `offset`. The range
+    /// must lie inside the node.
+    pub fn read(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<(), ChainError> {
+        let level = self.level(node)?;
+        self.check_bounds(level, offset, buf.len() as u64)?;
+        resolve::read_chain(&self.nodes, level, offset, buf).map_err(|e| self.level_error(e))
+    }
+
+    /// Writes `data` at `offset` of `node`, which must be the active node of
+    /// a writable chain; partial clusters are completed from the chain below.
+    pub fn write(&self, node: NodeId, offset: u64, data: &[u8]) -> Result<(), ChainError> {
+        let level = self.writable_level(node, offset, data.len() as u64)?;
+        let below = write::Below::new(&self.nodes, level);
+        self.nodes[level]
+            .image()
+            .write(offset, data, &below)
+            .map_err(|e| below.error(e))
+    }
+
+    /// Makes `offset..offset + len` of `node` read as zeros (same rules as
+    /// [`Chain::write`]).
+    pub fn zero_range(&self, node: NodeId, offset: u64, len: u64) -> Result<(), ChainError> {
+        let level = self.writable_level(node, offset, len)?;
+        let below = write::Below::new(&self.nodes, level);
+        self.nodes[level]
+            .image()
+            .zero_range(offset, len, &below)
+            .map_err(|e| below.error(e))
+    }
+
+    /// How `node` holds the run starting at `offset` (at most `len` bytes),
+    /// looking at `node` and every node below it down to `base`, exclusive
+    /// (`None`: to the bottom of the chain). `base` must be below `node`.
+    pub fn block_status(
+        &self,
+        node: NodeId,
+        base: Option<NodeId>,
+        offset: u64,
+        len: u64,
+    ) -> Result<ChainExtent, ChainError> {
+        let level = self.level(node)?;
+        let bottom = match base {
+            Some(base) => self.level(base)? + 1,
+            None => 0,
+        };
+        let size = self.nodes[level].virtual_size();
+        if offset >= size || len == 0 {
+            return Err(self.out_of_bounds(level, offset, len));
+        }
+        let len = len.min(size - offset);
+        if bottom > level {
+            // Nothing is consulted: the whole run comes from the base.
+            return Ok(ChainExtent {
+                len,
+                allocation: crate::format::Allocation::Unallocated,
+                node: None,
+                depth: 0,
+            });
+        }
+        query::status_chain(&self.nodes, level, bottom, offset, len)
+            .map_err(|e| self.level_error(e))
+    }
+
+    /// Makes every completed write durable, metadata included.
+    pub fn flush(&self) -> Result<(), ChainError> {
+        for node in self.nodes.iter().rev().filter(|node| node.writable()) {
+            node.image().flush().map_err(|e| node.error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes every image, top first, and reports the first error; every
+    /// image is closed even after one fails.
+    pub fn close(self) -> Result<(), ChainError> {
+        let mut first = None;
+        for node in self.nodes.iter().rev() {
+            if let Err(e) = node.image().close() {
+                first.get_or_insert(node.error(e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Where `id` is in `nodes`.
+    fn level(&self, id: NodeId) -> Result<usize, ChainError> {
+        self.index
+            .get(&id)
+            .copied()
+            .ok_or(ChainError::NoSuchNode { id: id.0 })
+    }
+
+    /// The level of `node` if it may be written at `offset..offset + len`.
+    fn writable_level(&self, node: NodeId, offset: u64, len: u64) -> Result<usize, ChainError> {
+        let level = self.level(node)?;
+        let target = &self.nodes[level];
+        if !target.writable() {
+            return Err(ChainError::ReadOnly {
+                node: target.name().to_owned(),
+            });
+        }
+        self.check_bounds(level, offset, len)?;
+        Ok(level)
+    }
+
+    fn check_bounds(&self, level: usize, offset: u64, len: u64) -> Result<(), ChainError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.nodes[level].virtual_size() => Ok(()),
+            _ => Err(self.out_of_bounds(level, offset, len)),
+        }
+    }
+
+    fn out_of_bounds(&self, level: usize, offset: u64, len: u64) -> ChainError {
+        let node = &self.nodes[level];
+        ChainError::OutOfBounds {
+            node: node.name().to_owned(),
+            offset,
+            len,
+            size: node.virtual_size(),
+        }
+    }
+
+    /// Names the image a walk failed at.
+    fn level_error(&self, error: resolve::LevelError) -> ChainError {
+        match self.nodes.get(error.level) {
+            Some(node) => node.error(error.source),
+            None => ChainError::Image {
+                path: self.active().path().to_path_buf(),
+                source: error.source,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_can_be_shared_between_request_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Chain>();
+        shared::<ChainError>();
+    }
+}

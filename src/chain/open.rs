@@ -1,0 +1,412 @@
+//! Backing resolution: opening a chain from its top down, as QEMU does.
+//!
+//! Every image the chain can make chainfs open goes through this one gate:
+//! the backing file name from the header is joined to the directory of the
+//! image naming it (absolute names as they are, `file:` stripped, other
+//! protocols refused); its format comes from the backing-format extension,
+//! else from probing, with a warning. One loop, no recursion, with loop
+//! detection on file identity (device and inode) and a depth limit.
+//!
+//! Nothing is modified before the whole chain has opened: every image is
+//! first opened read-only, and only then is the top reopened writable (which
+//! may repair it), so a failing open leaves every image as it was.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::naming;
+use super::{ChainError, ChainOptions, Node, NodeId};
+use crate::format::{self, BackingRef, Format, FormatError, Image, OpenOptions};
+use crate::storage::{lock, FileStorage, LockMode, Storage};
+
+/// The deepest chain chainfs opens, top included.
+pub const MAX_DEPTH: usize = 4096;
+
+/// Locks `storage`'s file as `mode` says; the lock is held as long as the
+/// file stays open (an OFD lock belongs to the open file description).
+fn lock_file(storage: &FileStorage, mode: LockMode) -> Result<(), ChainError> {
+    lock::lock(storage.file(), storage.path(), mode).map_err(|source| ChainError::Lock {
+        path: storage.path().to_path_buf(),
+        source,
+    })
+}
+
+/// An image the walk is about to open.
+struct Target {
+    /// Absolute path, as the chain names it (not canonical: relative backing
+    /// names are joined to this path's directory, as QEMU does).
+    path: PathBuf,
+    /// The format from the backing-format extension, if any.
+    format: Option<Format>,
+    /// The image whose header names this one; `None` for the top.
+    pointed_by: Option<PathBuf>,
+}
+
+/// An image opened by the walk, before it becomes a node.
+struct Opened {
+    path: PathBuf,
+    canonical: PathBuf,
+    storage: Arc<FileStorage>,
+    image: Image,
+}
+
+/// Opens the chain below and including `top`; returns its nodes base first.
+pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>, ChainError> {
+    if options.writable && options.force_share {
+        return Err(ChainError::Invalid {
+            path: top.to_path_buf(),
+            reason: "force-share requires a read-only open".into(),
+        });
+    }
+    raise_fd_limit();
+    let top = std::path::absolute(top).map_err(|source| ChainError::Io {
+        path: top.to_path_buf(),
+        source,
+    })?;
+    let mut opened = open_all(top, options)?;
+    if options.writable && !opened.is_empty() {
+        let top = opened.remove(0);
+        opened.insert(0, reopen_writable(top, options)?);
+    }
+    let mut nodes = into_nodes(opened);
+    if let Some(top) = nodes.last_mut() {
+        top.set_writable(options.writable);
+    }
+    Ok(nodes)
+}
+
+/// The walk: opens the top, then each backing file in turn, read-only.
+/// Returns the images top first.
+fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainError> {
+    let mut opened: Vec<Opened> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next = Some(Target {
+        path: top,
+        format: None,
+        pointed_by: None,
+    });
+    while let Some(target) = next.take() {
+        if opened.len() >= MAX_DEPTH {
+            return Err(ChainError::TooDeep {
+                image: target.pointed_by.unwrap_or(target.path),
+                limit: MAX_DEPTH,
+            });
+        }
+        let (identity, canonical) = target.locate()?;
+        if !seen.insert(identity) {
+            return Err(ChainError::Loop {
+                image: target.pointed_by.unwrap_or_else(|| target.path.clone()),
+                backing: target.path,
+            });
+        }
+        let is_top = opened.is_empty();
+        let (storage, image) = target.open(is_top, options)?;
+        next = backing_target(image.backing(), &target.path)?;
+        opened.push(Opened {
+            path: target.path,
+            canonical,
+            storage,
+            image,
+        });
+    }
+    Ok(opened)
+}
+
+/// Replaces the read-only image of the top with a writable one on the same
+/// file, and so under the same lock.
+fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainError> {
+    let Opened {
+        path,
+        canonical,
+        storage,
+        image,
+    } = top;
+    let format = image.format();
+    // The read-only image was only read from, so dropping it writes nothing;
+    // it must go first, because it holds its external data file open under
+    // a read lock that the writable open's write lock would conflict with.
+    drop(image);
+    let image = open_image(storage.clone(), format, &path, true, options).map_err(|source| {
+        ChainError::Image {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(Opened {
+        path,
+        canonical,
+        storage,
+        image,
+    })
+}
+
+/// Names the opened images (top first) and turns them into nodes, base
+/// first, with ids counting up from the base.
+fn into_nodes(opened: Vec<Opened>) -> Vec<Node> {
+    let names = naming::name_nodes(opened.iter().map(|o| o.path.as_path()));
+    let mut nodes: Vec<Node> = opened
+        .into_iter()
+        .zip(names)
+        .rev()
+        .enumerate()
+        .map(|(i, (o, name))| Node::new(NodeId(i as u64), name, o.path, o.canonical, o.image))
+        .collect();
+    nodes.shrink_to_fit();
+    nodes
+}
+
+impl Target {
+    /// An I/O error on this target, naming what points to it.
+    fn io_error(&self, source: io::Error) -> ChainError {
+        match &self.pointed_by {
+            Some(image) => ChainError::MissingBacking {
+                backing: self.path.clone(),
+                image: image.clone(),
+                source,
+            },
+            None => ChainError::Io {
+                path: self.path.clone(),
+                source,
+            },
+        }
+    }
+
+    /// The file's identity (device and inode, so that a loop through a
+    /// hard link or another path to the same file is caught too) and its
+    /// canonical path.
+    fn locate(&self) -> Result<((u64, u64), PathBuf), ChainError> {
+        let metadata = std::fs::metadata(&self.path).map_err(|e| self.io_error(e))?;
+        let canonical = std::fs::canonicalize(&self.path).map_err(|e| self.io_error(e))?;
+        Ok(((metadata.dev(), metadata.ino()), canonical))
+    }
+
+    /// A format error on this target, naming what points to it.
+    fn format_error(&self, source: FormatError) -> ChainError {
+        match &self.pointed_by {
+            Some(image) => ChainError::BackingImage {
+                backing: self.path.clone(),
+                image: image.clone(),
+                source,
+            },
+            None => ChainError::Image {
+                path: self.path.clone(),
+                source,
+            },
+        }
+    }
+
+    /// Opens and locks the file, finds its format and opens it read-only.
+    /// The top's file is opened for writing when the chain is writable, so
+    /// that its lock is the writer's from the start.
+    fn open(
+        &self,
+        is_top: bool,
+        options: &ChainOptions,
+    ) -> Result<(Arc<FileStorage>, Image), ChainError> {
+        let file_writable = is_top && options.writable;
+        let storage = FileStorage::open(&self.path, file_writable).map_err(|e| self.io_error(e))?;
+        lock_file(&storage, lock_mode(is_top, options))?;
+        let storage = Arc::new(storage);
+        let format = self.format(storage.as_ref())?;
+        let image = open_image(storage.clone(), format, &self.path, false, options)
+            .map_err(|e| self.format_error(e))?;
+        Ok((storage, image))
+    }
+
+    /// The format the header extension names, else the probed one.
+    fn format(&self, storage: &FileStorage) -> Result<Format, ChainError> {
+        if let Some(format) = self.format {
+            return Ok(format);
+        }
+        let probed = format::probe(storage).map_err(|e| self.format_error(e))?;
+        match &self.pointed_by {
+            Some(image) => log::warn!(
+                "Backing file format not specified for {} (backing file of {}); probed {probed}{}",
+                self.path.display(),
+                image.display(),
+                if probed == Format::Raw {
+                    ", which is unsafe if the guest can write a qcow2 header there"
+                } else {
+                    ""
+                }
+            ),
+            None if probed == Format::Raw => log::warn!(
+                "Image format was not specified for {} and probing guessed raw",
+                self.path.display()
+            ),
+            None => {}
+        }
+        Ok(probed)
+    }
+}
+
+/// The lock an image takes, as QEMU's file driver would: the writable top
+/// writes; everything else reads (shared reading, nobody writing);
+/// `force_share` takes none, as `qemu-img -U`.
+fn lock_mode(is_top: bool, options: &ChainOptions) -> LockMode {
+    if options.force_share {
+        LockMode::None
+    } else if is_top && options.writable {
+        LockMode::Write
+    } else {
+        LockMode::Read
+    }
+}
+
+/// Opens `storage` as an image; the files it names (an external data file)
+/// are resolved against `path`'s directory, opened writable iff the image
+/// is, and locked like it.
+fn open_image(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    path: &Path,
+    writable: bool,
+    options: &ChainOptions,
+) -> Result<Image, FormatError> {
+    let opener = |name: &str, wants_write: bool| -> io::Result<Arc<dyn Storage>> {
+        let file = resolve_name(name, path).map_err(|reason| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {reason}"))
+        })?;
+        let describe = |e: &dyn std::fmt::Display| {
+            format!("file {} named by {}: {e}", file.display(), path.display())
+        };
+        let storage = FileStorage::open(&file, writable && wants_write)
+            .map_err(|e| io::Error::new(e.kind(), describe(&e)))?;
+        lock_file(&storage, lock_mode(writable, options))
+            .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, describe(&e)))?;
+        Ok(Arc::new(storage))
+    };
+    let open_options = OpenOptions {
+        writable,
+        cache_bytes: options.cache_bytes,
+    };
+    Image::open(storage, format, &open_options, &opener)
+}
+
+/// Where the backing file of the image at `path` is, if it has one.
+fn backing_target(backing: Option<BackingRef>, path: &Path) -> Result<Option<Target>, ChainError> {
+    let Some(backing) = backing else {
+        return Ok(None);
+    };
+    let resolved =
+        resolve_name(&backing.file, path).map_err(|reason| ChainError::UnsupportedBacking {
+            backing: backing.file.clone(),
+            image: path.to_path_buf(),
+            reason,
+        })?;
+    Ok(Some(Target {
+        path: resolved,
+        format: backing.format,
+        pointed_by: Some(path.to_path_buf()),
+    }))
+}
+
+/// Resolves a file name stored in the image at `image` as QEMU does: an
+/// absolute name as it is, a relative one against `image`'s directory. A
+/// `file:` prefix is the local-file protocol; QEMU takes what follows as is,
+/// so a relative name after it is relative to the current directory. Any
+/// other protocol (`nbd:`, `json:`, …) is refused.
+pub fn resolve_name(name: &str, image: &Path) -> Result<PathBuf, String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if let Some(protocol) = protocol_of(name) {
+        return match name.strip_prefix("file:") {
+            Some(rest) if !rest.is_empty() => std::path::absolute(rest).map_err(|e| e.to_string()),
+            Some(_) => Err("the name is empty".into()),
+            None => Err(format!(
+                "protocol {protocol:?} is not supported; only local files are"
+            )),
+        };
+    }
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return Ok(name.to_path_buf());
+    }
+    let dir = image.parent().unwrap_or(Path::new("/"));
+    Ok(dir.join(name))
+}
+
+/// The protocol prefix of `name`, as QEMU sees one: a `:` before any `/`.
+fn protocol_of(name: &str) -> Option<&str> {
+    let end = name.find([':', '/'])?;
+    (name.as_bytes()[end] == b':').then(|| &name[..end])
+}
+
+/// Raises the soft limit on open files to the hard limit: each node holds
+/// its image file open, and a 1,000-node chain would otherwise exhaust the
+/// usual soft limit of 1,024. Failing to raise it is not an error; the opens
+/// then report EMFILE naming the file.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit only reads the struct we pass.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_join_the_directory_of_the_image_naming_them() {
+        let image = Path::new("/vm/top/e.qcow2");
+        assert_eq!(
+            resolve_name("d.qcow2", image).unwrap(),
+            Path::new("/vm/top/d.qcow2")
+        );
+        assert_eq!(
+            resolve_name("../base/a.img", image).unwrap(),
+            Path::new("/vm/top/../base/a.img")
+        );
+        assert_eq!(
+            resolve_name("/abs/a.img", image).unwrap(),
+            Path::new("/abs/a.img")
+        );
+    }
+
+    #[test]
+    fn the_file_protocol_is_stripped() {
+        let image = Path::new("/vm/e.qcow2");
+        assert_eq!(
+            resolve_name("file:/abs/a.img", image).unwrap(),
+            Path::new("/abs/a.img")
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            resolve_name("file:a.img", image).unwrap(),
+            cwd.join("a.img")
+        );
+    }
+
+    #[test]
+    fn other_protocols_and_empty_names_are_refused() {
+        let image = Path::new("/vm/e.qcow2");
+        let err = resolve_name("nbd:localhost:10809", image).unwrap_err();
+        assert!(err.contains("\"nbd\""), "{err}");
+        assert!(resolve_name("json:{}", image).is_err());
+        assert!(resolve_name("", image).is_err());
+        assert!(resolve_name("file:", image).is_err());
+    }
+
+    #[test]
+    fn a_colon_after_a_slash_is_part_of_the_file_name() {
+        let image = Path::new("/vm/e.qcow2");
+        assert_eq!(
+            resolve_name("./a:b.img", image).unwrap(),
+            Path::new("/vm/./a:b.img")
+        );
+    }
+}

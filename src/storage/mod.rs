@@ -12,7 +12,7 @@ use std::fmt;
 use std::io;
 
 pub use file::FileStorage;
-pub use lock::{LockError, LockMode};
+pub use lock::{LockMode, LockError};
 pub use mem::MemStorage;
 
 /// Positional I/O on one file. All methods take `&self`: implementations are

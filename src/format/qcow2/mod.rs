@@ -29,47 +29,25 @@ impl Qcow2 {
         Ok(Qcow2 { storage })
     }
     /// Virtual size.
-    pub fn virtual_size(&self) -> u64 {
-        0
-    }
+    pub fn virtual_size(&self) -> u64 { 0 }
     /// Cluster size.
-    pub fn cluster_size(&self) -> u64 {
-        0
-    }
+    pub fn cluster_size(&self) -> u64 { 0 }
     /// Backing.
-    pub fn backing(&self) -> Option<BackingRef> {
-        None
-    }
+    pub fn backing(&self) -> Option<BackingRef> { None }
     /// Allocated bytes.
-    pub fn allocated_bytes(&self) -> Result<u64> {
-        Ok(self.storage.allocated_bytes()?)
-    }
+    pub fn allocated_bytes(&self) -> Result<u64> { Ok(self.storage.allocated_bytes()?) }
     /// Block status.
-    pub fn block_status(&self, _o: u64, _l: u64) -> Result<Extent> {
-        Err(FormatError::ReadOnly)
-    }
+    pub fn block_status(&self, _o: u64, _l: u64) -> Result<Extent> { Err(FormatError::ReadOnly) }
     /// Read.
-    pub fn read(&self, _o: u64, _b: &mut [u8]) -> Result<Vec<Range<u64>>> {
-        Err(FormatError::ReadOnly)
-    }
+    pub fn read(&self, _o: u64, _b: &mut [u8]) -> Result<Vec<Range<u64>>> { Err(FormatError::ReadOnly) }
     /// Write.
-    pub fn write(&self, _o: u64, _d: &[u8], _b: &dyn BackingReader) -> Result<()> {
-        Err(FormatError::ReadOnly)
-    }
+    pub fn write(&self, _o: u64, _d: &[u8], _b: &dyn BackingReader) -> Result<()> { Err(FormatError::ReadOnly) }
     /// Zero.
-    pub fn zero_range(&self, _o: u64, _l: u64, _b: &dyn BackingReader) -> Result<()> {
-        Err(FormatError::ReadOnly)
-    }
+    pub fn zero_range(&self, _o: u64, _l: u64, _b: &dyn BackingReader) -> Result<()> { Err(FormatError::ReadOnly) }
     /// Flush.
-    pub fn flush(&self) -> Result<()> {
-        Ok(())
-    }
+    pub fn flush(&self) -> Result<()> { Ok(()) }
     /// Close.
-    pub fn close(&self) -> Result<()> {
-        Ok(())
-    }
+    pub fn close(&self) -> Result<()> { Ok(()) }
     /// Set backing.
-    pub fn set_backing(&self, _b: Option<&BackingRef>) -> Result<()> {
-        Err(FormatError::ReadOnly)
-    }
+    pub fn set_backing(&self, _b: Option<&BackingRef>) -> Result<()> { Err(FormatError::ReadOnly) }
 }

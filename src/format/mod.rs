@@ -148,7 +148,7 @@ pub enum Image {
     /// A raw image.
     Raw(raw::Raw),
     /// A qcow2 image.
-    Qcow2(qcow2::Qcow2),
+    Qcow2(Box<qcow2::Qcow2>),
 }
 
 impl Image {
@@ -161,7 +161,7 @@ impl Image {
     ) -> Result<Image> {
         Ok(match format {
             Format::Raw => Image::Raw(raw::Raw::open(storage)?),
-            Format::Qcow2 => Image::Qcow2(qcow2::Qcow2::open(storage, options, opener)?),
+            Format::Qcow2 => Image::Qcow2(Box::new(qcow2::Qcow2::open(storage, options, opener)?)),
         })
     }
 

@@ -12,11 +12,13 @@ use std::fmt;
 use std::io;
 
 pub use file::FileStorage;
-pub use lock::{LockMode, LockError};
+pub use lock::{LockError, LockMode};
 pub use mem::MemStorage;
 
 /// Positional I/O on one file. All methods take `&self`: implementations are
 /// shared by many threads and must not serialise independent requests.
+// A file's length is an I/O query that can fail, not a container size.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Fills `buf` from `offset`. Bytes at or past the end of the file read
     /// as zeros, as QEMU's file driver returns them.

@@ -379,3 +379,26 @@ impl Header {
         Ok(out)
     }
 }
+
+impl Header {
+    /// Checks the fields that the engine trusts (minimal; hardened on the
+    /// header branch).
+    pub fn validate(&self, file_len: u64) -> Result<()> {
+        if self.crypt_method != 0 {
+            return Err(FormatError::Encrypted);
+        }
+        if self.unknown_incompatible != 0 {
+            return Err(FormatError::UnknownIncompatibleFeatures {
+                features: format!("{:#x}", self.unknown_incompatible),
+            });
+        }
+        let l1_end = self.l1_table_offset + u64::from(self.l1_size) * 8;
+        if l1_end > file_len || u64::from(self.l1_size) > (32 << 20) / 8 {
+            return Err(FormatError::malformed("L1 table out of the file"));
+        }
+        if u64::from(self.refcount_table_clusters) << self.cluster_bits > (8 << 20) {
+            return Err(FormatError::malformed("refcount table too large"));
+        }
+        Ok(())
+    }
+}

@@ -1,53 +1,376 @@
-//! qcow2 images (engine under construction).
+//! qcow2 images, versions 2 and 3, as `docs/interop/qcow2.txt` in QEMU
+//! describes them.
+//!
+//! # Concurrency
+//!
+//! Reads and in-place writes of allocated clusters take no exclusive lock:
+//! they look up the mapping (L1 under a shared lock, the L2 table from the
+//! sharded [`cache::TableCache`]) and do the data I/O with only a shared
+//! `inflight` guard held. Anything that changes metadata takes `meta`.
+//!
+//! Lock order: `meta` → `inflight` → `l1` → cache shards. The `inflight`
+//! guard is never held while waiting for `meta`; `meta` takes `inflight`
+//! exclusively only to apply deferred frees, which guarantees that no request
+//! still uses a mapping to a cluster about to become reusable.
 
+pub mod alloc;
+pub mod cache;
 pub mod compress;
 pub mod create;
 pub mod features;
 pub mod header;
+pub mod l2;
+pub mod refcount;
 pub mod snapshots;
 pub mod types;
 
-use std::ops::Range;
-use std::sync::Arc;
+mod read;
+mod write;
+mod zero;
 
-use super::{BackingReader, BackingRef, Extent, FileOpener, FormatError, OpenOptions, Result};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use lru::LruCache;
+
+use self::alloc::Allocator;
+use self::cache::TableCache;
+use self::features::{Autoclear, Incompatible};
+use self::header::{CompressionType, Header};
+use self::l2::{L2Entry, L2Table, L1_COPIED, L1_OFFSET_MASK};
+use self::types::Geometry;
+use super::{BackingRef, FileOpener, Format, FormatError, OpenOptions, Result};
 use crate::storage::Storage;
+use crate::sync::{self, Arc, Mutex, RwLock};
 
 /// The qcow2 magic, `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
+
+/// Decompressed clusters kept for sequential reads of compressed images.
+const COMPRESSED_CACHE_CLUSTERS: usize = 8;
+
+/// Metadata that only writers change, under [`Qcow2::meta`].
+#[derive(Debug)]
+struct Meta {
+    header: Header,
+    allocator: Allocator,
+}
 
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
+    /// The external data file, when guest data lives outside the image.
+    data_file: Option<Arc<dyn Storage>>,
+    geometry: Geometry,
+    version: u32,
+    size: u64,
+    compression: CompressionType,
+    writable: bool,
+    corrupt: bool,
+    l1_offset: u64,
+    l1: RwLock<Vec<u64>>,
+    l2_cache: TableCache<L2Table>,
+    decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// One past the highest host byte that may hold metadata or data.
+    host_end: AtomicU64,
+    meta: Mutex<Meta>,
+    inflight: RwLock<()>,
+    closed: AtomicBool,
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image.
-    pub fn open(storage: Arc<dyn Storage>, _o: &OpenOptions, _f: FileOpener<'_>) -> Result<Qcow2> {
-        header::Header::read(storage.as_ref())?;
-        Ok(Qcow2 { storage })
+    /// Opens a qcow2 image on `storage`; `opener` opens its external data
+    /// file, if it names one.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        options: &OpenOptions,
+        opener: FileOpener<'_>,
+    ) -> Result<Qcow2> {
+        let file_len = storage.len()?;
+        let mut header = Header::read(storage.as_ref())?;
+        header.validate(file_len)?;
+        let geometry = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
+            refcount_order: header.refcount_order,
+        };
+        let data_file = open_data_file(&header, options.writable, opener)?;
+        let l1 = read_l1(storage.as_ref(), &header)?;
+        let l2_budget = options.cache_bytes / 4 * 3;
+        let allocator = Allocator::open(
+            storage.as_ref(),
+            geometry,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            options.cache_bytes / 4,
+        )?;
+        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
+        let image = Qcow2 {
+            data_file,
+            geometry,
+            version: header.version,
+            size: header.size,
+            compression: header.compression_type,
+            writable: options.writable,
+            corrupt,
+            l1_offset: header.l1_table_offset,
+            l1: RwLock::new(l1),
+            l2_cache: TableCache::new((l2_budget / geometry.cluster_size()).max(16) as usize),
+            decompressed: Mutex::new(LruCache::new(
+                NonZeroUsize::new(COMPRESSED_CACHE_CLUSTERS).unwrap_or(NonZeroUsize::MIN),
+            )),
+            host_end: AtomicU64::new(file_len),
+            meta: Mutex::new(Meta {
+                header: header.clone(),
+                allocator,
+            }),
+            inflight: RwLock::new(()),
+            closed: AtomicBool::new(!options.writable),
+            storage,
+        };
+        if options.writable && !corrupt {
+            image.prepare_for_writing(&mut header)?;
+        }
+        Ok(image)
     }
-    /// Virtual size.
-    pub fn virtual_size(&self) -> u64 { 0 }
-    /// Cluster size.
-    pub fn cluster_size(&self) -> u64 { 0 }
-    /// Backing.
-    pub fn backing(&self) -> Option<BackingRef> { None }
-    /// Allocated bytes.
-    pub fn allocated_bytes(&self) -> Result<u64> { Ok(self.storage.allocated_bytes()?) }
-    /// Block status.
-    pub fn block_status(&self, _o: u64, _l: u64) -> Result<Extent> { Err(FormatError::ReadOnly) }
-    /// Read.
-    pub fn read(&self, _o: u64, _b: &mut [u8]) -> Result<Vec<Range<u64>>> { Err(FormatError::ReadOnly) }
-    /// Write.
-    pub fn write(&self, _o: u64, _d: &[u8], _b: &dyn BackingReader) -> Result<()> { Err(FormatError::ReadOnly) }
-    /// Zero.
-    pub fn zero_range(&self, _o: u64, _l: u64, _b: &dyn BackingReader) -> Result<()> { Err(FormatError::ReadOnly) }
-    /// Flush.
-    pub fn flush(&self) -> Result<()> { Ok(()) }
-    /// Close.
-    pub fn close(&self) -> Result<()> { Ok(()) }
-    /// Set backing.
-    pub fn set_backing(&self, _b: Option<&BackingRef>) -> Result<()> { Err(FormatError::ReadOnly) }
+
+    /// Brings the header into the state a writer must leave it in: dirty
+    /// refcounts repaired, autoclear bits that chainfs does not maintain
+    /// cleared (qcow2.txt: a writer that does not understand them must).
+    fn prepare_for_writing(&self, header: &mut Header) -> Result<()> {
+        if header.incompatible.contains(Incompatible::DIRTY) {
+            return Err(FormatError::Unsupported {
+                what: "writing an image with the dirty bit set (refcount repair)".into(),
+            });
+        }
+        let kept = header.autoclear & Autoclear::MAINTAINED;
+        if kept != header.autoclear {
+            let mut meta = sync::lock(&self.meta);
+            meta.header.autoclear = kept;
+            self.write_header(&meta.header)?;
+        }
+        Ok(())
+    }
+
+    fn write_header(&self, header: &Header) -> Result<()> {
+        let bytes = header.serialize()?;
+        self.storage.write_at(&bytes, 0)?;
+        self.storage.sync()?;
+        Ok(())
+    }
+
+    /// The guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes per cluster.
+    pub fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+
+    /// The cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The backing file named in the header, if any.
+    pub fn backing(&self) -> Option<BackingRef> {
+        let meta = sync::lock(&self.meta);
+        let file = meta.header.backing_file.clone()?;
+        let format = meta
+            .header
+            .backing_format
+            .as_deref()
+            .and_then(Format::from_name);
+        Some(BackingRef { file, format })
+    }
+
+    /// Bytes of host storage used by the image file and its data file.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let data = match &self.data_file {
+            Some(file) => file.allocated_bytes()?,
+            None => 0,
+        };
+        Ok(self.storage.allocated_bytes()? + data)
+    }
+
+    /// Where guest data lives: the external data file or the image itself.
+    fn data(&self) -> &dyn Storage {
+        self.data_file.as_deref().unwrap_or(self.storage.as_ref())
+    }
+
+    fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(FormatError::OutOfBounds {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// The L2 table holding the entry for guest `offset`, if one is allocated,
+    /// with its host offset.
+    fn l2_table_for(&self, guest: u64) -> Result<Option<(u64, Arc<L2Table>)>> {
+        let index = self.geometry.l1_index(guest) as usize;
+        let entry = sync::read(&self.l1).get(index).copied().unwrap_or(0);
+        let offset = entry & L1_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        Ok(Some((offset, self.load_l2(offset)?)))
+    }
+
+    fn load_l2(&self, offset: u64) -> Result<Arc<L2Table>> {
+        let cluster_size = self.geometry.cluster_size();
+        if offset & (cluster_size - 1) != 0 {
+            return Err(FormatError::malformed(format!(
+                "L1 entry points to an unaligned L2 table at {offset:#x}"
+            )));
+        }
+        if offset + cluster_size > self.host_end.load(Ordering::Acquire) {
+            return Err(FormatError::malformed(format!(
+                "L2 table at {offset:#x} lies past the end of the image file"
+            )));
+        }
+        self.l2_cache.get_or_load(offset, || {
+            let mut bytes = vec![0u8; cluster_size as usize];
+            self.storage.read_at(&mut bytes, offset)?;
+            Ok(L2Table::from_bytes(&bytes, self.geometry.extended_l2))
+        })
+    }
+
+    /// The decoded L2 entry for the cluster holding guest `offset`.
+    fn l2_entry(&self, guest: u64) -> Result<L2Entry> {
+        match self.l2_table_for(guest)? {
+            None => Ok(L2Entry::Unallocated),
+            Some((_, table)) => table.entry(&self.geometry, self.geometry.l2_index(guest)),
+        }
+    }
+
+    /// Makes every completed write durable, then applies deferred frees.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut meta = sync::lock(&self.meta);
+        self.sync_and_free(&mut meta)
+    }
+
+    /// Syncs data and metadata, then drops the references that the synced
+    /// metadata no longer holds.
+    fn sync_and_free(&self, meta: &mut Meta) -> Result<()> {
+        if let Some(data_file) = &self.data_file {
+            data_file.sync()?;
+        }
+        self.storage.sync()?;
+        if meta.allocator.pending_frees() == 0 {
+            return Ok(());
+        }
+        // Wait until no request still uses a mapping read before the sync.
+        let _barrier = sync::write(&self.inflight);
+        let freed = meta.allocator.apply_frees(self.storage.as_ref())?;
+        for &host in &freed {
+            self.l2_cache.remove(host);
+            // The space is free: give it back to the host filesystem.
+            self.storage
+                .punch_hole(host, self.geometry.cluster_size())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and returns reserved clusters, leaving no leaks. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut meta = sync::lock(&self.meta);
+        self.sync_and_free(&mut meta)?;
+        meta.allocator.release_reserve(self.storage.as_ref())?;
+        self.storage.sync()?;
+        Ok(())
+    }
+
+    /// Rewrites the backing file name and format in the header.
+    pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.check_writable()?;
+        let mut meta = sync::lock(&self.meta);
+        meta.header.backing_file = backing.map(|b| b.file.clone());
+        meta.header.backing_format = backing.and_then(|b| b.format).map(|f| f.name().to_string());
+        let header = meta.header.clone();
+        self.write_header(&header)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(FormatError::ReadOnly);
+        }
+        if self.corrupt {
+            return Err(FormatError::Corrupt);
+        }
+        Ok(())
+    }
+
+    /// Writes L1 entry `index`, through to disk first.
+    fn set_l1_entry(&self, index: u64, value: u64) -> Result<()> {
+        self.storage
+            .write_at(&value.to_be_bytes(), self.l1_offset + index * 8)?;
+        sync::write(&self.l1)[index as usize] = value;
+        Ok(())
+    }
+
+    /// The L1 entry for guest `offset`, with its COPIED flag.
+    fn l1_entry(&self, guest: u64) -> Result<(u64, u64, bool)> {
+        let index = self.geometry.l1_index(guest);
+        let entry = sync::read(&self.l1)
+            .get(index as usize)
+            .copied()
+            .ok_or_else(|| {
+                FormatError::malformed(format!("guest offset {guest:#x} is beyond the L1 table"))
+            })?;
+        Ok((index, entry & L1_OFFSET_MASK, entry & L1_COPIED != 0))
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if let Err(err) = self.close() {
+            log::error!("closing a qcow2 image failed: {err}");
+        }
+    }
+}
+
+fn open_data_file(
+    header: &Header,
+    writable: bool,
+    opener: FileOpener<'_>,
+) -> Result<Option<Arc<dyn Storage>>> {
+    if !header
+        .incompatible
+        .contains(Incompatible::EXTERNAL_DATA_FILE)
+    {
+        return Ok(None);
+    }
+    let name = header.data_file.as_deref().ok_or_else(|| {
+        FormatError::malformed("the external data file bit is set but no data file is named")
+    })?;
+    let storage = opener(name, writable).map_err(|err| {
+        FormatError::Io(std::io::Error::new(
+            err.kind(),
+            format!("cannot open external data file {name:?}: {err}"),
+        ))
+    })?;
+    Ok(Some(storage))
+}
+
+fn read_l1(storage: &dyn Storage, header: &Header) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; header.l1_size as usize * 8];
+    storage.read_at(&mut bytes, header.l1_table_offset)?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .collect())
 }

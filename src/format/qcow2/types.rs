@@ -10,9 +10,11 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostOffset(pub u64);
 
-impl HostOffset {
+impl std::ops::Add<u64> for HostOffset {
+    type Output = HostOffset;
+
     /// The offset `bytes` further on.
-    pub fn add(self, bytes: u64) -> HostOffset {
+    fn add(self, bytes: u64) -> HostOffset {
         HostOffset(self.0 + bytes)
     }
 }

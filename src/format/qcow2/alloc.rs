@@ -1,0 +1,321 @@
+//! The cluster allocator: refcount reads and writes, reserved clusters, and
+//! frees deferred until the references to them are gone from disk.
+//!
+//! Ordering (why the image survives a crash at any instant with leaks at
+//! worst):
+//!
+//! * Clusters are *reserved* in batches: their refcounts are set to 1 and
+//!   synced before any L2 entry may point to them. A crash leaks reserved
+//!   clusters that were never used; it never leaves an L2 entry pointing to a
+//!   cluster with refcount 0.
+//! * A cluster is *freed* only after the L2 or L1 entry that referenced it has
+//!   been rewritten and synced ([`Allocator::free_later`], then
+//!   [`Allocator::apply_frees`] after a sync).
+//! * A new refcount block is written and synced before the refcount table
+//!   entry that points to it; a new refcount table is written and synced
+//!   before the header points to it.
+//!
+//! Every update is written through to the image file at once, so a killed
+//! process loses nothing that the kernel had been given.
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+
+use super::refcount::{locate, reftable_entry, Refblock};
+use super::types::{Geometry, HostOffset};
+use crate::format::{FormatError, Result};
+use crate::storage::Storage;
+
+/// Header byte offset of `refcount_table_offset`, followed by
+/// `refcount_table_clusters`: both are rewritten in one 12-byte write.
+const HEADER_REFTABLE_FIELDS: u64 = 48;
+
+/// Refcount state of one image. Only ever used under the image's metadata
+/// lock.
+#[derive(Debug)]
+pub struct Allocator {
+    geometry: Geometry,
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    refblocks: LruCache<u64, Refblock>,
+    reserve: VecDeque<u64>,
+    pending_frees: Vec<u64>,
+    /// Cluster index below which no free cluster is known.
+    free_hint: u64,
+}
+
+impl Allocator {
+    /// Loads the refcount table at `offset` (`clusters` long).
+    pub fn open(
+        storage: &dyn Storage,
+        geometry: Geometry,
+        offset: u64,
+        clusters: u32,
+        cache_bytes: u64,
+    ) -> Result<Allocator> {
+        let mut bytes = vec![0u8; clusters as usize * geometry.cluster_size() as usize];
+        storage.read_at(&mut bytes, offset)?;
+        let reftable = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        let capacity = (cache_bytes / geometry.cluster_size()).max(4) as usize;
+        Ok(Allocator {
+            geometry,
+            reftable,
+            reftable_offset: offset,
+            refblocks: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+            reserve: VecDeque::new(),
+            pending_frees: Vec::new(),
+            free_hint: 0,
+        })
+    }
+
+    /// Where the refcount table is now, and its size in clusters.
+    pub fn reftable_location(&self) -> (u64, u64) {
+        let bytes = self.reftable.len() as u64 * 8;
+        (self.reftable_offset, bytes / self.geometry.cluster_size())
+    }
+
+    fn cluster_index(&self, host: u64) -> u64 {
+        host >> self.geometry.cluster_bits
+    }
+
+    /// Offset of the refcount block for reftable slot `slot`, or 0 if none.
+    fn refblock_offset(&self, slot: u64) -> Result<u64> {
+        match self.reftable.get(slot as usize) {
+            Some(&entry) => reftable_entry(&self.geometry, slot, entry),
+            None => Ok(0),
+        }
+    }
+
+    fn load_refblock(&mut self, storage: &dyn Storage, offset: u64) -> Result<&mut Refblock> {
+        if !self.refblocks.contains(&offset) {
+            let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+            storage.read_at(&mut bytes, offset)?;
+            self.refblocks
+                .put(offset, Refblock::from_bytes(bytes, &self.geometry));
+        }
+        // unwrap: the block was inserted just above if it was missing.
+        Ok(self.refblocks.get_mut(&offset).unwrap())
+    }
+
+    /// The refcount of the host cluster at `host`.
+    pub fn refcount(&mut self, storage: &dyn Storage, host: u64) -> Result<u64> {
+        let (slot, index) = locate(&self.geometry, self.cluster_index(host));
+        let block = self.refblock_offset(slot)?;
+        if block == 0 {
+            return Ok(0);
+        }
+        Ok(self.load_refblock(storage, block)?.get(index))
+    }
+
+    /// Sets the refcount of the cluster at `host`, creating its refcount
+    /// block (and growing the refcount table) when needed.
+    pub fn set_refcount(&mut self, storage: &dyn Storage, host: u64, value: u64) -> Result<()> {
+        if value > self.geometry.max_refcount() {
+            return Err(FormatError::Unsupported {
+                what: format!(
+                    "a refcount of {value} for cluster {host:#x} exceeds the {}-bit width",
+                    self.geometry.refcount_bits()
+                ),
+            });
+        }
+        let block = self.ensure_refblock(storage, host)?;
+        let (_, index) = locate(&self.geometry, self.cluster_index(host));
+        let refblock = self.load_refblock(storage, block)?;
+        let changed = refblock.set(index, value);
+        let bytes = refblock.bytes()[changed.clone()].to_vec();
+        storage.write_at(&bytes, block + changed.start as u64)?;
+        Ok(())
+    }
+
+    /// The refcount block covering `host`, created if it does not exist.
+    fn ensure_refblock(&mut self, storage: &dyn Storage, host: u64) -> Result<u64> {
+        let (slot, _) = locate(&self.geometry, self.cluster_index(host));
+        if slot >= self.reftable.len() as u64 {
+            self.grow_reftable(storage, slot)?;
+        }
+        let block = self.refblock_offset(slot)?;
+        if block != 0 {
+            return Ok(block);
+        }
+        if slot == 0 {
+            return Err(FormatError::malformed(
+                "refcount table entry 0 is empty: the header cluster has no refcount",
+            ));
+        }
+        // No cluster in this block's range has a refcount, so none is in use:
+        // put the block at the start of its own range, describing itself.
+        let per_block = self.geometry.refblock_entries();
+        let offset = slot * per_block * self.geometry.cluster_size();
+        let mut refblock = Refblock::empty(&self.geometry);
+        refblock.set(0, 1);
+        storage.write_at(refblock.bytes(), offset)?;
+        // The block must be on disk before the table points to it.
+        storage.sync()?;
+        self.write_reftable_entry(storage, slot, offset)?;
+        self.refblocks.put(offset, refblock);
+        Ok(offset)
+    }
+
+    fn write_reftable_entry(&mut self, storage: &dyn Storage, slot: u64, value: u64) -> Result<()> {
+        self.reftable[slot as usize] = value;
+        storage.write_at(&value.to_be_bytes(), self.reftable_offset + slot * 8)?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table by a larger one holding slot `needed`.
+    ///
+    /// The new table and the refcount blocks that describe it go into the
+    /// first clusters no existing block covers, which are free by definition.
+    fn grow_reftable(&mut self, storage: &dyn Storage, needed: u64) -> Result<()> {
+        let geometry = self.geometry;
+        let cluster_size = geometry.cluster_size();
+        let per_block = geometry.refblock_entries();
+        let old_slots = self.reftable.len() as u64;
+        let first_free_cluster = old_slots * per_block;
+        let entries_per_cluster = cluster_size / 8;
+        let mut slots = (needed + 1).max(old_slots + old_slots / 2 + 1);
+        let (table_clusters, new_blocks) = loop {
+            let table_clusters = slots.div_ceil(entries_per_cluster);
+            let mut blocks = 1;
+            while blocks * per_block < table_clusters + blocks {
+                blocks += 1;
+            }
+            if old_slots + blocks <= slots {
+                break (table_clusters, blocks);
+            }
+            slots = old_slots + blocks;
+        };
+        slots = table_clusters * entries_per_cluster;
+        if table_clusters > u64::from(u32::MAX) {
+            return Err(FormatError::Unsupported {
+                what: "a refcount table beyond 2^32 clusters".into(),
+            });
+        }
+        let table_start = first_free_cluster + new_blocks;
+        for block in 0..new_blocks {
+            let mut refblock = Refblock::empty(&geometry);
+            let range = (old_slots + block) * per_block..(old_slots + block + 1) * per_block;
+            let used = first_free_cluster..table_start + table_clusters;
+            for cluster in range.start.max(used.start)..range.end.min(used.end) {
+                refblock.set(cluster - range.start, 1);
+            }
+            let offset = (first_free_cluster + block) * cluster_size;
+            storage.write_at(refblock.bytes(), offset)?;
+            self.refblocks.put(offset, refblock);
+        }
+        let mut table = self.reftable.clone();
+        table.resize(slots as usize, 0);
+        for block in 0..new_blocks {
+            table[(old_slots + block) as usize] = (first_free_cluster + block) * cluster_size;
+        }
+        let table_offset = table_start * cluster_size;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        storage.write_at(&bytes, table_offset)?;
+        // The new blocks and table must be on disk before the header names them.
+        storage.sync()?;
+        let mut fields = table_offset.to_be_bytes().to_vec();
+        fields.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+        storage.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
+        storage.sync()?;
+        let old_offset = self.reftable_offset;
+        let old_clusters = (old_slots * 8).div_ceil(cluster_size);
+        self.reftable = table;
+        self.reftable_offset = table_offset;
+        for cluster in 0..old_clusters {
+            self.free_later(HostOffset(old_offset + cluster * cluster_size));
+        }
+        Ok(())
+    }
+
+    /// Hands out a cluster whose refcount is already 1 on disk.
+    pub fn allocate(&mut self, storage: &dyn Storage) -> Result<HostOffset> {
+        if self.reserve.is_empty() {
+            self.refill(storage, 1)?;
+        }
+        // unwrap: refill put at least one cluster in the reserve.
+        Ok(HostOffset(self.reserve.pop_front().unwrap()))
+    }
+
+    /// The offset one past the last cluster the allocator has handed out
+    /// or reserved, for bounds checks of reads.
+    pub fn reserved_end(&self) -> u64 {
+        self.reserve
+            .back()
+            .map_or(0, |&c| c + self.geometry.cluster_size())
+    }
+
+    /// Reserves at least `want` free clusters: refcount 1, synced.
+    fn refill(&mut self, storage: &dyn Storage, want: u64) -> Result<()> {
+        let cluster_size = self.geometry.cluster_size();
+        let batch = want.max(((8 << 20) / cluster_size).clamp(2, 512));
+        let mut found = 0;
+        let mut cluster = self.free_hint.max(1);
+        while found < batch {
+            let host = cluster * cluster_size;
+            if self.refcount(storage, host)? == 0 {
+                // Creating the block may use this very cluster: look again.
+                self.ensure_refblock(storage, host)?;
+                if self.refcount(storage, host)? == 0 {
+                    self.set_refcount(storage, host, 1)?;
+                    self.reserve.push_back(host);
+                    found += 1;
+                }
+            }
+            cluster += 1;
+        }
+        self.free_hint = cluster;
+        // Refcounts must be on disk before any L2 entry points to these clusters.
+        storage.sync()?;
+        Ok(())
+    }
+
+    /// Drops one reference to `host` once the entry that held it is synced.
+    pub fn free_later(&mut self, host: HostOffset) {
+        self.pending_frees.push(host.0);
+    }
+
+    /// Number of frees waiting for a sync.
+    pub fn pending_frees(&self) -> usize {
+        self.pending_frees.len()
+    }
+
+    /// Applies the deferred frees. The caller has synced the image since
+    /// the references were dropped, and no request still uses the old
+    /// mappings. Returns the clusters whose refcount reached zero.
+    pub fn apply_frees(&mut self, storage: &dyn Storage) -> Result<Vec<u64>> {
+        let mut freed = Vec::new();
+        for host in std::mem::take(&mut self.pending_frees) {
+            let count = self.refcount(storage, host)?;
+            if count == 0 {
+                return Err(FormatError::malformed(format!(
+                    "refcount of cluster {host:#x} would drop below zero"
+                )));
+            }
+            self.set_refcount(storage, host, count - 1)?;
+            if count == 1 {
+                freed.push(host);
+                self.free_hint = self.free_hint.min(self.cluster_index(host));
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Returns every reserved, unused cluster (on close: no leaks).
+    pub fn release_reserve(&mut self, storage: &dyn Storage) -> Result<()> {
+        while let Some(host) = self.reserve.pop_front() {
+            self.set_refcount(storage, host, 0)?;
+            self.free_hint = self.free_hint.min(self.cluster_index(host));
+        }
+        Ok(())
+    }
+
+    /// Forgets cached refcount blocks (after an external change of refcounts).
+    pub fn clear_cache(&mut self) {
+        self.refblocks.clear();
+    }
+}

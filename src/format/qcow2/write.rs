@@ -1,0 +1,346 @@
+//! Writes, write-zeroes and the metadata updates they need.
+//!
+//! A write to a cluster that this image owns outright (COPIED) goes straight
+//! to its host cluster with no exclusive lock. Anything else takes the
+//! metadata lock and, per cluster: builds what the guest must see (the new
+//! data over what the cluster showed before, from this image or its backing
+//! chain), writes it to a cluster that is owned outright, then points the L2
+//! entry at it. Data is written before the L2 entry that points to it, and
+//! the clusters that the old entry held are freed only after a sync.
+
+use std::sync::atomic::Ordering;
+
+use super::l2::{L2Entry, L2Table, ALL_SUBCLUSTERS, L1_COPIED};
+use super::types::HostOffset;
+use super::{Meta, Qcow2};
+use crate::format::{BackingReader, Result};
+use crate::sync::{self, Arc};
+
+/// Deferred frees that make a write sync and apply them at once, so that
+/// the list stays bounded when nobody flushes.
+const MAX_PENDING_FREES: usize = 4096;
+
+/// A write of `len` bytes of the request, starting `pos` bytes into it.
+struct Chunk {
+    guest: u64,
+    pos: usize,
+    len: usize,
+}
+
+impl Qcow2 {
+    /// Writes `data` at guest `offset`.
+    pub fn write(&self, offset: u64, data: &[u8], backing: &dyn BackingReader) -> Result<()> {
+        self.check_writable()?;
+        self.check_bounds(offset, data.len() as u64)?;
+        let slow = self.write_in_place(offset, data)?;
+        if slow.is_empty() {
+            return Ok(());
+        }
+        let mut meta = sync::lock(&self.meta);
+        for chunk in slow {
+            let bytes = &data[chunk.pos..chunk.pos + chunk.len];
+            self.write_cluster(&mut meta, chunk.guest, bytes, backing)?;
+        }
+        self.bound_pending_frees(&mut meta)
+    }
+
+    /// Writes the parts of the request that land in clusters owned outright
+    /// and returns the rest, one chunk per cluster.
+    fn write_in_place(&self, offset: u64, data: &[u8]) -> Result<Vec<Chunk>> {
+        let _inflight = sync::read(&self.inflight);
+        let mut slow = Vec::new();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let guest = offset + pos as u64;
+            let room = self.geometry.cluster_size() - self.geometry.offset_in_cluster(guest);
+            let len = room.min((data.len() - pos) as u64) as usize;
+            let entry = self.l2_entry(guest)?;
+            match self.in_place_target(&entry, guest, len as u64) {
+                Some(host) => self.data().write_at(&data[pos..pos + len], host.0)?,
+                None => slow.push(Chunk { guest, pos, len }),
+            }
+            pos += len;
+        }
+        Ok(slow)
+    }
+
+    /// Where guest `guest..guest + len` (inside one cluster) may be written
+    /// in place, if it may.
+    fn in_place_target(&self, entry: &L2Entry, guest: u64, len: u64) -> Option<HostOffset> {
+        let in_cluster = self.geometry.offset_in_cluster(guest);
+        match *entry {
+            L2Entry::Data { host, copied: true } => Some(host + in_cluster),
+            L2Entry::Subclusters {
+                host: Some(host),
+                copied: true,
+                allocated,
+                ..
+            } => {
+                let mask = self.subcluster_mask(guest, len);
+                (allocated & mask == mask).then_some(host + in_cluster)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bits of the subclusters that `guest..guest + len` touches.
+    pub(super) fn subcluster_mask(&self, guest: u64, len: u64) -> u32 {
+        let first = self.geometry.subcluster_index(guest);
+        let last = self.geometry.subcluster_index(guest + len - 1);
+        let upper = if last == 31 {
+            u32::MAX
+        } else {
+            (1u32 << (last + 1)) - 1
+        };
+        upper & !((1u32 << first) - 1)
+    }
+
+    /// Writes `data` (inside one cluster) under the metadata lock.
+    pub(super) fn write_cluster(
+        &self,
+        meta: &mut Meta,
+        guest: u64,
+        data: &[u8],
+        backing: &dyn BackingReader,
+    ) -> Result<()> {
+        let (l2_offset, table) = self.writable_l2(meta, guest)?;
+        let index = self.geometry.l2_index(guest);
+        let old = table.entry(&self.geometry, index)?;
+        if let Some(host) = self.in_place_target(&old, guest, data.len() as u64) {
+            return Ok(self.data().write_at(data, host.0)?);
+        }
+        if let Some(entry) = self.claim_sole_owner(meta, &old)? {
+            self.set_l2_entry(l2_offset, &table, index, &entry)?;
+            return self.write_cluster(meta, guest, data, backing);
+        }
+        let reuse = old.is_copied() && old.host_cluster().is_some();
+        let target = match (reuse, old.host_cluster()) {
+            (true, Some(host)) => host,
+            _ => self.allocate_data_cluster(meta, guest)?,
+        };
+        let new = if self.geometry.extended_l2 {
+            self.write_subclusters(&old, target, reuse, guest, data, backing)?
+        } else {
+            self.write_whole_cluster(&old, target, guest, data, backing)?
+        };
+        self.set_l2_entry(l2_offset, &table, index, &new)?;
+        if !reuse {
+            self.free_entry(meta, &old);
+        }
+        Ok(())
+    }
+
+    /// For a data cluster without COPIED whose refcount is in fact 1, the
+    /// same entry with COPIED set.
+    fn claim_sole_owner(&self, meta: &mut Meta, old: &L2Entry) -> Result<Option<L2Entry>> {
+        let Some(host) = old.host_cluster() else {
+            return Ok(None);
+        };
+        if old.is_copied() || matches!(old, L2Entry::Zero { .. }) {
+            return Ok(None);
+        }
+        let sole = self.data_file.is_some()
+            || meta.allocator.refcount(self.storage.as_ref(), host.0)? == 1;
+        Ok(sole.then_some(old.with_copied(true)))
+    }
+
+    /// A host cluster for the guest cluster holding `guest`: allocated in the
+    /// image, or in an external data file the guest offset itself.
+    fn allocate_data_cluster(&self, meta: &mut Meta, guest: u64) -> Result<HostOffset> {
+        if self.data_file.is_some() {
+            return Ok(HostOffset(self.geometry.cluster_start(guest)));
+        }
+        let host = meta.allocator.allocate(self.storage.as_ref())?;
+        self.host_end
+            .fetch_max(host.0 + self.geometry.cluster_size(), Ordering::AcqRel);
+        Ok(host)
+    }
+
+    /// Writes a whole cluster at `target`: the old view with `data` over it.
+    fn write_whole_cluster(
+        &self,
+        old: &L2Entry,
+        target: HostOffset,
+        guest: u64,
+        data: &[u8],
+        backing: &dyn BackingReader,
+    ) -> Result<L2Entry> {
+        let cluster_size = self.geometry.cluster_size() as usize;
+        let start = self.geometry.cluster_start(guest);
+        let in_cluster = (guest - start) as usize;
+        let mut cluster = vec![0u8; cluster_size];
+        if data.len() < cluster_size {
+            self.read_view(old, start, &mut cluster, backing)?;
+        }
+        cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+        self.data().write_at(&cluster, target.0)?;
+        Ok(L2Entry::Data {
+            host: target,
+            copied: true,
+        })
+    }
+
+    /// Writes the subclusters that `data` touches (and, when the cluster
+    /// moves, every subcluster the old one held) at `target`.
+    fn write_subclusters(
+        &self,
+        old: &L2Entry,
+        target: HostOffset,
+        reuse: bool,
+        guest: u64,
+        data: &[u8],
+        backing: &dyn BackingReader,
+    ) -> Result<L2Entry> {
+        let (old_allocated, old_zero) = match *old {
+            L2Entry::Subclusters {
+                allocated, zero, ..
+            } => (allocated, zero),
+            L2Entry::Compressed(_) => (ALL_SUBCLUSTERS, 0),
+            _ => (0, 0),
+        };
+        let touched = self.subcluster_mask(guest, data.len() as u64);
+        let written = if reuse {
+            touched
+        } else {
+            touched | old_allocated
+        };
+        let start = self.geometry.cluster_start(guest);
+        let sc_size = self.geometry.subcluster_size();
+        for (first, last) in bit_runs(written) {
+            let run_start = start + u64::from(first) * sc_size;
+            let run_len = u64::from(last - first + 1) * sc_size;
+            let mut buf = vec![0u8; run_len as usize];
+            self.read_view(old, run_start, &mut buf, backing)?;
+            overlay(&mut buf, run_start, data, guest);
+            self.data().write_at(&buf, target.0 + (run_start - start))?;
+        }
+        Ok(L2Entry::Subclusters {
+            host: Some(target),
+            copied: true,
+            allocated: old_allocated | written,
+            zero: old_zero & !written,
+        })
+    }
+
+    /// The L2 table for guest `offset`, made writable: allocated if missing,
+    /// copied if shared with a snapshot.
+    pub(super) fn writable_l2(&self, meta: &mut Meta, guest: u64) -> Result<(u64, Arc<L2Table>)> {
+        let (l1_index, l2_offset, copied) = self.l1_entry(guest)?;
+        let storage = self.storage.as_ref();
+        if l2_offset != 0 && (copied || meta.allocator.refcount(storage, l2_offset)? == 1) {
+            if !copied {
+                self.set_l1_entry(l1_index, l2_offset | L1_COPIED)?;
+            }
+            return Ok((l2_offset, self.load_l2(l2_offset)?));
+        }
+        let cluster_size = self.geometry.cluster_size();
+        let new = meta.allocator.allocate(storage)?;
+        self.host_end
+            .fetch_max(new.0 + cluster_size, Ordering::AcqRel);
+        let table = if l2_offset == 0 {
+            L2Table::from_bytes(&vec![0u8; cluster_size as usize], self.geometry.extended_l2)
+        } else {
+            (*self.load_l2(l2_offset)?).clone()
+        };
+        storage.write_at(&table.to_bytes(), new.0)?;
+        // The table must be on disk before the L1 entry points to it.
+        storage.sync()?;
+        self.set_l1_entry(l1_index, new.0 | L1_COPIED)?;
+        let table = Arc::new(table);
+        self.l2_cache.insert(new.0, Arc::clone(&table));
+        if l2_offset != 0 {
+            meta.allocator.free_later(HostOffset(l2_offset));
+        }
+        Ok((new.0, table))
+    }
+
+    /// Replaces entry `index` of the L2 table at `l2_offset`, on disk first.
+    pub(super) fn set_l2_entry(
+        &self,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        index: u64,
+        entry: &L2Entry,
+    ) -> Result<()> {
+        let mut updated = (**table).clone();
+        let (at, bytes) = updated.set(index, entry);
+        self.storage.write_at(&bytes, l2_offset + at)?;
+        self.l2_cache.insert(l2_offset, Arc::new(updated));
+        Ok(())
+    }
+
+    /// Drops the references an entry that was just replaced held.
+    pub(super) fn free_entry(&self, meta: &mut Meta, old: &L2Entry) {
+        if self.data_file.is_some() {
+            return;
+        }
+        if let L2Entry::Compressed(word) = *old {
+            let descriptor = super::compress::decode_descriptor(word, self.geometry.cluster_bits);
+            let first = descriptor.host_offset & !511;
+            let end = descriptor.host_offset + descriptor.compressed_len;
+            let mut cluster = self.geometry.cluster_start(first);
+            while cluster < end {
+                meta.allocator.free_later(HostOffset(cluster));
+                cluster += self.geometry.cluster_size();
+            }
+        } else if let Some(host) = old.host_cluster() {
+            meta.allocator.free_later(host);
+        }
+    }
+
+    pub(super) fn bound_pending_frees(&self, meta: &mut Meta) -> Result<()> {
+        if meta.allocator.pending_frees() > MAX_PENDING_FREES {
+            self.sync_and_free(meta)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies the part of `data` (at guest `data_at`) that overlaps `buf` (at
+/// guest `buf_at`) into `buf`.
+fn overlay(buf: &mut [u8], buf_at: u64, data: &[u8], data_at: u64) {
+    let start = buf_at.max(data_at);
+    let end = (buf_at + buf.len() as u64).min(data_at + data.len() as u64);
+    if start < end {
+        let dst = (start - buf_at) as usize..(end - buf_at) as usize;
+        let src = (start - data_at) as usize..(end - data_at) as usize;
+        buf[dst].copy_from_slice(&data[src]);
+    }
+}
+
+/// Runs of consecutive set bits in `mask`, as inclusive (first, last) pairs.
+fn bit_runs(mask: u32) -> Vec<(u32, u32)> {
+    let mut runs = Vec::new();
+    let mut bit = 0;
+    while bit < 32 {
+        if mask & (1 << bit) == 0 {
+            bit += 1;
+            continue;
+        }
+        let first = bit;
+        while bit < 32 && mask & (1 << bit) != 0 {
+            bit += 1;
+        }
+        runs.push((first, bit - 1));
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_runs_finds_each_run() {
+        assert_eq!(bit_runs(0), vec![]);
+        assert_eq!(bit_runs(0b1101), vec![(0, 0), (2, 3)]);
+        assert_eq!(bit_runs(u32::MAX), vec![(0, 31)]);
+    }
+
+    #[test]
+    fn overlay_copies_only_the_overlap() {
+        let mut buf = [0u8; 4];
+        overlay(&mut buf, 10, &[1, 2, 3, 4], 12);
+        assert_eq!(buf, [0, 0, 1, 2]);
+    }
+}

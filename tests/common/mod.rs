@@ -390,6 +390,8 @@ pub mod cases {
 
     /// Calls `$m!(case)` for every case of the matrix, so that each test
     /// file gets one test per case and none is forgotten.
+    // Unused in the test files that do not iterate over the matrix.
+    #[allow(unused_macros)]
     macro_rules! for_each_case {
         ($m:ident) => {
             $m!(compat_0_10);
@@ -412,6 +414,7 @@ pub mod cases {
             $m!(small_backing);
         };
     }
+    #[allow(unused_imports)]
     pub(crate) use for_each_case;
 
     const K64: u64 = 64 << 10;

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 const THREADS: usize = 4;
-const OPS_PER_THREAD: usize = 150;
+const OPS_PER_THREAD: usize = 300;
 
 /// How a workload is shaped for one image.
 struct Workload {

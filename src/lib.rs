@@ -10,7 +10,7 @@
 //!
 //! * [`storage`]: byte-addressed files (host files, QEMU-compatible locks,
 //!   and an in-memory double that can drop unsynced writes).
-//! * [`format`]: one image at a time (raw, qcow2), answering shallowly: what
+//! * [`format`](mod@format): one image at a time (raw, qcow2), answering shallowly: what
 //!   this image holds, and which ranges fall through to its backing file.
 //! * [`chain`]: backing resolution and the one iterative walk down the chain
 //!   that reads, writes with copy-on-write, and answers allocation queries.

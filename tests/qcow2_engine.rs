@@ -248,3 +248,147 @@ fn partial_writes_complete_clusters_from_the_backing_view() {
         check_clean(&f.image);
     }
 }
+
+#[test]
+fn writes_over_an_internal_snapshot_copy_shared_clusters_first() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for opts in ["cluster_size=64k", "extended_l2=on", "cluster_size=512"] {
+        let f = fixture(opts, "4M");
+        qemu_io(&f.image, &["write -P 0x5a 0 4M"]);
+        run("qemu-img", &["snapshot", "-c", "s1", p(&f.image)]);
+        let mut model = convert_to_raw(&f.image);
+        {
+            let image = open(&f.image, true);
+            for (offset, len) in [(1000u64, 100usize), (65536, 65536), (3 << 20, 300_000)] {
+                image.write(offset, &vec![0xa5; len], &NoBacking).unwrap();
+                model[offset as usize..offset as usize + len].fill(0xa5);
+            }
+            image.zero_range(2 << 20, 1 << 19, &NoBacking).unwrap();
+            model[2 << 20..(2 << 20) + (1 << 19)].fill(0);
+            image.close().unwrap();
+        }
+        check_clean(&f.image);
+        assert!(
+            convert_to_raw(&f.image) == model,
+            "{opts}: active layer differs"
+        );
+        let snap = f.image.with_extension("snap.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                "snapshot.name=s1",
+                "-O",
+                "raw",
+                p(&f.image),
+                p(&snap),
+            ],
+        );
+        assert!(
+            std::fs::read(&snap).unwrap() == vec![0x5a; 4 << 20],
+            "{opts}: the snapshot changed"
+        );
+    }
+}
+
+#[test]
+fn external_data_files_read_and_write_with_and_without_raw_mode() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for raw in ["off", "on"] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("img.qcow2");
+        let data = dir.path().join("img.data");
+        let opts = format!("data_file={},data_file_raw={raw}", p(&data));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opts, p(&image), "4M"],
+        );
+        qemu_io(&image, PATTERN_WRITES[..3].as_ref());
+        let mut model = convert_to_raw(&image);
+        {
+            let engine = open(&image, true);
+            assert!(
+                read_all(&engine, 65536) == model,
+                "data_file_raw={raw}: read differs"
+            );
+            engine.write(3 << 20, &[0x77; 70_000], &NoBacking).unwrap();
+            model[3 << 20..(3 << 20) + 70_000].fill(0x77);
+            engine.zero_range(0, 65536, &NoBacking).unwrap();
+            model[..65536].fill(0);
+            engine.close().unwrap();
+        }
+        check_clean(&image);
+        assert!(
+            convert_to_raw(&image) == model,
+            "data_file_raw={raw}: differs"
+        );
+        if raw == "on" {
+            assert!(
+                std::fs::read(&data).unwrap()[..4 << 20] == model[..],
+                "raw data file"
+            );
+        }
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers_keep_the_image_consistent() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for opts in [
+        "cluster_size=4096",
+        "extended_l2=on",
+        "cluster_size=512,refcount_bits=1",
+    ] {
+        let size = 16u64 << 20;
+        let f = fixture(opts, &size.to_string());
+        let image = Arc::new(open(&f.image, true));
+        let region = size / 4;
+        let models: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let image = Arc::clone(&image);
+                    scope.spawn(move || {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                        let mut model = vec![0u8; region as usize];
+                        for i in 0..300 {
+                            let len = rng.random_range(1..40_000usize);
+                            let at = rng.random_range(0..region as usize - len);
+                            let guest = t * region + at as u64;
+                            if i % 5 == 0 {
+                                image.zero_range(guest, len as u64, &NoBacking).unwrap();
+                                model[at..at + len].fill(0);
+                            } else {
+                                let data = vec![rng.random::<u8>() | 1; len];
+                                image.write(guest, &data, &NoBacking).unwrap();
+                                model[at..at + len].copy_from_slice(&data);
+                            }
+                            let mut back = vec![0u8; len];
+                            let unheld = image.read(guest, &mut back).unwrap();
+                            for r in unheld {
+                                let s = (r.start - guest) as usize;
+                                back[s..s + (r.end - r.start) as usize].fill(0);
+                            }
+                            assert!(back == model[at..at + len], "read-after-write");
+                        }
+                        model
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        image.close().unwrap();
+        drop(image);
+        check_clean(&f.image);
+        assert!(
+            convert_to_raw(&f.image) == models.concat(),
+            "{opts}: differs"
+        );
+    }
+}

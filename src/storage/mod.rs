@@ -13,7 +13,7 @@ use std::io;
 
 pub use file::FileStorage;
 pub use lock::{LockError, LockMode};
-pub use mem::MemStorage;
+pub use mem::{CrashMode, MemStorage};
 
 /// Positional I/O on one file. All methods take `&self`: implementations are
 /// shared by many threads and must not serialise independent requests.

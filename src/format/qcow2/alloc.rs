@@ -269,6 +269,13 @@ impl Allocator {
             cluster += 1;
         }
         self.free_hint = cluster;
+        // The file must cover every reserved cluster before an L2 entry can
+        // point there: an entry past the end of the file is corruption to
+        // QEMU even if the data write that would have extended it was lost.
+        let end = self.reserved_end();
+        if end > storage.len()? {
+            storage.set_len(end)?;
+        }
         // Refcounts must be on disk before any L2 entry points to these clusters.
         storage.sync()?;
         Ok(())

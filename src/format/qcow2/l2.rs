@@ -88,7 +88,9 @@ impl L2Entry {
                 "L2 entry {word:#018x} points to unaligned host offset {offset:#x}"
             )));
         }
-        let host = (offset != 0).then_some(HostOffset(offset));
+        // In an external data file, offset 0 is a real cluster when COPIED.
+        let host =
+            (offset != 0 || (copied && geometry.external_data)).then_some(HostOffset(offset));
         if geometry.extended_l2 {
             let allocated = bitmap as u32;
             let zero = (bitmap >> 32) as u32;
@@ -311,6 +313,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2,
             refcount_order: 4,
+            external_data: false,
         }
     }
 

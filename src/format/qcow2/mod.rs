@@ -94,6 +94,9 @@ impl Qcow2 {
             cluster_bits: header.cluster_bits,
             extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
             refcount_order: header.refcount_order,
+            external_data: header
+                .incompatible
+                .contains(Incompatible::EXTERNAL_DATA_FILE),
         };
         let data_file = open_data_file(&header, options.writable, opener)?;
         let l1 = read_l1(storage.as_ref(), &header)?;
@@ -142,6 +145,13 @@ impl Qcow2 {
         if header.incompatible.contains(Incompatible::DIRTY) {
             return Err(FormatError::Unsupported {
                 what: "writing an image with the dirty bit set (refcount repair)".into(),
+            });
+        }
+        if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {
+            // Clearing the bit would invalidate every bitmap and leak its
+            // clusters; keeping it while writing would make them lie.
+            return Err(FormatError::Unsupported {
+                what: "writing an image that holds persistent dirty bitmaps".into(),
             });
         }
         let kept = header.autoclear & Autoclear::MAINTAINED;

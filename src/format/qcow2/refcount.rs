@@ -97,6 +97,7 @@ mod tests {
                 cluster_bits: 9,
                 extended_l2: false,
                 refcount_order: order,
+                external_data: false,
             };
             let mut block = Refblock::empty(&g);
             let max = g.max_refcount();
@@ -116,6 +117,7 @@ mod tests {
             cluster_bits: 9,
             extended_l2: false,
             refcount_order: 1,
+            external_data: false,
         };
         let mut block = Refblock::empty(&g);
         block.set(0, 1);

@@ -34,6 +34,9 @@ pub struct Geometry {
     pub extended_l2: bool,
     /// log2 of the refcount width in bits (0 to 6).
     pub refcount_order: u32,
+    /// Whether guest data lives in an external data file, where host offset
+    /// 0 is a valid data cluster (flagged COPIED).
+    pub external_data: bool,
 }
 
 /// Subclusters per cluster when extended L2 entries are in use.
@@ -133,6 +136,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2: false,
             refcount_order: 4,
+            external_data: false,
         };
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_span(), 512 << 20);
@@ -147,6 +151,7 @@ mod tests {
             cluster_bits: 16,
             extended_l2: true,
             refcount_order: 0,
+            external_data: false,
         };
         assert_eq!(g.l2_entries(), 4096);
         assert_eq!(g.subcluster_size(), 2048);

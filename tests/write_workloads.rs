@@ -146,9 +146,29 @@ fn run_thread(
     }
 }
 
-/// Runs the workload on the top of `chain` and checks the result with QEMU.
-/// Returns the model (the expected content of the top).
-fn run_workload(chain: &TempChain, workload: &Workload) -> Vec<u8> {
+/// Runs the workload's threads against `node` of `opened`, updating `model`.
+fn run_threads(opened: &Chain, node: NodeId, model: &mut [u8], workload: &Workload) {
+    let borders = region_borders(model.len() as u64);
+    let mut regions = split_regions(model, &borders);
+    let shared_model = regions.pop().unwrap_or_default();
+    let shared = Mutex::new((borders[THREADS]..borders[THREADS + 1], shared_model));
+    std::thread::scope(|scope| {
+        for (i, region_model) in regions.into_iter().enumerate() {
+            let shared = &shared;
+            let region = borders[i]..borders[i + 1];
+            let seed = workload.seed * 1000 + i as u64;
+            scope.spawn(move || {
+                let mine = (region, region_model);
+                run_thread(opened, node, mine, shared, workload.cluster, seed)
+            });
+        }
+    });
+}
+
+/// Runs the workload on the top of `chain`, closes it, and checks with QEMU
+/// that the top equals the model, the images are clean and the nodes below
+/// did not change.
+fn run_workload(chain: &TempChain, workload: &Workload) {
     let below: Vec<Vec<u8>> = chain.layers()[..chain.layers().len() - 1]
         .iter()
         .map(|layer| common::convert_to_raw(&layer.path))
@@ -161,40 +181,16 @@ fn run_workload(chain: &TempChain, workload: &Workload) -> Vec<u8> {
     };
     let opened = Chain::open(chain.top(), &options)
         .unwrap_or_else(|e| panic!("open {}: {e}", chain.top().display()));
-    let node = opened.active().id();
-    let borders = region_borders(model.len() as u64);
-    let mut regions = split_regions(&mut model, &borders);
-    let shared_model = regions.pop().unwrap_or_default();
-    let shared = Mutex::new((borders[THREADS]..borders[THREADS + 1], shared_model));
-    std::thread::scope(|scope| {
-        for (i, region_model) in regions.into_iter().enumerate() {
-            let (opened, shared) = (&opened, &shared);
-            let region = borders[i]..borders[i + 1];
-            let seed = workload.seed * 1000 + i as u64;
-            scope.spawn(move || {
-                run_thread(
-                    opened,
-                    node,
-                    (region, region_model),
-                    shared,
-                    workload.cluster,
-                    seed,
-                )
-            });
-        }
-    });
+    run_threads(&opened, opened.active().id(), &mut model, workload);
+    // Close writes back every cached table; only then may QEMU look.
     opened.close().unwrap_or_else(|e| panic!("close: {e}"));
     common::qemu_img_check(chain.top());
-    common::assert_same_bytes(
-        &common::convert_to_raw(chain.top()),
-        &model,
-        "top after close",
-    );
+    let top = common::convert_to_raw(chain.top());
+    common::assert_same_bytes(&top, &model, "top after close");
     for (layer, before) in chain.layers().iter().zip(&below) {
         let after = common::convert_to_raw(&layer.path);
         common::assert_same_bytes(&after, before, "a backing node changed");
     }
-    model
 }
 
 /// A qcow2 base full of QEMU-written data under an empty overlay, both

@@ -24,7 +24,9 @@ fn main() {
         }
     };
     let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        Err(std::io::Error::other(format!("no data file support here: {name}")))
+        Err(std::io::Error::other(format!(
+            "no data file support here: {name}"
+        )))
     };
     let image = match Qcow2::open(storage, &OpenOptions::default(), &no_files) {
         Ok(image) => image,
@@ -46,5 +48,8 @@ fn main() {
         offset += n as u64;
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("{:.1} MiB/s ({size} bytes in {secs:.3} s)", size as f64 / secs / (1 << 20) as f64);
+    println!(
+        "{:.1} MiB/s ({size} bytes in {secs:.3} s)",
+        size as f64 / secs / (1 << 20) as f64
+    );
 }

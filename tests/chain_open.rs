@@ -361,3 +361,40 @@ fn create_image_refuses_bad_cluster_sizes_and_existing_files() {
         "an existing file is left alone"
     );
 }
+
+#[test]
+fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let base = at(dir.path(), "base.img");
+    raw_image(&base, 3 << 20, Some((100_000..300_000, 0x3c)));
+    let top = at(dir.path(), "top.qcow2");
+    chainfs::chain::create_image(&top, 3 << 20, 65536, Some(("base.img", Format::Raw))).unwrap();
+    let info = qemu_img(dir.path(), &["info", "--output=json", "top.qcow2"]);
+    assert!(
+        info.contains("\"backing-filename\": \"base.img\""),
+        "{info}"
+    );
+    assert!(
+        info.contains("\"backing-filename-format\": \"raw\""),
+        "{info}"
+    );
+    qemu_img(dir.path(), &["check", "top.qcow2"]);
+    let chain = open_writable(&top);
+    assert_eq!(chain.nodes().len(), 2);
+    chain
+        .write(chain.active().id(), 200_000, &[0x77; 4096])
+        .unwrap();
+    let mut want = std::fs::read(&base).unwrap();
+    want[200_000..204_096].fill(0x77);
+    assert_same(
+        "new overlay",
+        &read_node(&chain, chain.active().id()),
+        &want,
+    );
+    chain.close().unwrap();
+    qemu_img(dir.path(), &["check", "top.qcow2"]);
+    assert_same("after close", &convert_raw(dir.path(), "top.qcow2"), &want);
+}

@@ -398,7 +398,12 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
     if !tool_available("qemu-img") {
         return;
     }
-    for (kind, cluster) in [("zlib", "65536"), ("zstd", "65536"), ("zlib", "512"), ("zstd", "2M")] {
+    for (kind, cluster) in [
+        ("zlib", "65536"),
+        ("zstd", "65536"),
+        ("zlib", "512"),
+        ("zstd", "2M"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("src.raw");
         let image = dir.path().join("img.qcow2");
@@ -407,7 +412,18 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
         let opts = format!("compression_type={kind},cluster_size={cluster}");
         run(
             "qemu-img",
-            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opts, p(&raw), p(&image)],
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &opts,
+                p(&raw),
+                p(&image),
+            ],
         );
         {
             let engine = open(&image, true);
@@ -418,10 +434,16 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
             }
             engine.zero_range(3 << 20, 1 << 20, &NoBacking).unwrap();
             model[3 << 20..4 << 20].fill(0);
-            assert!(read_all(&engine, 1 << 20) == model, "{opts}: read after write differs");
+            assert!(
+                read_all(&engine, 1 << 20) == model,
+                "{opts}: read after write differs"
+            );
             engine.close().unwrap();
         }
         check_clean(&image);
-        assert!(convert_to_raw(&image) == model, "{opts}: qemu-img sees other data");
+        assert!(
+            convert_to_raw(&image) == model,
+            "{opts}: qemu-img sees other data"
+        );
     }
 }

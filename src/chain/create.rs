@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::ChainError;
+use crate::format::qcow2::create::{create, CreateOptions};
 use crate::format::{Format, FormatError};
 use crate::storage::{FileStorage, Storage};
 
@@ -47,23 +48,20 @@ pub fn create_image(
     })
 }
 
-/// Writes a fresh qcow2 image onto empty `storage`.
-///
-/// TEMPORARY: `format::qcow2::create::create` is being written by another
-/// helper. Once it merges, the body becomes:
-/// ```text
-/// create(storage, &CreateOptions { size, cluster_bits,
-///     backing: backing.map(|(file, format)| (file.to_owned(), Some(format.name().to_owned()))),
-///     extended_l2: false, refcount_order: 4 })
-/// ```
+/// Writes a fresh qcow2 image (QEMU's defaults: 16-bit refcounts, standard
+/// L2 entries) onto empty `storage`.
 fn write_new(
     storage: &dyn Storage,
     size: u64,
     cluster_bits: u32,
     backing: Option<(&str, Format)>,
 ) -> Result<(), FormatError> {
-    let _ = (storage, size, cluster_bits, backing);
-    Err(FormatError::Unsupported {
-        what: "creating qcow2 images (the creator is not merged yet)".into(),
-    })
+    let options = CreateOptions {
+        size,
+        cluster_bits,
+        backing: backing.map(|(file, format)| (file.to_owned(), Some(format.name().to_owned()))),
+        extended_l2: false,
+        refcount_order: 4,
+    };
+    create(storage, &options)
 }

@@ -43,6 +43,7 @@ fn geometry(cluster_bits: u32, refcount_order: u32) -> Geometry {
         cluster_bits,
         extended_l2: false,
         refcount_order,
+        external_data: false,
     }
 }
 
@@ -296,6 +297,7 @@ fn geometry_of(opts: &CreateOptions) -> Geometry {
         cluster_bits: opts.cluster_bits,
         extended_l2: opts.extended_l2,
         refcount_order: opts.refcount_order,
+        external_data: false,
     }
 }
 

@@ -26,7 +26,9 @@ fn open(path: &str) -> Qcow2 {
         Err(err) => fail(path, err),
     };
     let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        Err(std::io::Error::other(format!("no data file support here: {name}")))
+        Err(std::io::Error::other(format!(
+            "no data file support here: {name}"
+        )))
     };
     Qcow2::open(storage, &OpenOptions::default(), &no_files).unwrap_or_else(|err| fail(path, err))
 }

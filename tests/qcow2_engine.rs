@@ -447,3 +447,57 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
         );
     }
 }
+
+#[test]
+fn populate_fills_only_what_the_image_lacks_and_never_reverts_a_write() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for opts in [
+        "cluster_size=64k",
+        "extended_l2=on",
+        "cluster_size=512",
+        "compat=0.10",
+    ] {
+        let size = 4u64 << 20;
+        let f = fixture(opts, &size.to_string());
+        let below = Model((0..size as u32).map(|i| (i % 253) as u8 | 1).collect());
+        let image = Arc::new(open(&f.image, true));
+        let mut model = below.0.clone();
+        image.write(10_000, &[0xaa; 5000], &below).unwrap();
+        model[10_000..15_000].fill(0xaa);
+        image.zero_range(1 << 20, 1 << 20, &below).unwrap();
+        model[1 << 20..2 << 20].fill(0);
+        // A guest writer races the population of the whole image.
+        let writes: Vec<(u64, usize)> = (0..200u64)
+            .map(|i| (i * 19_997 % (size - 3000), 3000))
+            .collect();
+        std::thread::scope(|scope| {
+            let writer = Arc::clone(&image);
+            let below_ref = &below;
+            let writes_ref = &writes;
+            scope.spawn(move || {
+                for &(at, len) in writes_ref {
+                    writer.write(at, &vec![0x5c; len], below_ref).unwrap();
+                }
+            });
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(300_000);
+                let slice = &below.0[pos as usize..(pos + n) as usize];
+                image.populate(pos, n, Some(slice), &below).unwrap();
+                pos += n;
+            }
+        });
+        for &(at, len) in &writes {
+            model[at as usize..at as usize + len].fill(0x5c);
+        }
+        let mut out = vec![0u8; size as usize];
+        let unheld = image.read(0, &mut out).unwrap();
+        assert!(unheld.is_empty(), "{opts}: populate left holes {unheld:?}");
+        assert!(out == model, "{opts}: populate overwrote or lost data");
+        image.close().unwrap();
+        drop(image);
+        check_clean(&f.image);
+    }
+}

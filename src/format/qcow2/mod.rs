@@ -24,6 +24,7 @@ pub mod refcount;
 pub mod snapshots;
 pub mod types;
 
+mod populate;
 mod read;
 mod write;
 mod zero;

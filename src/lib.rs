@@ -22,5 +22,6 @@
 pub mod chain;
 pub mod cli;
 pub mod format;
+pub mod jobs;
 pub mod storage;
 pub mod sync;

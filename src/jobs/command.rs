@@ -1,0 +1,367 @@
+//! The `ctl/command` language: one command per write, `VERB key=value …`,
+//! parsed into a typed [`Command`] with no side effects.
+//!
+//! Words are separated by spaces; a value in double quotes may hold spaces
+//! (`\"` and `\\` escape inside quotes); a trailing newline is ignored.
+
+use std::collections::HashMap;
+use std::fmt;
+
+/// What `stream` does when an I/O error stops a chunk (QEMU's
+/// `BlockdevOnError`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Fail the job at the first error.
+    #[default]
+    Report,
+    /// Go on; the job ends failed and changes no backing pointer.
+    Ignore,
+    /// Pause; `resume` retries the same chunk.
+    Stop,
+    /// Pause on ENOSPC, report anything else.
+    Enospc,
+}
+
+/// A parsed command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// QEMU's block-stream.
+    Stream {
+        /// The node receiving the data (default: the active node).
+        node: Option<String>,
+        /// The node that becomes the new backing file (default: none).
+        base: Option<String>,
+        /// The backing string to write instead of the base's name.
+        backing_file: Option<String>,
+        /// Bytes per second copied; 0 is unlimited.
+        speed: u64,
+        /// Job id (default: generated).
+        id: Option<String>,
+        /// Error policy.
+        on_error: OnError,
+    },
+    /// A live external snapshot onto a new qcow2 file.
+    Snapshot {
+        /// The new image, which must not exist.
+        file: String,
+    },
+    /// QEMU's block-commit.
+    Commit {
+        /// The topmost node whose data is committed.
+        top: String,
+        /// The node receiving the data (default: the bottom of the chain).
+        base: Option<String>,
+        /// Bytes per second copied; 0 is unlimited.
+        speed: u64,
+        /// Job id (default: generated).
+        id: Option<String>,
+    },
+    /// A verb on an existing job (`cancel`, `pause`, `resume`, `complete`,
+    /// `dismiss`).
+    Control {
+        /// The verb.
+        verb: super::state::Verb,
+        /// The job (may be left out when only one exists).
+        id: Option<String>,
+    },
+    /// `set-speed`.
+    SetSpeed {
+        /// The job (may be left out when only one exists).
+        id: Option<String>,
+        /// The new limit; 0 is unlimited.
+        speed: u64,
+    },
+}
+
+/// Why a command was refused before anything happened (always EINVAL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+fn error(message: impl Into<String>) -> ParseError {
+    ParseError(message.into())
+}
+
+/// Parses one command.
+pub fn parse(text: &str) -> Result<Command, ParseError> {
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let words = split_words(text)?;
+    let Some((verb, args)) = words.split_first() else {
+        return Err(error("empty command"));
+    };
+    let mut args = Args::new(verb, args)?;
+    let command = match verb.as_str() {
+        "stream" => Command::Stream {
+            node: args.take("node"),
+            base: args.take("base"),
+            backing_file: args.take("backing-file"),
+            speed: args.rate("speed")?,
+            id: args.take("id"),
+            on_error: args.on_error()?,
+        },
+        "snapshot" => {
+            let file = args.required("file")?;
+            if let Some(format) = args.take("format") {
+                if format != "qcow2" {
+                    return Err(error(format!(
+                        "snapshot format {format:?}: only qcow2 is supported"
+                    )));
+                }
+            }
+            Command::Snapshot { file }
+        }
+        "commit" => Command::Commit {
+            top: args.required("top")?,
+            base: args.take("base"),
+            speed: args.rate("speed")?,
+            id: args.take("id"),
+        },
+        "set-speed" => Command::SetSpeed {
+            id: args.take("id"),
+            speed: match args.take("speed") {
+                Some(rate) => parse_rate(&rate)?,
+                None => return Err(error("set-speed needs speed=RATE")),
+            },
+        },
+        other => Command::Control {
+            verb: control_verb(other)?,
+            id: args.take("id"),
+        },
+    };
+    args.finish()?;
+    Ok(command)
+}
+
+fn control_verb(word: &str) -> Result<super::state::Verb, ParseError> {
+    use super::state::Verb;
+    Ok(match word {
+        "cancel" => Verb::Cancel,
+        "pause" => Verb::Pause,
+        "resume" => Verb::Resume,
+        "complete" => Verb::Complete,
+        "dismiss" => Verb::Dismiss,
+        other => return Err(error(format!("unknown command {other:?}"))),
+    })
+}
+
+/// The `key=value` words of one command, consumed as they are recognised.
+struct Args {
+    verb: String,
+    values: HashMap<String, String>,
+}
+
+impl Args {
+    fn new(verb: &str, words: &[String]) -> Result<Args, ParseError> {
+        let mut values = HashMap::new();
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                return Err(error(format!("{verb}: {word:?} is not key=value")));
+            };
+            if values.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(error(format!("{verb}: {key} given twice")));
+            }
+        }
+        Ok(Args {
+            verb: verb.to_string(),
+            values,
+        })
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
+    }
+
+    fn required(&mut self, key: &str) -> Result<String, ParseError> {
+        self.take(key)
+            .ok_or_else(|| error(format!("{} needs {key}=…", self.verb)))
+    }
+
+    fn rate(&mut self, key: &str) -> Result<u64, ParseError> {
+        self.take(key).map_or(Ok(0), |rate| parse_rate(&rate))
+    }
+
+    fn on_error(&mut self) -> Result<OnError, ParseError> {
+        Ok(match self.take("on-error").as_deref() {
+            None | Some("report") => OnError::Report,
+            Some("ignore") => OnError::Ignore,
+            Some("stop") => OnError::Stop,
+            Some("enospc") => OnError::Enospc,
+            Some(other) => {
+                return Err(error(format!(
+                    "on-error={other:?}: expected report, ignore, stop or enospc"
+                )))
+            }
+        })
+    }
+
+    /// Refuses any key nobody took.
+    fn finish(self) -> Result<(), ParseError> {
+        let mut unknown: Vec<&String> = self.values.keys().collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(key) => Err(error(format!("{}: unknown key {key:?}", self.verb))),
+        }
+    }
+}
+
+/// Parses RATE: bytes per second with an optional K, M or G suffix
+/// (powers of 1024).
+pub fn parse_rate(text: &str) -> Result<u64, ParseError> {
+    let bad = || {
+        error(format!(
+            "bad rate {text:?}: expected bytes per second, e.g. 10M"
+        ))
+    };
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    value.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Splits on spaces, keeping double-quoted parts of a word together.
+fn split_words(text: &str) -> Result<Vec<String>, ParseError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            '"' => {
+                in_word = true;
+                read_quoted(&mut chars, &mut word)?;
+            }
+            '\n' | '\r' | '\0' => return Err(error("a command is one line")),
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+fn read_quoted(chars: &mut std::str::Chars<'_>, word: &mut String) -> Result<(), ParseError> {
+    loop {
+        match chars.next() {
+            None => return Err(error("unterminated double quote")),
+            Some('"') => return Ok(()),
+            Some('\\') => match chars.next() {
+                Some(c @ ('"' | '\\')) => word.push(c),
+                _ => return Err(error("only \\\" and \\\\ may follow a backslash in quotes")),
+            },
+            Some(c) => word.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::Verb;
+    use super::*;
+
+    #[test]
+    fn stream_takes_every_option_and_a_trailing_newline() {
+        let command =
+            parse("stream node=file-D.img base=file-B.img speed=10M id=s1 on-error=stop\n")
+                .unwrap();
+        assert_eq!(
+            command,
+            Command::Stream {
+                node: Some("file-D.img".into()),
+                base: Some("file-B.img".into()),
+                backing_file: None,
+                speed: 10 << 20,
+                id: Some("s1".into()),
+                on_error: OnError::Stop,
+            }
+        );
+    }
+
+    #[test]
+    fn quoted_values_hold_spaces_and_escapes() {
+        let command = parse(r#"snapshot file="/tmp/my \"new\" disk.qcow2""#).unwrap();
+        assert_eq!(
+            command,
+            Command::Snapshot {
+                file: r#"/tmp/my "new" disk.qcow2"#.into()
+            }
+        );
+    }
+
+    #[test]
+    fn control_verbs_take_an_optional_id() {
+        assert_eq!(
+            parse("pause").unwrap(),
+            Command::Control {
+                verb: Verb::Pause,
+                id: None
+            }
+        );
+        assert_eq!(
+            parse("set-speed id=j speed=0").unwrap(),
+            Command::SetSpeed {
+                id: Some("j".into()),
+                speed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_commands_say_what_is_wrong() {
+        for (text, needle) in [
+            ("", "empty"),
+            ("frobnicate", "unknown command"),
+            ("stream bogus=1", "unknown key \"bogus\""),
+            ("stream base", "not key=value"),
+            ("stream speed=fast", "bad rate"),
+            ("stream speed=99999999999999999999", "bad rate"),
+            ("stream speed=-1", "bad rate"),
+            ("stream on-error=explode", "on-error"),
+            ("stream id=a id=b", "given twice"),
+            ("snapshot", "needs file"),
+            ("snapshot file=x format=raw", "only qcow2"),
+            ("commit", "needs top"),
+            ("set-speed", "needs speed"),
+            ("stream base=\"open", "unterminated"),
+            ("stream\nstream", "one line"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.0.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn rates_use_powers_of_1024() {
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("512").unwrap(), 512);
+        assert_eq!(parse_rate("4k").unwrap(), 4096);
+        assert_eq!(parse_rate("3M").unwrap(), 3 << 20);
+        assert_eq!(parse_rate("2G").unwrap(), 2 << 30);
+        assert!(parse_rate("G").is_err());
+        assert!(parse_rate("1.5M").is_err());
+    }
+}

@@ -501,3 +501,46 @@ fn populate_fills_only_what_the_image_lacks_and_never_reverts_a_write() {
         check_clean(&f.image);
     }
 }
+
+#[test]
+fn an_image_switches_between_read_only_and_writable_in_place() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    let f = fixture("cluster_size=4096", "1M");
+    qemu_io(&f.image, &["write -P 0x21 0 100k"]);
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&f.image, true).unwrap());
+    let no_files = |_: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> { unreachable!() };
+    let options = OpenOptions {
+        writable: false,
+        cache_bytes: 1 << 20,
+    };
+    let image = Qcow2::open(storage, &options, &no_files).unwrap();
+    let mut cached = vec![0u8; 8192];
+    image.read(0, &mut cached).unwrap();
+    assert!(
+        image.write(0, &[1], &NoBacking).is_err(),
+        "read-only image took a write"
+    );
+    image.set_writable(true).unwrap();
+    image.write(4096, &[0x42; 4096], &NoBacking).unwrap();
+    image.write(200_000, &[0x43; 10], &NoBacking).unwrap();
+    // The same caches serve the reader: it sees the write at once.
+    image.read(0, &mut cached).unwrap();
+    assert!(cached[4096..] == [0x42; 4096][..]);
+    image.set_writable(false).unwrap();
+    assert!(
+        image.write(0, &[1], &NoBacking).is_err(),
+        "disabled image took a write"
+    );
+    check_clean(&f.image);
+    let raw = convert_to_raw(&f.image);
+    assert!(raw[4096..8192] == [0x42; 4096][..] && raw[200_000..200_010] == [0x43; 10][..]);
+
+    let read_only_fd: Arc<dyn Storage> = Arc::new(FileStorage::open(&f.image, false).unwrap());
+    let image = Qcow2::open(read_only_fd, &options, &no_files).unwrap();
+    assert!(
+        image.set_writable(true).is_err(),
+        "a read-only descriptor cannot take writes"
+    );
+}

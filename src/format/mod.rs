@@ -276,6 +276,16 @@ impl Image {
         }
     }
 
+    /// Switches the image between read-only and writable in place (see
+    /// [`qcow2::Qcow2::set_writable`]); a raw image writes through its file
+    /// as it is.
+    pub fn set_writable(&self, writable: bool) -> Result<()> {
+        match self {
+            Image::Raw(_) => Ok(()),
+            Image::Qcow2(qcow2) => qcow2.set_writable(writable),
+        }
+    }
+
     /// Rewrites the backing file name and format in the header.
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         match self {

@@ -67,7 +67,7 @@ pub struct Qcow2 {
     version: u32,
     size: u64,
     compression: CompressionType,
-    writable: bool,
+    writable: AtomicBool,
     corrupt: bool,
     l1_offset: u64,
     l1: RwLock<Vec<u64>>,
@@ -116,7 +116,7 @@ impl Qcow2 {
             version: header.version,
             size: header.size,
             compression: header.compression_type,
-            writable: options.writable,
+            writable: AtomicBool::new(options.writable),
             corrupt,
             l1_offset: header.l1_table_offset,
             l1: RwLock::new(l1),
@@ -264,7 +264,7 @@ impl Qcow2 {
 
     /// Makes every completed write durable, then applies deferred frees.
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut meta = sync::lock(&self.meta);
@@ -305,6 +305,39 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Opens the image for writing, or back to read-only, in place: the same
+    /// file, the same caches, so every reader keeps seeing one image (a
+    /// commit's base shows the merge as it happens). Enabling does what a
+    /// writable open does to the header; disabling first flushes and
+    /// returns reserved clusters, as a close does. The caller makes sure no
+    /// write is in flight while writes are disabled.
+    pub fn set_writable(&self, writable: bool) -> Result<()> {
+        if writable == self.writable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !writable {
+            self.close()?;
+            self.writable.store(false, Ordering::Release);
+            return Ok(());
+        }
+        let files_writable = self.storage.is_writable()
+            && self
+                .data_file
+                .as_ref()
+                .is_none_or(|file| file.is_writable());
+        if !files_writable {
+            return Err(FormatError::ReadOnly);
+        }
+        if self.corrupt {
+            return Err(FormatError::Corrupt);
+        }
+        let mut header = sync::lock(&self.meta).header.clone();
+        self.prepare_for_writing(&mut header)?;
+        self.closed.store(false, Ordering::Release);
+        self.writable.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Rewrites the backing file name and format in the header.
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         self.check_writable()?;
@@ -316,7 +349,7 @@ impl Qcow2 {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Err(FormatError::ReadOnly);
         }
         if self.corrupt {

@@ -3,9 +3,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
+use crate::storage::lock::relock;
+use crate::storage::{FileStorage, LockMode, Storage};
+use crate::sync::{self, Arc, Mutex};
 
 /// Identifies a node for as long as it is in the chain. Ids are never
 /// reused, so a stale id cannot reach a different node.
@@ -27,7 +31,11 @@ pub struct Node {
     canonical: PathBuf,
     image: Image,
     backing: Option<BackingRef>,
-    writable: bool,
+    /// The image file, whose descriptor holds the node's lock.
+    file: Arc<FileStorage>,
+    /// The lock the descriptor holds now.
+    lock: Mutex<LockMode>,
+    writable: AtomicBool,
 }
 
 impl Node {
@@ -39,6 +47,8 @@ impl Node {
         path: PathBuf,
         canonical: PathBuf,
         image: Image,
+        file: Arc<FileStorage>,
+        lock: LockMode,
     ) -> Node {
         let backing = image.backing();
         Node {
@@ -48,18 +58,56 @@ impl Node {
             canonical,
             image,
             backing,
-            writable: false,
+            file,
+            writable: AtomicBool::new(lock == LockMode::Write),
+            lock: Mutex::new(lock),
         }
     }
 
-    /// Marks the node as opened for writing.
-    pub(super) fn set_writable(&mut self, writable: bool) {
-        self.writable = writable;
+    /// Whether the node's image takes writes now.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
     }
 
-    /// Whether the node's image is open for writing.
-    pub fn writable(&self) -> bool {
-        self.writable
+    /// Lets the node take writes, or stops it: relocks its descriptor as
+    /// QEMU's file driver would (write, or shared reading) and switches the
+    /// image in place. Refused when another process holds the image, when
+    /// the chain takes no locks (`--force-share`), or when the file could
+    /// only be opened read-only.
+    pub fn set_writable(&self, writable: bool) -> Result<(), ChainError> {
+        let mut lock = sync::lock(&self.lock);
+        if *lock == LockMode::None || !self.file.is_writable() {
+            return Err(ChainError::ReadOnly {
+                node: self.name.clone(),
+            });
+        }
+        let wanted = if writable {
+            LockMode::Write
+        } else {
+            LockMode::Read
+        };
+        if writable {
+            self.relock(&mut lock, wanted)?;
+            if let Err(source) = self.image.set_writable(true) {
+                // Give the write lock back: the node stays as it was.
+                self.relock(&mut lock, LockMode::Read)?;
+                return Err(self.error(source));
+            }
+        } else {
+            self.image.set_writable(false).map_err(|e| self.error(e))?;
+            self.relock(&mut lock, wanted)?;
+        }
+        self.writable.store(writable, Ordering::Release);
+        Ok(())
+    }
+
+    fn relock(&self, lock: &mut LockMode, to: LockMode) -> Result<(), ChainError> {
+        relock(self.file.file(), &self.path, *lock, to).map_err(|source| ChainError::Lock {
+            path: self.path.clone(),
+            source,
+        })?;
+        *lock = to;
+        Ok(())
     }
 
     /// The node's id.

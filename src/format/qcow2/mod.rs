@@ -99,7 +99,9 @@ impl Qcow2 {
                 .incompatible
                 .contains(Incompatible::EXTERNAL_DATA_FILE),
         };
-        let data_file = open_data_file(&header, options.writable, opener)?;
+        // The data file can take writes whenever the image file can, so that
+        // writes can be enabled in place later.
+        let data_file = open_data_file(&header, storage.is_writable(), opener)?;
         let l1 = read_l1(storage.as_ref(), &header)?;
         let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(

@@ -139,6 +139,45 @@ fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainE
     })
 }
 
+/// Opens a freshly created qcow2 image at `path` as the new writable top
+/// of a chain, locked for writing.
+pub(super) fn open_new_top(
+    path: &Path,
+    id: NodeId,
+    name: String,
+    options: &ChainOptions,
+) -> Result<Node, ChainError> {
+    let io_error = |source| ChainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let storage = FileStorage::open(path, true).map_err(io_error)?;
+    lock_file(&storage, LockMode::Write)?;
+    let canonical = std::fs::canonicalize(path).map_err(io_error)?;
+    let storage = Arc::new(storage);
+    let writable = ChainOptions {
+        writable: true,
+        ..options.clone()
+    };
+    let image =
+        open_image(storage.clone(), Format::Qcow2, path, true, &writable).map_err(|source| {
+            ChainError::Image {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    let path = path.to_path_buf();
+    Ok(Node::new(
+        id,
+        name,
+        path,
+        canonical,
+        image,
+        storage,
+        LockMode::Write,
+    ))
+}
+
 /// Names the opened images (top first) and turns them into nodes, base
 /// first, with ids counting up from the base.
 fn into_nodes(opened: Vec<Opened>, options: &ChainOptions) -> Vec<Node> {

@@ -1,5 +1,7 @@
 //! Block jobs (placeholder until the fs branch's jobs facade merges).
 
 pub mod command;
+pub mod job;
 pub mod ratelimit;
 pub mod state;
+pub mod stream;

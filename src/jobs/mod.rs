@@ -4,4 +4,5 @@ pub mod command;
 pub mod job;
 pub mod ratelimit;
 pub mod state;
+pub mod status;
 pub mod stream;

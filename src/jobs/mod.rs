@@ -3,6 +3,7 @@
 pub mod command;
 pub mod job;
 pub mod ratelimit;
+pub mod registry;
 pub mod state;
 pub mod status;
 pub mod stream;

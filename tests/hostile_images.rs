@@ -20,7 +20,6 @@ fn refused_by_open(fixture: &Fixture, expected: &str) {
     assert_refused(open_image(fixture, false), expected);
 }
 
-
 mod header {
     use super::*;
 

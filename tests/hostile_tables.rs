@@ -131,7 +131,10 @@ mod tables {
         };
         put64(&fixture, l2_offset, COPIED | PAST_EOF);
         let text = read_error(&fixture);
-        assert!(names_offset(&text, PAST_EOF), "{text:?} does not name {PAST_EOF:#x}");
+        assert!(
+            names_offset(&text, PAST_EOF),
+            "{text:?} does not name {PAST_EOF:#x}"
+        );
     }
 
     #[test]

@@ -195,7 +195,10 @@ fn find_feature_entry(fixture: &Fixture, kind: u8, bit: u8) -> Option<u64> {
     let at = field::FIRST_EXTENSION as usize;
     let magic = u32::from_be_bytes(bytes[at..at + 4].try_into().ok()?);
     let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().ok()?) as usize;
-    assert_eq!(magic, 0x6803_f857, "qemu-img writes the feature table first");
+    assert_eq!(
+        magic, 0x6803_f857,
+        "qemu-img writes the feature table first"
+    );
     (0..len / 48)
         .map(|i| at + 8 + i * 48)
         .find(|&entry| bytes[entry] == kind && bytes[entry + 1] == bit)

@@ -17,6 +17,7 @@ mod validate;
 mod tests;
 
 use super::features::{describe_bits, Autoclear, Compatible, FeatureKind, Incompatible};
+use super::types::Geometry;
 use super::MAGIC;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
@@ -215,6 +216,16 @@ impl Header {
     /// [`Header::parse`] or [`Header::validate`]); out of range it saturates.
     pub fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits.min(63)
+    }
+
+    /// The cluster layout this header describes. Meaningful once
+    /// [`Header::validate`] has passed.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.incompatible.contains(Incompatible::EXTENDED_L2),
+            refcount_order: self.refcount_order,
+        }
     }
 
     /// Reads and decodes the header of the image in `storage`. The caller
@@ -437,9 +448,9 @@ impl Header {
     /// feature name table gives them: `bit 5 ("foo"), bit 9`.
     pub fn unknown_incompatible_names(&self) -> String {
         describe_bits(self.unknown_incompatible, |bit| {
+            // The first entry for a bit wins, as in the error QEMU prints.
             self.feature_names
                 .iter()
-                .rev() // a later entry for the same bit wins, as in the error QEMU prints
                 .find(|entry| {
                     FeatureKind::from_byte(entry.kind) == Some(FeatureKind::Incompatible)
                         && u32::from(entry.bit) == bit

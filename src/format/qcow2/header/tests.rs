@@ -277,7 +277,52 @@ fn l1_table_must_be_aligned_outside_cluster_0_and_inside_the_file() {
         l1_table_offset: u64::MAX - 0xffff,
         ..qemu_like()
     };
-    assert!(validate_message(&overflowing).contains("past the end"));
+    assert!(validate_message(&overflowing).contains("is beyond the largest file offset"));
+    let ending_past_2_pow_63 = Header {
+        l1_table_offset: i64::MAX as u64 & !0xffff,
+        l1_size: 1 << 14,
+        ..qemu_like()
+    };
+    assert!(validate_message(&ending_past_2_pow_63).contains("past the end"));
+}
+
+#[test]
+fn table_offsets_past_2_pow_63_are_refused_even_for_empty_tables() {
+    let header = Header {
+        nb_snapshots: 0,
+        snapshots_offset: 1 << 63,
+        ..qemu_like()
+    };
+    assert!(validate_message(&header).contains("snapshots_offset 0x8000000000000000 is beyond"));
+}
+
+#[test]
+fn the_first_feature_name_for_a_bit_is_used() {
+    let mut header = Header {
+        unknown_incompatible: 1 << 6,
+        ..qemu_like()
+    };
+    for name in ["first", "second"] {
+        header.feature_names.push(FeatureName {
+            kind: 0,
+            bit: 6,
+            name: name.into(),
+        });
+    }
+    assert_eq!(header.unknown_incompatible_names(), "bit 6 (\"first\")");
+}
+
+#[test]
+fn geometry_follows_the_header() {
+    let header = Header {
+        incompatible: Incompatible::EXTENDED_L2,
+        refcount_order: 6,
+        ..qemu_like()
+    };
+    let geometry = header.geometry();
+    assert_eq!(geometry.cluster_bits, 16);
+    assert!(geometry.extended_l2);
+    assert_eq!(geometry.refcount_order, 6);
 }
 
 #[test]

@@ -263,7 +263,8 @@ impl Header {
     }
 
     /// Common checks on a table the header points to, as QEMU's
-    /// `qcow2_validate_table` (cluster-aligned offset, end below 2^63), and
+    /// `qcow2_validate_table` (offset and end below 2^63, cluster-aligned
+    /// offset, even for an empty table), and
     /// further: a non-empty table is outside cluster 0 and inside the file.
     fn check_table(&self, table: &Table, file_len: u64) -> Result<()> {
         let Table {
@@ -272,6 +273,12 @@ impl Header {
             offset,
             len,
         } = *table;
+        // QEMU passes offsets on as signed 64-bit values.
+        if offset > i64::MAX as u64 {
+            return Err(FormatError::malformed(format!(
+                "{offset_field} {offset:#x} is beyond the largest file offset"
+            )));
+        }
         if offset % self.cluster_size() != 0 {
             return Err(FormatError::malformed(format!(
                 "{offset_field} {offset:#x} is not aligned to the cluster size {}",

@@ -91,14 +91,7 @@ impl Qcow2 {
         let file_len = storage.len()?;
         let mut header = Header::read(storage.as_ref())?;
         header.validate(file_len)?;
-        let geometry = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
-            refcount_order: header.refcount_order,
-            external_data: header
-                .incompatible
-                .contains(Incompatible::EXTERNAL_DATA_FILE),
-        };
+        let geometry = header.geometry();
         // The data file can take writes whenever the image file can, so that
         // writes can be enabled in place later.
         let data_file = open_data_file(&header, storage.is_writable(), opener)?;
@@ -116,7 +109,8 @@ impl Qcow2 {
             data_file,
             geometry,
             version: header.version,
-            size: header.size,
+            // QEMU shows whole sectors only: a size of 1000 bytes reads as 512.
+            size: header.size & !511,
             compression: header.compression_type,
             writable: AtomicBool::new(options.writable),
             corrupt,

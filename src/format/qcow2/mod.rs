@@ -21,6 +21,7 @@ pub mod features;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+pub mod repair;
 pub mod snapshots;
 pub mod types;
 
@@ -99,6 +100,14 @@ impl Qcow2 {
                 .contains(Incompatible::EXTERNAL_DATA_FILE),
         };
         let data_file = open_data_file(&header, options.writable, opener)?;
+        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
+        if options.writable && !corrupt && header.incompatible.contains(Incompatible::DIRTY) {
+            // Before the L1 table and the allocator are loaded: the repair
+            // may fix COPIED flags and moves the refcount table.
+            repair::repair(storage.as_ref(), &mut header, &geometry)?;
+        }
+        // The repair may have grown the file.
+        let file_len = storage.len()?;
         let l1 = read_l1(storage.as_ref(), &header)?;
         let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(
@@ -108,7 +117,6 @@ impl Qcow2 {
             header.refcount_table_clusters,
             options.cache_bytes / 4,
         )?;
-        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
         let image = Qcow2 {
             data_file,
             geometry,
@@ -142,11 +150,9 @@ impl Qcow2 {
     /// refcounts repaired, autoclear bits that chainfs does not maintain
     /// cleared (qcow2.txt: a writer that does not understand them must).
     fn prepare_for_writing(&self, header: &mut Header) -> Result<()> {
-        if header.incompatible.contains(Incompatible::DIRTY) {
-            return Err(FormatError::Unsupported {
-                what: "writing an image with the dirty bit set (refcount repair)".into(),
-            });
-        }
+        // The dirty bit was repaired in `open`, before the allocator read any
+        // refcount; nothing here may run on stale refcounts.
+        debug_assert!(!header.incompatible.contains(Incompatible::DIRTY));
         if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {
             // Clearing the bit would invalidate every bitmap and leak its
             // clusters; keeping it while writing would make them lie.

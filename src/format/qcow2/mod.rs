@@ -21,6 +21,7 @@ pub mod features;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+pub mod repair;
 pub mod snapshots;
 pub mod types;
 
@@ -95,6 +96,14 @@ impl Qcow2 {
         // The data file can take writes whenever the image file can, so that
         // writes can be enabled in place later.
         let data_file = open_data_file(&header, storage.is_writable(), opener)?;
+        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
+        if options.writable && !corrupt && header.incompatible.contains(Incompatible::DIRTY) {
+            // Before the L1 table and the allocator are loaded: the repair
+            // may fix COPIED flags and moves the refcount table.
+            repair::repair(storage.as_ref(), &mut header, &geometry)?;
+        }
+        // The repair may have grown the file.
+        let file_len = storage.len()?;
         let l1 = read_l1(storage.as_ref(), &header)?;
         let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(
@@ -104,7 +113,6 @@ impl Qcow2 {
             header.refcount_table_clusters,
             options.cache_bytes / 4,
         )?;
-        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
         let image = Qcow2 {
             data_file,
             geometry,
@@ -139,9 +147,14 @@ impl Qcow2 {
     /// refcounts repaired, autoclear bits that chainfs does not maintain
     /// cleared (qcow2.txt: a writer that does not understand them must).
     fn prepare_for_writing(&self, header: &mut Header) -> Result<()> {
+        // A writable open repaired the dirty bit before the allocator read
+        // any refcount; an image switched to writable later was not, and
+        // must not be written on stale refcounts.
         if header.incompatible.contains(Incompatible::DIRTY) {
             return Err(FormatError::Unsupported {
-                what: "writing an image with the dirty bit set (refcount repair)".into(),
+                what: "taking writes in place on an image with the dirty bit set \
+                       (open it as the active image to repair it)"
+                    .into(),
             });
         }
         if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {

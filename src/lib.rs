@@ -22,5 +22,7 @@
 pub mod chain;
 pub mod cli;
 pub mod format;
+pub mod fs;
+pub mod jobs;
 pub mod storage;
 pub mod sync;

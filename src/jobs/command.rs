@@ -75,7 +75,7 @@ impl Word {
     /// Splits `key=value`; the key must be bare and non-empty.
     fn key_value(self) -> Result<(String, String), JobError> {
         match self.text.split_once('=') {
-            Some((key, _)) if key.is_empty() => Err(syntax("an argument has an empty key")),
+            Some(("", _)) => Err(syntax("an argument has an empty key")),
             Some((key, value)) if key.chars().all(is_key_char) => {
                 Ok((key.to_owned(), value.to_owned()))
             }

@@ -60,6 +60,12 @@ impl Jobs {
         Arc::clone(&read(&self.chain))
     }
 
+    /// Makes the mount read-only from now on (a mount asked to be
+    /// read-only over a chain opened writable).
+    pub fn set_read_only(&mut self) {
+        self.read_only = true;
+    }
+
     /// Whether the mount is read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
@@ -74,6 +80,21 @@ impl Jobs {
             self.reject(text, error);
         }
         result
+    }
+
+    /// [`Jobs::command`] for raw bytes written to `ctl/command`: text that
+    /// is not UTF-8 is refused (EINVAL) and logged like any other refusal.
+    pub fn command_bytes(&self, data: &[u8]) -> Result<(), JobError> {
+        match std::str::from_utf8(data) {
+            Ok(text) => self.command(text),
+            Err(_) => {
+                let error = JobError::Syntax {
+                    reason: "a command must be UTF-8 text".to_owned(),
+                };
+                self.reject(&String::from_utf8_lossy(data), &error);
+                Err(error)
+            }
+        }
     }
 
     /// What `ctl/status` shows now.

@@ -85,3 +85,11 @@ fn close_releases_the_chain_unless_a_snapshot_is_held() {
     assert!(matches!(error, JobError::ChainInUse { holders: 1 }));
     drop(held);
 }
+
+#[test]
+fn a_command_that_is_not_utf8_is_refused_and_logged() {
+    let (_dir, jobs) = raw_jobs(false);
+    let error = jobs.command_bytes(b"stream base=\xff\n").unwrap_err();
+    assert_eq!(error.errno(), libc::EINVAL);
+    assert_eq!(last_event(&jobs)["event"], "COMMAND_REJECTED");
+}

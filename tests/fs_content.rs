@@ -57,7 +57,14 @@ fn du_on_the_mount_shows_what_each_node_image_holds() {
     for name in FiveChain::names() {
         let shown = std::fs::metadata(mounted.path(name)).unwrap();
         let image = std::fs::metadata(chain.image(name)).unwrap();
-        assert_eq!(shown.len(), if name == "file-A.img" { 48 * MIB } else { 64 * MIB });
+        assert_eq!(
+            shown.len(),
+            if name == "file-A.img" {
+                48 * MIB
+            } else {
+                64 * MIB
+            }
+        );
         assert_eq!(
             shown.blocks(),
             image.blocks(),
@@ -77,13 +84,25 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "1G"]);
     run_ok(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x5a 100M 1M", "-c", "write -P 0x6b 900M 64k", s(&top)],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 100M 1M",
+            "-c",
+            "write -P 0x6b 900M 64k",
+            s(&top),
+        ],
     );
     let mounted = mount_default(&top, dir.path());
     let copy = dir.path().join("copy.raw");
     run_ok(
         "cp",
-        &["--sparse=always", s(&mounted.path("sparse.qcow2")), s(&copy)],
+        &[
+            "--sparse=always",
+            s(&mounted.path("sparse.qcow2")),
+            s(&copy),
+        ],
     );
     let du = run_ok("du", &["-k", s(&copy)]);
     let kib: u64 = String::from_utf8_lossy(&du.stdout)
@@ -91,7 +110,10 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
         .next()
         .and_then(|n| n.parse().ok())
         .expect("du prints a number");
-    assert!(kib < 8 * 1024, "the copy of a 1 GiB node holding 1 MiB takes {kib} KiB");
+    assert!(
+        kib < 8 * 1024,
+        "the copy of a 1 GiB node holding 1 MiB takes {kib} KiB"
+    );
     assert_same_bytes(&read_all(&copy), &convert_raw(&top), "sparse copy");
     mounted.unmount();
 }

@@ -20,11 +20,27 @@ const SIZE: u64 = 16 * MIB;
 fn small_chain(dir: &Path) -> PathBuf {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "16M"]);
-    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 1M", s(&base)]);
     run_ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)],
+        &["create", "-q", "-f", "qcow2", s(&base), "16M"],
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 1M", s(&base)],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
     );
     top
 }
@@ -46,21 +62,43 @@ fn writes_beyond_what_a_block_device_allows_are_refused_with_spec_errnos() {
     let top = small_chain(dir.path());
     let m = mount_default(&top, dir.path());
     // A backing node's file: EROFS, root included.
-    assert_eq!(errno_of(open_rw(&m.path("base.qcow2")), "open base rw"), libc::EROFS);
+    assert_eq!(
+        errno_of(open_rw(&m.path("base.qcow2")), "open base rw"),
+        libc::EROFS
+    );
     let active = open_rw(&m.path("active")).unwrap();
-    assert_eq!(errno_of(active.write_at(b"x", SIZE), "write at end"), libc::ENOSPC);
-    assert_eq!(errno_of(active.write_at(b"x", SIZE + 4096), "write past end"), libc::ENOSPC);
-    assert_eq!(active.write_at(&[7; 8192], SIZE - 4096).unwrap(), 4096, "short at end");
+    assert_eq!(
+        errno_of(active.write_at(b"x", SIZE), "write at end"),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        errno_of(active.write_at(b"x", SIZE + 4096), "write past end"),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        active.write_at(&[7; 8192], SIZE - 4096).unwrap(),
+        4096,
+        "short at end"
+    );
     let mut tail = [0; 8];
     assert_eq!(active.read_at(&mut tail, SIZE - 4).unwrap(), 4);
     assert_eq!(active.read_at(&mut tail, SIZE).unwrap(), 0);
     // Namespace and size changes: EPERM.
     assert_eq!(errno_of(active.set_len(0), "ftruncate"), libc::EPERM);
-    assert_eq!(errno_of(std::fs::remove_file(m.path("active")), "rm"), libc::EPERM);
+    assert_eq!(
+        errno_of(std::fs::remove_file(m.path("active")), "rm"),
+        libc::EPERM
+    );
     let renamed = std::fs::rename(m.path("top.qcow2"), m.path("x.img"));
     assert_eq!(errno_of(renamed, "mv"), libc::EPERM);
-    assert_eq!(errno_of(File::create(m.path("new-file")), "create"), libc::EPERM);
-    assert_eq!(errno_of(std::fs::create_dir(m.path("d")), "mkdir"), libc::EPERM);
+    assert_eq!(
+        errno_of(File::create(m.path("new-file")), "create"),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno_of(std::fs::create_dir(m.path("d")), "mkdir"),
+        libc::EPERM
+    );
     let touch = run_any("touch", &[s(&m.path("another"))]);
     assert!(!touch.status.success());
     let truncate = run_any("truncate", &["-s", "1M", s(&m.path("top.qcow2"))]);
@@ -84,7 +122,10 @@ fn a_read_only_mount_refuses_every_write_and_logs_refused_commands() {
     let m = mount(&top, &dir.path().join("mnt"), &options);
     for name in ["active", "top.qcow2", "base.qcow2"] {
         let meta = std::fs::metadata(m.path(name)).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o444);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o444
+        );
         assert_eq!(errno_of(open_rw(&m.path(name)), name), libc::EROFS);
     }
     let command = m.path("ctl/command");
@@ -111,11 +152,17 @@ fn an_unknown_command_is_einval_and_shows_in_events_and_status() {
         .truncate(true)
         .open(m.path("ctl/command"))
         .unwrap();
-    assert_eq!(errno_of(command.write(b"frobnicate now=1\n"), "command"), libc::EINVAL);
+    assert_eq!(
+        errno_of(command.write(b"frobnicate now=1\n"), "command"),
+        libc::EINVAL
+    );
     assert!(read_text(&m.path("ctl/events")).contains("\"COMMAND_REJECTED\""));
     let status = read_text(&m.path("ctl/status"));
     assert!(status.starts_with("No active jobs"), "{status}");
-    assert!(status.lines().last().unwrap().contains("frobnicate"), "{status}");
+    assert!(
+        status.lines().last().unwrap().contains("frobnicate"),
+        "{status}"
+    );
     assert_eq!(read_text(&m.path("ctl/status.json")), "[]\n");
     let chain = read_text(&m.path("ctl/chain"));
     assert!(chain.starts_with("base.qcow2 <- top.qcow2\n"), "{chain}");
@@ -149,7 +196,10 @@ fn writes_through_active_and_the_active_node_file_are_seen_at_once_both_ways() {
     assert_eq!(buf, [0xaa; 4096], "node file sees a write through active");
     node.write_all_at(&[0xbb; 4096], 8 * MIB).unwrap();
     active.read_exact_at(&mut buf, 8 * MIB).unwrap();
-    assert_eq!(buf, [0xbb; 4096], "active sees a write through the node file");
+    assert_eq!(
+        buf, [0xbb; 4096],
+        "active sees a write through the node file"
+    );
     let mut fresh = File::open(m.path("top.qcow2")).unwrap();
     let mut head = [0; 4];
     fresh.read_exact(&mut head).unwrap();
@@ -183,10 +233,12 @@ fn one_mib_reads_and_writes_arrive_as_one_mib_requests() {
     let before = m.stats.snapshot();
     let (mut buf, start) = aligned(MIB as usize, 0x3c);
     for i in 0..4 {
-        file.write_all_at(&buf[start..start + MIB as usize], i * MIB).unwrap();
+        file.write_all_at(&buf[start..start + MIB as usize], i * MIB)
+            .unwrap();
     }
     for i in 0..4 {
-        file.read_exact_at(&mut buf[start..start + MIB as usize], i * MIB).unwrap();
+        file.read_exact_at(&mut buf[start..start + MIB as usize], i * MIB)
+            .unwrap();
     }
     let after = m.stats.snapshot();
     assert_eq!(after.writes - before.writes, 4, "{after:?}");

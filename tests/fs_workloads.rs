@@ -19,13 +19,30 @@ fn chain(dir: &Path, size: &str) -> PathBuf {
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), size]);
     run_ok(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x42 0 8M", "-c", "write -P 0x43 70M 3M", s(&base)],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 0 8M",
+            "-c",
+            "write -P 0x43 70M 3M",
+            s(&base),
+        ],
     );
     run_ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F",
-            "qcow2", s(&top),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
         ],
     );
     top
@@ -63,7 +80,10 @@ fn fio(active: &Path, direct: bool, offset: &str) {
     );
     // fio's summary, for whoever reads the test log.
     let stdout = String::from_utf8_lossy(&output.stdout);
-    for line in stdout.lines().filter(|l| l.contains("WRITE:") || l.contains("READ:")) {
+    for line in stdout
+        .lines()
+        .filter(|l| l.contains("WRITE:") || l.contains("READ:"))
+    {
         eprintln!("fio {direct}: {}", line.trim());
     }
 }
@@ -88,15 +108,19 @@ fn fio_random_writes_from_four_jobs_verify_and_qemu_agrees_after_unmount() {
 /// Files to copy into the ext4 image: small, medium, and one spanning many
 /// clusters.
 fn source_files(dir: &Path) -> Vec<(String, PathBuf)> {
-    [("small", 1000usize), ("medium", 300 << 10), ("large", 5 << 20)]
-        .iter()
-        .enumerate()
-        .map(|(i, (name, len))| {
-            let path = dir.join(format!("src-{name}"));
-            std::fs::write(&path, pattern(i as u64 + 1, 0, *len)).unwrap();
-            (name.to_string(), path)
-        })
-        .collect()
+    [
+        ("small", 1000usize),
+        ("medium", 300 << 10),
+        ("large", 5 << 20),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (name, len))| {
+        let path = dir.join(format!("src-{name}"));
+        std::fs::write(&path, pattern(i as u64 + 1, 0, *len)).unwrap();
+        (name.to_string(), path)
+    })
+    .collect()
 }
 
 fn e2fsck_clean(image: &Path) {

@@ -55,8 +55,8 @@ pub fn mount(top: &Path, mnt: &Path, options: &MountOptions) -> Mounted {
         .unwrap_or_else(|e| panic!("open chain {}: {e}", top.display()));
     let jobs = Jobs::new(chain, options.read_only);
     std::fs::create_dir_all(mnt).unwrap();
-    let mount = Mount::new(jobs, mnt, options)
-        .unwrap_or_else(|e| panic!("mount {}: {e}", mnt.display()));
+    let mount =
+        Mount::new(jobs, mnt, options).unwrap_or_else(|e| panic!("mount {}: {e}", mnt.display()));
     let stats = mount.stats();
     let unmounter = mount.unmounter();
     let thread = std::thread::spawn(move || mount.run());
@@ -77,6 +77,22 @@ impl Mounted {
     /// A file in the mount.
     pub fn path(&self, name: &str) -> PathBuf {
         self.mnt.join(name)
+    }
+
+    /// Asks the mount to end, without waiting.
+    pub fn request_unmount(&self) {
+        self.unmounter.unmount();
+    }
+
+    /// Waits until the mount ended by itself (an outside `umount`) and
+    /// asserts that it ended cleanly.
+    pub fn join(mut self) {
+        let thread = self.thread.take().expect("mounted");
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("mount at {} ended with {e}", self.mnt.display()),
+            Err(_) => panic!("mount thread at {} panicked", self.mnt.display()),
+        }
     }
 
     /// Unmounts, waits until the images are closed, and asserts that the
@@ -111,7 +127,9 @@ pub fn read_all(path: &Path) -> Vec<u8> {
 pub fn errno_of<T: std::fmt::Debug>(result: std::io::Result<T>, what: &str) -> i32 {
     match result {
         Ok(value) => panic!("{what}: succeeded ({value:?}) but should have failed"),
-        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("{what}: {e} has no errno")),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: {e} has no errno")),
     }
 }
 
@@ -160,7 +178,13 @@ impl FiveChain {
 
     /// The node names, base first.
     pub fn names() -> [&'static str; 5] {
-        ["file-A.img", "file-B.img", "file-C.img", "file-D.img", "file-E.img"]
+        [
+            "file-A.img",
+            "file-B.img",
+            "file-C.img",
+            "file-D.img",
+            "file-E.img",
+        ]
     }
 
     /// The format of node `name`.
@@ -190,11 +214,25 @@ impl FiveChain {
         self.qemu_io(
             "file-A.img",
             "raw",
-            &["write -P 0xa1 0 4M", "write -P 0xa2 20M 2M", "write -P 0xa3 40M 8M"],
+            &[
+                "write -P 0xa1 0 4M",
+                "write -P 0xa2 20M 2M",
+                "write -P 0xa3 40M 8M",
+            ],
         );
         self.qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "file-A.img", "-F",
-            "raw", "file-B.img", "64M",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "file-A.img",
+            "-F",
+            "raw",
+            "file-B.img",
+            "64M",
         ]);
         self.qemu_io(
             "file-B.img",
@@ -214,21 +252,47 @@ impl FiveChain {
         self.qemu_io(
             "c-src.qcow2",
             "qcow2",
-            &["write -P 0xc1 1M 2M", "write -P 0xc2 32M 3M", "write -P 0xc3 50M 64k"],
+            &[
+                "write -P 0xc1 1M 2M",
+                "write -P 0xc2 32M 3M",
+                "write -P 0xc3 50M 64k",
+            ],
         );
         self.qemu_img(&[
-            "convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=65536", "c-src.qcow2",
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "c-src.qcow2",
             "file-C.img",
         ]);
         self.qemu_img(&[
-            "rebase", "-u", "-b", "file-B.img", "-F", "qcow2", "file-C.img",
+            "rebase",
+            "-u",
+            "-b",
+            "file-B.img",
+            "-F",
+            "qcow2",
+            "file-C.img",
         ]);
     }
 
     fn build_d_e(&self) {
         self.qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=1048576", "-b", "file-C.img",
-            "-F", "qcow2", "file-D.img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1048576",
+            "-b",
+            "file-C.img",
+            "-F",
+            "qcow2",
+            "file-D.img",
         ]);
         self.qemu_io(
             "file-D.img",
@@ -241,7 +305,15 @@ impl FiveChain {
             ],
         );
         self.qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", "file-D.img", "-F", "qcow2", "file-E.img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "file-D.img",
+            "-F",
+            "qcow2",
+            "file-E.img",
         ]);
         self.qemu_io(
             "file-E.img",

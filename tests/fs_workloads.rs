@@ -70,6 +70,8 @@ fn fio(active: &Path, direct: bool, offset: &str) {
             "--do_verify=1",
             "--randrepeat=0",
             "--group_reporting",
+            // No verify-state files left in the working directory.
+            "--verify_state_save=0",
         ],
     );
     assert!(

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use super::command::OnError;
 use super::job::{Job, Outcome, Stop};
+use crate::chain::Allocation;
 use crate::chain::{Chain, ChainError, NodeId};
-use crate::format::Allocation;
 
 /// Bytes looked at per step: big enough for throughput, small enough that
 /// pause, cancel and the speed limit act promptly.

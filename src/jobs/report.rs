@@ -1,10 +1,72 @@
-//! How jobs look in `ctl/status` (for people: QEMU's progress words, then
-//! percentage, measured rate and ETA) and `ctl/status.json` (for scripts:
-//! QEMU's `query-block-jobs` field names plus chainfs's own).
+//! What `ctl/status`, `ctl/status.json` and `ctl/chain` show (SPEC §5):
+//! jobs for people (QEMU's progress words, then percentage, measured rate
+//! and ETA) and for scripts (QEMU's `query-block-jobs` field names plus
+//! chainfs's own). Pure rendering: the caller passes the state to render.
+
+use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
 use super::job::JobInfo;
+use super::Chain;
+
+/// `ctl/status` for people: one line per job (`No active jobs` when there
+/// are none), then, when a command was refused, the refusal as the last line.
+pub fn status_text(jobs: &[JobInfo], last_rejection: Option<&str>) -> String {
+    let mut text = if jobs.is_empty() {
+        "No active jobs\n".to_string()
+    } else {
+        jobs.iter().map(|job| job_line(job) + "\n").collect()
+    };
+    if let Some(line) = last_rejection {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// `ctl/status.json` for scripts: the jobs as a JSON array.
+pub fn status_json(jobs: &[JobInfo]) -> String {
+    let array: Vec<Value> = jobs.iter().map(job_json).collect();
+    // unwrap: a Vec of JSON values always serialises.
+    serde_json::to_string_pretty(&array).unwrap() + "\n"
+}
+
+/// `ctl/chain`: the chain base first on one line, then one line per node
+/// with its path, format, virtual size and backing string.
+///
+/// ```text
+/// file-A.img <- file-B.img
+/// file-A.img: path="/img/file-A.img" format=raw virtual-size=67108864 backing=none
+/// file-B.img: path="/img/file-B.img" format=qcow2 virtual-size=67108864 backing="file-A.img" backing-format=raw
+/// ```
+pub fn chain_text(chain: &Chain) -> String {
+    let names: Vec<&str> = chain.nodes().iter().map(|node| node.name()).collect();
+    let mut text = names.join(" <- ");
+    text.push('\n');
+    for node in chain.nodes() {
+        // Writing to a String cannot fail.
+        let _ = write!(
+            text,
+            "{}: path={:?} format={} virtual-size={}",
+            node.name(),
+            node.path().display().to_string(),
+            node.format().name(),
+            node.virtual_size()
+        );
+        match node.backing_file() {
+            Some(backing) => {
+                let _ = write!(text, " backing={backing:?}");
+                if let Some(format) = node.backing_format() {
+                    let _ = write!(text, " backing-format={}", format.name());
+                }
+            }
+            None => text.push_str(" backing=none"),
+        }
+        text.push('\n');
+    }
+    text
+}
 
 /// The line shown for one job.
 pub fn job_line(job: &JobInfo) -> String {
@@ -43,14 +105,6 @@ pub fn job_line(job: &JobInfo) -> String {
     )
 }
 
-/// `ctl/status` for these jobs (`No active jobs` when there are none).
-pub fn status_text(jobs: &[JobInfo]) -> String {
-    if jobs.is_empty() {
-        return "No active jobs\n".to_string();
-    }
-    jobs.iter().map(|job| job_line(job) + "\n").collect()
-}
-
 /// One job as `ctl/status.json` shows it.
 pub fn job_json(job: &JobInfo) -> Value {
     let mut value = json!({
@@ -73,13 +127,6 @@ pub fn job_json(job: &JobInfo) -> Value {
         value["outcome"] = json!(outcome.name());
     }
     value
-}
-
-/// `ctl/status.json` for these jobs.
-pub fn status_json(jobs: &[JobInfo]) -> String {
-    let array: Vec<Value> = jobs.iter().map(job_json).collect();
-    // unwrap: a Vec of JSON values always serialises.
-    serde_json::to_string_pretty(&array).unwrap() + "\n"
 }
 
 fn human_rate(bytes_per_second: f64) -> String {
@@ -151,8 +198,11 @@ mod tests {
     }
 
     #[test]
-    fn no_jobs_says_so() {
-        assert_eq!(status_text(&[]), "No active jobs\n");
+    fn no_jobs_says_so_and_the_last_rejection_comes_last() {
+        assert_eq!(status_text(&[], None), "No active jobs\n");
         assert_eq!(status_json(&[]), "[]\n");
+        let text = status_text(&[info()], Some("rejected: frob: EINVAL"));
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(text.lines().last(), Some("rejected: frob: EINVAL"));
     }
 }

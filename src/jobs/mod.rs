@@ -85,6 +85,12 @@ impl Jobs {
         self.live.current()
     }
 
+    /// Calls `watcher` with the chain before and after every change a job
+    /// or command makes (the mount uses it to invalidate kernel caches).
+    pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
+        self.live.watch(watcher);
+    }
+
     /// Makes the mount read-only from now on (a mount asked to be
     /// read-only over a chain opened writable).
     pub fn set_read_only(&mut self) {

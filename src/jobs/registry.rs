@@ -66,10 +66,14 @@ impl From<VerbRefused> for Refusal {
     }
 }
 
+/// Told of every change of the chain: the chain before and after.
+pub type ChainWatcher = Box<dyn Fn(&Arc<Chain>, &Arc<Chain>) + Send + Sync>;
+
 /// The chain as it stands now, shared by the mount and the job threads.
 pub struct LiveChain {
     chain: RwLock<Arc<Chain>>,
     events: Arc<dyn EventSink>,
+    watchers: Mutex<Vec<ChainWatcher>>,
 }
 
 impl LiveChain {
@@ -78,7 +82,14 @@ impl LiveChain {
         LiveChain {
             chain: RwLock::new(Arc::new(chain)),
             events,
+            watchers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Calls `watcher` after every change of the chain (outside the chain's
+    /// lock, on the thread that changed it).
+    pub fn watch(&self, watcher: ChainWatcher) {
+        lock(&self.watchers).push(watcher);
     }
 
     /// The chain now: a snapshot that stays readable after a change.
@@ -104,7 +115,12 @@ impl LiveChain {
             "CHAIN_CHANGED",
             json!({"chain": new, "left": left, "added": added, "active": next.active().name()}),
         );
-        *current = Arc::new(next);
+        let old = std::mem::replace(&mut *current, Arc::new(next));
+        let new = Arc::clone(&current);
+        drop(current);
+        for watcher in lock(&self.watchers).iter() {
+            watcher(&old, &new);
+        }
         Ok(())
     }
 

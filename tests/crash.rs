@@ -187,3 +187,53 @@ fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
     }
     assert!(crashes >= 200, "only {crashes} crashes simulated");
 }
+
+#[test]
+fn a_full_disk_fails_writes_with_enospc_and_loses_nothing_acknowledged() {
+    if !qemu_img_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&path)
+        .arg(SIZE.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()));
+    let image = open(Arc::clone(&storage), true);
+    let mut model = vec![0u8; SIZE];
+    let mut failures = 0;
+    for round in 0..2 {
+        storage.fail_writes_after_bytes(1 << 20, libc::ENOSPC);
+        for i in 0..64usize {
+            let at = (i * 123_457 + round * 4096) % (SIZE - 70_000);
+            let data = vec![(i + round) as u8 | 1; 70_000];
+            match image.write(at as u64, &data, &NoBacking) {
+                Ok(()) => model[at..at + 70_000].copy_from_slice(&data),
+                Err(err) => {
+                    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+                    failures += 1;
+                    // A failed write may have landed in part: what it
+                    // covered is unknown, so take it from the image.
+                    let mut now = vec![0u8; 70_000];
+                    for r in image.read(at as u64, &mut now).unwrap() {
+                        let s = (r.start - at as u64) as usize;
+                        now[s..s + (r.end - r.start) as usize].fill(0);
+                    }
+                    model[at..at + 70_000].copy_from_slice(&now);
+                }
+            }
+        }
+        storage.clear_faults();
+        image.flush().unwrap();
+    }
+    assert!(failures > 0, "the disk never filled");
+    image.write(0, &[0x42; 65536], &NoBacking).unwrap();
+    model[..65536].fill(0x42);
+    image.close().unwrap();
+    check(&storage.contents(), dir.path(), false, "after a full disk");
+    assert!(read_all(MemStorage::from_bytes(storage.contents())) == model);
+}

@@ -247,6 +247,12 @@ impl Allocator {
         Ok(HostOffset(self.reserve.pop_front().unwrap()))
     }
 
+    /// Takes back a cluster from [`Allocator::allocate`] that nothing came to
+    /// point to (the write that wanted it failed); it is reserved again.
+    pub fn give_back(&mut self, host: HostOffset) {
+        self.reserve.push_front(host.0);
+    }
+
     /// The offset one past the last cluster the allocator has handed out
     /// or reserved, for bounds checks of reads.
     pub fn reserved_end(&self) -> u64 {

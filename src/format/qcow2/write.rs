@@ -118,12 +118,25 @@ impl Qcow2 {
             (true, Some(host)) => host,
             _ => self.allocate_data_cluster(meta, guest)?,
         };
-        let new = if self.geometry.extended_l2 {
-            self.write_subclusters(&old, target, reuse, guest, data, backing)?
+        let written = if self.geometry.extended_l2 {
+            self.write_subclusters(&old, target, reuse, guest, data, backing)
         } else {
-            self.write_whole_cluster(&old, target, guest, data, backing)?
+            self.write_whole_cluster(&old, target, guest, data, backing)
         };
-        self.set_l2_entry(l2_offset, &table, index, &new)?;
+        let new = match written.and_then(|new| {
+            self.set_l2_entry(l2_offset, &table, index, &new)?;
+            Ok(new)
+        }) {
+            Ok(new) => new,
+            Err(err) => {
+                // Nothing points to a fresh cluster yet: keep it for later
+                // rather than leak it (a full disk fails writes here).
+                if !reuse && self.data_file.is_none() {
+                    meta.allocator.give_back(target);
+                }
+                return Err(err);
+            }
+        };
         if !reuse {
             self.free_entry(meta, &old);
         }
@@ -242,10 +255,16 @@ impl Qcow2 {
         } else {
             (*self.load_l2(l2_offset)?).clone()
         };
-        storage.write_at(&table.to_bytes(), new.0)?;
         // The table must be on disk before the L1 entry points to it.
-        storage.sync()?;
-        self.set_l1_entry(l1_index, new.0 | L1_COPIED)?;
+        let written = storage
+            .write_at(&table.to_bytes(), new.0)
+            .and_then(|()| storage.sync())
+            .map_err(Into::into)
+            .and_then(|()| self.set_l1_entry(l1_index, new.0 | L1_COPIED));
+        if let Err(err) = written {
+            meta.allocator.give_back(new);
+            return Err(err);
+        }
         let table = Arc::new(table);
         self.l2_cache.insert(new.0, Arc::clone(&table));
         if l2_offset != 0 {

@@ -1,0 +1,239 @@
+//! A stream that fills the disk: the top image lives on a small tmpfs, and
+//! each `on-error` policy does what QEMU's does. No acknowledged write is
+//! lost, and a failed stream leaves the backing pointer as it was.
+
+mod common;
+mod fs_common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fs_common::*;
+
+const SIZE: u64 = 64 * MIB;
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(!common::in_ci(), "the full-disk tests need root under CI");
+            eprintln!("!!!!!!!! SKIPPED: mounting a tmpfs needs root; this test checked NOTHING");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let size = format!("size={megabytes}M");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs", s(dir)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", s(&self.0)]).status();
+    }
+}
+
+fn command(m: &Mounted, text: &str) -> Result<(), i32> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(m.path("ctl/command"))
+        .unwrap();
+    file.write_all(text.as_bytes())
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn job(m: &Mounted) -> serde_json::Value {
+    let jobs: serde_json::Value =
+        serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap();
+    jobs[0].clone()
+}
+
+fn wait_for(
+    m: &Mounted,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = job(m);
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{what}: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn events_named(m: &Mounted, name: &str) -> Vec<serde_json::Value> {
+    String::from_utf8(read_all(&m.path("ctl/events")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == name)
+        .collect()
+}
+
+/// base.img (64 MiB of data, on the real disk) <- top.qcow2 on a tmpfs of
+/// 80 MiB that a 60 MiB filler leaves too little room in.
+struct FullDisk {
+    dir: tempfile::TempDir,
+    _tmpfs: Tmpfs,
+    filler: PathBuf,
+}
+
+impl FullDisk {
+    fn build() -> Option<FullDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        let tmpfs = Tmpfs::mount(&small, 80)?;
+        let base = dir.path().join("base.img");
+        common::run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
+        common::run_ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x3b 0 64M", s(&base)],
+        );
+        let top = small.join("top.qcow2");
+        common::run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                s(&base),
+                "-F",
+                "raw",
+                s(&top),
+                "64M",
+            ],
+        );
+        let filler = small.join("filler");
+        std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
+        Some(FullDisk {
+            dir,
+            _tmpfs: tmpfs,
+            filler,
+        })
+    }
+
+    fn top(&self) -> PathBuf {
+        self.dir.path().join("small/top.qcow2")
+    }
+
+    fn mount(&self) -> Mounted {
+        mount_default(&self.top(), self.dir.path())
+    }
+
+    /// Mounts, writes 4 KiB through `active` (acknowledged before the disk
+    /// fills), and starts the stream.
+    fn start(&self, policy: &str) -> Mounted {
+        let m = self.mount();
+        let active = OpenOptions::new()
+            .write(true)
+            .open(m.path("active"))
+            .unwrap();
+        active.write_all_at(&[0x99; 4096], 1 << 20).unwrap();
+        command(&m, &format!("stream on-error={policy}")).unwrap();
+        m
+    }
+
+    /// After unmount: the image is consistent and shows what it showed,
+    /// with the acknowledged write.
+    fn check(&self, streamed: bool) {
+        common::qemu_img_check(&self.top());
+        let info = String::from_utf8(
+            common::run_ok("qemu-img", &["info", "-U", "--output=json", s(&self.top())]).stdout,
+        )
+        .unwrap();
+        assert_eq!(!info.contains("backing-filename"), streamed, "{info}");
+        let mut want = vec![0x3b; SIZE as usize];
+        want[1 << 20..(1 << 20) + 4096].fill(0x99);
+        assert!(convert_raw(&self.top()) == want, "content changed");
+    }
+}
+
+#[test]
+fn on_error_report_fails_the_job_with_enospc_and_keeps_the_backing_pointer() {
+    if !require_all(&[]) {
+        return;
+    }
+    let Some(disk) = FullDisk::build() else {
+        return;
+    };
+    let m = disk.start("report");
+    let job = wait_for(&m, "stream fails", |j| j.get("outcome").is_some());
+    assert_eq!(job["outcome"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("No space left"),
+        "{job}"
+    );
+    let errors = events_named(&m, "BLOCK_JOB_ERROR");
+    assert_eq!(errors[0]["data"]["action"], "report", "{errors:?}");
+    let completed = events_named(&m, "BLOCK_JOB_COMPLETED");
+    assert!(completed[0]["data"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("No space"));
+    m.unmount();
+    disk.check(false);
+}
+
+#[test]
+fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
+    if !require_all(&[]) {
+        return;
+    }
+    for policy in ["stop", "enospc"] {
+        let Some(disk) = FullDisk::build() else {
+            return;
+        };
+        let m = disk.start(policy);
+        let job = wait_for(&m, "stream pauses", |j| j["status"] == "paused");
+        assert!(
+            job["error"].as_str().unwrap().contains("No space left"),
+            "{policy}: {job}"
+        );
+        assert_eq!(
+            events_named(&m, "BLOCK_JOB_ERROR")[0]["data"]["action"],
+            "stop"
+        );
+        std::fs::remove_file(&disk.filler).unwrap();
+        command(&m, "resume").unwrap();
+        let job = wait_for(&m, "stream completes", |j| j.get("outcome").is_some());
+        assert_eq!(job["outcome"], "completed", "{policy}: {job}");
+        assert_eq!(job["offset"], job["len"]);
+        m.unmount();
+        disk.check(true);
+    }
+}
+
+#[test]
+fn on_error_ignore_runs_to_the_end_and_ends_failed_with_the_backing_unchanged() {
+    if !require_all(&[]) {
+        return;
+    }
+    let Some(disk) = FullDisk::build() else {
+        return;
+    };
+    let m = disk.start("ignore");
+    let job = wait_for(&m, "stream ends", |j| j.get("outcome").is_some());
+    assert_eq!(job["outcome"], "failed", "{job}");
+    assert_eq!(job["offset"], job["len"], "ignore goes on to the end");
+    assert!(events_named(&m, "BLOCK_JOB_ERROR")
+        .iter()
+        .all(|e| e["data"]["action"] == "ignore"));
+    m.unmount();
+    disk.check(false);
+}

@@ -289,3 +289,120 @@ fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow(
     assert!(!info.contains("backing-filename"), "{info}");
     assert!(convert_raw(&copy) == model);
 }
+
+/// base.img (64 MiB of data) <- top.qcow2 (empty): a stream copies every
+/// byte it scans, so progress is the copy rate.
+fn full_copy_chain(dir: &std::path::Path) -> std::path::PathBuf {
+    let base = dir.join("base.img");
+    common::run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
+    common::run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x2c 0 64M", s(&base)],
+    );
+    let top = dir.join("top.qcow2");
+    common::run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.img",
+            "-F",
+            "raw",
+            s(&top),
+            "64M",
+        ],
+    );
+    top
+}
+
+/// Bytes per second of progress over `window`.
+fn measured_rate(m: &Mounted, window: Duration) -> f64 {
+    let start = status_json(m)[0]["offset"].as_u64().unwrap();
+    std::thread::sleep(window);
+    let end = status_json(m)[0]["offset"].as_u64().unwrap();
+    (end - start) as f64 / window.as_secs_f64()
+}
+
+#[test]
+fn the_speed_limit_holds_the_rate_and_set_speed_changes_it_mid_job() {
+    if !require_all(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = full_copy_chain(dir.path());
+    let m = mount_default(&top, dir.path());
+    command(&m, "stream speed=4M").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let rate = measured_rate(&m, Duration::from_secs(5));
+    let limit = 4.0 * MIB as f64;
+    assert!(
+        (rate - limit).abs() <= limit * 0.2,
+        "{rate:.0} B/s against {limit} B/s"
+    );
+    command(&m, "set-speed speed=8M").unwrap();
+    assert_eq!(status_json(&m)[0]["speed"], 8 * MIB);
+    std::thread::sleep(Duration::from_millis(300));
+    let rate = measured_rate(&m, Duration::from_secs(3));
+    let limit = 8.0 * MIB as f64;
+    assert!(
+        (rate - limit).abs() <= limit * 0.2,
+        "{rate:.0} B/s against {limit} B/s after set-speed"
+    );
+    command(&m, "cancel").unwrap();
+    assert_eq!(wait_jobs(&m)[0]["outcome"], "cancelled");
+    m.unmount();
+    common::qemu_img_check(&top);
+}
+
+#[test]
+fn fio_verifies_while_a_stream_runs_and_qemu_agrees_after_unmount() {
+    if !require_all(&["fio"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = full_copy_chain(dir.path());
+    let m = mount_default(&top, dir.path());
+    command(&m, "stream speed=16M").unwrap();
+    let active = m.path("active");
+    let output = common::run_any(
+        "fio",
+        &[
+            "--name=verify",
+            &format!("--filename={}", s(&active)),
+            "--rw=randwrite",
+            "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
+            "--numjobs=4",
+            "--size=12M",
+            "--offset_increment=16M",
+            "--ioengine=psync",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--group_reporting",
+            "--verify_state_save=0",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "fio failed during the stream:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(
+        status_json(&m)[0].get("outcome").is_none(),
+        "the stream ended before fio: the test raced nothing"
+    );
+    let jobs = wait_jobs(&m);
+    assert_eq!(jobs[0]["outcome"], "completed", "{jobs:?}");
+    let shown = read_all(&active);
+    m.unmount();
+    common::qemu_img_check(&top);
+    assert!(
+        convert_raw(&top) == shown,
+        "the top image differs from what active showed"
+    );
+}

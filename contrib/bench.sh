@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# chainfs against qemu-storage-daemon on the same images, in the same run,
+# reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
+# export), fio, qemu-utils, and a release build of chainfs.
+#
+#   contrib/bench.sh [reads|stream|all]      SIZE=1G RUNTIME=10 by default
+#
+# reads:  sequential 1 MiB and random 4 KiB reads (fio, 1 and 4 jobs,
+#         O_DIRECT) through a node file, against qemu-storage-daemon's FUSE
+#         export of the same fully allocated qcow2 image.
+# stream: a four-deep chain, each layer holding a disjoint quarter, streamed
+#         into the top: chainfs's `stream` against qemu-storage-daemon's
+#         block-stream over QMP; fio's random 4 KiB write IOPS on the active
+#         layer while each stream runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-10}
+work=$(mktemp -d /var/tmp/chainfs-bench.XXXXXX)
+qsd_pid=
+cleanup() {
+    [ -n "$qsd_pid" ] && kill "$qsd_pid" 2>/dev/null && wait "$qsd_pid" 2>/dev/null
+    for m in "$work"/mnt "$work"/export; do
+        mountpoint -q "$m" 2>/dev/null && umount -l "$m"
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+cargo build --release -q
+chainfs=$PWD/target/release/chainfs
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
+
+# fio_value FILE JOBS RW BS -> bandwidth in MiB/s (bs=1M) or IOPS (else)
+fio_value() {
+    local file=$1 jobs=$2 rw=$3 bs=$4
+    local out
+    out=$(fio --name=b --filename="$file" --rw="$rw" --bs="$bs" --numjobs="$jobs" \
+        --direct=1 --ioengine=psync --time_based --runtime="$RUNTIME" \
+        --group_reporting --output-format=json --size="$SIZE" 2>/dev/null)
+    python3 -c '
+import json, sys
+job = json.loads(sys.argv[1])["jobs"][0]
+side = job["read"] if job["read"]["io_bytes"] else job["write"]
+print(round(side["bw"] / 1024, 1) if sys.argv[2] == "1M" else round(side["iops"]))
+' "$out" "$bs"
+}
+
+# qmp SOCKET JSON... : sends each command, prints the replies; with
+# WAIT_EVENT set, waits for that event and prints the seconds it took.
+qmp() {
+    python3 - "$@" <<'PY'
+import json, os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+def read():
+    return json.loads(f.readline())
+read()
+for cmd in ["{\"execute\": \"qmp_capabilities\"}"] + sys.argv[2:]:
+    f.write(cmd + "\n"); f.flush()
+    start = time.time()
+    while True:
+        msg = read()
+        if "return" in msg or "error" in msg:
+            if "error" in msg:
+                sys.exit("QMP error: %s" % msg["error"])
+            break
+wait = os.environ.get("WAIT_EVENT")
+if wait:
+    while True:
+        msg = read()
+        if msg.get("event") == wait:
+            if msg.get("data", {}).get("error"):
+                sys.exit("job failed: %s" % msg["data"]["error"])
+            print("%.3f" % (time.time() - start))
+            break
+PY
+}
+
+start_qsd() {
+    local socket=$1; shift
+    qemu-storage-daemon --chardev socket,id=qmp,path="$socket",server=on,wait=off \
+        --monitor chardev=qmp "$@" &
+    qsd_pid=$!
+    for _ in $(seq 100); do [ -S "$socket" ] && return; sleep 0.1; done
+    echo "qemu-storage-daemon did not start" >&2; exit 1
+}
+
+stop_qsd() { kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid=; }
+
+bench_reads() {
+    local img=$work/full.qcow2
+    qemu-img create -q -f qcow2 "$img" "$SIZE"
+    qemu-io -c "write -P 0x5a 0 $SIZE" "$img" >/dev/null
+    cat "$img" >/dev/null   # warm the host page cache for both alike
+    mkdir -p "$work/mnt"
+    "$chainfs" mount --read-only "$img" "$work/mnt"
+    local c_seq1 c_seq4 c_rnd1 c_rnd4
+    c_seq1=$(fio_value "$work/mnt/full.qcow2" 1 read 1M)
+    c_seq4=$(fio_value "$work/mnt/full.qcow2" 4 read 1M)
+    c_rnd1=$(fio_value "$work/mnt/full.qcow2" 1 randread 4k)
+    c_rnd4=$(fio_value "$work/mnt/full.qcow2" 4 randread 4k)
+    "$chainfs" umount "$work/mnt"
+    touch "$work/export"
+    start_qsd "$work/qmp.sock" \
+        --blockdev driver=file,node-name=file0,filename="$img" \
+        --blockdev driver=qcow2,node-name=fmt0,file=file0 \
+        --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$work/export",writable=off
+    sleep 0.5
+    local q_seq1 q_seq4 q_rnd1 q_rnd4
+    q_seq1=$(fio_value "$work/export" 1 read 1M)
+    q_seq4=$(fio_value "$work/export" 4 read 1M)
+    q_rnd1=$(fio_value "$work/export" 1 randread 4k)
+    q_rnd4=$(fio_value "$work/export" 4 randread 4k)
+    stop_qsd
+    echo "reads of a $SIZE fully allocated qcow2 (fio O_DIRECT, ${RUNTIME}s each): chainfs | qemu-storage-daemon | ratio"
+    echo "  sequential 1M, 1 job : $c_seq1 MiB/s | $q_seq1 MiB/s | $(ratio "$c_seq1" "$q_seq1")"
+    echo "  sequential 1M, 4 jobs: $c_seq4 MiB/s | $q_seq4 MiB/s | $(ratio "$c_seq4" "$q_seq4")"
+    echo "  random 4K, 1 job     : $c_rnd1 IOPS | $q_rnd1 IOPS | $(ratio "$c_rnd1" "$q_rnd1")"
+    echo "  random 4K, 4 jobs    : $c_rnd4 IOPS | $q_rnd4 IOPS | $(ratio "$c_rnd4" "$q_rnd4")"
+}
+
+# make_quarters DIR: base.qcow2 <- l1 <- l2 <- top, each a disjoint quarter.
+make_quarters() {
+    local dir=$1 quarter
+    quarter=$(( $(numfmt --from=iec "$SIZE") / 4 ))
+    mkdir -p "$dir"
+    qemu-img create -q -f qcow2 "$dir/base.qcow2" "$SIZE"
+    local prev=base.qcow2 i=0
+    for layer in base.qcow2 l1.qcow2 l2.qcow2 top.qcow2; do
+        if [ "$layer" != base.qcow2 ]; then
+            qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/$layer" "$SIZE"
+        fi
+        qemu-io -c "write -P $((0x10 + i)) $((i * quarter)) $quarter" "$dir/$layer" >/dev/null
+        prev=$layer; i=$((i + 1))
+    done
+    cat "$dir"/*.qcow2 >/dev/null
+}
+
+# Random 4K writes on FILE for the duration of a stream, in the background.
+writes_during() { fio_value "$1" 1 randwrite 4k > "$2" & echo $!; }
+
+bench_stream() {
+    make_quarters "$work/c"
+    make_quarters "$work/q"
+    mkdir -p "$work/mnt"
+    local start end c_secs q_secs fio_pid
+    "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+    start=$(date +%s.%N)
+    echo "stream base=base.qcow2" > "$work/mnt/ctl/command"
+    fio_pid=$(writes_during "$work/mnt/active" "$work/c.iops")
+    "$chainfs" status --wait "$work/mnt" >/dev/null
+    end=$(date +%s.%N)
+    wait "$fio_pid"
+    "$chainfs" umount "$work/mnt"
+    c_secs=$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')
+    qemu-img check -q "$work/c/top.qcow2"
+
+    touch "$work/export"
+    start_qsd "$work/qmp.sock" \
+        --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename="$work/q/top.qcow2" \
+        --export type=fuse,id=exp0,node-name=top,mountpoint="$work/export",writable=on
+    sleep 0.5
+    fio_pid=$(writes_during "$work/export" "$work/q.iops")
+    q_secs=$(WAIT_EVENT=BLOCK_JOB_COMPLETED qmp "$work/qmp.sock" \
+        '{"execute": "block-stream", "arguments": {"job-id": "s", "device": "top", "base-node": "'"$(basename "$work")"'"}}' 2>/dev/null \
+        || WAIT_EVENT=BLOCK_JOB_COMPLETED qmp "$work/qmp.sock" \
+        '{"execute": "block-stream", "arguments": {"job-id": "s", "device": "top", "base": "'"$work/q/base.qcow2"'"}}')
+    wait "$fio_pid"
+    stop_qsd
+    qemu-img check -q "$work/q/top.qcow2"
+    echo "stream of a four-deep $SIZE chain (each layer a disjoint quarter) into the top: chainfs | qemu-storage-daemon | ratio"
+    echo "  time               : ${c_secs}s | ${q_secs}s | $(ratio "$q_secs" "$c_secs") (qsd/chainfs: >1 means chainfs is faster)"
+    echo "  4K write IOPS on the active layer during the stream (fio, ${RUNTIME}s): $(cat "$work/c.iops") | $(cat "$work/q.iops") | $(ratio "$(cat "$work/c.iops")" "$(cat "$work/q.iops")")"
+}
+
+case $what in
+    reads) bench_reads ;;
+    stream) bench_stream ;;
+    all) bench_reads; bench_stream ;;
+    *) echo "usage: $0 [reads|stream|all]" >&2; exit 2 ;;
+esac

@@ -47,7 +47,16 @@ fn have_tools() -> bool {
 fn create(size: &str, options: &str) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, path_str(&path), size]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        options,
+        path_str(&path),
+        size,
+    ]);
     Image { dir, path }
 }
 
@@ -113,7 +122,10 @@ fn bitmap_info(image: &Path) -> Vec<(String, Vec<String>, u64)> {
 fn flags_of(image: &Path, name: &str) -> Vec<String> {
     let info = bitmap_info(image);
     let found = info.iter().find(|(n, _, _)| n == name);
-    found.unwrap_or_else(|| panic!("no bitmap {name}: {info:?}")).1.clone()
+    found
+        .unwrap_or_else(|| panic!("no bitmap {name}: {info:?}"))
+        .1
+        .clone()
 }
 
 /// A `qemu-storage-daemon` exporting one image read-only over NBD; killed
@@ -136,7 +148,10 @@ impl Export {
         let export = format!("type=nbd,id=e,node-name=fmt,name=exp,bitmaps.0={bitmap}");
         let child = Command::new("qemu-storage-daemon")
             .args(["--blockdev", &file])
-            .args(["--blockdev", "driver=qcow2,file=file,node-name=fmt,read-only=on"])
+            .args([
+                "--blockdev",
+                "driver=qcow2,file=file,node-name=fmt,read-only=on",
+            ])
             .args(["--nbd-server", &addr, "--export", &export])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -198,7 +213,11 @@ fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 }
 
 /// The granules of `granularity` that `ranges` touch, clipped to `size`.
-fn granules(ranges: impl IntoIterator<Item = Range<u64>>, granularity: u64, size: u64) -> Vec<Range<u64>> {
+fn granules(
+    ranges: impl IntoIterator<Item = Range<u64>>,
+    granularity: u64,
+    size: u64,
+) -> Vec<Range<u64>> {
     let widened = ranges.into_iter().map(|r| {
         let start = r.start / granularity * granularity;
         start..r.end.next_multiple_of(granularity).min(size)
@@ -263,9 +282,16 @@ fn small_and_large_granularities_record_their_own_granules() {
         write_through_engine(&img.path, &ops);
         qemu_img_check(&img.path);
         let info = bitmap_info(&img.path);
-        assert_eq!(info, vec![("g".to_string(), vec!["auto".to_string()], granularity)]);
+        assert_eq!(
+            info,
+            vec![("g".to_string(), vec!["auto".to_string()], granularity)]
+        );
         let expected = granules(ranges_of(&ops), granularity, size);
-        assert_eq!(dirty_ranges(&img.path, "g"), expected, "granularity {granularity}");
+        assert_eq!(
+            dirty_ranges(&img.path, "g"),
+            expected,
+            "granularity {granularity}"
+        );
     }
 }
 
@@ -277,7 +303,11 @@ fn dirty_bits_from_qemu_and_from_earlier_opens_are_kept() {
     let size = 64 * MIB;
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(&img.path, "qcow2", &["write 1M 64k".into(), "write 50M 1".into()]);
+    qemu_io(
+        &img.path,
+        "qcow2",
+        &["write 1M 64k".into(), "write 50M 1".into()],
+    );
     let first = [Op::Write(2 * MIB, 4096), Op::Zero(8 * MIB, 2 * MIB)];
     write_through_engine(&img.path, &first);
     let second = [Op::Write(2 * MIB + 65536 * 3, 10), Op::Write(60 * MIB, MIB)];
@@ -286,10 +316,17 @@ fn dirty_bits_from_qemu_and_from_earlier_opens_are_kept() {
 
     qemu_img_check(&img.path);
     assert_eq!(flags_of(&img.path, "b0"), vec!["auto"]);
-    let mut written = vec![MIB..MIB + 65536, 50 * MIB..50 * MIB + 1, 33 * MIB..33 * MIB + 4096];
+    let mut written = vec![
+        MIB..MIB + 65536,
+        50 * MIB..50 * MIB + 1,
+        33 * MIB..33 * MIB + 4096,
+    ];
     written.extend(ranges_of(&first));
     written.extend(ranges_of(&second));
-    assert_eq!(dirty_ranges(&img.path, "b0"), granules(written, 65536, size));
+    assert_eq!(
+        dirty_ranges(&img.path, "b0"),
+        granules(written, 65536, size)
+    );
 }
 
 #[test]
@@ -324,7 +361,10 @@ fn tables_and_directory_spanning_several_clusters_stay_valid() {
     qemu_img_check(&img.path);
     let mut more = ranges_of(&ops);
     more.push(200 * MIB..200 * MIB + 512);
-    assert_eq!(dirty_ranges(&img.path, &names[7]), granules(more, 512, size));
+    assert_eq!(
+        dirty_ranges(&img.path, &names[7]),
+        granules(more, 512, size)
+    );
 }
 
 #[test]
@@ -367,7 +407,10 @@ fn a_read_only_open_changes_nothing() {
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
     let before = std::fs::read(&img.path).unwrap();
-    let image = open(Arc::new(FileStorage::open(&img.path, false).unwrap()), false);
+    let image = open(
+        Arc::new(FileStorage::open(&img.path, false).unwrap()),
+        false,
+    );
     image.close().unwrap();
     drop(image);
     assert_eq!(std::fs::read(&img.path).unwrap(), before);

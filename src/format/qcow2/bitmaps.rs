@@ -130,7 +130,9 @@ impl Extension {
             )));
         }
         if be32(data, 4) != 0 {
-            return Err(malformed("the bitmaps extension's reserved field is not zero"));
+            return Err(malformed(
+                "the bitmaps extension's reserved field is not zero",
+            ));
         }
         let ext = Extension {
             nb_bitmaps: be32(data, 0),
@@ -482,7 +484,12 @@ impl Bitmaps {
             written.push(clusters);
         }
         let bytes = serialize_directory(&directory);
-        let offset = allocate_run(storage, allocator, cluster_count(bytes.len() as u64, cs), cs)?;
+        let offset = allocate_run(
+            storage,
+            allocator,
+            cluster_count(bytes.len() as u64, cs),
+            cs,
+        )?;
         storage.write_at(&bytes, offset.0)?;
         // Data, tables and directory must be on disk before the header
         // names them, or a crash would publish garbage as a clean bitmap.

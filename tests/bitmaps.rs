@@ -256,7 +256,8 @@ fn enabled_bitmap_records_exactly_the_written_granules_and_disabled_one_is_untou
     bitmap(&img.path, &["--disable"], "b1");
     bitmap(&img.path, &["--add"], "b0");
     let b1_before = dirty_ranges(&img.path, "b1");
-    assert_eq!(b1_before, vec![3 * MIB..3 * MIB + (128 << 10)]);
+    let written = std::iter::once(3 * MIB..3 * MIB + (100 << 10));
+    assert_eq!(b1_before, granules(written, 65536, 64 * MIB));
 
     let ops = varied_ops(size);
     write_through_engine(&img.path, &ops);
@@ -397,6 +398,94 @@ fn a_crash_leaves_enabled_bitmaps_in_use_and_the_image_consistent() {
     b0.sort();
     assert_eq!(b0, vec!["auto", "in-use"]);
     assert!(dirty_ranges(&img.path, "b1").is_empty());
+}
+
+#[test]
+fn a_crash_at_any_point_of_close_leaves_the_old_or_the_new_bitmap() {
+    if !have_tools() {
+        return;
+    }
+    let size = 64 * MIB;
+    let img = create("64M", "cluster_size=65536");
+    bitmap(&img.path, &["--add"], "b0");
+    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
+    let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
+    let ops = varied_ops(size);
+    apply(&image, &ops);
+    image.flush().unwrap();
+    let before_close = storage.op_count();
+    image.close().unwrap();
+    let mut written = ranges_of(&ops);
+    written.push(7 * MIB..7 * MIB + 4096);
+    let expected = granules(written, 65536, size);
+
+    // Every instant of close, each with the unsynced writes lost or torn.
+    let (mut old, mut new) = (0, 0);
+    for point in before_close..=storage.op_count() {
+        for mode in [
+            CrashMode::DropAll,
+            CrashMode::TornSubset { seed: point as u64 },
+        ] {
+            let crashed = storage.crash_at(point, mode).contents();
+            std::fs::write(&img.path, crashed).unwrap();
+            assert_no_check_errors(&img.path);
+            let flags = flags_of(&img.path, "b0");
+            if flags == ["auto"] {
+                assert_eq!(dirty_ranges(&img.path, "b0"), expected, "crash at {point}");
+                new += 1;
+            } else {
+                assert!(
+                    flags.contains(&"in-use".to_string()),
+                    "{flags:?} at {point}"
+                );
+                old += 1;
+            }
+        }
+    }
+    assert!(old > 0 && new > 0, "old {old}, new {new}");
+}
+
+#[test]
+fn a_crash_while_opening_leaves_the_bitmap_clean_in_use_or_ignored() {
+    if !have_tools() {
+        return;
+    }
+    let img = create("64M", "cluster_size=65536");
+    bitmap(&img.path, &["--add"], "b0");
+    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
+    let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
+    let opened = storage.op_count();
+    drop(image);
+
+    let (mut clean, mut in_use, mut ignored) = (0, 0, 0);
+    for point in 0..=opened {
+        for mode in [
+            CrashMode::DropAll,
+            CrashMode::TornSubset { seed: point as u64 },
+        ] {
+            let crashed = storage.crash_at(point, mode).contents();
+            std::fs::write(&img.path, crashed).unwrap();
+            assert_no_check_errors(&img.path);
+            let info = bitmap_info(&img.path);
+            match info.first().map(|(_, flags, _)| flags.len()) {
+                // The autoclear bit was cleared: QEMU ignores the bitmaps.
+                None => ignored += 1,
+                Some(1) => {
+                    let expected =
+                        granules(std::iter::once(7 * MIB..7 * MIB + 4096), 65536, 64 * MIB);
+                    assert_eq!(dirty_ranges(&img.path, "b0"), expected, "crash at {point}");
+                    clean += 1;
+                }
+                Some(_) => in_use += 1,
+            }
+        }
+    }
+    assert!(
+        clean > 0 && in_use > 0 && ignored > 0,
+        "{clean} {in_use} {ignored}"
+    );
 }
 
 #[test]

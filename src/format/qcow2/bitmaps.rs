@@ -473,51 +473,151 @@ impl Bitmaps {
         header: &mut Header,
     ) -> Result<()> {
         let mut state = sync::lock(&self.state);
+        let mut new = NewClusters::default();
+        let result = self.write_new(&state, storage, allocator, header, &mut new);
+        for host in new.strays.drain(..) {
+            allocator.free_later(HostOffset(host));
+        }
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(err) => {
+                // The header still names the old directory: nothing on disk
+                // references the new clusters.
+                for host in new.kept {
+                    allocator.free_later(HostOffset(host));
+                }
+                return Err(err);
+            }
+        };
+        storage.write_at(&stored.header_bytes, 0)?;
+        // The new header must be durable before the clusters it no longer
+        // references are freed (the allocator's contract for free_later).
+        storage.sync()?;
+        *header = stored.header;
+        for host in state.replaced_clusters(self.cluster_size) {
+            allocator.free_later(HostOffset(host));
+        }
+        // What is on disk now is what a later store replaces.
+        for (bitmap, clusters) in state.tracked.iter_mut().zip(stored.clusters) {
+            bitmap.clusters = clusters;
+        }
+        state.directory = stored.directory;
+        state.extension = stored.extension;
+        Ok(())
+    }
+
+    /// Writes data clusters, tables and the directory to new clusters and
+    /// syncs them; returns what the header write then publishes.
+    fn write_new(
+        &self,
+        state: &State,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        header: &Header,
+        new: &mut NewClusters,
+    ) -> Result<Stored> {
         let cs = self.cluster_size;
         let mut directory = state.directory.clone();
-        let mut written = Vec::new();
-        let mut replaced = BTreeSet::new();
+        let mut clusters = Vec::new();
         for bitmap in &state.tracked {
-            let (entry, clusters) = bitmap.write(storage, allocator, &directory, cs)?;
-            directory[bitmap.entry] = entry;
-            replaced.extend(bitmap.clusters.iter().copied());
-            written.push(clusters);
+            let first = new.kept.len();
+            directory[bitmap.entry] = bitmap.write(storage, allocator, &directory, cs, new)?;
+            clusters.push(new.kept[first..].to_vec());
         }
         let bytes = serialize_directory(&directory);
-        let offset = allocate_run(
-            storage,
-            allocator,
-            cluster_count(bytes.len() as u64, cs),
-            cs,
-        )?;
-        storage.write_at(&bytes, offset.0)?;
+        let offset = new.allocate_run(storage, allocator, bytes.len() as u64, cs)?;
+        storage.write_at(&bytes, offset)?;
         // Data, tables and directory must be on disk before the header
         // names them, or a crash would publish garbage as a clean bitmap.
         storage.sync()?;
         let extension = Extension {
             nb_bitmaps: directory.len() as u32,
             directory_size: bytes.len() as u64,
-            directory_offset: offset.0,
+            directory_offset: offset,
         };
+        let mut header = header.clone();
         header.bitmaps_extension = Some(extension.to_bytes());
         header.autoclear.insert(Autoclear::BITMAPS);
-        storage.write_at(&header.serialize()?, 0)?;
-        // The new header must be durable before the clusters it no longer
-        // references are freed (the allocator's contract for free_later).
-        storage.sync()?;
-        let old_dir = &state.extension;
-        let old_dir_clusters = cluster_count(old_dir.directory_size, cs);
-        replaced.extend((0..old_dir_clusters).map(|i| old_dir.directory_offset + i * cs));
-        for host in replaced {
-            allocator.free_later(HostOffset(host));
+        Ok(Stored {
+            header_bytes: header.serialize()?,
+            header,
+            directory,
+            extension,
+            clusters,
+        })
+    }
+}
+
+/// What [`Bitmaps::write_new`] wrote, for the header write to publish.
+struct Stored {
+    header: Header,
+    header_bytes: Vec<u8>,
+    directory: Vec<DirEntry>,
+    extension: Extension,
+    /// Per tracked bitmap, the clusters of its new table and data.
+    clusters: Vec<Vec<u64>>,
+}
+
+/// Clusters allocated while storing.
+#[derive(Default)]
+struct NewClusters {
+    /// Referenced by the new directory once it is published.
+    kept: Vec<u64>,
+    /// Allocated but not used (they did not continue a contiguous run).
+    strays: Vec<u64>,
+}
+
+impl NewClusters {
+    fn allocate(&mut self, storage: &dyn Storage, allocator: &mut Allocator) -> Result<u64> {
+        let host = allocator.allocate(storage)?.0;
+        self.kept.push(host);
+        Ok(host)
+    }
+
+    /// Contiguous clusters for `bytes` bytes (tables and the directory must
+    /// be contiguous); clusters that break the run become strays.
+    fn allocate_run(
+        &mut self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        bytes: u64,
+        cluster_size: u64,
+    ) -> Result<u64> {
+        let count = cluster_count(bytes, cluster_size).max(1) as usize;
+        let mut run: Vec<u64> = Vec::with_capacity(count);
+        while run.len() < count {
+            let next = allocator.allocate(storage);
+            let breaks = |host: u64| run.last().is_some_and(|&last| host != last + cluster_size);
+            match next {
+                Ok(host) if breaks(host.0) => {
+                    self.strays.append(&mut run);
+                    run.push(host.0);
+                }
+                Ok(host) => run.push(host.0),
+                Err(err) => {
+                    self.strays.append(&mut run);
+                    return Err(err);
+                }
+            }
         }
-        // What is on disk now is what a later store replaces.
-        for (bitmap, clusters) in state.tracked.iter_mut().zip(written) {
-            bitmap.clusters = clusters;
+        let start = run[0];
+        self.kept.append(&mut run);
+        Ok(start)
+    }
+}
+
+impl State {
+    /// The clusters of the directory and of the tracked bitmaps on disk now.
+    fn replaced_clusters(&self, cluster_size: u64) -> BTreeSet<u64> {
+        let dir = &self.extension;
+        let dir_clusters = cluster_count(dir.directory_size, cluster_size);
+        let mut replaced: BTreeSet<u64> = (0..dir_clusters)
+            .map(|i| dir.directory_offset + i * cluster_size)
+            .collect();
+        for bitmap in &self.tracked {
+            replaced.extend(bitmap.clusters.iter().copied());
         }
-        state.directory = directory;
-        state.extension = extension;
-        Ok(())
+        replaced
     }
 }
 
@@ -663,15 +763,15 @@ impl Tracked {
     }
 
     /// Writes the data clusters and the table; returns the new directory
-    /// entry (in_use cleared) and the clusters it references.
+    /// entry (in_use cleared).
     fn write(
         &self,
         storage: &dyn Storage,
         allocator: &mut Allocator,
         directory: &[DirEntry],
         cluster_size: u64,
-    ) -> Result<(DirEntry, Vec<u64>)> {
-        let mut clusters = Vec::new();
+        new: &mut NewClusters,
+    ) -> Result<DirEntry> {
         let mut table = Vec::with_capacity(self.chunks.len() * 8);
         for (index, chunk) in self.chunks.iter().enumerate() {
             let full = self.chunk_bits(index, cluster_size) as u64 == cluster_size * 8;
@@ -681,23 +781,20 @@ impl Tracked {
                 Chunk::Bits(bits) if bits.iter().all(|&b| b == 0) => TableEntry::Zeros,
                 Chunk::Bits(bits) if full && bits.iter().all(|&b| b == 0xff) => TableEntry::Ones,
                 Chunk::Bits(bits) => {
-                    let host = allocator.allocate(storage)?;
-                    storage.write_at(bits, host.0)?;
-                    clusters.push(host.0);
-                    TableEntry::Data(host)
+                    let host = new.allocate(storage, allocator)?;
+                    storage.write_at(bits, host)?;
+                    TableEntry::Data(HostOffset(host))
                 }
             };
             table.extend_from_slice(&entry.encode().to_be_bytes());
         }
-        let count = cluster_count(table.len() as u64, cluster_size);
-        let offset = allocate_run(storage, allocator, count, cluster_size)?;
-        storage.write_at(&table, offset.0)?;
-        clusters.extend((0..count).map(|i| offset.0 + i * cluster_size));
+        let offset = new.allocate_run(storage, allocator, table.len() as u64, cluster_size)?;
+        storage.write_at(&table, offset)?;
         let mut entry = directory[self.entry].clone();
-        entry.table_offset = offset.0;
+        entry.table_offset = offset;
         entry.table_size = self.chunks.len() as u32;
         entry.flags.remove(BitmapFlags::IN_USE);
-        Ok((entry, clusters))
+        Ok(entry)
     }
 }
 
@@ -732,34 +829,6 @@ fn mark_in_use(
     // on disk do not show.
     storage.sync()?;
     Ok(())
-}
-
-/// `count` contiguous clusters (tables and the directory must be
-/// contiguous). Allocated clusters that do not continue the run are freed
-/// after the next sync; nothing references them.
-fn allocate_run(
-    storage: &dyn Storage,
-    allocator: &mut Allocator,
-    count: u64,
-    cluster_size: u64,
-) -> Result<HostOffset> {
-    let mut start = allocator.allocate(storage)?;
-    let mut len = 1;
-    let mut strays = Vec::new();
-    while len < count {
-        let next = allocator.allocate(storage)?;
-        if next.0 == start.0 + len * cluster_size {
-            len += 1;
-            continue;
-        }
-        strays.extend((0..len).map(|i| start + i * cluster_size));
-        start = next;
-        len = 1;
-    }
-    for host in strays {
-        allocator.free_later(host);
-    }
-    Ok(start)
 }
 
 /// Bits of a bitmap of a virtual disk: one per granule.

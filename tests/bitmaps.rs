@@ -35,7 +35,7 @@ impl Op {
 }
 
 struct Image {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     path: PathBuf,
 }
 
@@ -57,7 +57,7 @@ fn create(size: &str, options: &str) -> Image {
         path_str(&path),
         size,
     ]);
-    Image { dir, path }
+    Image { _dir: dir, path }
 }
 
 /// `qemu-img bitmap ARGS... IMAGE NAME`.
@@ -489,6 +489,37 @@ fn a_crash_while_opening_leaves_the_bitmap_clean_in_use_or_ignored() {
 }
 
 #[test]
+fn a_full_disk_while_closing_leaves_the_image_consistent() {
+    if !have_tools() {
+        return;
+    }
+    let img = create("64M", "cluster_size=65536");
+    bitmap(&img.path, &["--add"], "b0");
+    let pristine = std::fs::read(&img.path).unwrap();
+    let mut failures = 0;
+    for budget in (0..60).step_by(3) {
+        let storage = Arc::new(MemStorage::from_bytes(pristine.clone()));
+        let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
+        apply(&image, &varied_ops(64 * MIB));
+        image.flush().unwrap();
+        storage.fail_writes_after(budget, libc::ENOSPC);
+        if image.close().is_err() {
+            failures += 1;
+        }
+        storage.clear_faults();
+        drop(image);
+        std::fs::write(&img.path, storage.contents()).unwrap();
+        assert_no_check_errors(&img.path);
+        let flags = flags_of(&img.path, "b0");
+        assert!(
+            flags == ["auto"] || flags.contains(&"in-use".to_string()),
+            "{flags:?}"
+        );
+    }
+    assert!(failures > 0);
+}
+
+#[test]
 fn a_read_only_open_changes_nothing() {
     if !have_tools() {
         return;
@@ -503,7 +534,6 @@ fn a_read_only_open_changes_nothing() {
     image.close().unwrap();
     drop(image);
     assert_eq!(std::fs::read(&img.path).unwrap(), before);
-    let _ = &img.dir;
 }
 
 /// `qemu-img check` finds no corruption (a crash may leak clusters).

@@ -600,6 +600,7 @@ impl NewClusters {
                 }
             }
         }
+        // The loop ran at least once: `count` is at least 1.
         let start = run[0];
         self.kept.append(&mut run);
         Ok(start)

@@ -520,6 +520,33 @@ fn a_full_disk_while_closing_leaves_the_image_consistent() {
 }
 
 #[test]
+fn switching_writes_on_and_off_in_place_loads_and_stores_the_bitmaps() {
+    if !have_tools() {
+        return;
+    }
+    let size = 64 * MIB;
+    let img = create("64M", "cluster_size=65536");
+    bitmap(&img.path, &["--add"], "b0");
+    let storage = Arc::new(FileStorage::open(&img.path, true).unwrap());
+    let image = open(storage, false);
+    let rounds = [[Op::Write(MIB, 10)], [Op::Zero(9 * MIB, 3 * MIB)]];
+    for ops in &rounds {
+        image.set_writable(true).unwrap();
+        assert_eq!(flags_of(&img.path, "b0").len(), 2, "in_use while writable");
+        apply(&image, ops);
+        image.set_writable(false).unwrap();
+        qemu_img_check(&img.path);
+        assert_eq!(flags_of(&img.path, "b0"), vec!["auto"]);
+    }
+    drop(image);
+    let written = rounds.iter().flatten().map(|op| op.range());
+    assert_eq!(
+        dirty_ranges(&img.path, "b0"),
+        granules(written, 65536, size)
+    );
+}
+
+#[test]
 fn a_read_only_open_changes_nothing() {
     if !have_tools() {
         return;

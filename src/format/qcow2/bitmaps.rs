@@ -44,8 +44,9 @@
 //! A bitmap already `in_use` at open is inconsistent (QEMU refuses to use
 //! it) and a disabled one records nothing: both are left exactly as found.
 //!
-//! Lock order: the image's `meta` lock, then [`Bitmaps`]' own lock, which
-//! is a leaf: nothing else is taken while it is held.
+//! Lock order: the image's `meta` lock, then its `bitmaps` lock, then
+//! [`Bitmaps`]' own lock, which is a leaf: nothing else is taken while it
+//! is held.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -426,7 +427,8 @@ impl Bitmaps {
         }
         let sizes = Sizes {
             cluster: geometry.cluster_size(),
-            disk: header.size,
+            // QEMU sizes bitmaps by the disk in whole sectors.
+            disk: header.size & !511,
             file: storage.len()?,
         };
         let extension = Extension::parse(data, sizes.cluster, sizes.file)?;
@@ -896,7 +898,7 @@ fn be64(buf: &[u8], at: usize) -> u64 {
 impl Qcow2 {
     /// Records a guest write of `len` bytes at `offset` in the bitmaps.
     pub(super) fn record_dirty(&self, offset: u64, len: u64) {
-        if let Some(bitmaps) = &self.bitmaps {
+        if let Some(bitmaps) = sync::read(&self.bitmaps).as_ref() {
             bitmaps.record(offset, len);
         }
     }
@@ -904,10 +906,9 @@ impl Qcow2 {
     /// On close, after data and metadata are synced: stores the bitmaps and
     /// applies the frees of the clusters they replaced.
     pub(super) fn store_bitmaps(&self, meta: &mut Meta) -> Result<()> {
-        let Some(bitmaps) = &self.bitmaps else {
-            return Ok(());
-        };
-        bitmaps.store(self.storage.as_ref(), &mut meta.allocator, &mut meta.header)?;
+        if let Some(bitmaps) = sync::read(&self.bitmaps).as_ref() {
+            bitmaps.store(self.storage.as_ref(), &mut meta.allocator, &mut meta.header)?;
+        }
         self.sync_and_free(meta)
     }
 }

@@ -338,5 +338,5 @@ fn a_cleared_autoclear_bit_means_no_bitmaps_to_keep() {
     let mut bytes = image_with_bitmap();
     bytes[95] &= !1;
     let image = open(bytes, true).unwrap();
-    assert!(image.bitmaps.is_none());
+    assert!(sync::read(&image.bitmaps).is_none());
 }

@@ -14,6 +14,7 @@
 //! still uses a mapping to a cluster about to become reusable.
 
 pub mod alloc;
+pub mod bitmaps;
 pub mod cache;
 pub mod compress;
 pub mod create;
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use lru::LruCache;
 
 use self::alloc::Allocator;
+use self::bitmaps::Bitmaps;
 use self::cache::TableCache;
 use self::features::{Autoclear, Incompatible};
 use self::header::{CompressionType, Header};
@@ -79,6 +81,9 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     inflight: RwLock<()>,
     closed: AtomicBool,
+    /// Persistent dirty bitmaps that writes must keep up to date; loaded
+    /// whenever the image becomes writable.
+    bitmaps: RwLock<Option<Bitmaps>>,
 }
 
 impl Qcow2 {
@@ -135,6 +140,7 @@ impl Qcow2 {
             }),
             inflight: RwLock::new(()),
             closed: AtomicBool::new(!options.writable),
+            bitmaps: RwLock::new(None),
             storage,
         };
         if options.writable && !corrupt {
@@ -157,14 +163,10 @@ impl Qcow2 {
                     .into(),
             });
         }
-        if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {
-            // Clearing the bit would invalidate every bitmap and leak its
-            // clusters; keeping it while writing would make them lie.
-            return Err(FormatError::Unsupported {
-                what: "writing an image that holds persistent dirty bitmaps".into(),
-            });
-        }
-        let kept = header.autoclear & Autoclear::MAINTAINED;
+        *sync::write(&self.bitmaps) = Bitmaps::load(self.storage.as_ref(), header, &self.geometry)?;
+        // Bitmaps that load accepted are kept true: enabled ones record
+        // every write, the others are left untouched.
+        let kept = header.autoclear & (Autoclear::MAINTAINED | Autoclear::BITMAPS);
         if kept != header.autoclear {
             let mut meta = sync::lock(&self.meta);
             meta.header.autoclear = kept;
@@ -309,6 +311,7 @@ impl Qcow2 {
         }
         let mut meta = sync::lock(&self.meta);
         self.sync_and_free(&mut meta)?;
+        self.store_bitmaps(&mut meta)?;
         meta.allocator.release_reserve(self.storage.as_ref())?;
         self.storage.sync()?;
         Ok(())

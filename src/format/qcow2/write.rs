@@ -32,6 +32,7 @@ impl Qcow2 {
     pub fn write(&self, offset: u64, data: &[u8], backing: &dyn BackingReader) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, data.len() as u64)?;
+        self.record_dirty(offset, data.len() as u64);
         let slow = self.write_in_place(offset, data)?;
         if slow.is_empty() {
             return Ok(());

@@ -11,6 +11,7 @@ impl Qcow2 {
     pub fn zero_range(&self, offset: u64, len: u64, backing: &dyn BackingReader) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, len)?;
+        self.record_dirty(offset, len);
         let mut meta = sync::lock(&self.meta);
         let cluster_size = self.geometry.cluster_size();
         let end = offset + len;

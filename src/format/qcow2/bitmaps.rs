@@ -1,0 +1,917 @@
+//! Persistent dirty bitmaps (`docs/interop/qcow2.txt`, "Bitmaps"), kept in
+//! step with guest writes as QEMU keeps them, so that incremental backups
+//! taken from them stay correct.
+//!
+//! The bitmaps header extension (24 bytes) points to the bitmap directory:
+//!
+//! ```text
+//!  0 ..  3  nb_bitmaps               1 ..= 65535
+//!  4 ..  7  reserved                 zero
+//!  8 .. 15  bitmap_directory_size    bytes, at most 64 MiB (QEMU's limit)
+//! 16 .. 23  bitmap_directory_offset  cluster aligned
+//! ```
+//!
+//! The directory is a contiguous run of entries, each 8-byte aligned:
+//!
+//! ```text
+//!  0 ..  7  bitmap_table_offset  cluster aligned
+//!  8 .. 11  bitmap_table_size    entries in the bitmap table
+//! 12 .. 15  flags                bit 0 in_use, bit 1 auto (enabled),
+//!                                bit 2 extra_data_compatible; others reserved
+//!      16   type                 1: dirty tracking bitmap
+//!      17   granularity_bits     QEMU accepts 9 ..= 31
+//! 18 .. 19  name_size            1 ..= 1023
+//! 20 .. 23  extra_data_size      QEMU refuses any extra data
+//!           extra data, name, zero padding to a multiple of 8
+//! ```
+//!
+//! A bitmap table (contiguous) maps each cluster of bitmap data: `0` reads
+//! as all zeros, `1` as all ones, anything else is the offset of a data
+//! cluster. Bit `n` of the bitmap (guest bytes `n << granularity_bits` and
+//! on) is bit `n % 8` of byte `n / 8` of the data.
+//!
+//! # Life cycle on a writable open (QEMU's `qcow2_load_dirty_bitmaps` and
+//! `qcow2_store_persistent_dirty_bitmaps`)
+//!
+//! * [`Bitmaps::load`]: each enabled (`auto`) bitmap that is not `in_use`
+//!   is read into memory and marked `in_use` on disk before the first guest
+//!   write, so a crash leaves it inconsistent, never wrong.
+//! * [`Bitmaps::record`]: every write and write-zeroes sets its granules.
+//! * [`Bitmaps::store`] on close: the bits go to new clusters, a new
+//!   directory with `in_use` cleared is published by one header write, and
+//!   the old clusters are freed after that is durable.
+//!
+//! A bitmap already `in_use` at open is inconsistent (QEMU refuses to use
+//! it) and a disabled one records nothing: both are left exactly as found.
+//!
+//! Lock order: the image's `meta` lock, then its `bitmaps` lock, then
+//! [`Bitmaps`]' own lock, which is a leaf: nothing else is taken while it
+//! is held.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::RangeInclusive;
+
+use bitflags::bitflags;
+
+use super::alloc::Allocator;
+use super::features::Autoclear;
+use super::header::Header;
+use super::types::{Geometry, HostOffset};
+use super::{Meta, Qcow2};
+use crate::format::{FormatError, Result};
+use crate::storage::Storage;
+use crate::sync::{self, Mutex};
+
+/// QEMU's `QCOW2_MAX_BITMAPS`.
+pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`.
+pub const MAX_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
+/// QEMU's `BME_MAX_TABLE_SIZE`: entries in one bitmap table.
+pub const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
+/// QEMU's `BME_MAX_PHYS_SIZE`: bytes of data clusters one bitmap may span.
+pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+/// The granularities QEMU supports, as log2 of bytes per bit.
+pub const GRANULARITY_BITS: RangeInclusive<u8> = 9..=31;
+/// QEMU's `BME_MAX_NAME_SIZE`.
+pub const MAX_NAME_SIZE: u16 = 1023;
+/// chainfs's bound on the memory that all tracked bitmaps may come to hold
+/// (each at most `bitmap_table_size` clusters).
+pub const MAX_TRACKED_BYTES: u64 = 1 << 30;
+
+/// Bytes of the bitmaps header extension.
+const EXTENSION_SIZE: usize = 24;
+/// Bytes of the fixed part of a directory entry.
+const ENTRY_HEADER_SIZE: u64 = 24;
+/// The only bitmap type: dirty tracking.
+const TYPE_DIRTY_TRACKING: u8 = 1;
+/// Bitmap table entry bits 1-8 and 56-63 are reserved.
+const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Bitmap table entry bits 9-55: the data cluster offset.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+bitflags! {
+    /// Flags of a bitmap directory entry; unknown bits are kept.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct BitmapFlags: u32 {
+        /// Bit 0: the bitmap was not saved correctly and may be inconsistent.
+        const IN_USE = 1 << 0;
+        /// Bit 1: enabled; every write to the image must be recorded.
+        const AUTO = 1 << 1;
+        /// Bit 2: unknown extra data may be ignored.
+        const EXTRA_DATA_COMPATIBLE = 1 << 2;
+    }
+}
+
+impl BitmapFlags {
+    /// The flags QEMU (and so chainfs) accepts; QEMU treats bit 2 as
+    /// reserved since it accepts no extra data at all.
+    pub const SUPPORTED: BitmapFlags = BitmapFlags::IN_USE.union(BitmapFlags::AUTO);
+}
+
+/// The bitmaps header extension: where the directory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extension {
+    /// Entries in the directory.
+    pub nb_bitmaps: u32,
+    /// Bytes of the directory.
+    pub directory_size: u64,
+    /// Host offset of the directory.
+    pub directory_offset: u64,
+}
+
+impl Extension {
+    /// Decodes and validates the extension's bytes as QEMU does, and checks
+    /// that the directory lies inside the file.
+    pub fn parse(data: &[u8], cluster_size: u64, file_len: u64) -> Result<Extension> {
+        if data.len() != EXTENSION_SIZE {
+            return Err(malformed(format!(
+                "the bitmaps extension is {} bytes, not {EXTENSION_SIZE}",
+                data.len()
+            )));
+        }
+        if be32(data, 4) != 0 {
+            return Err(malformed(
+                "the bitmaps extension's reserved field is not zero",
+            ));
+        }
+        let ext = Extension {
+            nb_bitmaps: be32(data, 0),
+            directory_size: be64(data, 8),
+            directory_offset: be64(data, 16),
+        };
+        if !(1..=MAX_BITMAPS).contains(&ext.nb_bitmaps) {
+            return Err(malformed(format!(
+                "the bitmaps extension counts {} bitmaps (1 to {MAX_BITMAPS})",
+                ext.nb_bitmaps
+            )));
+        }
+        if !(1..=MAX_DIRECTORY_SIZE).contains(&ext.directory_size) {
+            return Err(malformed(format!(
+                "bitmap directory of {} bytes (1 to {MAX_DIRECTORY_SIZE})",
+                ext.directory_size
+            )));
+        }
+        let offset = ext.directory_offset;
+        if offset == 0 || offset % cluster_size != 0 {
+            return Err(malformed(format!(
+                "bitmap directory offset {offset:#x} is not a cluster after the header"
+            )));
+        }
+        check_in_file(offset, ext.directory_size, file_len, "the bitmap directory")?;
+        Ok(ext)
+    }
+
+    /// The extension's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(EXTENSION_SIZE);
+        out.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&self.directory_size.to_be_bytes());
+        out.extend_from_slice(&self.directory_offset.to_be_bytes());
+        out
+    }
+}
+
+/// One entry of the bitmap directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Host offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries in the bitmap table.
+    pub table_size: u32,
+    /// The flags, unknown bits included.
+    pub flags: BitmapFlags,
+    /// The bitmap type (1: dirty tracking).
+    pub kind: u8,
+    /// log2 of the guest bytes that one bit covers.
+    pub granularity_bits: u8,
+    /// The name, as bytes (QEMU does not require UTF-8).
+    pub name: Vec<u8>,
+    /// Type-specific extra data, kept as found.
+    pub extra_data: Vec<u8>,
+}
+
+impl DirEntry {
+    /// The name, for messages.
+    pub fn display_name(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+
+    /// Whether writes must be recorded in this bitmap: enabled, and not
+    /// already inconsistent.
+    pub fn is_tracked(&self) -> bool {
+        self.flags.contains(BitmapFlags::AUTO) && !self.flags.contains(BitmapFlags::IN_USE)
+    }
+
+    /// Applies QEMU's checks (`check_dir_entry`, plus its refusal of extra
+    /// data) for an image of `virtual_size` bytes.
+    pub fn check(&self, cluster_size: u64, virtual_size: u64) -> Result<()> {
+        let name = self.display_name();
+        let unsupported = |what: String| FormatError::Unsupported {
+            what: format!("bitmap {name:?}: {what}"),
+        };
+        if !self.extra_data.is_empty() {
+            return Err(unsupported("extra data".into()));
+        }
+        let unknown = self.flags.bits() & !BitmapFlags::SUPPORTED.bits();
+        if unknown != 0 {
+            return Err(unsupported(format!("unknown flags {unknown:#x}")));
+        }
+        if self.kind != TYPE_DIRTY_TRACKING {
+            return Err(unsupported(format!("bitmap type {}", self.kind)));
+        }
+        if !GRANULARITY_BITS.contains(&self.granularity_bits) {
+            return Err(unsupported(format!(
+                "granularity_bits {} (QEMU supports {GRANULARITY_BITS:?})",
+                self.granularity_bits
+            )));
+        }
+        if self.name.is_empty() || self.name.len() > usize::from(MAX_NAME_SIZE) {
+            return Err(unsupported(format!(
+                "a name of {} bytes (1 to {MAX_NAME_SIZE})",
+                self.name.len()
+            )));
+        }
+        self.check_table_position(cluster_size, virtual_size)
+            .map_err(|what| malformed(format!("bitmap {name:?}: {what}")))
+    }
+
+    fn check_table_position(&self, cluster_size: u64, virtual_size: u64) -> Result<(), String> {
+        let offset = self.table_offset;
+        if offset == 0 || offset % cluster_size != 0 {
+            return Err(format!("bitmap table offset {offset:#x} is not a cluster"));
+        }
+        let phys = u64::from(self.table_size) * cluster_size;
+        if self.table_size == 0 || self.table_size > MAX_TABLE_ENTRIES || phys > MAX_PHYS_SIZE {
+            return Err(format!("bitmap table of {} entries", self.table_size));
+        }
+        // phys <= 2^29 and granularity_bits <= 31: this cannot overflow.
+        let covered = (phys * 8) << self.granularity_bits;
+        if !self.flags.contains(BitmapFlags::IN_USE) && virtual_size > covered {
+            return Err(format!("its table covers only {covered} guest bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// Directory entry size for a name and extra data of these lengths.
+fn entry_size(name_len: u64, extra_len: u64) -> u64 {
+    (ENTRY_HEADER_SIZE + name_len + extra_len).next_multiple_of(8)
+}
+
+/// Decodes a bitmap directory of `nb_bitmaps` entries that fills `bytes`
+/// exactly, as QEMU's `bitmap_list_load` does (entries are checked apart,
+/// by [`DirEntry::check`]).
+pub fn parse_directory(bytes: &[u8], nb_bitmaps: u32) -> Result<Vec<DirEntry>> {
+    let len = bytes.len() as u64;
+    let mut entries = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        if at + ENTRY_HEADER_SIZE > len {
+            return Err(malformed("bitmap directory entry runs past the directory"));
+        }
+        if entries.len() as u64 >= u64::from(nb_bitmaps) {
+            return Err(malformed(format!(
+                "more bitmaps in the directory than the {nb_bitmaps} the extension counts"
+            )));
+        }
+        let head = &bytes[at as usize..(at + ENTRY_HEADER_SIZE) as usize];
+        let name_len = u64::from(u16::from_be_bytes([head[18], head[19]]));
+        let extra_len = u64::from(be32(head, 20));
+        let size = entry_size(name_len, extra_len);
+        if at + size > len {
+            return Err(malformed("bitmap directory entry runs past the directory"));
+        }
+        let extra_at = (at + ENTRY_HEADER_SIZE) as usize;
+        let name_at = extra_at + extra_len as usize;
+        entries.push(DirEntry {
+            table_offset: be64(head, 0),
+            table_size: be32(head, 8),
+            flags: BitmapFlags::from_bits_retain(be32(head, 12)),
+            kind: head[16],
+            granularity_bits: head[17],
+            extra_data: bytes[extra_at..name_at].to_vec(),
+            name: bytes[name_at..name_at + name_len as usize].to_vec(),
+        });
+        at += size;
+    }
+    if entries.len() as u64 != u64::from(nb_bitmaps) {
+        return Err(malformed(format!(
+            "the bitmap directory holds {} bitmaps, the extension counts {nb_bitmaps}",
+            entries.len()
+        )));
+    }
+    Ok(entries)
+}
+
+/// Encodes a bitmap directory, zero padding included.
+pub fn serialize_directory(entries: &[DirEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in entries {
+        out.extend_from_slice(&entry.table_offset.to_be_bytes());
+        out.extend_from_slice(&entry.table_size.to_be_bytes());
+        out.extend_from_slice(&entry.flags.bits().to_be_bytes());
+        out.push(entry.kind);
+        out.push(entry.granularity_bits);
+        out.extend_from_slice(&(entry.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(entry.extra_data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&entry.extra_data);
+        out.extend_from_slice(&entry.name);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out
+}
+
+/// A decoded bitmap table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableEntry {
+    /// The cluster of bitmap data reads as all zeros.
+    Zeros,
+    /// The cluster of bitmap data reads as all ones.
+    Ones,
+    /// The cluster of bitmap data is stored here.
+    Data(HostOffset),
+}
+
+impl TableEntry {
+    /// Decodes an entry, refusing what QEMU's `check_table_entry` refuses.
+    pub fn decode(raw: u64, cluster_size: u64) -> Result<TableEntry> {
+        let offset = raw & TABLE_OFFSET_MASK;
+        let bad = raw & TABLE_RESERVED_MASK != 0
+            || (offset != 0 && (raw & 1 != 0 || offset % cluster_size != 0));
+        if bad {
+            return Err(malformed(format!("invalid bitmap table entry {raw:#x}")));
+        }
+        Ok(match (offset, raw & 1) {
+            (0, 0) => TableEntry::Zeros,
+            (0, _) => TableEntry::Ones,
+            (host, _) => TableEntry::Data(HostOffset(host)),
+        })
+    }
+
+    /// The entry's on-disk value.
+    pub fn encode(self) -> u64 {
+        match self {
+            TableEntry::Zeros => 0,
+            TableEntry::Ones => 1,
+            TableEntry::Data(host) => host.0,
+        }
+    }
+}
+
+/// One cluster's worth of bitmap data in memory.
+enum Chunk {
+    Zeros,
+    Ones,
+    /// A cluster of bitmap data; bits past the end of the bitmap are zero.
+    Bits(Box<[u8]>),
+}
+
+impl fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Chunk::Zeros => "Zeros",
+            Chunk::Ones => "Ones",
+            Chunk::Bits(_) => "Bits",
+        })
+    }
+}
+
+/// An enabled bitmap held in memory while the image is open.
+#[derive(Debug)]
+struct Tracked {
+    /// Its index in the directory.
+    entry: usize,
+    granularity_bits: u32,
+    /// Bits of the whole bitmap: one per granule of the virtual disk.
+    bits: u64,
+    /// One per bitmap table entry.
+    chunks: Vec<Chunk>,
+    /// Clusters of its table and data on disk now, freed when replaced.
+    clusters: Vec<u64>,
+}
+
+/// What [`Bitmaps`] guards with its lock.
+#[derive(Debug)]
+struct State {
+    extension: Extension,
+    /// The directory as on disk now.
+    directory: Vec<DirEntry>,
+    tracked: Vec<Tracked>,
+}
+
+/// The persistent bitmaps of an image open for writing; see the module doc.
+#[derive(Debug)]
+pub struct Bitmaps {
+    cluster_size: u64,
+    state: Mutex<State>,
+}
+
+impl Bitmaps {
+    /// On a writable open: validates the bitmaps, loads the enabled,
+    /// consistent ones and marks them `in_use` on disk (synced). `None` when
+    /// there is nothing to record: no bitmaps, none enabled and consistent,
+    /// or the autoclear bit says a writer without bitmap support has
+    /// invalidated them all (QEMU then ignores the extension too).
+    pub fn load(
+        storage: &dyn Storage,
+        header: &Header,
+        geometry: &Geometry,
+    ) -> Result<Option<Bitmaps>> {
+        let Some(data) = header.bitmaps_extension.as_deref() else {
+            return Ok(None);
+        };
+        if !header.autoclear.contains(Autoclear::BITMAPS) {
+            return Ok(None);
+        }
+        let sizes = Sizes {
+            cluster: geometry.cluster_size(),
+            // QEMU sizes bitmaps by the disk in whole sectors.
+            disk: header.size & !511,
+            file: storage.len()?,
+        };
+        let extension = Extension::parse(data, sizes.cluster, sizes.file)?;
+        let mut bytes = vec![0u8; extension.directory_size as usize];
+        storage.read_at(&mut bytes, extension.directory_offset)?;
+        let mut directory = parse_directory(&bytes, extension.nb_bitmaps)?;
+        let tracked = load_tracked(storage, &directory, sizes)?;
+        if tracked.is_empty() {
+            return Ok(None);
+        }
+        for bitmap in &tracked {
+            directory[bitmap.entry].flags.insert(BitmapFlags::IN_USE);
+        }
+        mark_in_use(storage, header, &extension, &directory)?;
+        let state = State {
+            extension,
+            directory,
+            tracked,
+        };
+        Ok(Some(Bitmaps {
+            cluster_size: sizes.cluster,
+            state: Mutex::new(state),
+        }))
+    }
+
+    /// Marks guest `offset..offset + len` dirty in every tracked bitmap.
+    pub fn record(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut state = sync::lock(&self.state);
+        for bitmap in &mut state.tracked {
+            bitmap.set_range(offset, len, self.cluster_size);
+        }
+    }
+
+    /// On close: writes every tracked bitmap to new clusters, publishes a
+    /// directory with `in_use` cleared through one header write, and hands
+    /// the replaced clusters to `allocator` to free after the next sync.
+    pub fn store(
+        &self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        header: &mut Header,
+    ) -> Result<()> {
+        let mut state = sync::lock(&self.state);
+        let mut new = NewClusters::default();
+        let result = self.write_new(&state, storage, allocator, header, &mut new);
+        for host in new.strays.drain(..) {
+            allocator.free_later(HostOffset(host));
+        }
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(err) => {
+                // The header still names the old directory: nothing on disk
+                // references the new clusters.
+                for host in new.kept {
+                    allocator.free_later(HostOffset(host));
+                }
+                return Err(err);
+            }
+        };
+        storage.write_at(&stored.header_bytes, 0)?;
+        // The new header must be durable before the clusters it no longer
+        // references are freed (the allocator's contract for free_later).
+        storage.sync()?;
+        *header = stored.header;
+        for host in state.replaced_clusters(self.cluster_size) {
+            allocator.free_later(HostOffset(host));
+        }
+        // What is on disk now is what a later store replaces.
+        for (bitmap, clusters) in state.tracked.iter_mut().zip(stored.clusters) {
+            bitmap.clusters = clusters;
+        }
+        state.directory = stored.directory;
+        state.extension = stored.extension;
+        Ok(())
+    }
+
+    /// Writes data clusters, tables and the directory to new clusters and
+    /// syncs them; returns what the header write then publishes.
+    fn write_new(
+        &self,
+        state: &State,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        header: &Header,
+        new: &mut NewClusters,
+    ) -> Result<Stored> {
+        let cs = self.cluster_size;
+        let mut directory = state.directory.clone();
+        let mut clusters = Vec::new();
+        for bitmap in &state.tracked {
+            let first = new.kept.len();
+            directory[bitmap.entry] = bitmap.write(storage, allocator, &directory, cs, new)?;
+            clusters.push(new.kept[first..].to_vec());
+        }
+        let bytes = serialize_directory(&directory);
+        let offset = new.allocate_run(storage, allocator, bytes.len() as u64, cs)?;
+        storage.write_at(&bytes, offset)?;
+        // Data, tables and directory must be on disk before the header
+        // names them, or a crash would publish garbage as a clean bitmap.
+        storage.sync()?;
+        let extension = Extension {
+            nb_bitmaps: directory.len() as u32,
+            directory_size: bytes.len() as u64,
+            directory_offset: offset,
+        };
+        let mut header = header.clone();
+        header.bitmaps_extension = Some(extension.to_bytes());
+        header.autoclear.insert(Autoclear::BITMAPS);
+        Ok(Stored {
+            header_bytes: header.serialize()?,
+            header,
+            directory,
+            extension,
+            clusters,
+        })
+    }
+}
+
+/// What [`Bitmaps::write_new`] wrote, for the header write to publish.
+struct Stored {
+    header: Header,
+    header_bytes: Vec<u8>,
+    directory: Vec<DirEntry>,
+    extension: Extension,
+    /// Per tracked bitmap, the clusters of its new table and data.
+    clusters: Vec<Vec<u64>>,
+}
+
+/// Clusters allocated while storing.
+#[derive(Default)]
+struct NewClusters {
+    /// Referenced by the new directory once it is published.
+    kept: Vec<u64>,
+    /// Allocated but not used (they did not continue a contiguous run).
+    strays: Vec<u64>,
+}
+
+impl NewClusters {
+    fn allocate(&mut self, storage: &dyn Storage, allocator: &mut Allocator) -> Result<u64> {
+        let host = allocator.allocate(storage)?.0;
+        self.kept.push(host);
+        Ok(host)
+    }
+
+    /// Contiguous clusters for `bytes` bytes (tables and the directory must
+    /// be contiguous); clusters that break the run become strays.
+    fn allocate_run(
+        &mut self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        bytes: u64,
+        cluster_size: u64,
+    ) -> Result<u64> {
+        let count = cluster_count(bytes, cluster_size).max(1) as usize;
+        let mut run: Vec<u64> = Vec::with_capacity(count);
+        while run.len() < count {
+            let next = allocator.allocate(storage);
+            let breaks = |host: u64| run.last().is_some_and(|&last| host != last + cluster_size);
+            match next {
+                Ok(host) if breaks(host.0) => {
+                    self.strays.append(&mut run);
+                    run.push(host.0);
+                }
+                Ok(host) => run.push(host.0),
+                Err(err) => {
+                    self.strays.append(&mut run);
+                    return Err(err);
+                }
+            }
+        }
+        // The loop ran at least once: `count` is at least 1.
+        let start = run[0];
+        self.kept.append(&mut run);
+        Ok(start)
+    }
+}
+
+impl State {
+    /// The clusters of the directory and of the tracked bitmaps on disk now.
+    fn replaced_clusters(&self, cluster_size: u64) -> BTreeSet<u64> {
+        let dir = &self.extension;
+        let dir_clusters = cluster_count(dir.directory_size, cluster_size);
+        let mut replaced: BTreeSet<u64> = (0..dir_clusters)
+            .map(|i| dir.directory_offset + i * cluster_size)
+            .collect();
+        for bitmap in &self.tracked {
+            replaced.extend(bitmap.clusters.iter().copied());
+        }
+        replaced
+    }
+}
+
+/// The sizes that loading checks against.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    cluster: u64,
+    /// Virtual disk size: every bitmap has one bit per granule of it.
+    disk: u64,
+    /// Length of the image file: nothing may be read from past it.
+    file: u64,
+}
+
+/// Checks every consistent bitmap's table as QEMU does on open and loads
+/// the enabled ones, within [`MAX_TRACKED_BYTES`].
+fn load_tracked(
+    storage: &dyn Storage,
+    directory: &[DirEntry],
+    sizes: Sizes,
+) -> Result<Vec<Tracked>> {
+    let mut tracked = Vec::new();
+    let mut budget = 0u64;
+    for (index, entry) in directory.iter().enumerate() {
+        entry.check(sizes.cluster, sizes.disk)?;
+        if entry.flags.contains(BitmapFlags::IN_USE) {
+            continue;
+        }
+        let table = read_table(storage, entry, sizes)?;
+        if !entry.is_tracked() {
+            continue;
+        }
+        budget += u64::from(entry.table_size) * sizes.cluster;
+        if budget > MAX_TRACKED_BYTES {
+            return Err(FormatError::Unsupported {
+                what: format!("enabled bitmaps of more than {MAX_TRACKED_BYTES} bytes in all"),
+            });
+        }
+        tracked.push(Tracked::load(storage, index, entry, &table, sizes)?);
+    }
+    Ok(tracked)
+}
+
+/// Reads and decodes a bitmap table, which must have exactly the size a
+/// bitmap of the virtual disk needs (QEMU's `load_bitmap_data`).
+fn read_table(storage: &dyn Storage, entry: &DirEntry, sizes: Sizes) -> Result<Vec<TableEntry>> {
+    let name = entry.display_name();
+    let bits = bitmap_bits(sizes.disk, entry.granularity_bits);
+    let needed = cluster_count(bits.div_ceil(8), sizes.cluster);
+    if u64::from(entry.table_size) != needed {
+        return Err(malformed(format!(
+            "bitmap {name:?} has a table of {} entries, its size needs {needed}",
+            entry.table_size
+        )));
+    }
+    let len = u64::from(entry.table_size) * 8;
+    check_in_file(entry.table_offset, len, sizes.file, "a bitmap table")?;
+    let mut bytes = vec![0u8; len as usize];
+    storage.read_at(&mut bytes, entry.table_offset)?;
+    bytes
+        .chunks_exact(8)
+        .map(|raw| TableEntry::decode(be64(raw, 0), sizes.cluster))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|err| malformed(format!("bitmap {name:?}: {err}")))
+}
+
+impl Tracked {
+    /// Loads the bitmap at `index` of the directory from its decoded table.
+    fn load(
+        storage: &dyn Storage,
+        index: usize,
+        entry: &DirEntry,
+        table: &[TableEntry],
+        sizes: Sizes,
+    ) -> Result<Tracked> {
+        let mut tracked = Tracked {
+            entry: index,
+            granularity_bits: u32::from(entry.granularity_bits),
+            bits: bitmap_bits(sizes.disk, entry.granularity_bits),
+            chunks: Vec::with_capacity(table.len()),
+            clusters: table_clusters(entry, sizes.cluster),
+        };
+        for (i, &raw) in table.iter().enumerate() {
+            let chunk = tracked.load_chunk(storage, i, raw, sizes)?;
+            tracked.chunks.push(chunk);
+        }
+        Ok(tracked)
+    }
+
+    /// Bits that chunk `index` holds (the last one may be partial).
+    fn chunk_bits(&self, index: usize, cluster_size: u64) -> usize {
+        let per_chunk = cluster_size * 8;
+        (self.bits - index as u64 * per_chunk).min(per_chunk) as usize
+    }
+
+    fn load_chunk(
+        &mut self,
+        storage: &dyn Storage,
+        index: usize,
+        raw: TableEntry,
+        sizes: Sizes,
+    ) -> Result<Chunk> {
+        let valid = self.chunk_bits(index, sizes.cluster);
+        let full = valid as u64 == sizes.cluster * 8;
+        let mut bits = vec![0u8; sizes.cluster as usize].into_boxed_slice();
+        match raw {
+            TableEntry::Zeros => return Ok(Chunk::Zeros),
+            TableEntry::Ones if full => return Ok(Chunk::Ones),
+            // QEMU sets only the bits the bitmap has; tail bits stay zero.
+            TableEntry::Ones => set_bits(&mut bits, 0, valid),
+            TableEntry::Data(host) => {
+                check_in_file(host.0, sizes.cluster, sizes.file, "a bitmap data cluster")?;
+                storage.read_at(&mut bits, host.0)?;
+                clear_bits_from(&mut bits, valid);
+                self.clusters.push(host.0);
+            }
+        }
+        Ok(Chunk::Bits(bits))
+    }
+
+    /// Sets the bits of the granules that guest `offset..offset + len`
+    /// touches.
+    fn set_range(&mut self, offset: u64, len: u64, cluster_size: u64) {
+        let first = offset >> self.granularity_bits;
+        let end = (offset.saturating_add(len - 1) >> self.granularity_bits)
+            .saturating_add(1)
+            .min(self.bits);
+        let per_chunk = cluster_size * 8;
+        let mut bit = first;
+        while bit < end {
+            let index = (bit / per_chunk) as usize;
+            let chunk_start = index as u64 * per_chunk;
+            let stop = end.min(chunk_start + per_chunk);
+            let (from, to) = ((bit - chunk_start) as usize, (stop - chunk_start) as usize);
+            let chunk = &mut self.chunks[index];
+            if let Chunk::Zeros = chunk {
+                *chunk = Chunk::Bits(vec![0u8; cluster_size as usize].into_boxed_slice());
+            }
+            if let Chunk::Bits(bits) = chunk {
+                set_bits(bits, from, to);
+            }
+            bit = stop;
+        }
+    }
+
+    /// Writes the data clusters and the table; returns the new directory
+    /// entry (in_use cleared).
+    fn write(
+        &self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        directory: &[DirEntry],
+        cluster_size: u64,
+        new: &mut NewClusters,
+    ) -> Result<DirEntry> {
+        let mut table = Vec::with_capacity(self.chunks.len() * 8);
+        for (index, chunk) in self.chunks.iter().enumerate() {
+            let full = self.chunk_bits(index, cluster_size) as u64 == cluster_size * 8;
+            let entry = match chunk {
+                Chunk::Zeros => TableEntry::Zeros,
+                Chunk::Ones => TableEntry::Ones,
+                Chunk::Bits(bits) if bits.iter().all(|&b| b == 0) => TableEntry::Zeros,
+                Chunk::Bits(bits) if full && bits.iter().all(|&b| b == 0xff) => TableEntry::Ones,
+                Chunk::Bits(bits) => {
+                    let host = new.allocate(storage, allocator)?;
+                    storage.write_at(bits, host)?;
+                    TableEntry::Data(HostOffset(host))
+                }
+            };
+            table.extend_from_slice(&entry.encode().to_be_bytes());
+        }
+        let offset = new.allocate_run(storage, allocator, table.len() as u64, cluster_size)?;
+        storage.write_at(&table, offset)?;
+        let mut entry = directory[self.entry].clone();
+        entry.table_offset = offset;
+        entry.table_size = self.chunks.len() as u32;
+        entry.flags.remove(BitmapFlags::IN_USE);
+        Ok(entry)
+    }
+}
+
+/// The clusters a bitmap table occupies.
+fn table_clusters(entry: &DirEntry, cluster_size: u64) -> Vec<u64> {
+    let count = cluster_count(u64::from(entry.table_size) * 8, cluster_size);
+    (0..count)
+        .map(|i| entry.table_offset + i * cluster_size)
+        .collect()
+}
+
+/// Rewrites the directory in place with the new `in_use` flags, as QEMU's
+/// `update_ext_header_and_dir_in_place` does.
+fn mark_in_use(
+    storage: &dyn Storage,
+    header: &Header,
+    extension: &Extension,
+    directory: &[DirEntry],
+) -> Result<()> {
+    let mut cleared = header.clone();
+    cleared.autoclear.remove(Autoclear::BITMAPS);
+    storage.write_at(&cleared.serialize()?, 0)?;
+    // While the bit is clear every reader ignores the bitmaps, so a crash
+    // that tears the in-place directory write below loses them (leaking
+    // their clusters) instead of publishing a half-written directory.
+    storage.sync()?;
+    storage.write_at(&serialize_directory(directory), extension.directory_offset)?;
+    // The directory must be whole on disk before the bit vouches for it.
+    storage.sync()?;
+    storage.write_at(&header.serialize()?, 0)?;
+    // in_use must be durable before the first guest write that the bitmaps
+    // on disk do not show.
+    storage.sync()?;
+    Ok(())
+}
+
+/// Bits of a bitmap of a virtual disk: one per granule.
+fn bitmap_bits(virtual_size: u64, granularity_bits: u8) -> u64 {
+    virtual_size.div_ceil(1 << granularity_bits)
+}
+
+/// Clusters needed for `bytes` bytes.
+fn cluster_count(bytes: u64, cluster_size: u64) -> u64 {
+    bytes.div_ceil(cluster_size)
+}
+
+/// Sets bits `from..to` (bit `n` is bit `n % 8` of byte `n / 8`).
+fn set_bits(buf: &mut [u8], from: usize, to: usize) {
+    let mut bit = from;
+    while bit < to && bit % 8 != 0 {
+        buf[bit / 8] |= 1 << (bit % 8);
+        bit += 1;
+    }
+    let whole_end = bit + (to.saturating_sub(bit)) / 8 * 8;
+    if bit < whole_end {
+        buf[bit / 8..whole_end / 8].fill(0xff);
+        bit = whole_end;
+    }
+    while bit < to {
+        buf[bit / 8] |= 1 << (bit % 8);
+        bit += 1;
+    }
+}
+
+/// Clears every bit from `from` to the end of `buf`.
+fn clear_bits_from(buf: &mut [u8], from: usize) {
+    let byte = from / 8;
+    if byte >= buf.len() {
+        return;
+    }
+    buf[byte] &= (1u8 << (from % 8)).wrapping_sub(1);
+    buf[byte + 1..].fill(0);
+}
+
+/// Fails unless `offset..offset + len` lies inside a file of `file_len`.
+fn check_in_file(offset: u64, len: u64, file_len: u64, what: &str) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(malformed(format!(
+            "{what} at {offset:#x} ({len} bytes) lies past the end of the file ({file_len})"
+        ))),
+    }
+}
+
+fn malformed(what: impl Into<String>) -> FormatError {
+    FormatError::malformed(what)
+}
+
+fn be32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+fn be64(buf: &[u8], at: usize) -> u64 {
+    (u64::from(be32(buf, at)) << 32) | u64::from(be32(buf, at + 4))
+}
+
+/// The engine's side: what `open`, `close`, `write` and `zero_range` call.
+impl Qcow2 {
+    /// Records a guest write of `len` bytes at `offset` in the bitmaps.
+    pub(super) fn record_dirty(&self, offset: u64, len: u64) {
+        if let Some(bitmaps) = sync::read(&self.bitmaps).as_ref() {
+            bitmaps.record(offset, len);
+        }
+    }
+
+    /// On close, after data and metadata are synced: stores the bitmaps and
+    /// applies the frees of the clusters they replaced.
+    pub(super) fn store_bitmaps(&self, meta: &mut Meta) -> Result<()> {
+        if let Some(bitmaps) = sync::read(&self.bitmaps).as_ref() {
+            bitmaps.store(self.storage.as_ref(), &mut meta.allocator, &mut meta.header)?;
+        }
+        self.sync_and_free(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests;

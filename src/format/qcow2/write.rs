@@ -124,20 +124,15 @@ impl Qcow2 {
         } else {
             self.write_whole_cluster(&old, target, guest, data, backing)
         };
-        let new = match written.and_then(|new| {
-            self.set_l2_entry(l2_offset, &table, index, &new)?;
-            Ok(new)
-        }) {
-            Ok(new) => new,
-            Err(err) => {
-                // Nothing points to a fresh cluster yet: keep it for later
-                // rather than leak it (a full disk fails writes here).
-                if !reuse && self.data_file.is_none() {
-                    meta.allocator.give_back(target);
-                }
-                return Err(err);
+        let published = written.and_then(|new| self.set_l2_entry(l2_offset, &table, index, &new));
+        if let Err(err) = published {
+            // Nothing points to a fresh cluster yet: keep it for later
+            // rather than leak it (a full disk fails writes here).
+            if !reuse && self.data_file.is_none() {
+                meta.allocator.give_back(target);
             }
-        };
+            return Err(err);
+        }
         if !reuse {
             self.free_entry(meta, &old);
         }

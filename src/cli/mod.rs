@@ -6,9 +6,13 @@
 //! own convention) and for subcommands that are not implemented yet.
 
 pub mod info;
+mod procfs;
+mod size;
+pub mod status;
+pub mod umount;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,13 +30,14 @@ pub struct Cli {
 /// The subcommands of SPEC §2.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount IMAGE's whole backing chain at MOUNTPOINT (not implemented yet).
+    /// Mount IMAGE's whole backing chain at MOUNTPOINT.
     Mount(MountArgs),
-    /// Unmount MOUNTPOINT once everything is written (not implemented yet).
+    /// Unmount MOUNTPOINT; returns once the daemon has written everything
+    /// and released the images.
     Umount(UmountArgs),
     /// Print the chain of IMAGE, top first.
     Info(InfoArgs),
-    /// Print the jobs of a mount (not implemented yet).
+    /// Print the jobs of a mount.
     Status(StatusArgs),
     /// Create and mount a five-image demo chain in DIR (not implemented yet).
     Demo(DemoArgs),
@@ -53,11 +58,12 @@ pub struct MountArgs {
     /// Ignore image locks, as `qemu-img -U` does; implies --read-only.
     #[arg(long)]
     pub force_share: bool,
-    /// Number of threads serving requests.
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Metadata cache budget in bytes.
-    #[arg(long, value_name = "BYTES")]
+    /// Number of threads serving requests (default: one per CPU, 2 to 16).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+    /// Metadata cache budget per image in bytes; K, M or G suffixes
+    /// (powers of 1024) are accepted.
+    #[arg(long, value_name = "BYTES", value_parser = size::parse_size)]
     pub cache_size: Option<u64>,
     /// Write the daemon's log to PATH.
     #[arg(long, value_name = "PATH")]
@@ -115,6 +121,12 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// A failure concerning `path`: `PATH: reason`, the shape of every
+    /// message chainfs prints.
+    pub fn at(path: &Path, reason: impl fmt::Display) -> CliError {
+        CliError::Failed(format!("{}: {reason}", path.display()))
+    }
+
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -137,7 +149,6 @@ impl std::error::Error for CliError {}
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -151,17 +162,38 @@ pub fn run(cli: Cli) -> ExitCode {
 /// Logs go to stderr at `warn` unless RUST_LOG says otherwise, so that the
 /// warnings SPEC §1 asks for (a probed backing format) reach the user.
 fn init_logging() {
-    let env = env_logger::Env::default().default_filter_or("warn");
+    init_logging_to(None);
+}
+
+/// Starts the logger: to `file` at `info` (a daemon's log is read after the
+/// fact, so it says what happened), or to stderr at `warn`. RUST_LOG
+/// overrides the level either way.
+fn init_logging_to(file: Option<std::fs::File>) {
+    let level = if file.is_some() { "info" } else { "warn" };
+    let env = env_logger::Env::default().default_filter_or(level);
+    let mut builder = env_logger::Builder::from_env(env);
+    if let Some(file) = file {
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
     // A second init (tests calling run twice) is harmless; ignore it.
-    let _ = env_logger::Builder::from_env(env).try_init();
+    let _ = builder.try_init();
 }
 
 fn dispatch(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Info(args) => info::run(&args),
+        Command::Info(args) => {
+            init_logging();
+            info::run(&args)
+        }
         Command::Mount(_) => Err(CliError::NotImplemented("mount")),
-        Command::Umount(_) => Err(CliError::NotImplemented("umount")),
-        Command::Status(_) => Err(CliError::NotImplemented("status")),
+        Command::Umount(args) => {
+            init_logging();
+            umount::run(&args)
+        }
+        Command::Status(args) => {
+            init_logging();
+            status::run(&args)
+        }
         Command::Demo(_) => Err(CliError::NotImplemented("demo")),
     }
 }
@@ -198,10 +230,25 @@ mod tests {
     }
 
     #[test]
-    fn unwritten_subcommands_exit_2() {
-        let cli = Cli::try_parse_from(["chainfs", "umount", "/mnt"]).ok();
-        let err = cli.map(|c| dispatch(c.command));
-        assert!(matches!(err, Some(Err(CliError::NotImplemented("umount")))));
+    fn cache_size_takes_binary_suffixes() {
+        let cli = Cli::try_parse_from(["chainfs", "mount", "--cache-size", "64M", "a", "b"]);
+        match cli.map(|c| c.command) {
+            Ok(Command::Mount(args)) => assert_eq!(args.cache_size, Some(64 << 20)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_threads_is_a_usage_error() {
+        let cli = Cli::try_parse_from(["chainfs", "mount", "--threads", "0", "a", "b"]);
+        assert!(cli.is_err());
+    }
+
+    #[test]
+    fn failures_name_the_file_first() {
+        let err = CliError::at(Path::new("/mnt/x"), "not an empty directory");
+        assert_eq!(err.to_string(), "/mnt/x: not an empty directory");
+        assert_eq!(err.exit_code(), 1);
         assert_eq!(CliError::NotImplemented("x").exit_code(), 2);
     }
 }

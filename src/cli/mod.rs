@@ -3,10 +3,15 @@
 //!
 //! Exit codes: 0 on success, 1 when the command ran and failed (a message
 //! naming the file and the reason goes to stderr), 2 for usage errors (clap's
-//! own convention) and for subcommands that are not implemented yet.
+//! own convention).
 
+mod daemon;
+pub mod demo;
 pub mod info;
+pub mod mount;
+mod preflight;
 mod procfs;
+mod signals;
 mod size;
 pub mod status;
 pub mod umount;
@@ -114,8 +119,6 @@ pub struct DemoArgs {
 /// Why a subcommand failed.
 #[derive(Debug)]
 pub enum CliError {
-    /// The subcommand exists in the contract but has not been written yet.
-    NotImplemented(&'static str),
     /// The subcommand ran and failed; the message names the file and reason.
     Failed(String),
 }
@@ -130,7 +133,6 @@ impl CliError {
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::NotImplemented(_) => 2,
             CliError::Failed(_) => 1,
         }
     }
@@ -139,7 +141,6 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::NotImplemented(cmd) => write!(f, "{cmd}: not implemented yet"),
             CliError::Failed(msg) => f.write_str(msg),
         }
     }
@@ -170,6 +171,15 @@ fn init_logging() {
 /// overrides the level either way.
 fn init_logging_to(file: Option<std::fs::File>) {
     let level = if file.is_some() { "info" } else { "warn" };
+    init_logger(level, file);
+}
+
+/// Starts the logger on stderr at `level` (unless RUST_LOG says otherwise).
+fn init_logging_at(level: &str) {
+    init_logger(level, None);
+}
+
+fn init_logger(level: &str, file: Option<std::fs::File>) {
     let env = env_logger::Env::default().default_filter_or(level);
     let mut builder = env_logger::Builder::from_env(env);
     if let Some(file) = file {
@@ -185,7 +195,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             init_logging();
             info::run(&args)
         }
-        Command::Mount(_) => Err(CliError::NotImplemented("mount")),
+        Command::Mount(args) => mount::run(&args),
         Command::Umount(args) => {
             init_logging();
             umount::run(&args)
@@ -194,7 +204,10 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             init_logging();
             status::run(&args)
         }
-        Command::Demo(_) => Err(CliError::NotImplemented("demo")),
+        Command::Demo(args) => {
+            init_logging();
+            demo::run(&args)
+        }
     }
 }
 
@@ -249,6 +262,5 @@ mod tests {
         let err = CliError::at(Path::new("/mnt/x"), "not an empty directory");
         assert_eq!(err.to_string(), "/mnt/x: not an empty directory");
         assert_eq!(err.exit_code(), 1);
-        assert_eq!(CliError::NotImplemented("x").exit_code(), 2);
     }
 }

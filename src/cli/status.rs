@@ -234,7 +234,7 @@ mod tests {
         let done = job("concluded", Some("completed"));
         let mut failed = job("concluded", Some("failed"));
         failed.error = Some("Input/output error".into());
-        assert!(verdict(Path::new("/m"), &[done.clone()]).is_ok());
+        assert!(verdict(Path::new("/m"), std::slice::from_ref(&done)).is_ok());
         assert!(verdict(Path::new("/m"), &[]).is_ok());
         let err = verdict(Path::new("/m"), &[done, failed]).expect_err("one failed");
         assert_eq!(

@@ -5,7 +5,7 @@
 //! (the command line may also reach the chain for `info` and `demo`):
 //!
 //! ```text
-//! cli  →  chain  →  format  →  storage
+//! cli  →  fs  →  jobs  →  chain  →  format  →  storage
 //! ```
 //!
 //! * [`storage`]: byte-addressed files (host files, QEMU-compatible locks,
@@ -14,6 +14,11 @@
 //!   this image holds, and which ranges fall through to its backing file.
 //! * [`chain`]: backing resolution and the one iterative walk down the chain
 //!   that reads, writes with copy-on-write, and answers allocation queries.
+//! * [`jobs`]: the owner of the mounted chain; commands written to
+//!   `ctl/command`, the event log, status and chain reports. Re-exports
+//!   what `fs` needs of the chain.
+//! * [`fs`]: the FUSE mount (SPEC §3): node files, `active`, `ctl/`; a
+//!   fuser-free model and a thin adapter; [`fs::Mount`] to serve it.
 //! * [`cli`]: the `chainfs` command line.
 //!
 //! [`sync`] is a leaf that every layer may use.
@@ -22,5 +27,7 @@
 pub mod chain;
 pub mod cli;
 pub mod format;
+pub mod fs;
+pub mod jobs;
 pub mod storage;
 pub mod sync;

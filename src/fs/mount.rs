@@ -1,0 +1,273 @@
+//! Setting up the kernel mount, serving it, and taking it down so that the
+//! images are closed cleanly whichever way the unmount came (`umount`,
+//! `fusermount3 -u`, or an [`Unmounter`] from a signal handler).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+
+use super::errno::FsError;
+use super::ops::FsModel;
+use super::stats::RequestStats;
+use super::ChainFs;
+use crate::jobs::Jobs;
+use crate::sync::{lock, Arc, Mutex};
+
+/// How to mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    /// Every flat file 0444 and every write to one EROFS; `ctl/command`
+    /// stays writable so commands are refused (EROFS) and logged.
+    pub read_only: bool,
+    /// Let other users in (`allow_other`); modes are still enforced
+    /// (`default_permissions`).
+    pub allow_other: bool,
+    /// How many threads serve FUSE requests (at least one).
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            read_only: false,
+            allow_other: false,
+            threads: DEFAULT_THREADS,
+        }
+    }
+}
+
+/// Request threads when not told otherwise: enough to overlap I/O on a
+/// small machine without idling a large one's queue.
+pub const DEFAULT_THREADS: usize = 4;
+
+/// A live mount of a chain.
+pub struct Mount {
+    session: Session<ChainFs>,
+    jobs: Arc<Jobs>,
+    mountpoint: PathBuf,
+    unmounter: Unmounter,
+    stats: Arc<RequestStats>,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mount {
+    /// Mounts `jobs`' chain at `mountpoint` (an existing empty directory;
+    /// anything else fails with an [`FsError`] naming it) and returns once
+    /// the kernel mount is live: the FUSE handshake is done, so the mount
+    /// shows in the mount table, and requests are answered as soon as
+    /// [`Mount::run`] starts. On failure the chain is closed again and
+    /// nothing stays mounted.
+    pub fn new(
+        mut jobs: Jobs,
+        mountpoint: &Path,
+        options: &MountOptions,
+    ) -> Result<Mount, FsError> {
+        if options.read_only {
+            jobs.set_read_only();
+        }
+        let mountpoint = match checked_mountpoint(mountpoint) {
+            Ok(path) => path,
+            Err(error) => {
+                // Release the images (and their locks) before reporting.
+                let _ = jobs.close();
+                return Err(error);
+            }
+        };
+        let jobs = Arc::new(jobs);
+        let stats = Arc::new(RequestStats::default());
+        let model = FsModel::new(Arc::clone(&jobs), options.read_only, Arc::clone(&stats));
+        let fs = ChainFs::new(Arc::new(model));
+        let mut session = match Session::new(fs, &mountpoint, &session_config(options)) {
+            Ok(session) => session,
+            Err(source) => {
+                // The failed session dropped the file system and its
+                // reference to the jobs; release the images now.
+                if let Ok(jobs) = Arc::try_unwrap(jobs) {
+                    let _ = jobs.close();
+                }
+                return Err(FsError::Session {
+                    path: mountpoint,
+                    source,
+                });
+            }
+        };
+        let unmounter = Unmounter {
+            session: Arc::new(Mutex::new(Some(session.unmount_callable()))),
+            mountpoint: mountpoint.clone(),
+        };
+        log::info!("mounted at {}", mountpoint.display());
+        Ok(Mount {
+            session,
+            jobs,
+            mountpoint,
+            unmounter,
+            stats,
+        })
+    }
+
+    /// Something another thread (a signal handler thread) can use to end
+    /// the mount.
+    pub fn unmounter(&self) -> Unmounter {
+        self.unmounter.clone()
+    }
+
+    /// Counters of the data requests served (request sizes included).
+    pub fn stats(&self) -> Arc<RequestStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The mount point, canonical.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Serves requests until the file system is unmounted (by `umount`,
+    /// `fusermount3 -u`, or an [`Unmounter`]), then flushes and closes every
+    /// image; returns only once the images are released.
+    pub fn run(self) -> Result<(), FsError> {
+        let Mount {
+            session,
+            jobs,
+            mountpoint,
+            ..
+        } = self;
+        // `run` returns after the kernel ended the session and every
+        // request thread stopped; the file system, and with it every open
+        // handle's chain snapshot, is dropped by then.
+        let served = session.run().map_err(|source| FsError::Session {
+            path: mountpoint.clone(),
+            source,
+        });
+        let closed = match Arc::try_unwrap(jobs) {
+            Ok(jobs) => jobs.close().map_err(FsError::from),
+            Err(jobs) => {
+                log::error!("chain still referenced after unmount; flushing only");
+                jobs.chain().flush().map_err(FsError::from)
+            }
+        };
+        log::info!("unmounted {}; images closed", mountpoint.display());
+        served.and(closed)
+    }
+}
+
+/// Ends a mount from any thread. Cloning is cheap; the first call does the
+/// work and later calls do nothing.
+#[derive(Clone)]
+pub struct Unmounter {
+    session: Arc<Mutex<Option<SessionUnmounter>>>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Unmounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unmounter")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unmounter {
+    /// Unmounts. If the mount is busy (a process holds a file open), it is
+    /// detached lazily instead: it leaves the namespace at once, and
+    /// [`Mount::run`] returns (closing the images) when the last file is
+    /// closed, so nothing written is lost.
+    pub fn unmount(&self) {
+        let Some(mut session) = lock(&self.session).take() else {
+            return;
+        };
+        if let Err(error) = session.unmount() {
+            log::warn!(
+                "unmount {}: {error}; detaching lazily",
+                self.mountpoint.display()
+            );
+            detach_lazily(&self.mountpoint);
+        }
+    }
+}
+
+/// `umount -l`: as root through umount2(MNT_DETACH), else through
+/// `fusermount3 -u -z`.
+fn detach_lazily(mountpoint: &Path) {
+    if let Ok(path) = CString::new(mountpoint.as_os_str().as_bytes()) {
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the
+        // call; umount2 reads it and keeps no pointer.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return;
+        }
+    }
+    let status = Command::new("fusermount3")
+        .args(["-u", "-z", "--"])
+        .arg(mountpoint)
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        log::error!("cannot detach {}", mountpoint.display());
+    }
+}
+
+/// The fuser session settings for `options`.
+fn session_config(options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("chainfs".to_owned()),
+        MountOption::Subtype("chainfs".to_owned()),
+        // The kernel enforces the modes (0444, 0644, 0200) for every user
+        // but root; the model refuses writes to read-only files for root.
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        // Not `ro` even with --read-only: ctl/command must stay writable.
+        // Not auto_unmount: the daemon itself must close the images.
+    ];
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(options.threads.max(1));
+    // Each thread reads its own /dev/fuse clone, so threads do not contend
+    // on one descriptor.
+    config.clone_fd = true;
+    config
+}
+
+/// The mount point, canonical, if it exists, is a directory, and is empty.
+fn checked_mountpoint(path: &Path) -> Result<PathBuf, FsError> {
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| mountpoint_error(path, format!("cannot use it: {e}"), e.raw_os_error()))?;
+    if !metadata.is_dir() {
+        return Err(mountpoint_error(
+            path,
+            "is not a directory".into(),
+            Some(libc::ENOTDIR),
+        ));
+    }
+    let mut entries = std::fs::read_dir(path)
+        .map_err(|e| mountpoint_error(path, format!("cannot list it: {e}"), e.raw_os_error()))?;
+    if entries.next().is_some() {
+        return Err(mountpoint_error(
+            path,
+            "is not empty".into(),
+            Some(libc::ENOTEMPTY),
+        ));
+    }
+    path.canonicalize()
+        .map_err(|e| mountpoint_error(path, format!("cannot resolve it: {e}"), e.raw_os_error()))
+}
+
+fn mountpoint_error(path: &Path, reason: String, errno: Option<i32>) -> FsError {
+    FsError::Mountpoint {
+        path: path.to_path_buf(),
+        reason,
+        errno: errno.unwrap_or(libc::EINVAL),
+    }
+}

@@ -1,0 +1,69 @@
+//! Errors of the jobs layer: why a command was rejected, or why the chain
+//! could not be flushed and closed. Each has one errno.
+
+use super::ChainError;
+
+/// Why a command was refused or a chain operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The command text does not parse as `VERB key=value …`.
+    #[error("bad command syntax: {reason}")]
+    Syntax {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The verb is not one SPEC §4 defines.
+    #[error("unknown command {verb:?}")]
+    UnknownVerb {
+        /// The verb as written.
+        verb: String,
+    },
+    /// The mount is read-only: no command may change anything.
+    #[error("the mount is read-only")]
+    ReadOnly,
+    /// A verb of SPEC §4 whose job engine is not built yet.
+    #[error("command {verb:?} is not implemented yet")]
+    NotImplemented {
+        /// The verb.
+        verb: String,
+    },
+    /// The chain could not be closed because something still holds it.
+    #[error("the chain is still in use by {holders} holder(s); it was flushed but not closed")]
+    ChainInUse {
+        /// How many other references remain.
+        holders: usize,
+    },
+    /// The chain below failed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+}
+
+impl JobError {
+    /// The errno a write to `ctl/command` (or another request) failing with
+    /// this error returns; chain errors delegate to [`ChainError::errno`].
+    pub fn errno(&self) -> i32 {
+        match self {
+            JobError::Syntax { .. }
+            | JobError::UnknownVerb { .. }
+            | JobError::NotImplemented { .. } => libc::EINVAL,
+            JobError::ReadOnly => libc::EROFS,
+            JobError::ChainInUse { .. } => libc::EBUSY,
+            JobError::Chain(e) => e.errno(),
+        }
+    }
+
+    /// The errno's symbolic name, for events and status lines.
+    pub fn errno_name(&self) -> String {
+        let name = match self.errno() {
+            libc::EINVAL => "EINVAL",
+            libc::EROFS => "EROFS",
+            libc::EBUSY => "EBUSY",
+            libc::ENOENT => "ENOENT",
+            libc::EEXIST => "EEXIST",
+            libc::ENOSPC => "ENOSPC",
+            libc::EIO => "EIO",
+            other => return format!("errno {other}"),
+        };
+        name.to_owned()
+    }
+}

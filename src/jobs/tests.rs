@@ -1,0 +1,95 @@
+//! Tests of [`Jobs`] on a small raw chain: commands are refused with the
+//! right errno and each refusal is visible in events and status.
+
+use super::*;
+use crate::chain::ChainOptions;
+
+fn raw_jobs(read_only: bool) -> (tempfile::TempDir, Jobs) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.img");
+    std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+    let options = ChainOptions {
+        writable: !read_only,
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(&path, &options).unwrap();
+    (dir, Jobs::new(chain, read_only))
+}
+
+fn last_event(jobs: &Jobs) -> serde_json::Value {
+    let text = jobs.events_text();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn an_unknown_verb_is_einval_and_logged() {
+    let (_dir, jobs) = raw_jobs(false);
+    let error = jobs.command("frobnicate now=1\n").unwrap_err();
+    assert_eq!(error.errno(), libc::EINVAL);
+    let event = last_event(&jobs);
+    assert_eq!(event["event"], "COMMAND_REJECTED");
+    assert_eq!(event["data"]["command"], "frobnicate now=1");
+    assert_eq!(event["data"]["errno"], "EINVAL");
+    let status = jobs.status_text();
+    assert!(status.starts_with("No active jobs\n"));
+    assert!(status.lines().last().unwrap().contains("frobnicate"));
+}
+
+#[test]
+fn job_verbs_are_refused_as_not_implemented_yet() {
+    let (_dir, jobs) = raw_jobs(false);
+    for verb in command::VERBS {
+        let error = jobs.command(verb).unwrap_err();
+        assert!(matches!(error, JobError::NotImplemented { .. }), "{verb}");
+        assert_eq!(error.errno(), libc::EINVAL);
+    }
+}
+
+#[test]
+fn a_read_only_mount_refuses_commands_with_erofs() {
+    let (_dir, jobs) = raw_jobs(true);
+    let error = jobs.command("stream base=base.img\n").unwrap_err();
+    assert_eq!(error.errno(), libc::EROFS);
+    assert_eq!(last_event(&jobs)["data"]["errno"], "EROFS");
+}
+
+#[test]
+fn a_huge_refused_command_is_logged_as_an_excerpt() {
+    let (_dir, jobs) = raw_jobs(false);
+    let huge = "x".repeat(1 << 20);
+    assert!(jobs.command(&huge).is_err());
+    assert!(jobs.events_text().len() < 4096);
+}
+
+#[test]
+fn the_chain_text_lists_nodes_base_first() {
+    let (_dir, jobs) = raw_jobs(false);
+    let text = jobs.chain_text();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("base.img"));
+    let node = lines.next().unwrap();
+    assert!(node.starts_with("base.img: path="), "{node}");
+    assert!(
+        node.contains("format=raw virtual-size=65536 backing=none"),
+        "{node}"
+    );
+}
+
+#[test]
+fn close_releases_the_chain_unless_a_snapshot_is_held() {
+    let (_dir, jobs) = raw_jobs(false);
+    jobs.close().unwrap();
+    let (_dir, jobs) = raw_jobs(false);
+    let held = jobs.chain();
+    let error = jobs.close().unwrap_err();
+    assert!(matches!(error, JobError::ChainInUse { holders: 1 }));
+    drop(held);
+}
+
+#[test]
+fn a_command_that_is_not_utf8_is_refused_and_logged() {
+    let (_dir, jobs) = raw_jobs(false);
+    let error = jobs.command_bytes(b"stream base=\xff\n").unwrap_err();
+    assert_eq!(error.errno(), libc::EINVAL);
+    assert_eq!(last_event(&jobs)["event"], "COMMAND_REJECTED");
+}

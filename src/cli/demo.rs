@@ -116,32 +116,45 @@ fn stamp(layer: char, len: u64) -> Vec<u8> {
 
 /// What to try next, with `dir` and `mnt` as the user wrote them.
 fn next_steps(dir: &Path, mnt: &Path) -> String {
-    let d = |name: &str| quote(&dir.join(name));
     let m = |name: &str| quote(&mnt.join(name));
     let mnt_q = quote(mnt);
-    format!(
-        "\
-Made the chain file-A.img <- file-B.img <- ... <- file-E.img in {dir}
-and mounted it at {mnt_q}. Try:
-
-  ls -l {mnt_q}                                  # one flat file per node, active, ctl/
-  cat {chain}                          # the chain, base first
-  hexdump -C {c} | head            # layer C's data over B's and A's
-  cmp {active} {e}       # active is file-E.img
-  qemu-img compare -U -f raw -F qcow2 {c} {c_img}
-  du -h {mnt_q}/*.img                          # what each node holds itself
-  echo \"stream base=file-A.img\" > {command}   # block jobs (not implemented yet)
-  chainfs status --wait {mnt_q}
-  chainfs umount {mnt_q}
-",
-        dir = quote(dir),
-        chain = m("ctl/chain"),
-        c = m("file-C.img"),
-        c_img = d("file-C.img"),
-        active = m("active"),
-        e = m("file-E.img"),
-        command = m("ctl/command"),
-    )
+    let steps = [
+        (format!("ls -l {mnt_q}"), "one flat file per node, active, ctl/"),
+        (format!("cat {}", m("ctl/chain")), "the chain, base first"),
+        (
+            format!("hexdump -C {} | head", m("file-C.img")),
+            "layer C's data over B's and A's",
+        ),
+        (
+            format!("cmp {} {}", m("active"), m("file-E.img")),
+            "active is the top node, file-E.img",
+        ),
+        (
+            format!(
+                "qemu-img compare -U -f raw -F qcow2 {} {}",
+                m("file-C.img"),
+                quote(&dir.join("file-C.img"))
+            ),
+            "QEMU agrees",
+        ),
+        (format!("du -h {mnt_q}/*.img"), "what each node holds itself"),
+        (
+            format!("echo \"stream base=file-A.img\" > {}", m("ctl/command")),
+            "block jobs: not implemented yet",
+        ),
+        (format!("chainfs status --wait {mnt_q}"), "watch the jobs"),
+        (format!("chainfs umount {mnt_q}"), "when done"),
+    ];
+    let width = steps.iter().map(|(cmd, _)| cmd.len()).max().unwrap_or(0);
+    let mut text = format!(
+        "Made the chain file-A.img <- file-B.img <- ... <- file-E.img in {}\n\
+         and mounted it at {mnt_q}. Try:\n\n",
+        quote(dir)
+    );
+    for (command, comment) in steps {
+        text.push_str(&format!("  {command:width$}  # {comment}\n"));
+    }
+    text
 }
 
 /// `path` as a shell word: as is when it is plain, else single-quoted.
@@ -177,6 +190,18 @@ mod tests {
         assert_eq!(above.0, below.0 + below.1 / 2);
         let own: Vec<u64> = (0..5).map(|level| regions(level)[1].0 / MIB).collect();
         assert_eq!(own, [1, 3, 5, 7, 9]);
+    }
+
+    #[test]
+    fn next_steps_name_the_mount_and_align_their_comments() {
+        let text = next_steps(Path::new("demo"), Path::new("demo/mnt"));
+        assert!(text.contains("  chainfs umount demo/mnt"));
+        let columns: Vec<usize> = text
+            .lines()
+            .filter_map(|line| line.find("  # "))
+            .collect();
+        assert_eq!(columns.len(), 9);
+        assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum Command {
     Info(InfoArgs),
     /// Print the jobs of a mount.
     Status(StatusArgs),
-    /// Create and mount a five-image demo chain in DIR (not implemented yet).
+    /// Create and mount a five-image demo chain in DIR.
     Demo(DemoArgs),
 }
 

@@ -21,7 +21,7 @@ use super::preflight;
 use super::signals::SignalWatch;
 use super::{init_logging_to, CliError, MountArgs};
 use crate::chain::{Chain, ChainOptions};
-use crate::fs::{Mount, MountOptions};
+use crate::fs::{FsError, Mount, MountOptions};
 use crate::jobs::Jobs;
 
 /// Everything `mount` decided before opening an image.
@@ -130,7 +130,7 @@ fn serve(
     }
     let read_only = plan.mount_options.read_only;
     let mount = Mount::new(Jobs::new(chain, read_only), &plan.mount_point, &plan.mount_options)
-        .map_err(|e| CliError::at(&shown, e))?;
+        .map_err(|e| mount_error(&shown, &e))?;
     let unmounter = mount.unmounter();
     signals.arm(move || unmounter.unmount());
     on_ready(&plan)?;
@@ -153,6 +153,18 @@ fn open_log(path: &Path) -> Result<File, CliError> {
         .append(true)
         .open(path)
         .map_err(|e| CliError::at(path, preflight::reason(&e)))
+}
+
+/// Why the kernel mount failed, said of the mount point.
+fn mount_error(mount_point: &Path, error: &FsError) -> CliError {
+    match error {
+        FsError::Session { source, .. } => CliError::at(
+            mount_point,
+            format!("cannot mount: {}", preflight::reason(source)),
+        ),
+        FsError::Mountpoint { reason, .. } => CliError::at(mount_point, reason),
+        other => CliError::at(mount_point, other),
+    }
 }
 
 fn mount_point_error(path: &Path, error: &std::io::Error) -> CliError {

@@ -34,9 +34,11 @@ pub struct MountEntry {
 }
 
 impl MountEntry {
-    /// Whether this is a FUSE mount (`fuse` or `fuse.SUBTYPE`).
-    pub fn is_fuse(&self) -> bool {
-        self.fstype == "fuse" || self.fstype.starts_with("fuse.")
+    /// Whether this is a chainfs mount: type `fuse.chainfs` when mounted
+    /// through fusermount3, which records the subtype; type `fuse` with
+    /// source (`fsname`) `chainfs` when mounted directly by root.
+    pub fn is_chainfs(&self) -> bool {
+        self.fstype == "fuse.chainfs" || (self.fstype == "fuse" && self.source == "chainfs")
     }
 
     /// The device number as the kernel writes it in `fuse_connection:`
@@ -225,7 +227,8 @@ garbage line
         assert_eq!(entries[1].mount_point, Path::new("/tmp/a b"));
         assert_eq!(entries[1].fstype, "fuse.chainfs");
         assert_eq!(entries[1].source, "/img/top x.qcow2");
-        assert!(entries[1].is_fuse() && entries[2].is_fuse() && !entries[0].is_fuse());
+        assert!(entries[1].is_chainfs() && entries[2].is_chainfs());
+        assert!(!entries[0].is_chainfs());
     }
 
     #[test]

@@ -65,10 +65,13 @@ fn find_daemons(mount_point: &Path) -> Result<Vec<Process>, CliError> {
     let entry = procfs::mount_at(mount_point)
         .map_err(|e| CliError::at(Path::new("/proc/self/mountinfo"), e))?
         .ok_or_else(|| CliError::at(mount_point, "not mounted"))?;
-    if !entry.is_fuse() {
+    if !entry.is_chainfs() {
         return Err(CliError::at(
             mount_point,
-            format!("not a chainfs mount (its type is {})", entry.fstype),
+            format!(
+                "not a chainfs mount (type {}, source {})",
+                entry.fstype, entry.source
+            ),
         ));
     }
     Ok(procfs::fuse_daemons(&entry))

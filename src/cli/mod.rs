@@ -154,10 +154,21 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, so scripts can show it as is.
-            eprintln!("chainfs: {err}");
+            eprintln!("chainfs: {}", one_line(&err.to_string()));
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// Joins a message that spans lines (QEMU-style lock errors add a hint on
+/// a second line) into one, as SPEC §2 wants one message per failure.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join("; ")
 }
 
 /// Logs go to stderr at `warn` unless RUST_LOG says otherwise, so that the
@@ -255,6 +266,15 @@ mod tests {
     fn zero_threads_is_a_usage_error() {
         let cli = Cli::try_parse_from(["chainfs", "mount", "--threads", "0", "a", "b"]);
         assert!(cli.is_err());
+    }
+
+    #[test]
+    fn multi_line_messages_become_one_line() {
+        assert_eq!(
+            one_line("a.img: Failed to get \"write\" lock\nIs another process using the image [a.img]?\n"),
+            "a.img: Failed to get \"write\" lock; Is another process using the image [a.img]?"
+        );
+        assert_eq!(one_line("plain"), "plain");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use support::{
-    chainfs, chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_img, require_fuse,
-    run, s, MountGuard,
+    chainfs, chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_img, require_fuse, run,
+    s, MountGuard,
 };
 
 /// The printed commands: the indented lines, without their `# comment`.
@@ -63,7 +63,10 @@ fn demo_builds_the_chain_mounts_it_and_its_commands_run() {
         }
         assert_eq!(outcome.code, Some(0), "{command}: {outcome:#?}");
     }
-    let hexdump = shell(&format!("hexdump -C {} | head -1", s(&mnt.join("file-C.img"))));
+    let hexdump = shell(&format!(
+        "hexdump -C {} | head -1",
+        s(&mnt.join("file-C.img"))
+    ));
     assert!(hexdump.stdout.contains("|layer C was here|"), "{hexdump:?}");
 
     shell(umount).ok();

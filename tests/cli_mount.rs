@@ -123,7 +123,9 @@ fn umount_refuses_a_busy_mount_and_succeeds_once_the_file_is_closed() {
     assert!(is_mounted(&setup.mnt));
     assert_eq!(setup.daemons().len(), 1);
     let mut byte = [0u8; 1];
-    reader.read_exact(&mut byte).expect("the reader still reads");
+    reader
+        .read_exact(&mut byte)
+        .expect("the reader still reads");
     assert_eq!(byte, [0xaa]);
 
     drop(reader);

@@ -66,7 +66,12 @@ fn a_missing_image_is_named() {
     }
     let setup = Setup::new();
     let missing = setup.path("nope.qcow2");
-    assert_mount_fails(&setup, &missing, &setup.mnt, &["nope.qcow2", "No such file"]);
+    assert_mount_fails(
+        &setup,
+        &missing,
+        &setup.mnt,
+        &["nope.qcow2", "No such file"],
+    );
 }
 
 #[test]
@@ -77,7 +82,17 @@ fn a_missing_backing_file_names_it_and_the_image_that_points_to_it() {
     let setup = Setup::new();
     let orphan = setup.path("orphan.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", s(&orphan), "16M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        s(&orphan),
+        "16M",
     ]);
     assert_mount_fails(&setup, &orphan, &setup.mnt, &["gone.qcow2", "orphan.qcow2"]);
 }
@@ -89,7 +104,15 @@ fn a_backing_loop_is_refused() {
     }
     let setup = Setup::new();
     // base now names top as its backing file: top → base → top.
-    qemu_img(&["rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", s(&setup.images[0])]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "top.qcow2",
+        "-F",
+        "qcow2",
+        s(&setup.images[0]),
+    ]);
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["loop", "qcow2"]);
 }
 
@@ -100,15 +123,24 @@ fn a_hostile_header_is_refused() {
     }
     let setup = Setup::new();
     let top = setup.top().to_path_buf();
-    let file = std::fs::OpenOptions::new().write(true).open(&top).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&top)
+        .expect("open");
     // Header bytes 4..8: the version; 99 is no qcow2 version.
-    file.write_all_at(&99u32.to_be_bytes(), 4).expect("patch version");
+    file.write_all_at(&99u32.to_be_bytes(), 4)
+        .expect("patch version");
     drop(file);
     assert_mount_fails(&setup, &top, &setup.mnt, &["top.qcow2", "version"]);
-    let file = std::fs::OpenOptions::new().write(true).open(&top).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&top)
+        .expect("open");
     // Back to version 3, but with 2^99-byte clusters (bytes 20..24).
-    file.write_all_at(&3u32.to_be_bytes(), 4).expect("patch version");
-    file.write_all_at(&99u32.to_be_bytes(), 20).expect("patch cluster_bits");
+    file.write_all_at(&3u32.to_be_bytes(), 4)
+        .expect("patch version");
+    file.write_all_at(&99u32.to_be_bytes(), 20)
+        .expect("patch cluster_bits");
     drop(file);
     assert_mount_fails(&setup, &top, &setup.mnt, &["top.qcow2"]);
 }
@@ -215,7 +247,9 @@ fn an_image_a_qemu_io_writer_holds_is_refused_and_force_share_mounts_it_read_onl
     let _guard = MountGuard(setup.mnt.clone());
     chainfs(["mount", "--force-share", s(setup.top()), s(&setup.mnt)]).ok();
     let active = setup.mnt.join("active");
-    let mode = std::fs::metadata(&active).expect("stat active").permissions();
+    let mode = std::fs::metadata(&active)
+        .expect("stat active")
+        .permissions();
     assert!(mode.readonly(), "--force-share implies --read-only");
     chainfs(["umount", s(&setup.mnt)]).ok();
 }
@@ -228,17 +262,19 @@ fn an_image_a_qemu_storage_daemon_exports_writable_is_refused() {
     let setup = Setup::new();
     let socket = setup.path("nbd.sock");
     let top = s(setup.top());
-    let _daemon = Killer(Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!("driver=file,filename={top},node-name=f"))
-        .args(["--blockdev", "driver=qcow2,file=f,node-name=q"])
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", s(&socket)))
-        .args(["--export", "type=nbd,id=e,node-name=q,writable=on"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn qemu-storage-daemon"));
+    let _daemon = Killer(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={top},node-name=f"))
+            .args(["--blockdev", "driver=qcow2,file=f,node-name=q"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", s(&socket)))
+            .args(["--export", "type=nbd,id=e,node-name=q,writable=on"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-storage-daemon"),
+    );
     wait_until_locked(setup.top());
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["top.qcow2", "lock"]);
 }

@@ -36,8 +36,10 @@ pub fn chainfs_bin() -> &'static Path {
 pub struct Outcome {
     /// Exit code; `None` if killed by a signal.
     pub code: Option<i32>,
-    /// Everything it wrote to stdout.
+    /// Everything it wrote to stdout (lossily decoded).
     pub stdout: String,
+    /// The same, as bytes.
+    pub stdout_bytes: Vec<u8>,
     /// Everything it wrote to stderr.
     pub stderr: String,
 }
@@ -83,22 +85,26 @@ pub fn run(command: &mut Command) -> Outcome {
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("dup"))
         .stderr(err.try_clone().expect("dup"));
-    let mut child = command.spawn().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     let code = wait_child(&mut child, COMMAND_TIMEOUT)
         .unwrap_or_else(|| panic!("{command:?} did not finish in {COMMAND_TIMEOUT:?}"));
+    let stdout_bytes = read_all(out);
     Outcome {
         code,
-        stdout: read_all(out),
-        stderr: read_all(err),
+        stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+        stdout_bytes,
+        stderr: String::from_utf8_lossy(&read_all(err)).into_owned(),
     }
 }
 
-fn read_all(mut file: File) -> String {
+fn read_all(mut file: File) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0)).expect("seek");
-    file.read_to_string(&mut text).expect("read output");
-    text
+    file.read_to_end(&mut bytes).expect("read output");
+    bytes
 }
 
 /// Waits for `child` up to `timeout`; kills it and returns `None` on
@@ -264,7 +270,16 @@ pub fn small_chain(dir: &Path) -> [PathBuf; 2] {
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top), "16M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
     ]);
     qemu_io(&base, "write -P 0xaa 0 1M");
     qemu_io(&top, "write -P 0xbb 512K 1M");

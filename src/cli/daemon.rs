@@ -223,7 +223,10 @@ mod tests {
             pipe: Some(File::from(write_end)),
         };
         assert!(readiness.fail(&CliError::Failed("img: locked".into())));
-        assert!(!readiness.fail(&CliError::Failed("again".into())), "told once");
+        assert!(
+            !readiness.fail(&CliError::Failed("again".into())),
+            "told once"
+        );
         let err = await_child(File::from(read_end), -1, Path::new("/mnt")).expect_err("failed");
         assert_eq!(err.to_string(), "img: locked");
     }

@@ -119,7 +119,10 @@ fn next_steps(dir: &Path, mnt: &Path) -> String {
     let m = |name: &str| quote(&mnt.join(name));
     let mnt_q = quote(mnt);
     let steps = [
-        (format!("ls -l {mnt_q}"), "one flat file per node, active, ctl/"),
+        (
+            format!("ls -l {mnt_q}"),
+            "one flat file per node, active, ctl/",
+        ),
         (format!("cat {}", m("ctl/chain")), "the chain, base first"),
         (
             format!("hexdump -C {} | head", m("file-C.img")),
@@ -137,7 +140,10 @@ fn next_steps(dir: &Path, mnt: &Path) -> String {
             ),
             "QEMU agrees",
         ),
-        (format!("du -h {mnt_q}/*.img"), "what each node holds itself"),
+        (
+            format!("du -h {mnt_q}/*.img"),
+            "what each node holds itself",
+        ),
         (
             format!("echo \"stream base=file-A.img\" > {}", m("ctl/command")),
             "block jobs: not implemented yet",
@@ -196,10 +202,7 @@ mod tests {
     fn next_steps_name_the_mount_and_align_their_comments() {
         let text = next_steps(Path::new("demo"), Path::new("demo/mnt"));
         assert!(text.contains("  chainfs umount demo/mnt"));
-        let columns: Vec<usize> = text
-            .lines()
-            .filter_map(|line| line.find("  # "))
-            .collect();
+        let columns: Vec<usize> = text.lines().filter_map(|line| line.find("  # ")).collect();
         assert_eq!(columns.len(), 9);
         assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
     }
@@ -216,7 +219,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("x"), b"x").expect("write");
         let err = prepare_dir(dir.path()).expect_err("refused");
-        assert!(err.to_string().ends_with(": not an empty directory"), "{err}");
+        assert!(
+            err.to_string().ends_with(": not an empty directory"),
+            "{err}"
+        );
         let fresh = dir.path().join("new/deeper");
         prepare_dir(&fresh).expect("made");
         assert!(fresh.is_dir());
@@ -228,8 +234,8 @@ mod tests {
         for level in 0..LAYERS.len() {
             build_layer(dir.path(), level).expect("layer");
         }
-        let chain = Chain::open(&dir.path().join("file-E.img"), &ChainOptions::default())
-            .expect("opens");
+        let chain =
+            Chain::open(&dir.path().join("file-E.img"), &ChainOptions::default()).expect("opens");
         assert_eq!(chain.nodes().len(), 5);
         let mut buf = [0u8; 16];
         let expect = [
@@ -246,7 +252,9 @@ mod tests {
             chain.read(node, offset, &mut buf).expect("read");
             assert_eq!(buf, stamp(layer, 16).as_slice(), "node {level} @ {offset}");
         }
-        chain.read(chain.active().id(), 12 * MIB, &mut buf).expect("hole");
+        chain
+            .read(chain.active().id(), 12 * MIB, &mut buf)
+            .expect("hole");
         assert_eq!(buf, [0u8; 16]);
         chain.close().expect("close");
     }

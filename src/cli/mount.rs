@@ -43,6 +43,9 @@ impl MountPlan {
     pub fn prepare(args: &MountArgs) -> Result<MountPlan, CliError> {
         let mount_point = preflight::check_mount_point(&args.mountpoint)?;
         preflight::check_fuse_device()?;
+        if args.allow_other {
+            preflight::check_allow_other()?;
+        }
         let image = std::path::absolute(&args.image)
             .map_err(|e| CliError::at(&args.image, preflight::reason(&e)))?;
         let log = args.log_file.as_deref().map(open_log).transpose()?;
@@ -126,11 +129,18 @@ fn serve(
     if signals.stop_requested() {
         // Nothing was written; closing only releases the locks.
         let _ = chain.close();
-        return Err(CliError::at(&shown, "interrupted before the mount was ready"));
+        return Err(CliError::at(
+            &shown,
+            "interrupted before the mount was ready",
+        ));
     }
     let read_only = plan.mount_options.read_only;
-    let mount = Mount::new(Jobs::new(chain, read_only), &plan.mount_point, &plan.mount_options)
-        .map_err(|e| mount_error(&shown, &e))?;
+    let mount = Mount::new(
+        Jobs::new(chain, read_only),
+        &plan.mount_point,
+        &plan.mount_options,
+    )
+    .map_err(|e| mount_error(&shown, &e))?;
     let unmounter = mount.unmounter();
     signals.arm(move || unmounter.unmount());
     on_ready(&plan)?;
@@ -142,7 +152,10 @@ fn serve(
     mount
         .run()
         .map_err(|e| CliError::at(&shown, format!("serving the mount: {e}")))?;
-    log::info!("unmounted {}; every image is closed", plan.mount_point.display());
+    log::info!(
+        "unmounted {}; every image is closed",
+        plan.mount_point.display()
+    );
     Ok(())
 }
 

@@ -99,6 +99,35 @@ pub fn check_fuse_device() -> Result<(), CliError> {
         })
 }
 
+/// Where fusermount3 reads which options users may use.
+const FUSE_CONF: &str = "/etc/fuse.conf";
+
+/// For an ordinary user, `allow_other` is only allowed when root has put
+/// `user_allow_other` in /etc/fuse.conf; say so before fusermount3 does.
+pub fn check_allow_other() -> Result<(), CliError> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let conf = std::fs::read_to_string(FUSE_CONF).unwrap_or_default();
+    if allows_other(&conf) {
+        Ok(())
+    } else {
+        Err(CliError::at(
+            Path::new(FUSE_CONF),
+            "--allow-other needs a line `user_allow_other` here (root must add it)",
+        ))
+    }
+}
+
+/// Whether a fuse.conf text enables `user_allow_other` (a line of its own;
+/// `#` starts a comment).
+fn allows_other(conf: &str) -> bool {
+    conf.lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .any(|line| line == "user_allow_other")
+}
+
 /// An OS error's text without Rust's ` (os error N)` suffix.
 pub fn reason(error: &io::Error) -> String {
     let text = error.to_string();
@@ -142,7 +171,18 @@ mod tests {
         // /proc is a mount on every Linux system, but not empty either: the
         // mount check comes first, so the message is about the mount.
         let err = check_mount_point(Path::new("/proc")).expect_err("refused");
-        assert!(err.to_string().contains("already a mount point (proc)"), "{err}");
+        assert!(
+            err.to_string().contains("already a mount point (proc)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn user_allow_other_counts_only_when_not_commented_out() {
+        assert!(allows_other("mount_max = 10\nuser_allow_other\n"));
+        assert!(allows_other("  user_allow_other  # for chainfs\n"));
+        assert!(!allows_other("#user_allow_other\n"));
+        assert!(!allows_other(""));
     }
 
     #[test]

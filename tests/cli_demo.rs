@@ -12,15 +12,13 @@ use support::{
     s, MountGuard,
 };
 
-/// The printed commands: the indented lines, without their `# comment`.
+/// The printed commands: the indented lines that are not `# comments`.
 fn printed_commands(stdout: &str) -> Vec<String> {
     stdout
         .lines()
         .filter_map(|line| line.strip_prefix("  "))
-        .map(|line| match line.find("  # ") {
-            Some(at) => line[..at].trim_end().to_owned(),
-            None => line.trim_end().to_owned(),
-        })
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| line.trim_end().to_owned())
         .collect()
 }
 

@@ -151,14 +151,13 @@ fn next_steps(dir: &Path, mnt: &Path) -> String {
         (format!("chainfs status --wait {mnt_q}"), "watch the jobs"),
         (format!("chainfs umount {mnt_q}"), "when done"),
     ];
-    let width = steps.iter().map(|(cmd, _)| cmd.len()).max().unwrap_or(0);
     let mut text = format!(
         "Made the chain file-A.img <- file-B.img <- ... <- file-E.img in {}\n\
-         and mounted it at {mnt_q}. Try:\n\n",
+         and mounted it at {mnt_q}. Try:\n",
         quote(dir)
     );
     for (command, comment) in steps {
-        text.push_str(&format!("  {command:width$}  # {comment}\n"));
+        text.push_str(&format!("\n  # {comment}\n  {command}\n"));
     }
     text
 }
@@ -199,12 +198,15 @@ mod tests {
     }
 
     #[test]
-    fn next_steps_name_the_mount_and_align_their_comments() {
+    fn next_steps_pair_each_command_with_a_comment_above_it() {
         let text = next_steps(Path::new("demo"), Path::new("demo/mnt"));
-        assert!(text.contains("  chainfs umount demo/mnt"));
-        let columns: Vec<usize> = text.lines().filter_map(|line| line.find("  # ")).collect();
-        assert_eq!(columns.len(), 9);
-        assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("  ")).collect();
+        assert_eq!(lines.len(), 18);
+        for pair in lines.chunks(2) {
+            assert!(pair[0].starts_with("  # "), "{pair:?}");
+            assert!(!pair[1].starts_with("  #"), "{pair:?}");
+        }
+        assert_eq!(lines[17], "  chainfs umount demo/mnt");
     }
 
     #[test]

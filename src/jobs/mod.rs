@@ -17,7 +17,9 @@ pub mod events;
 pub mod report;
 
 pub use crate::chain::{Chain, ChainError, ChainExtent, Node, NodeId};
-pub use crate::format::{Allocation, Format};
+// The chain layer hands out `format::Allocation` in its extents without
+// re-exporting it; until it does, jobs names it here for the layer above.
+pub use crate::format::Allocation;
 pub use command::Command;
 pub use error::JobError;
 pub use events::EventLog;

@@ -1,0 +1,344 @@
+//! Helpers for the tests that mount for real: mount a chain in-process,
+//! serve it on a thread, unmount and join; build the five-deep chain of
+//! SPEC's example with QEMU's own tools.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use chainfs::chain::{Chain, ChainOptions};
+use chainfs::fs::{FsError, Mount, MountOptions, RequestStats, Unmounter};
+use chainfs::jobs::Jobs;
+
+use crate::common::{in_ci, path_str, require_qemu, require_tool, run_ok_in};
+
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+
+/// Whether this machine can mount FUSE file systems; under CI it must.
+pub fn require_fuse() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    if in_ci() {
+        panic!("/dev/fuse is required under CI");
+    }
+    eprintln!("!!!!!!!! SKIPPED: no /dev/fuse; this test checked NOTHING !!!!!!!!");
+    false
+}
+
+/// FUSE, qemu-img and qemu-io, and every extra tool a test names.
+pub fn require_all(tools: &[&str]) -> bool {
+    require_fuse() && require_qemu() && tools.iter().all(|tool| require_tool(tool))
+}
+
+/// A chain mounted in this process and served on a thread.
+pub struct Mounted {
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// Request counters of the mount.
+    pub stats: std::sync::Arc<RequestStats>,
+    unmounter: Unmounter,
+    thread: Option<JoinHandle<Result<(), FsError>>>,
+}
+
+/// Opens `top` (writable unless `options.read_only`) and mounts it at `mnt`.
+pub fn mount(top: &Path, mnt: &Path, options: &MountOptions) -> Mounted {
+    let chain_options = ChainOptions {
+        writable: !options.read_only,
+        ..ChainOptions::default()
+    };
+    let chain = Chain::open(top, &chain_options)
+        .unwrap_or_else(|e| panic!("open chain {}: {e}", top.display()));
+    let jobs = Jobs::new(chain, options.read_only);
+    std::fs::create_dir_all(mnt).unwrap();
+    let mount =
+        Mount::new(jobs, mnt, options).unwrap_or_else(|e| panic!("mount {}: {e}", mnt.display()));
+    let stats = mount.stats();
+    let unmounter = mount.unmounter();
+    let thread = std::thread::spawn(move || mount.run());
+    Mounted {
+        mnt: mnt.to_path_buf(),
+        stats,
+        unmounter,
+        thread: Some(thread),
+    }
+}
+
+/// Mounts `top` at `<dir>/mnt` with default options (4 threads, writable).
+pub fn mount_default(top: &Path, dir: &Path) -> Mounted {
+    mount(top, &dir.join("mnt"), &MountOptions::default())
+}
+
+impl Mounted {
+    /// A file in the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// Asks the mount to end, without waiting.
+    pub fn request_unmount(&self) {
+        self.unmounter.unmount();
+    }
+
+    /// Waits until the mount ended by itself (an outside `umount`) and
+    /// asserts that it ended cleanly.
+    pub fn join(mut self) {
+        let thread = self.thread.take().expect("mounted");
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("mount at {} ended with {e}", self.mnt.display()),
+            Err(_) => panic!("mount thread at {} panicked", self.mnt.display()),
+        }
+    }
+
+    /// Unmounts, waits until the images are closed, and asserts that the
+    /// mount ended cleanly.
+    pub fn unmount(mut self) {
+        self.unmounter.unmount();
+        let thread = self.thread.take().expect("mounted");
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("mount at {} ended with {e}", self.mnt.display()),
+            Err(_) => panic!("mount thread at {} panicked", self.mnt.display()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // A failed test must not leave a mount behind.
+        if let Some(thread) = self.thread.take() {
+            self.unmounter.unmount();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads the whole file at `path`.
+pub fn read_all(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The errno of `result`'s error, panicking if it succeeded.
+pub fn errno_of<T: std::fmt::Debug>(result: std::io::Result<T>, what: &str) -> i32 {
+    match result {
+        Ok(value) => panic!("{what}: succeeded ({value:?}) but should have failed"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: {e} has no errno")),
+    }
+}
+
+/// Writes `data` at `offset` with one `pwrite`.
+pub fn pwrite(file: &File, data: &[u8], offset: u64) -> std::io::Result<usize> {
+    file.write_at(data, offset)
+}
+
+/// The five-deep chain of SPEC's example, built by QEMU's tools, base first:
+///
+/// * `file-A.img` raw, 48 MiB (shorter than the rest: reads past it are zeros)
+/// * `file-B.img` qcow2, 4 KiB clusters, zero clusters over A's data
+/// * `file-C.img` qcow2, 64 KiB clusters, every cluster compressed: made
+///   standalone with `qemu-img convert -c`, then `rebase -u` onto B
+/// * `file-D.img` qcow2, 1 MiB clusters: partial-cluster writes and a zero
+///   cluster
+/// * `file-E.img` qcow2, 64 KiB clusters, the active image
+///
+/// Each layer writes its own pattern in its own regions and over others'.
+pub struct FiveChain {
+    /// The temporary directory holding the images (and room for a mount).
+    pub dir: tempfile::TempDir,
+}
+
+/// Virtual size of the qcow2 layers.
+pub const FIVE_SIZE: u64 = 64 * MIB;
+
+impl FiveChain {
+    /// Builds the chain.
+    pub fn build() -> FiveChain {
+        let dir = tempfile::Builder::new()
+            .prefix("chainfs-fs-")
+            .tempdir()
+            .unwrap();
+        let chain = FiveChain { dir };
+        chain.build_a_b();
+        chain.build_c();
+        chain.build_d_e();
+        chain
+    }
+
+    /// The image called `name` (e.g. `file-C.img`).
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The node names, base first.
+    pub fn names() -> [&'static str; 5] {
+        [
+            "file-A.img",
+            "file-B.img",
+            "file-C.img",
+            "file-D.img",
+            "file-E.img",
+        ]
+    }
+
+    /// The format of node `name`.
+    pub fn format(name: &str) -> &'static str {
+        if name == "file-A.img" {
+            "raw"
+        } else {
+            "qcow2"
+        }
+    }
+
+    fn qemu_img(&self, args: &[&str]) {
+        run_ok_in(Some(self.dir.path()), "qemu-img", args);
+    }
+
+    fn qemu_io(&self, image: &str, format: &str, commands: &[&str]) {
+        let mut args = vec!["-f", format];
+        for command in commands {
+            args.extend(["-c", command]);
+        }
+        args.push(image);
+        run_ok_in(Some(self.dir.path()), "qemu-io", &args);
+    }
+
+    fn build_a_b(&self) {
+        self.qemu_img(&["create", "-q", "-f", "raw", "file-A.img", "48M"]);
+        self.qemu_io(
+            "file-A.img",
+            "raw",
+            &[
+                "write -P 0xa1 0 4M",
+                "write -P 0xa2 20M 2M",
+                "write -P 0xa3 40M 8M",
+            ],
+        );
+        self.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "file-A.img",
+            "-F",
+            "raw",
+            "file-B.img",
+            "64M",
+        ]);
+        self.qemu_io(
+            "file-B.img",
+            "qcow2",
+            &[
+                "write -P 0xb1 2M 4M",
+                "write -P 0xb2 30M 1M",
+                "write -z 21M 512k",
+                "write -P 0xb3 47M 2M",
+                "write -P 0xb4 12345 777",
+            ],
+        );
+    }
+
+    fn build_c(&self) {
+        self.qemu_img(&["create", "-q", "-f", "qcow2", "c-src.qcow2", "64M"]);
+        self.qemu_io(
+            "c-src.qcow2",
+            "qcow2",
+            &[
+                "write -P 0xc1 1M 2M",
+                "write -P 0xc2 32M 3M",
+                "write -P 0xc3 50M 64k",
+            ],
+        );
+        self.qemu_img(&[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "c-src.qcow2",
+            "file-C.img",
+        ]);
+        self.qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            "file-B.img",
+            "-F",
+            "qcow2",
+            "file-C.img",
+        ]);
+    }
+
+    fn build_d_e(&self) {
+        self.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1048576",
+            "-b",
+            "file-C.img",
+            "-F",
+            "qcow2",
+            "file-D.img",
+        ]);
+        self.qemu_io(
+            "file-D.img",
+            "qcow2",
+            &[
+                "write -P 0xd1 1536k 100k",
+                "write -z 3M 1M",
+                "write -P 0xd2 33M 4k",
+                "write -P 0xd3 60M 3M",
+            ],
+        );
+        self.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "file-D.img",
+            "-F",
+            "qcow2",
+            "file-E.img",
+        ]);
+        self.qemu_io(
+            "file-E.img",
+            "qcow2",
+            &[
+                "write -P 0xe1 3584k 1M",
+                "write -z 2560k 64k",
+                "write -P 0xe2 40M 64k",
+                "write -P 0xe3 63M 1M",
+            ],
+        );
+    }
+
+    /// The active image.
+    pub fn top(&self) -> PathBuf {
+        self.image("file-E.img")
+    }
+}
+
+/// `qemu-img convert -U -O raw` of `image` alone (no other images).
+pub fn convert_raw(image: &Path) -> Vec<u8> {
+    crate::common::convert_to_raw(image)
+}
+
+/// `path` as `&str`.
+pub fn s(path: &Path) -> &str {
+    path_str(path)
+}

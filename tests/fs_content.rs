@@ -1,0 +1,119 @@
+//! A real mount of a five-deep chain shows every node as QEMU reads it, and
+//! reports allocation so that `du` and `cp --sparse` see what each node
+//! holds.
+
+mod common;
+mod fs_common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::{assert_same_bytes, run_any, run_ok};
+use fs_common::{convert_raw, mount_default, read_all, require_all, s, FiveChain, MIB};
+
+#[test]
+fn every_node_file_equals_qemu_img_convert_of_its_node() {
+    if !require_all(&[]) {
+        return;
+    }
+    let chain = FiveChain::build();
+    let mounted = mount_default(&chain.top(), chain.dir.path());
+    for name in FiveChain::names() {
+        let image = chain.image(name);
+        let expected = convert_raw(&image);
+        let shown = read_all(&mounted.path(name));
+        assert_same_bytes(&shown, &expected, name);
+        let output = run_any(
+            "qemu-img",
+            &[
+                "compare",
+                "-U",
+                "-f",
+                "raw",
+                "-F",
+                FiveChain::format(name),
+                s(&mounted.path(name)),
+                s(&image),
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "qemu-img compare {name}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let active = read_all(&mounted.path("active"));
+    assert_same_bytes(&active, &convert_raw(&chain.top()), "active");
+    mounted.unmount();
+}
+
+#[test]
+fn du_on_the_mount_shows_what_each_node_image_holds() {
+    if !require_all(&[]) {
+        return;
+    }
+    let chain = FiveChain::build();
+    let mounted = mount_default(&chain.top(), chain.dir.path());
+    for name in FiveChain::names() {
+        let shown = std::fs::metadata(mounted.path(name)).unwrap();
+        let image = std::fs::metadata(chain.image(name)).unwrap();
+        assert_eq!(
+            shown.len(),
+            if name == "file-A.img" {
+                48 * MIB
+            } else {
+                64 * MIB
+            }
+        );
+        assert_eq!(
+            shown.blocks(),
+            image.blocks(),
+            "{name}: st_blocks on the mount vs the image file"
+        );
+    }
+    mounted.unmount();
+}
+
+#[test]
+fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
+    if !require_all(&["cp", "du"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("sparse.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "1G"]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 100M 1M",
+            "-c",
+            "write -P 0x6b 900M 64k",
+            s(&top),
+        ],
+    );
+    let mounted = mount_default(&top, dir.path());
+    let copy = dir.path().join("copy.raw");
+    run_ok(
+        "cp",
+        &[
+            "--sparse=always",
+            s(&mounted.path("sparse.qcow2")),
+            s(&copy),
+        ],
+    );
+    let du = run_ok("du", &["-k", s(&copy)]);
+    let kib: u64 = String::from_utf8_lossy(&du.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du prints a number");
+    assert!(
+        kib < 8 * 1024,
+        "the copy of a 1 GiB node holding 1 MiB takes {kib} KiB"
+    );
+    assert_same_bytes(&read_all(&copy), &convert_raw(&top), "sparse copy");
+    mounted.unmount();
+}

@@ -1,0 +1,111 @@
+//! Every way a mount ends closes the images cleanly: an Unmounter (what a
+//! signal handler uses), an outside `umount`, and an unmount while a reader
+//! still holds a file open (detached lazily, closed when the reader is done).
+
+mod common;
+mod fs_common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chainfs::fs::{FsError, Mount, MountOptions};
+use chainfs::jobs::Jobs;
+use common::{qemu_img_check, run_ok};
+use fs_common::{mount_default, require_all, s, MIB};
+
+fn image(dir: &Path) -> PathBuf {
+    let top = dir.join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "8M"]);
+    top
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let mnt = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
+    mounts
+        .lines()
+        .any(|line| line.split(' ').nth(1) == Some(s(&mnt)))
+}
+
+#[test]
+fn an_outside_umount_ends_the_mount_and_closes_the_images() {
+    if !require_all(&["umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = image(dir.path());
+    let m = mount_default(&top, dir.path());
+    assert!(
+        is_mounted(&m.mnt),
+        "the mount is live when Mount::new returns"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("active"))
+        .unwrap()
+        .write_all_at(&[9; 4096], MIB)
+        .unwrap();
+    run_ok("umount", &[s(&m.mnt)]);
+    let mnt = m.mnt.clone();
+    m.join();
+    assert!(!is_mounted(&mnt));
+    qemu_img_check(&top);
+}
+
+#[test]
+fn unmounting_while_a_reader_holds_a_file_detaches_and_closes_after_it() {
+    if !require_all(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = image(dir.path());
+    let m = mount_default(&top, dir.path());
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("active"))
+        .unwrap();
+    m.request_unmount();
+    assert!(!is_mounted(&m.mnt), "detached from the namespace at once");
+    // The holder keeps working until it closes.
+    held.write_all_at(&[5; 4096], 0).unwrap();
+    let mut back = [0; 4096];
+    held.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(back, [5; 4096]);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(held);
+    m.join();
+    qemu_img_check(&top);
+    assert_eq!(common::convert_to_raw(&top)[..4096], [5; 4096]);
+}
+
+#[test]
+fn a_bad_mount_point_is_refused_by_name_and_releases_the_images() {
+    if !require_all(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = image(dir.path());
+    let open = || {
+        let options = chainfs::chain::ChainOptions {
+            writable: true,
+            ..Default::default()
+        };
+        Jobs::new(chainfs::chain::Chain::open(&top, &options).unwrap(), false)
+    };
+    let cases = [
+        (dir.path().join("missing"), libc::ENOENT),
+        (top.clone(), libc::ENOTDIR),
+        (dir.path().to_path_buf(), libc::ENOTEMPTY),
+    ];
+    for (mnt, errno) in cases {
+        let error = Mount::new(open(), &mnt, &MountOptions::default()).unwrap_err();
+        assert!(matches!(error, FsError::Mountpoint { .. }), "{error}");
+        assert_eq!(error.errno(), errno, "{error}");
+        assert!(error.to_string().contains(s(&mnt)), "{error}");
+    }
+    // Every failed attempt released the image: it opens writable again.
+    drop(open());
+    qemu_img_check(&top);
+}

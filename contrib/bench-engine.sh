@@ -16,7 +16,8 @@ bench=$(ls -t target/release/deps/engine_read-* | grep -v '\.d$' | head -1)
 cat "$img" >/dev/null
 best_engine=0; best_qemu=0
 for run in 1 2 3; do
-    engine=$("$bench" "$img" | awk '{print $1}')
+    engine=$("$bench" "$img" "$tmpfs/engine.raw" | awk '{print $1}')
+    rm -f "$tmpfs/engine.raw"
     start=$(date +%s.%N)
     qemu-img convert -O raw "$img" "$tmpfs/out.raw"
     end=$(date +%s.%N)

@@ -126,3 +126,58 @@ fn a_failed_writable_open_leaves_the_top_untouched() {
     raw_image(&at(d, "gone.img"), 1 << 20, None);
     open_writable(&at(d, "top.qcow2")).close().unwrap();
 }
+
+#[test]
+fn a_backing_node_takes_writes_only_while_a_job_lets_it_and_locks_follow() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    raw_image(&at(d, "base.img"), 1 << 20, Some((0..4096, 1)));
+    overlay(d, "mid.qcow2", Some(("base.img", "raw")), "1M");
+    overlay(d, "top.qcow2", Some(("mid.qcow2", "qcow2")), "1M");
+    let chain = open_writable(&at(d, "top.qcow2"));
+    let mid = chain.find("mid.qcow2").unwrap();
+    assert!(!mid.writable());
+    assert!(matches!(
+        chain.write(mid.id(), 0, &[7; 512]),
+        Err(ChainError::ReadOnly { .. })
+    ));
+    mid.set_writable(true).unwrap();
+    chain.write(mid.id(), 65536, &[7; 512]).unwrap();
+    // Now nobody else may even read it without -U, as with a QEMU writer.
+    let (ok, stderr) = try_qemu_io(d, &["-r", "-f", "qcow2", "-c", "read 0 512", "mid.qcow2"]);
+    assert!(!ok && stderr.contains("Failed to get"), "{stderr}");
+    mid.set_writable(false).unwrap();
+    assert!(chain.write(mid.id(), 0, &[7; 512]).is_err());
+    let (ok, stderr) = try_qemu_io(
+        d,
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 7 65536 512",
+            "mid.qcow2",
+        ],
+    );
+    assert!(ok, "shared reading again, and the write is there: {stderr}");
+    chain.close().unwrap();
+    qemu_img(d, &["check", "mid.qcow2"]);
+
+    let chain = Chain::open(
+        &at(d, "top.qcow2"),
+        &ChainOptions {
+            force_share: true,
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap();
+    let mid = chain.find("mid.qcow2").unwrap();
+    assert!(
+        mid.set_writable(true).is_err(),
+        "force-share takes no locks, so no writes"
+    );
+    chain.close().unwrap();
+}

@@ -447,3 +447,100 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
         );
     }
 }
+
+#[test]
+fn populate_fills_only_what_the_image_lacks_and_never_reverts_a_write() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    for opts in [
+        "cluster_size=64k",
+        "extended_l2=on",
+        "cluster_size=512",
+        "compat=0.10",
+    ] {
+        let size = 4u64 << 20;
+        let f = fixture(opts, &size.to_string());
+        let below = Model((0..size as u32).map(|i| (i % 253) as u8 | 1).collect());
+        let image = Arc::new(open(&f.image, true));
+        let mut model = below.0.clone();
+        image.write(10_000, &[0xaa; 5000], &below).unwrap();
+        model[10_000..15_000].fill(0xaa);
+        image.zero_range(1 << 20, 1 << 20, &below).unwrap();
+        model[1 << 20..2 << 20].fill(0);
+        // A guest writer races the population of the whole image.
+        let writes: Vec<(u64, usize)> = (0..200u64)
+            .map(|i| (i * 19_997 % (size - 3000), 3000))
+            .collect();
+        std::thread::scope(|scope| {
+            let writer = Arc::clone(&image);
+            let below_ref = &below;
+            let writes_ref = &writes;
+            scope.spawn(move || {
+                for &(at, len) in writes_ref {
+                    writer.write(at, &vec![0x5c; len], below_ref).unwrap();
+                }
+            });
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(300_000);
+                let slice = &below.0[pos as usize..(pos + n) as usize];
+                image.populate(pos, n, Some(slice), &below).unwrap();
+                pos += n;
+            }
+        });
+        for &(at, len) in &writes {
+            model[at as usize..at as usize + len].fill(0x5c);
+        }
+        let mut out = vec![0u8; size as usize];
+        let unheld = image.read(0, &mut out).unwrap();
+        assert!(unheld.is_empty(), "{opts}: populate left holes {unheld:?}");
+        assert!(out == model, "{opts}: populate overwrote or lost data");
+        image.close().unwrap();
+        drop(image);
+        check_clean(&f.image);
+    }
+}
+
+#[test]
+fn an_image_switches_between_read_only_and_writable_in_place() {
+    if !tool_available("qemu-img") {
+        return;
+    }
+    let f = fixture("cluster_size=4096", "1M");
+    qemu_io(&f.image, &["write -P 0x21 0 100k"]);
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&f.image, true).unwrap());
+    let no_files = |_: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> { unreachable!() };
+    let options = OpenOptions {
+        writable: false,
+        cache_bytes: 1 << 20,
+    };
+    let image = Qcow2::open(storage, &options, &no_files).unwrap();
+    let mut cached = vec![0u8; 8192];
+    image.read(0, &mut cached).unwrap();
+    assert!(
+        image.write(0, &[1], &NoBacking).is_err(),
+        "read-only image took a write"
+    );
+    image.set_writable(true).unwrap();
+    image.write(4096, &[0x42; 4096], &NoBacking).unwrap();
+    image.write(200_000, &[0x43; 10], &NoBacking).unwrap();
+    // The same caches serve the reader: it sees the write at once.
+    image.read(0, &mut cached).unwrap();
+    assert!(cached[4096..] == [0x42; 4096][..]);
+    image.set_writable(false).unwrap();
+    assert!(
+        image.write(0, &[1], &NoBacking).is_err(),
+        "disabled image took a write"
+    );
+    check_clean(&f.image);
+    let raw = convert_to_raw(&f.image);
+    assert!(raw[4096..8192] == [0x42; 4096][..] && raw[200_000..200_010] == [0x43; 10][..]);
+
+    let read_only_fd: Arc<dyn Storage> = Arc::new(FileStorage::open(&f.image, false).unwrap());
+    let image = Qcow2::open(read_only_fd, &options, &no_files).unwrap();
+    assert!(
+        image.set_writable(true).is_err(),
+        "a read-only descriptor cannot take writes"
+    );
+}

@@ -16,12 +16,15 @@ pub mod naming;
 mod node;
 pub mod open;
 mod query;
+mod relink;
 mod resolve;
 mod write;
 
 use std::collections::HashMap;
 use std::path::Path;
 
+/// How a range is held (re-exported for the layers above).
+pub use crate::format::Allocation;
 pub use create::create_image;
 pub use error::ChainError;
 pub use node::{Node, NodeId};
@@ -55,18 +58,39 @@ pub struct Chain {
     nodes: Vec<Node>,
     /// Where each node is in `nodes`.
     index: HashMap<NodeId, usize>,
+    /// The id the next new node gets: ids are never reused, even for nodes
+    /// that left the chain.
+    next_id: u64,
+    /// How the chain was opened; new nodes are opened the same way.
+    options: ChainOptions,
 }
 
 impl Chain {
     /// Opens `top` and its whole backing chain (see [`open`] for the rules).
     pub fn open(top: &Path, options: &ChainOptions) -> Result<Chain, ChainError> {
         let nodes = open::open_nodes(top, options)?;
+        let next_id = nodes.len() as u64;
+        Ok(Chain::from_nodes(nodes, next_id, options.clone()))
+    }
+
+    /// A chain of `nodes`, base first.
+    fn from_nodes(nodes: Vec<Node>, next_id: u64, options: ChainOptions) -> Chain {
         let index = nodes
             .iter()
             .enumerate()
             .map(|(i, node)| (node.id(), i))
             .collect();
-        Ok(Chain { nodes, index })
+        Chain {
+            nodes,
+            index,
+            next_id,
+            options,
+        }
+    }
+
+    /// A later version of this chain, made of `nodes`.
+    fn with_nodes(&self, nodes: Vec<Node>, next_id: u64) -> Chain {
+        Chain::from_nodes(nodes, next_id, self.options.clone())
     }
 
     /// The nodes, base first, active last.
@@ -121,6 +145,25 @@ impl Chain {
         self.nodes[level]
             .image()
             .write(offset, data, &below)
+            .map_err(|e| below.error(e))
+    }
+
+    /// Fills the parts of `offset..offset + len` that `node` does not hold
+    /// with `data` (zeros when `None`): what a stream copies up. Never
+    /// overwrites what the node holds, and is serialised with writes to the
+    /// node. The node must take writes. Returns the bytes filled.
+    pub fn populate(
+        &self,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<u64, ChainError> {
+        let level = self.writable_level(node, offset, len)?;
+        let below = write::Below::new(&self.nodes, level);
+        self.nodes[level]
+            .image()
+            .populate(offset, len, data, &below)
             .map_err(|e| below.error(e))
     }
 

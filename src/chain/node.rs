@@ -1,11 +1,20 @@
 //! One node of the chain: an open image with its name, path and the backing
 //! pointer its header holds.
+//!
+//! A [`Node`] is one chain's view of an image; the open image itself (file,
+//! lock, caches) is shared, so that when a job changes the chain, the new
+//! chain and the old one that open handles still read through use the same
+//! image.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
+use crate::storage::lock::relock;
+use crate::storage::{FileStorage, LockMode, Storage};
+use crate::sync::{self, Arc, Mutex};
 
 /// Identifies a node for as long as it is in the chain. Ids are never
 /// reused, so a stale id cannot reach a different node.
@@ -19,15 +28,26 @@ impl fmt::Display for NodeId {
 }
 
 /// One image of the chain.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Node {
     id: NodeId,
     name: String,
     path: PathBuf,
     canonical: PathBuf,
-    image: Image,
+    /// The backing pointer as this chain knows it.
     backing: Option<BackingRef>,
-    writable: bool,
+    open: Arc<OpenImage>,
+}
+
+/// An open image, shared by every chain that shows it.
+#[derive(Debug)]
+struct OpenImage {
+    image: Image,
+    /// The image file, whose descriptor holds the node's lock.
+    file: Arc<FileStorage>,
+    /// The lock the descriptor holds now.
+    lock: Mutex<LockMode>,
+    writable: AtomicBool,
 }
 
 impl Node {
@@ -39,27 +59,83 @@ impl Node {
         path: PathBuf,
         canonical: PathBuf,
         image: Image,
+        file: Arc<FileStorage>,
+        lock: LockMode,
     ) -> Node {
         let backing = image.backing();
+        let open = OpenImage {
+            image,
+            file,
+            writable: AtomicBool::new(lock == LockMode::Write),
+            lock: Mutex::new(lock),
+        };
         Node {
             id,
             name,
             path,
             canonical,
-            image,
             backing,
-            writable: false,
+            open: Arc::new(open),
         }
     }
 
-    /// Marks the node as opened for writing.
-    pub(super) fn set_writable(&mut self, writable: bool) {
-        self.writable = writable;
+    /// The same node after its header was given a new backing pointer.
+    pub(super) fn with_backing(&self, backing: Option<BackingRef>) -> Node {
+        Node {
+            backing,
+            ..self.clone()
+        }
     }
 
-    /// Whether the node's image is open for writing.
+    /// Whether the node's image takes writes now.
     pub fn writable(&self) -> bool {
-        self.writable
+        self.open.writable.load(Ordering::Acquire)
+    }
+
+    /// Lets the node take writes, or stops it: relocks its descriptor as
+    /// QEMU's file driver would (write, or shared reading) and switches the
+    /// image in place. Refused when another process holds the image, when
+    /// the chain takes no locks (`--force-share`), or when the file could
+    /// only be opened read-only.
+    pub fn set_writable(&self, writable: bool) -> Result<(), ChainError> {
+        let mut lock = sync::lock(&self.open.lock);
+        if *lock == LockMode::None || !self.open.file.is_writable() {
+            return Err(ChainError::ReadOnly {
+                node: self.name.clone(),
+            });
+        }
+        let wanted = if writable {
+            LockMode::Write
+        } else {
+            LockMode::Read
+        };
+        if writable {
+            self.relock(&mut lock, wanted)?;
+            if let Err(source) = self.open.image.set_writable(true) {
+                // Give the write lock back: the node stays as it was.
+                self.relock(&mut lock, LockMode::Read)?;
+                return Err(self.error(source));
+            }
+        } else {
+            self.open
+                .image
+                .set_writable(false)
+                .map_err(|e| self.error(e))?;
+            self.relock(&mut lock, wanted)?;
+        }
+        self.open.writable.store(writable, Ordering::Release);
+        Ok(())
+    }
+
+    fn relock(&self, lock: &mut LockMode, to: LockMode) -> Result<(), ChainError> {
+        relock(self.open.file.file(), &self.path, *lock, to).map_err(|source| {
+            ChainError::Lock {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        *lock = to;
+        Ok(())
     }
 
     /// The node's id.
@@ -86,22 +162,22 @@ impl Node {
 
     /// The image's format.
     pub fn format(&self) -> Format {
-        self.image.format()
+        self.open.image.format()
     }
 
     /// The open image.
     pub fn image(&self) -> &Image {
-        &self.image
+        &self.open.image
     }
 
     /// The guest-visible size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.image.virtual_size()
+        self.open.image.virtual_size()
     }
 
     /// The cluster size, for formats that have one.
     pub fn cluster_size(&self) -> Option<u64> {
-        self.image.cluster_size()
+        self.open.image.cluster_size()
     }
 
     /// The backing file name exactly as stored in the image header.
@@ -117,7 +193,8 @@ impl Node {
 
     /// Bytes of host storage this node's own image occupies.
     pub fn allocated_bytes(&self) -> Result<u64, ChainError> {
-        self.image
+        self.open
+            .image
             .allocated_bytes()
             .map_err(|source| self.error(source))
     }

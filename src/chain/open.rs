@@ -71,11 +71,7 @@ pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>
         let top = opened.remove(0);
         opened.insert(0, reopen_writable(top, options)?);
     }
-    let mut nodes = into_nodes(opened);
-    if let Some(top) = nodes.last_mut() {
-        top.set_writable(options.writable);
-    }
-    Ok(nodes)
+    Ok(into_nodes(opened, options))
 }
 
 /// The walk: opens the top, then each backing file in turn, read-only.
@@ -143,16 +139,60 @@ fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainE
     })
 }
 
+/// Opens a freshly created qcow2 image at `path` as the new writable top
+/// of a chain, locked for writing.
+pub(super) fn open_new_top(
+    path: &Path,
+    id: NodeId,
+    name: String,
+    options: &ChainOptions,
+) -> Result<Node, ChainError> {
+    let io_error = |source| ChainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let storage = FileStorage::open(path, true).map_err(io_error)?;
+    lock_file(&storage, LockMode::Write)?;
+    let canonical = std::fs::canonicalize(path).map_err(io_error)?;
+    let storage = Arc::new(storage);
+    let writable = ChainOptions {
+        writable: true,
+        ..options.clone()
+    };
+    let image =
+        open_image(storage.clone(), Format::Qcow2, path, true, &writable).map_err(|source| {
+            ChainError::Image {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    let path = path.to_path_buf();
+    Ok(Node::new(
+        id,
+        name,
+        path,
+        canonical,
+        image,
+        storage,
+        LockMode::Write,
+    ))
+}
+
 /// Names the opened images (top first) and turns them into nodes, base
 /// first, with ids counting up from the base.
-fn into_nodes(opened: Vec<Opened>) -> Vec<Node> {
+fn into_nodes(opened: Vec<Opened>, options: &ChainOptions) -> Vec<Node> {
     let names = naming::name_nodes(opened.iter().map(|o| o.path.as_path()));
+    let count = opened.len();
     let mut nodes: Vec<Node> = opened
         .into_iter()
         .zip(names)
         .rev()
         .enumerate()
-        .map(|(i, (o, name))| Node::new(NodeId(i as u64), name, o.path, o.canonical, o.image))
+        .map(|(i, (o, name))| {
+            let lock = lock_mode(i + 1 == count, options);
+            let id = NodeId(i as u64);
+            Node::new(id, name, o.path, o.canonical, o.image, o.storage, lock)
+        })
         .collect();
     nodes.shrink_to_fit();
     nodes
@@ -199,21 +239,38 @@ impl Target {
     }
 
     /// Opens and locks the file, finds its format and opens it read-only.
-    /// The top's file is opened for writing when the chain is writable, so
-    /// that its lock is the writer's from the start.
+    /// In a writable chain every file is opened for writing when it can be,
+    /// so that a job can later let a node below the top take writes by
+    /// relocking the same descriptor (a second descriptor's write lock would
+    /// conflict with this one's read lock); the locks are what say who
+    /// writes, and backing files are locked for reading only.
     fn open(
         &self,
         is_top: bool,
         options: &ChainOptions,
     ) -> Result<(Arc<FileStorage>, Image), ChainError> {
-        let file_writable = is_top && options.writable;
-        let storage = FileStorage::open(&self.path, file_writable).map_err(|e| self.io_error(e))?;
+        let storage = self.open_file(is_top, options)?;
         lock_file(&storage, lock_mode(is_top, options))?;
         let storage = Arc::new(storage);
         let format = self.format(storage.as_ref())?;
         let image = open_image(storage.clone(), format, &self.path, false, options)
             .map_err(|e| self.format_error(e))?;
         Ok((storage, image))
+    }
+
+    /// Opens the file, for writing in a writable chain; a backing file that
+    /// may not be written (permissions, read-only filesystem) is opened
+    /// read-only instead, and jobs then cannot write to it.
+    fn open_file(&self, is_top: bool, options: &ChainOptions) -> Result<FileStorage, ChainError> {
+        if !options.writable {
+            return FileStorage::open(&self.path, false).map_err(|e| self.io_error(e));
+        }
+        match FileStorage::open(&self.path, true) {
+            Err(err) if !is_top && refuses_writing(&err) => {
+                FileStorage::open(&self.path, false).map_err(|e| self.io_error(e))
+            }
+            result => result.map_err(|e| self.io_error(e)),
+        }
     }
 
     /// The format the header extension names, else the probed one.
@@ -266,6 +323,7 @@ fn open_image(
     writable: bool,
     options: &ChainOptions,
 ) -> Result<Image, FormatError> {
+    let fd_writable = storage.is_writable();
     let opener = |name: &str, wants_write: bool| -> io::Result<Arc<dyn Storage>> {
         let file = resolve_name(name, path).map_err(|reason| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {reason}"))
@@ -273,7 +331,9 @@ fn open_image(
         let describe = |e: &dyn std::fmt::Display| {
             format!("file {} named by {}: {e}", file.display(), path.display())
         };
-        let storage = FileStorage::open(&file, writable && wants_write)
+        // The data file follows its image's descriptor, so that it can take
+        // writes whenever the image can.
+        let storage = FileStorage::open(&file, fd_writable && wants_write)
             .map_err(|e| io::Error::new(e.kind(), describe(&e)))?;
         lock_file(&storage, lock_mode(writable, options))
             .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, describe(&e)))?;
@@ -284,6 +344,14 @@ fn open_image(
         cache_bytes: options.cache_bytes,
     };
     Image::open(storage, format, &open_options, &opener)
+}
+
+/// Whether opening for writing failed only because writing is not allowed.
+fn refuses_writing(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::ETXTBSY)
+    )
 }
 
 /// Where the backing file of the image at `path` is, if it has one.

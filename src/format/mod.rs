@@ -243,6 +243,22 @@ impl Image {
         }
     }
 
+    /// Writes `data` (zeros when `None`) into the parts of `offset..offset +
+    /// len` this image does not hold yet, atomically with respect to writes;
+    /// returns the bytes written. A raw image holds everything.
+    pub fn populate(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        backing: &dyn BackingReader,
+    ) -> Result<u64> {
+        match self {
+            Image::Raw(_) => Ok(0),
+            Image::Qcow2(qcow2) => qcow2.populate(offset, len, data, backing),
+        }
+    }
+
     /// Makes every completed write durable, metadata included.
     pub fn flush(&self) -> Result<()> {
         match self {
@@ -257,6 +273,16 @@ impl Image {
         match self {
             Image::Raw(raw) => raw.flush(),
             Image::Qcow2(qcow2) => qcow2.close(),
+        }
+    }
+
+    /// Switches the image between read-only and writable in place (see
+    /// [`qcow2::Qcow2::set_writable`]); a raw image writes through its file
+    /// as it is.
+    pub fn set_writable(&self, writable: bool) -> Result<()> {
+        match self {
+            Image::Raw(_) => Ok(()),
+            Image::Qcow2(qcow2) => qcow2.set_writable(writable),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod handles;
 pub mod inode;
 mod mount;
 pub mod node_file;
+mod notify;
 pub mod ops;
 pub mod stats;
 

@@ -10,6 +10,7 @@ use std::process::Command;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 
 use super::errno::FsError;
+use super::notify;
 use super::ops::FsModel;
 use super::stats::RequestStats;
 use super::ChainFs;
@@ -85,8 +86,13 @@ impl Mount {
         };
         let jobs = Arc::new(jobs);
         let stats = Arc::new(RequestStats::default());
-        let model = FsModel::new(Arc::clone(&jobs), options.read_only, Arc::clone(&stats));
-        let fs = ChainFs::new(Arc::new(model));
+        let model = Arc::new(FsModel::new(
+            Arc::clone(&jobs),
+            options.read_only,
+            Arc::clone(&stats),
+        ));
+        let weak_model = Arc::downgrade(&model);
+        let fs = ChainFs::new(model);
         let mut session = match Session::new(fs, &mountpoint, &session_config(options)) {
             Ok(session) => session,
             Err(source) => {
@@ -101,6 +107,7 @@ impl Mount {
                 });
             }
         };
+        jobs.watch_chain(notify::spawn(session.notifier(), weak_model));
         let unmounter = Unmounter {
             session: Arc::new(Mutex::new(Some(session.unmount_callable()))),
             mountpoint: mountpoint.clone(),

@@ -1,214 +1,367 @@
-//! The `ctl/command` syntax of SPEC §4: `VERB key=value …`, words separated
-//! by spaces, a value in double quotes may hold spaces, a trailing newline
-//! is ignored. Parsing has no side effects; [`super::Jobs::command`] decides
-//! what a parsed command does.
+//! The `ctl/command` language: one command per write, `VERB key=value …`,
+//! parsed into a typed [`Command`] with no side effects.
+//!
+//! Words are separated by spaces; a value in double quotes may hold spaces
+//! (`\"` and `\\` escape inside quotes); a trailing newline is ignored.
 
-use super::JobError;
+use std::collections::HashMap;
+use std::fmt;
 
-/// The verbs SPEC §4 defines.
-pub const VERBS: &[&str] = &[
-    "stream",
-    "snapshot",
-    "commit",
-    "cancel",
-    "pause",
-    "resume",
-    "complete",
-    "dismiss",
-    "set-speed",
-];
+/// What `stream` does when an I/O error stops a chunk (QEMU's
+/// `BlockdevOnError`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Fail the job at the first error.
+    #[default]
+    Report,
+    /// Go on; the job ends failed and changes no backing pointer.
+    Ignore,
+    /// Pause; `resume` retries the same chunk.
+    Stop,
+    /// Pause on ENOSPC, report anything else.
+    Enospc,
+}
 
-/// Longest command accepted: far more than any real one, small enough that a
-/// hostile write cannot make the event log hold megabytes.
-pub const MAX_COMMAND_BYTES: usize = 4096;
-
-/// A command split into its verb and arguments, in the order written.
+/// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Command {
-    /// The first word.
-    pub verb: String,
-    /// Every `key=value` after it; quotes removed from values.
-    pub args: Vec<(String, String)>,
+pub enum Command {
+    /// QEMU's block-stream.
+    Stream {
+        /// The node receiving the data (default: the active node).
+        node: Option<String>,
+        /// The node that becomes the new backing file (default: none).
+        base: Option<String>,
+        /// The backing string to write instead of the base's name.
+        backing_file: Option<String>,
+        /// Bytes per second copied; 0 is unlimited.
+        speed: u64,
+        /// Job id (default: generated).
+        id: Option<String>,
+        /// Error policy.
+        on_error: OnError,
+    },
+    /// A live external snapshot onto a new qcow2 file.
+    Snapshot {
+        /// The new image, which must not exist.
+        file: String,
+    },
+    /// QEMU's block-commit.
+    Commit {
+        /// The topmost node whose data is committed.
+        top: String,
+        /// The node receiving the data (default: the bottom of the chain).
+        base: Option<String>,
+        /// Bytes per second copied; 0 is unlimited.
+        speed: u64,
+        /// Job id (default: generated).
+        id: Option<String>,
+    },
+    /// A verb on an existing job (`cancel`, `pause`, `resume`, `complete`,
+    /// `dismiss`).
+    Control {
+        /// The verb.
+        verb: super::state::Verb,
+        /// The job (may be left out when only one exists).
+        id: Option<String>,
+    },
+    /// `set-speed`.
+    SetSpeed {
+        /// The job (may be left out when only one exists).
+        id: Option<String>,
+        /// The new limit; 0 is unlimited.
+        speed: u64,
+    },
 }
 
-impl Command {
-    /// Parses one command. An empty command, a word without `=`, an empty
-    /// key, a repeated key or an unterminated quote is a syntax error.
-    pub fn parse(text: &str) -> Result<Command, JobError> {
-        if text.len() > MAX_COMMAND_BYTES {
-            return Err(syntax(format!("longer than {MAX_COMMAND_BYTES} bytes")));
+/// Why a command was refused before anything happened (always EINVAL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+fn error(message: impl Into<String>) -> ParseError {
+    ParseError(message.into())
+}
+
+/// Parses one command.
+pub fn parse(text: &str) -> Result<Command, ParseError> {
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let words = split_words(text)?;
+    let Some((verb, args)) = words.split_first() else {
+        return Err(error("empty command"));
+    };
+    let mut args = Args::new(verb, args)?;
+    let command = match verb.as_str() {
+        "stream" => Command::Stream {
+            node: args.take("node"),
+            base: args.take("base"),
+            backing_file: args.take("backing-file"),
+            speed: args.rate("speed")?,
+            id: args.take("id"),
+            on_error: args.on_error()?,
+        },
+        "snapshot" => {
+            let file = args.required("file")?;
+            if let Some(format) = args.take("format") {
+                if format != "qcow2" {
+                    return Err(error(format!(
+                        "snapshot format {format:?}: only qcow2 is supported"
+                    )));
+                }
+            }
+            Command::Snapshot { file }
         }
-        let text = text.strip_suffix('\n').unwrap_or(text);
-        let mut words = split_words(text)?.into_iter();
-        let verb = match words.next() {
-            Some(Word {
-                text,
-                quoted: false,
-            }) => text,
-            Some(Word { quoted: true, .. }) => return Err(syntax("the verb cannot be quoted")),
-            None => return Err(syntax("empty command")),
-        };
-        let mut args: Vec<(String, String)> = Vec::new();
+        "commit" => Command::Commit {
+            top: args.required("top")?,
+            base: args.take("base"),
+            speed: args.rate("speed")?,
+            id: args.take("id"),
+        },
+        "set-speed" => Command::SetSpeed {
+            id: args.take("id"),
+            speed: match args.take("speed") {
+                Some(rate) => parse_rate(&rate)?,
+                None => return Err(error("set-speed needs speed=RATE")),
+            },
+        },
+        other => Command::Control {
+            verb: control_verb(other)?,
+            id: args.take("id"),
+        },
+    };
+    args.finish()?;
+    Ok(command)
+}
+
+fn control_verb(word: &str) -> Result<super::state::Verb, ParseError> {
+    use super::state::Verb;
+    Ok(match word {
+        "cancel" => Verb::Cancel,
+        "pause" => Verb::Pause,
+        "resume" => Verb::Resume,
+        "complete" => Verb::Complete,
+        "dismiss" => Verb::Dismiss,
+        other => return Err(error(format!("unknown command {other:?}"))),
+    })
+}
+
+/// The `key=value` words of one command, consumed as they are recognised.
+struct Args {
+    verb: String,
+    values: HashMap<String, String>,
+}
+
+impl Args {
+    fn new(verb: &str, words: &[String]) -> Result<Args, ParseError> {
+        let mut values = HashMap::new();
         for word in words {
-            let (key, value) = word.key_value()?;
-            if args.iter().any(|(k, _)| *k == key) {
-                return Err(syntax(format!("key {key:?} given twice")));
+            let Some((key, value)) = word.split_once('=') else {
+                return Err(error(format!("{verb}: {word:?} is not key=value")));
+            };
+            if values.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(error(format!("{verb}: {key} given twice")));
             }
-            args.push((key, value));
         }
-        Ok(Command { verb, args })
+        Ok(Args {
+            verb: verb.to_string(),
+            values,
+        })
     }
 
-    /// Whether the verb is one SPEC §4 defines.
-    pub fn is_known(&self) -> bool {
-        VERBS.contains(&self.verb.as_str())
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
     }
-}
 
-/// One word as split: its text and whether a quote was opened after `=`.
-struct Word {
-    text: String,
-    quoted: bool,
-}
+    fn required(&mut self, key: &str) -> Result<String, ParseError> {
+        self.take(key)
+            .ok_or_else(|| error(format!("{} needs {key}=…", self.verb)))
+    }
 
-impl Word {
-    /// Splits `key=value`; the key must be bare and non-empty.
-    fn key_value(self) -> Result<(String, String), JobError> {
-        match self.text.split_once('=') {
-            Some(("", _)) => Err(syntax("an argument has an empty key")),
-            Some((key, value)) if key.chars().all(is_key_char) => {
-                Ok((key.to_owned(), value.to_owned()))
+    fn rate(&mut self, key: &str) -> Result<u64, ParseError> {
+        self.take(key).map_or(Ok(0), |rate| parse_rate(&rate))
+    }
+
+    fn on_error(&mut self) -> Result<OnError, ParseError> {
+        Ok(match self.take("on-error").as_deref() {
+            None | Some("report") => OnError::Report,
+            Some("ignore") => OnError::Ignore,
+            Some("stop") => OnError::Stop,
+            Some("enospc") => OnError::Enospc,
+            Some(other) => {
+                return Err(error(format!(
+                    "on-error={other:?}: expected report, ignore, stop or enospc"
+                )))
             }
-            Some((key, _)) => Err(syntax(format!("bad key {key:?}"))),
-            None => Err(syntax(format!("{:?} is not key=value", self.text))),
+        })
+    }
+
+    /// Refuses any key nobody took.
+    fn finish(self) -> Result<(), ParseError> {
+        let mut unknown: Vec<&String> = self.values.keys().collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(key) => Err(error(format!("{}: unknown key {key:?}", self.verb))),
         }
     }
 }
 
-fn is_key_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+/// Parses RATE: bytes per second with an optional K, M or G suffix
+/// (powers of 1024).
+pub fn parse_rate(text: &str) -> Result<u64, ParseError> {
+    let bad = || {
+        error(format!(
+            "bad rate {text:?}: expected bytes per second, e.g. 10M"
+        ))
+    };
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    value.checked_mul(1 << shift).ok_or_else(bad)
 }
 
-/// Splits on spaces; `"…"` groups spaces into a word and is removed, `\"`
-/// and `\\` inside quotes stand for `"` and `\`.
-fn split_words(text: &str) -> Result<Vec<Word>, JobError> {
+/// Splits on spaces, keeping double-quoted parts of a word together.
+fn split_words(text: &str) -> Result<Vec<String>, ParseError> {
     let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
     let mut chars = text.chars();
-    let mut current: Option<Word> = None;
     while let Some(c) = chars.next() {
         match c {
-            ' ' | '\t' => words.extend(current.take()),
-            '"' => {
-                let word = current.get_or_insert_with(|| Word {
-                    text: String::new(),
-                    quoted: false,
-                });
-                word.quoted = true;
-                read_quoted(&mut chars, &mut word.text)?;
+            ' ' | '\t' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
             }
-            c if c.is_control() => return Err(syntax("control character in command")),
-            c => current
-                .get_or_insert_with(|| Word {
-                    text: String::new(),
-                    quoted: false,
-                })
-                .text
-                .push(c),
+            '"' => {
+                in_word = true;
+                read_quoted(&mut chars, &mut word)?;
+            }
+            '\n' | '\r' | '\0' => return Err(error("a command is one line")),
+            c => {
+                in_word = true;
+                word.push(c);
+            }
         }
     }
-    words.extend(current);
+    if in_word {
+        words.push(word);
+    }
     Ok(words)
 }
 
-/// Appends the inside of a quoted run to `out`, consuming the closing quote.
-fn read_quoted(chars: &mut std::str::Chars<'_>, out: &mut String) -> Result<(), JobError> {
+fn read_quoted(chars: &mut std::str::Chars<'_>, word: &mut String) -> Result<(), ParseError> {
     loop {
         match chars.next() {
+            None => return Err(error("unterminated double quote")),
             Some('"') => return Ok(()),
             Some('\\') => match chars.next() {
-                Some(c @ ('"' | '\\')) => out.push(c),
-                Some(c) => {
-                    out.push('\\');
-                    out.push(c);
-                }
-                None => return Err(syntax("unterminated quote")),
+                Some(c @ ('"' | '\\')) => word.push(c),
+                _ => return Err(error("only \\\" and \\\\ may follow a backslash in quotes")),
             },
-            Some(c) => out.push(c),
-            None => return Err(syntax("unterminated quote")),
+            Some(c) => word.push(c),
         }
-    }
-}
-
-fn syntax(reason: impl Into<String>) -> JobError {
-    JobError::Syntax {
-        reason: reason.into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::state::Verb;
     use super::*;
 
-    fn args(command: &Command) -> Vec<(&str, &str)> {
-        command
-            .args
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
-    }
-
     #[test]
-    fn a_command_splits_into_verb_and_key_values() {
-        let command = Command::parse("stream node=file-E.img base=file-A.img\n").unwrap();
-        assert_eq!(command.verb, "stream");
+    fn stream_takes_every_option_and_a_trailing_newline() {
+        let command =
+            parse("stream node=file-D.img base=file-B.img speed=10M id=s1 on-error=stop\n")
+                .unwrap();
         assert_eq!(
-            args(&command),
-            [("node", "file-E.img"), ("base", "file-A.img")]
+            command,
+            Command::Stream {
+                node: Some("file-D.img".into()),
+                base: Some("file-B.img".into()),
+                backing_file: None,
+                speed: 10 << 20,
+                id: Some("s1".into()),
+                on_error: OnError::Stop,
+            }
         );
-        assert!(command.is_known());
     }
 
     #[test]
-    fn quoted_values_may_hold_spaces_and_escaped_quotes() {
-        let command = Command::parse(r#"snapshot file="/tmp/my dir/new \"x\".qcow2""#).unwrap();
-        assert_eq!(args(&command), [("file", r#"/tmp/my dir/new "x".qcow2"#)]);
+    fn quoted_values_hold_spaces_and_escapes() {
+        let command = parse(r#"snapshot file="/tmp/my \"new\" disk.qcow2""#).unwrap();
+        assert_eq!(
+            command,
+            Command::Snapshot {
+                file: r#"/tmp/my "new" disk.qcow2"#.into()
+            }
+        );
     }
 
     #[test]
-    fn extra_spaces_are_ignored() {
-        let command = Command::parse("  cancel   id=job0  ").unwrap();
-        assert_eq!(command.verb, "cancel");
-        assert_eq!(args(&command), [("id", "job0")]);
+    fn control_verbs_take_an_optional_id() {
+        assert_eq!(
+            parse("pause").unwrap(),
+            Command::Control {
+                verb: Verb::Pause,
+                id: None
+            }
+        );
+        assert_eq!(
+            parse("set-speed id=j speed=0").unwrap(),
+            Command::SetSpeed {
+                id: Some("j".into()),
+                speed: 0
+            }
+        );
     }
 
     #[test]
-    fn malformed_commands_are_syntax_errors() {
-        for bad in [
-            "",
-            "\n",
-            "stream base",
-            "stream =x",
-            "stream base=\"a",
-            "stream a=1 a=2",
-            "stream b@d=1",
-            "\"stream\"",
-            "stream a=\u{7}",
+    fn malformed_commands_say_what_is_wrong() {
+        for (text, needle) in [
+            ("", "empty"),
+            ("frobnicate", "unknown command"),
+            ("stream bogus=1", "unknown key \"bogus\""),
+            ("stream base", "not key=value"),
+            ("stream speed=fast", "bad rate"),
+            ("stream speed=99999999999999999999", "bad rate"),
+            ("stream speed=-1", "bad rate"),
+            ("stream on-error=explode", "on-error"),
+            ("stream id=a id=b", "given twice"),
+            ("snapshot", "needs file"),
+            ("snapshot file=x format=raw", "only qcow2"),
+            ("commit", "needs top"),
+            ("set-speed", "needs speed"),
+            ("stream base=\"open", "unterminated"),
+            ("stream\nstream", "one line"),
         ] {
-            let error = Command::parse(bad).unwrap_err();
-            assert!(matches!(error, JobError::Syntax { .. }), "{bad:?}: {error}");
-            assert_eq!(error.errno(), libc::EINVAL);
+            let err = parse(text).unwrap_err();
+            assert!(err.0.contains(needle), "{text:?}: {err}");
         }
     }
 
     #[test]
-    fn an_overlong_command_is_refused() {
-        let long = format!("stream id={}", "x".repeat(MAX_COMMAND_BYTES));
-        assert!(Command::parse(&long).is_err());
-    }
-
-    #[test]
-    fn unknown_verbs_parse_but_are_not_known() {
-        let command = Command::parse("frobnicate").unwrap();
-        assert!(!command.is_known());
+    fn rates_use_powers_of_1024() {
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("512").unwrap(), 512);
+        assert_eq!(parse_rate("4k").unwrap(), 4096);
+        assert_eq!(parse_rate("3M").unwrap(), 3 << 20);
+        assert_eq!(parse_rate("2G").unwrap(), 2 << 30);
+        assert!(parse_rate("G").is_err());
+        assert!(parse_rate("1.5M").is_err());
     }
 }

@@ -12,21 +12,13 @@ pub enum JobError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The verb is not one SPEC §4 defines.
-    #[error("unknown command {verb:?}")]
-    UnknownVerb {
-        /// The verb as written.
-        verb: String,
-    },
     /// The mount is read-only: no command may change anything.
     #[error("the mount is read-only")]
     ReadOnly,
-    /// A verb of SPEC §4 whose job engine is not built yet.
-    #[error("command {verb:?} is not implemented yet")]
-    NotImplemented {
-        /// The verb.
-        verb: String,
-    },
+    /// The command is well formed but cannot run (no such node, a
+    /// conflicting job, a state that forbids the verb, an existing file).
+    #[error(transparent)]
+    Refused(#[from] super::registry::Refusal),
     /// The chain could not be closed because something still holds it.
     #[error("the chain is still in use by {holders} holder(s); it was flushed but not closed")]
     ChainInUse {
@@ -43,9 +35,8 @@ impl JobError {
     /// this error returns; chain errors delegate to [`ChainError::errno`].
     pub fn errno(&self) -> i32 {
         match self {
-            JobError::Syntax { .. }
-            | JobError::UnknownVerb { .. }
-            | JobError::NotImplemented { .. } => libc::EINVAL,
+            JobError::Syntax { .. } => libc::EINVAL,
+            JobError::Refused(refusal) => refusal.errno(),
             JobError::ReadOnly => libc::EROFS,
             JobError::ChainInUse { .. } => libc::EBUSY,
             JobError::Chain(e) => e.errno(),

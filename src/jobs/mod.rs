@@ -1,12 +1,13 @@
 //! Jobs: the owner of the chain while it is mounted, and the place where
-//! commands written to `ctl/command` are decided.
+//! commands written to `ctl/command` are decided and block jobs run.
 //!
-//! For now there is no job engine: [`Jobs`] holds the chain, parses
-//! commands and refuses every one honestly (SPEC §4 verbs are "not
-//! implemented yet"), logging each refusal as a `COMMAND_REJECTED` event.
-//! The next step adds stream, commit and snapshot, which replace the chain
-//! at run time; callers therefore take a snapshot of it per request with
-//! [`Jobs::chain`] and never keep node lists of their own.
+//! A command is parsed ([`command`]), checked against the chain and the
+//! jobs running ([`registry`]), and either refused — with one errno, a
+//! `COMMAND_REJECTED` event and a last line in `ctl/status` — or accepted,
+//! in which case a started job is listed before the write returns. Jobs run
+//! on their own threads ([`job`], [`stream`]) and replace the chain when
+//! they change its shape; callers therefore take a snapshot of it per
+//! request with [`Jobs::chain`] and never keep node lists of their own.
 //!
 //! The layer above (`fs`) reaches the chain only through the re-exports
 //! here.
@@ -14,44 +15,66 @@
 pub mod command;
 mod error;
 pub mod events;
+pub mod job;
+pub mod ratelimit;
+pub mod registry;
 pub mod report;
+pub mod state;
+pub mod stream;
 
-pub use crate::chain::{Chain, ChainError, ChainExtent, Node, NodeId};
-// The chain layer hands out `format::Allocation` in its extents without
-// re-exporting it; until it does, jobs names it here for the layer above.
-pub use crate::format::Allocation;
-pub use command::Command;
+pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
+pub use crate::format::Format;
 pub use error::JobError;
 pub use events::EventLog;
 
-use crate::sync::{lock, read, Arc, Mutex, RwLock};
+use self::job::EventSink;
+use self::registry::{LiveChain, Registry};
+use crate::sync::{lock, Arc, Mutex};
 
 /// The mounted chain and everything that acts on it.
 ///
-/// Lock order: `chain` and `last_rejection` are never held together, and
-/// the event log's own lock is taken last and alone, so no order can
-/// deadlock. No lock is held across image I/O.
-#[derive(Debug)]
+/// Lock order: the registry's locks, then a job's; the live chain's and the
+/// event log's locks are each taken alone. No lock is held across image I/O
+/// except a job's own chunk.
 pub struct Jobs {
-    /// The chain as it stands now. Jobs swap in a new `Arc` when they change
-    /// it; a request keeps the snapshot it took for as long as it needs it.
-    chain: RwLock<Arc<Chain>>,
+    /// The chain as it stands now, shared with the job threads.
+    live: Arc<LiveChain>,
+    /// The jobs, running and concluded.
+    registry: Registry,
     /// Whether the mount was asked to be read-only (no command may run).
     read_only: bool,
     /// What happened, for `ctl/events`.
-    events: EventLog,
+    events: Arc<EventLog>,
     /// The last refusal, rendered as `ctl/status` shows it.
     last_rejection: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventSink for EventLog {
+    fn push(&self, event: &str, data: serde_json::Value) {
+        EventLog::push(self, event, data);
+    }
 }
 
 impl Jobs {
     /// Takes ownership of an open chain. `read_only` refuses every command
     /// with EROFS (and the mount above shows every flat file 0444).
     pub fn new(chain: Chain, read_only: bool) -> Jobs {
+        let events = Arc::new(EventLog::default());
+        let sink: Arc<dyn EventSink> = events.clone();
+        let live = Arc::new(LiveChain::new(chain, Arc::clone(&sink)));
         Jobs {
-            chain: RwLock::new(Arc::new(chain)),
+            registry: Registry::new(Arc::clone(&live), sink),
+            live,
             read_only,
-            events: EventLog::default(),
+            events,
             last_rejection: Mutex::new(None),
         }
     }
@@ -59,7 +82,13 @@ impl Jobs {
     /// The chain as it stands now: a cheap snapshot that stays valid (and
     /// readable) even after a job replaces the chain.
     pub fn chain(&self) -> Arc<Chain> {
-        Arc::clone(&read(&self.chain))
+        self.live.current()
+    }
+
+    /// Calls `watcher` with the chain before and after every change a job
+    /// or command makes (the mount uses it to invalidate kernel caches).
+    pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
+        self.live.watch(watcher);
     }
 
     /// Makes the mount read-only from now on (a mount asked to be
@@ -75,11 +104,12 @@ impl Jobs {
 
     /// Runs one command written to `ctl/command`. A refusal is logged as a
     /// `COMMAND_REJECTED` event and becomes the last line of `ctl/status`
-    /// before it is returned.
+    /// before it is returned; an accepted job is already listed.
     pub fn command(&self, text: &str) -> Result<(), JobError> {
         let result = self.decide(text);
-        if let Err(error) = &result {
-            self.reject(text, error);
+        match &result {
+            Err(error) => self.reject(text, error),
+            Ok(()) => *lock(&self.last_rejection) = None,
         }
         result
     }
@@ -101,12 +131,15 @@ impl Jobs {
 
     /// What `ctl/status` shows now.
     pub fn status_text(&self) -> String {
-        report::status_text(lock(&self.last_rejection).as_deref())
+        report::status_text(
+            &self.registry.infos(),
+            lock(&self.last_rejection).as_deref(),
+        )
     }
 
     /// What `ctl/status.json` shows now.
     pub fn status_json(&self) -> String {
-        report::status_json()
+        report::status_json(&self.registry.infos())
     }
 
     /// What `ctl/events` shows now.
@@ -119,15 +152,14 @@ impl Jobs {
         report::chain_text(&self.chain())
     }
 
-    /// Flushes and closes every image of the chain. Fails with
-    /// [`JobError::ChainInUse`] (after flushing) if a snapshot of the chain
-    /// is still held elsewhere.
+    /// Cancels and waits for every running job, then flushes and closes
+    /// every image of the chain. Fails with [`JobError::ChainInUse`] (after
+    /// flushing) if a snapshot of the chain is still held elsewhere.
     pub fn close(self) -> Result<(), JobError> {
-        let chain = self
-            .chain
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match Arc::try_unwrap(chain) {
+        self.registry.shutdown();
+        drop(self.registry);
+        let live = Arc::try_unwrap(self.live).map_err(|_| JobError::ChainInUse { holders: 1 })?;
+        match live.into_chain() {
             // Closing writes everything back and leaves every image clean.
             Ok(chain) => Ok(chain.close()?),
             Err(shared) => {
@@ -139,33 +171,33 @@ impl Jobs {
         }
     }
 
-    /// Parses `text` and decides whether it may run.
+    /// Parses `text` and runs it, or says why not.
     fn decide(&self, text: &str) -> Result<(), JobError> {
-        let command = Command::parse(text)?;
-        if !command.is_known() {
-            return Err(JobError::UnknownVerb { verb: command.verb });
-        }
+        let command = command::parse(text).map_err(|error| JobError::Syntax { reason: error.0 })?;
         if self.read_only {
             return Err(JobError::ReadOnly);
         }
-        Err(JobError::NotImplemented { verb: command.verb })
+        Ok(self.registry.execute(command)?)
     }
 
     /// Records a refusal in the event log and in the status.
     fn reject(&self, text: &str, error: &JobError) {
         let command = excerpt(text.strip_suffix('\n').unwrap_or(text));
         let errno = error.errno_name();
-        log::info!("command {command:?} rejected: {error} ({errno})");
+        // The reason may quote the command: it is cut short the same way.
+        let full_reason = error.to_string();
+        let reason = excerpt(&full_reason);
+        log::info!("command {command:?} rejected: {reason} ({errno})");
         self.events.push(
             events::names::COMMAND_REJECTED,
             serde_json::json!({
                 "command": command,
                 "errno": errno,
-                "reason": error.to_string(),
+                "reason": reason,
             }),
         );
         *lock(&self.last_rejection) = Some(format!(
-            "Last command rejected: {command:?}: {error} ({errno})"
+            "Last command rejected: {command:?}: {reason} ({errno})"
         ));
     }
 }

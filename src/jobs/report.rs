@@ -1,14 +1,23 @@
-//! What `ctl/status`, `ctl/status.json` and `ctl/chain` show (SPEC §5).
-//! Pure rendering: the caller passes the state to render.
+//! What `ctl/status`, `ctl/status.json` and `ctl/chain` show (SPEC §5):
+//! jobs for people (QEMU's progress words, then percentage, measured rate
+//! and ETA) and for scripts (QEMU's `query-block-jobs` field names plus
+//! chainfs's own). Pure rendering: the caller passes the state to render.
 
 use std::fmt::Write as _;
 
+use serde_json::{json, Value};
+
+use super::job::JobInfo;
 use super::Chain;
 
-/// `ctl/status` for people: the jobs (none yet), then, when a command was
-/// refused, the refusal as the last line.
-pub fn status_text(last_rejection: Option<&str>) -> String {
-    let mut text = String::from("No active jobs\n");
+/// `ctl/status` for people: one line per job (`No active jobs` when there
+/// are none), then, when a command was refused, the refusal as the last line.
+pub fn status_text(jobs: &[JobInfo], last_rejection: Option<&str>) -> String {
+    let mut text = if jobs.is_empty() {
+        "No active jobs\n".to_string()
+    } else {
+        jobs.iter().map(|job| job_line(job) + "\n").collect()
+    };
     if let Some(line) = last_rejection {
         text.push_str(line);
         text.push('\n');
@@ -16,9 +25,11 @@ pub fn status_text(last_rejection: Option<&str>) -> String {
     text
 }
 
-/// `ctl/status.json`: the jobs as a JSON array (none yet).
-pub fn status_json() -> String {
-    "[]\n".to_owned()
+/// `ctl/status.json` for scripts: the jobs as a JSON array.
+pub fn status_json(jobs: &[JobInfo]) -> String {
+    let array: Vec<Value> = jobs.iter().map(job_json).collect();
+    // unwrap: a Vec of JSON values always serialises.
+    serde_json::to_string_pretty(&array).unwrap() + "\n"
 }
 
 /// `ctl/chain`: the chain base first on one line, then one line per node
@@ -57,20 +68,141 @@ pub fn chain_text(chain: &Chain) -> String {
     text
 }
 
+/// The line shown for one job.
+pub fn job_line(job: &JobInfo) -> String {
+    let base = job
+        .base
+        .as_deref()
+        .map_or(String::new(), |b| format!(" base={b}"));
+    let state = match (job.outcome, &job.error) {
+        (Some(outcome), Some(error)) if outcome.name() != "completed" => {
+            format!("{} ({}: {error})", job.status, outcome.name())
+        }
+        (Some(outcome), _) => format!("{} ({})", job.status, outcome.name()),
+        (None, Some(error)) => format!("{} (error: {error})", job.status),
+        (None, None) => job.status.to_string(),
+    };
+    let percent = if job.len == 0 {
+        100.0
+    } else {
+        job.offset as f64 * 100.0 / job.len as f64
+    };
+    let mut extra = format!("{percent:.1}%");
+    if job.outcome.is_none() {
+        extra.push_str(&format!(", {}", human_rate(job.rate)));
+        if let Some(eta) = job.eta_seconds {
+            extra.push_str(&format!(", ETA {}", human_duration(eta)));
+        }
+    }
+    format!(
+        "{}: {} node={}{base} {state}: Completed {} of {} bytes, speed limit {} bytes/s ({extra})",
+        job.id,
+        job.kind.name(),
+        job.node,
+        job.offset,
+        job.len,
+        job.speed,
+    )
+}
+
+/// One job as `ctl/status.json` shows it.
+pub fn job_json(job: &JobInfo) -> Value {
+    let mut value = json!({
+        "id": job.id,
+        "type": job.kind.name(),
+        "device": job.node,
+        "node": job.node,
+        "base": job.base,
+        "len": job.len,
+        "offset": job.offset,
+        "speed": job.speed,
+        "status": job.status.name(),
+        "rate": job.rate.round() as u64,
+        "eta_seconds": job.eta_seconds.map(|s| s.ceil() as u64),
+    });
+    if let Some(error) = &job.error {
+        value["error"] = json!(error);
+    }
+    if let Some(outcome) = job.outcome {
+        value["outcome"] = json!(outcome.name());
+    }
+    value
+}
+
+fn human_rate(bytes_per_second: f64) -> String {
+    const UNITS: [&str; 4] = ["B/s", "KiB/s", "MiB/s", "GiB/s"];
+    let mut value = bytes_per_second;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn human_duration(seconds: f64) -> String {
+    let total = seconds.ceil() as u64;
+    match (total / 3600, total / 60 % 60, total % 60) {
+        (0, m, s) => format!("{m}:{s:02}"),
+        (h, m, s) => format!("{h}:{m:02}:{s:02}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::job::{JobType, Outcome};
+    use super::super::state::JobStatus;
     use super::*;
 
-    #[test]
-    fn status_says_no_jobs_and_ends_with_the_last_rejection() {
-        assert_eq!(status_text(None), "No active jobs\n");
-        let text = status_text(Some("rejected: frob: EINVAL"));
-        assert_eq!(text.lines().last(), Some("rejected: frob: EINVAL"));
+    fn info() -> JobInfo {
+        JobInfo {
+            id: "s0".into(),
+            kind: JobType::Stream,
+            node: "file-E.img".into(),
+            base: Some("file-A.img".into()),
+            status: JobStatus::Running,
+            len: 8 << 20,
+            offset: 2 << 20,
+            speed: 1 << 20,
+            rate: 1048576.0,
+            eta_seconds: Some(6.0),
+            error: None,
+            outcome: None,
+        }
     }
 
     #[test]
-    fn status_json_is_an_empty_array() {
-        let value: serde_json::Value = serde_json::from_str(&status_json()).unwrap();
-        assert_eq!(value, serde_json::json!([]));
+    fn a_running_job_shows_qemus_progress_words_then_percent_rate_and_eta() {
+        assert_eq!(
+            job_line(&info()),
+            "s0: stream node=file-E.img base=file-A.img running: Completed 2097152 of 8388608 \
+             bytes, speed limit 1048576 bytes/s (25.0%, 1.0 MiB/s, ETA 0:06)"
+        );
+    }
+
+    #[test]
+    fn a_failed_job_shows_its_outcome_and_error() {
+        let mut job = info();
+        job.status = JobStatus::Concluded;
+        job.outcome = Some(Outcome::Failed);
+        job.error = Some("No space left on device".into());
+        let line = job_line(&job);
+        assert!(
+            line.contains("concluded (failed: No space left on device)"),
+            "{line}"
+        );
+        let value = job_json(&job);
+        assert_eq!(value["outcome"], "failed");
+        assert_eq!(value["error"], "No space left on device");
+        assert_eq!(value["device"], "file-E.img");
+    }
+
+    #[test]
+    fn no_jobs_says_so_and_the_last_rejection_comes_last() {
+        assert_eq!(status_text(&[], None), "No active jobs\n");
+        assert_eq!(status_json(&[]), "[]\n");
+        let text = status_text(&[info()], Some("rejected: frob: EINVAL"));
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(text.lines().last(), Some("rejected: frob: EINVAL"));
     }
 }

@@ -36,13 +36,29 @@ fn an_unknown_verb_is_einval_and_logged() {
 }
 
 #[test]
-fn job_verbs_are_refused_as_not_implemented_yet() {
+fn a_well_formed_command_that_cannot_run_is_refused_with_its_errno() {
     let (_dir, jobs) = raw_jobs(false);
-    for verb in command::VERBS {
-        let error = jobs.command(verb).unwrap_err();
-        assert!(matches!(error, JobError::NotImplemented { .. }), "{verb}");
-        assert_eq!(error.errno(), libc::EINVAL);
+    for (command, errno) in [
+        ("stream node=nowhere.img", libc::ENOENT),
+        ("pause", libc::ENOENT),
+        ("commit top=base.img", libc::EINVAL),
+        ("snapshot file=/", libc::EEXIST),
+    ] {
+        let error = jobs.command(command).unwrap_err();
+        assert_eq!(error.errno(), errno, "{command}: {error}");
+        assert_eq!(last_event(&jobs)["event"], "COMMAND_REJECTED");
     }
+}
+
+#[test]
+fn an_accepted_stream_is_listed_when_the_command_returns() {
+    let (_dir, jobs) = raw_jobs(false);
+    jobs.command("stream id=s1\n").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&jobs.status_json()).unwrap();
+    assert_eq!(status[0]["id"], "s1");
+    assert_eq!(status[0]["type"], "stream");
+    assert!(jobs.status_text().starts_with("s1: stream node=base.img"));
+    jobs.close().unwrap();
 }
 
 #[test]

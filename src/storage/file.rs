@@ -14,6 +14,7 @@ use super::Storage;
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    writable: bool,
 }
 
 impl FileStorage {
@@ -26,6 +27,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writable,
         })
     }
 
@@ -39,6 +41,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writable: true,
         })
     }
 
@@ -87,6 +90,10 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 
     fn len(&self) -> io::Result<u64> {

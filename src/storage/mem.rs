@@ -288,6 +288,10 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    fn is_writable(&self) -> bool {
+        true
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(lock(&self.state).visible.len() as u64)
     }

@@ -27,6 +27,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Writes all of `buf` at `offset`, extending the file if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Whether the file was opened for writing.
+    fn is_writable(&self) -> bool;
+
     /// Current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
 

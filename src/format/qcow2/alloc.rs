@@ -93,7 +93,13 @@ impl Allocator {
 
     fn load_refblock(&mut self, storage: &dyn Storage, offset: u64) -> Result<&mut Refblock> {
         if !self.refblocks.contains(&offset) {
-            let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+            let cluster_size = self.geometry.cluster_size();
+            if offset + cluster_size > storage.len()? {
+                return Err(FormatError::malformed(format!(
+                    "refcount block at {offset:#x} lies past the end of the image file"
+                )));
+            }
+            let mut bytes = vec![0u8; cluster_size as usize];
             storage.read_at(&mut bytes, offset)?;
             self.refblocks
                 .put(offset, Refblock::from_bytes(bytes, &self.geometry));

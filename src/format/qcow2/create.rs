@@ -259,6 +259,7 @@ fn header(options: &CreateOptions, size: u64, geometry: &Geometry, layout: &Layo
         backing_file,
         backing_format,
         data_file: None,
+        unknown_header_fields: Vec::new(),
         feature_names: feature_names(cluster_size),
         bitmaps_extension: None,
         unknown_extensions: Vec::new(),

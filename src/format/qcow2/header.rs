@@ -2,21 +2,53 @@
 //! backing file name, as `docs/interop/qcow2.txt` lays them out.
 //!
 //! All integers are big-endian. Version 2 headers end at byte 72; version 3
-//! headers give their own length (at least 104 bytes).
+//! headers give their own length (at least 104 bytes, a multiple of 8).
+//! Header extensions follow the header; the backing file name, if any, sits
+//! after them, still inside cluster 0.
+//!
+//! [`Header::parse`] decodes cluster 0 and refuses what cannot be decoded
+//! (bad magic, unknown version, an extension running out of cluster 0...);
+//! [`Header::validate`] then checks the decoded fields against each other and
+//! against the file, as QEMU's `qcow2_do_open` does, before any table is read.
 
-use super::features::{Autoclear, Compatible, Incompatible};
+mod serialize;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use super::features::{describe_bits, Autoclear, Compatible, FeatureKind, Incompatible};
+use super::types::Geometry;
 use super::MAGIC;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
+pub use validate::{
+    MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_L1_BYTES, MAX_L1_ENTRIES, MAX_REFTABLE_BYTES,
+    MAX_SNAPSHOTS, MIN_SNAPSHOT_ENTRY_LEN,
+};
+
 /// Length of a version 2 header, and of the part common to both versions.
-const V2_HEADER_LEN: u32 = 72;
+pub const V2_HEADER_LEN: u32 = 72;
 /// Smallest valid version 3 header.
-const V3_MIN_HEADER_LEN: u32 = 104;
+pub const V3_MIN_HEADER_LEN: u32 = 104;
 /// Length of the version 3 header chainfs writes (with compression type).
 const V3_HEADER_LEN: u32 = 112;
-/// QEMU's limit on the backing file name.
+/// Offset of the `compression_type` byte (present when header_length > 104).
+const COMPRESSION_TYPE_OFFSET: usize = 104;
+/// Smallest cluster_bits: 512-byte clusters.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster_bits QEMU opens: 2 MiB clusters.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limit on the backing file name (`docs/interop/qcow2.txt`).
 pub const MAX_BACKING_FILE_NAME: usize = 1023;
+/// QEMU's limit on the backing format name: it must fit, NUL included, in
+/// `BlockDriverState::backing_format[16]`.
+pub const MAX_BACKING_FORMAT_NAME: usize = 15;
+/// Bytes per entry of the feature name table extension.
+const FEATURE_NAME_ENTRY_LEN: usize = 48;
+/// Bytes of the name inside a feature name table entry.
+const FEATURE_NAME_LEN: usize = FEATURE_NAME_ENTRY_LEN - 2;
 
 /// Header extension types.
 mod ext {
@@ -26,6 +58,19 @@ mod ext {
     pub const BITMAPS: u32 = 0x2385_2875;
     pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_be77;
     pub const DATA_FILE: u32 = 0x4441_5441;
+
+    /// The name of an extension type, for messages.
+    pub fn name(kind: u32) -> &'static str {
+        match kind {
+            END => "end of extensions",
+            BACKING_FORMAT => "backing format",
+            FEATURE_NAMES => "feature name table",
+            BITMAPS => "bitmaps",
+            FULL_DISK_ENCRYPTION => "full disk encryption header",
+            DATA_FILE => "external data file name",
+            _ => "unknown",
+        }
+    }
 }
 
 /// How compressed clusters are compressed (header byte 104).
@@ -44,7 +89,7 @@ pub struct FeatureName {
     pub kind: u8,
     /// Bit number in that field.
     pub bit: u8,
-    /// Human-readable name.
+    /// Human-readable name (at most 46 bytes on disk).
     pub name: String,
 }
 
@@ -83,6 +128,9 @@ pub struct Header {
     pub refcount_order: u32,
     /// Compression type of compressed clusters.
     pub compression_type: CompressionType,
+    /// Header bytes from 112 up to `header_length` that chainfs does not
+    /// know; the spec asks a writer to preserve them.
+    pub unknown_header_fields: Vec<u8>,
     /// Backing file name, if any.
     pub backing_file: Option<String>,
     /// Backing format from the backing format extension.
@@ -97,308 +145,350 @@ pub struct Header {
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
 }
 
+/// Big-endian u32 at `at`; `buf` must hold it (callers check lengths first).
 fn be32(buf: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
 
+/// Big-endian u64 at `at`; `buf` must hold it.
 fn be64(buf: &[u8], at: usize) -> u64 {
     (u64::from(be32(buf, at)) << 32) | u64::from(be32(buf, at + 4))
 }
 
-impl Header {
-    /// Reads and validates the header of the image in `storage`.
-    pub fn read(storage: &dyn Storage) -> Result<Header> {
-        let file_len = storage.len()?;
-        if file_len < u64::from(V2_HEADER_LEN) {
-            return Err(FormatError::malformed(format!(
-                "the file is {file_len} bytes, shorter than a qcow2 header"
-            )));
-        }
-        let mut fixed = vec![0u8; V2_HEADER_LEN as usize];
-        storage.read_at(&mut fixed, 0)?;
-        if be32(&fixed, 0) != MAGIC {
-            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
-        }
-        let cluster_bits = be32(&fixed, 20);
-        if !(9..=21).contains(&cluster_bits) {
-            return Err(FormatError::malformed(format!(
-                "cluster_bits {cluster_bits} is outside 9..=21"
-            )));
-        }
-        // Everything the header refers to by name lives in cluster 0.
-        let mut cluster0 = vec![0u8; 1 << cluster_bits];
-        storage.read_at(&mut cluster0, 0)?;
-        Header::parse(&cluster0)
-    }
+/// A string stored without terminator. QEMU reads these into C strings, so
+/// the name ends at the first NUL, as QEMU sees it.
+fn stored_string(bytes: &[u8], what: &str) -> Result<String> {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8(bytes[..end].to_vec())
+        .map_err(|_| FormatError::malformed(format!("the {what} is not valid UTF-8")))
+}
 
-    /// Decodes a header from the bytes of cluster 0.
-    pub fn parse(cluster0: &[u8]) -> Result<Header> {
-        if cluster0.len() < V2_HEADER_LEN as usize || be32(cluster0, 0) != MAGIC {
-            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
-        }
-        let version = be32(cluster0, 4);
-        if version != 2 && version != 3 {
-            return Err(FormatError::Unsupported {
-                what: format!("qcow2 version {version} (only 2 and 3 exist)"),
-            });
-        }
-        let mut header = Header {
-            version,
-            cluster_bits: be32(cluster0, 20),
-            size: be64(cluster0, 24),
-            crypt_method: be32(cluster0, 32),
-            l1_size: be32(cluster0, 36),
-            l1_table_offset: be64(cluster0, 40),
-            refcount_table_offset: be64(cluster0, 48),
-            refcount_table_clusters: be32(cluster0, 56),
-            nb_snapshots: be32(cluster0, 60),
-            snapshots_offset: be64(cluster0, 64),
+fn cluster_bits_in_range(cluster_bits: u32) -> Result<()> {
+    if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Ok(());
+    }
+    Err(FormatError::malformed(format!(
+        "cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS} \
+         (cluster sizes 512 B to 2 MiB)"
+    )))
+}
+
+fn version_supported(version: u32) -> Result<()> {
+    if version == 2 || version == 3 {
+        return Ok(());
+    }
+    Err(FormatError::Unsupported {
+        what: format!("qcow2 version {version} (only versions 2 and 3 exist)"),
+    })
+}
+
+impl Header {
+    /// A version 3 header for an empty image of `size` bytes: no tables yet,
+    /// no features, 16-bit refcounts, deflate compression.
+    pub fn new_v3(cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version: 3,
+            cluster_bits,
+            size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
             incompatible: Incompatible::empty(),
             unknown_incompatible: 0,
             compatible: Compatible::empty(),
             autoclear: Autoclear::empty(),
             refcount_order: 4,
             compression_type: CompressionType::Deflate,
+            unknown_header_fields: Vec::new(),
             backing_file: None,
             backing_format: None,
             data_file: None,
             feature_names: Vec::new(),
             bitmaps_extension: None,
             unknown_extensions: Vec::new(),
+        }
+    }
+
+    /// Bytes per cluster. `cluster_bits` must have been checked (by
+    /// [`Header::parse`] or [`Header::validate`]); out of range it saturates.
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits.min(63)
+    }
+
+    /// The cluster layout this header describes. Meaningful once
+    /// [`Header::validate`] has passed.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.incompatible.contains(Incompatible::EXTENDED_L2),
+            refcount_order: self.refcount_order,
+            external_data: self.incompatible.contains(Incompatible::EXTERNAL_DATA_FILE),
+        }
+    }
+
+    /// Reads and decodes the header of the image in `storage`. The caller
+    /// then calls [`Header::validate`] with the file length.
+    pub fn read(storage: &dyn Storage) -> Result<Header> {
+        let file_len = storage.len()?;
+        if file_len < u64::from(V2_HEADER_LEN) {
+            return Err(FormatError::malformed(format!(
+                "the file is {file_len} bytes, shorter than a qcow2 header ({V2_HEADER_LEN} bytes)"
+            )));
+        }
+        let mut fixed = [0u8; V2_HEADER_LEN as usize];
+        storage.read_at(&mut fixed, 0)?;
+        if be32(&fixed, 0) != MAGIC {
+            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
+        }
+        version_supported(be32(&fixed, 4))?;
+        let cluster_bits = be32(&fixed, 20);
+        cluster_bits_in_range(cluster_bits)?;
+        // Everything the header refers to by name lives in cluster 0, at
+        // most 2 MiB; bytes past the end of a short file read as zeros, as
+        // QEMU reads them.
+        let mut cluster0 = vec![0u8; 1 << cluster_bits];
+        storage.read_at(&mut cluster0, 0)?;
+        Header::parse(&cluster0)
+    }
+
+    /// Decodes a header from the bytes of cluster 0 (at least one cluster).
+    pub fn parse(cluster0: &[u8]) -> Result<Header> {
+        if cluster0.len() < V2_HEADER_LEN as usize || be32(cluster0, 0) != MAGIC {
+            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
+        }
+        let mut header = Header::parse_v2_fields(cluster0)?;
+        let cluster_size = 1usize << header.cluster_bits;
+        let Some(cluster0) = cluster0.get(..cluster_size) else {
+            return Err(FormatError::malformed(format!(
+                "cluster 0 is truncated: {} bytes of a {cluster_size}-byte cluster",
+                cluster0.len()
+            )));
         };
-        let cluster_size = 1usize << header.cluster_bits.clamp(9, 21);
-        if cluster0.len() < cluster_size {
-            return Err(FormatError::malformed("header cluster is truncated"));
+        let header_length = header.parse_v3_fields(cluster0)?;
+        let ext_end = extension_area_end(cluster0, header_length)?;
+        if header.unknown_incompatible != 0 {
+            // An unknown feature may change what follows the fixed fields.
+            // Like QEMU, look there only for the feature name table, so that
+            // validate() can name the bits, and ignore anything odd.
+            let _ = header.parse_extensions(cluster0, header_length, ext_end);
+            let _ = header.parse_backing_file_name(cluster0, header_length);
+            return Ok(header);
         }
-        let mut header_length = V2_HEADER_LEN;
-        if version == 3 {
-            header_length = be32(cluster0, 100);
-            if header_length < V3_MIN_HEADER_LEN || header_length % 8 != 0 {
-                return Err(FormatError::malformed(format!(
-                    "header_length {header_length} is below 104 or not a multiple of 8"
-                )));
-            }
-            if header_length as usize > cluster_size {
-                return Err(FormatError::malformed(format!(
-                    "header_length {header_length} exceeds the cluster size {cluster_size}"
-                )));
-            }
-            let incompatible = be64(cluster0, 72);
-            header.incompatible = Incompatible::from_bits_truncate(incompatible);
-            header.unknown_incompatible = incompatible & !Incompatible::SUPPORTED.bits();
-            header.compatible = Compatible::from_bits_retain(be64(cluster0, 80));
-            header.autoclear = Autoclear::from_bits_retain(be64(cluster0, 88));
-            header.refcount_order = be32(cluster0, 96);
-            if header_length > 104 {
-                header.compression_type = match cluster0[104] {
-                    0 => CompressionType::Deflate,
-                    1 => CompressionType::Zstd,
-                    other => {
-                        return Err(FormatError::Unsupported {
-                            what: format!("compression type {other}"),
-                        })
-                    }
-                };
-            }
-        }
-        header.parse_extensions(&cluster0[..cluster_size], header_length as usize)?;
-        header.parse_backing_file_name(cluster0, cluster_size)?;
+        header.parse_extensions(cluster0, header_length, ext_end)?;
+        header.parse_backing_file_name(cluster0, header_length)?;
         Ok(header)
     }
 
-    fn parse_extensions(&mut self, cluster0: &[u8], mut at: usize) -> Result<()> {
-        loop {
-            if at + 8 > cluster0.len() {
-                return Err(FormatError::malformed(
-                    "header extensions run past the end of cluster 0",
-                ));
+    /// The fields common to both versions (bytes 0 to 71).
+    fn parse_v2_fields(cluster0: &[u8]) -> Result<Header> {
+        let version = be32(cluster0, 4);
+        version_supported(version)?;
+        let cluster_bits = be32(cluster0, 20);
+        cluster_bits_in_range(cluster_bits)?;
+        let mut header = Header::new_v3(cluster_bits, be64(cluster0, 24));
+        header.version = version;
+        header.crypt_method = be32(cluster0, 32);
+        header.l1_size = be32(cluster0, 36);
+        header.l1_table_offset = be64(cluster0, 40);
+        header.refcount_table_offset = be64(cluster0, 48);
+        header.refcount_table_clusters = be32(cluster0, 56);
+        header.nb_snapshots = be32(cluster0, 60);
+        header.snapshots_offset = be64(cluster0, 64);
+        Ok(header)
+    }
+
+    /// The version 3 fields; returns `header_length` (72 for version 2).
+    fn parse_v3_fields(&mut self, cluster0: &[u8]) -> Result<usize> {
+        if self.version == 2 {
+            return Ok(V2_HEADER_LEN as usize);
+        }
+        let header_length = be32(cluster0, 100);
+        if header_length < V3_MIN_HEADER_LEN || header_length % 8 != 0 {
+            return Err(FormatError::malformed(format!(
+                "header_length {header_length} is below {V3_MIN_HEADER_LEN} or not a multiple of 8"
+            )));
+        }
+        let header_length = header_length as usize;
+        if header_length > cluster0.len() {
+            return Err(FormatError::malformed(format!(
+                "header_length {header_length} exceeds the cluster size {}",
+                cluster0.len()
+            )));
+        }
+        let incompatible = be64(cluster0, 72);
+        self.incompatible = Incompatible::from_bits_truncate(incompatible);
+        self.unknown_incompatible = incompatible & !Incompatible::SUPPORTED.bits();
+        self.compatible = Compatible::from_bits_retain(be64(cluster0, 80));
+        self.autoclear = Autoclear::from_bits_retain(be64(cluster0, 88));
+        self.refcount_order = be32(cluster0, 96);
+        if header_length > COMPRESSION_TYPE_OFFSET {
+            self.compression_type = match cluster0[COMPRESSION_TYPE_OFFSET] {
+                0 => CompressionType::Deflate,
+                1 => CompressionType::Zstd,
+                other => {
+                    return Err(FormatError::Unsupported {
+                        what: format!("compression_type {other} (known: 0 deflate, 1 zstd)"),
+                    })
+                }
+            };
+        }
+        if header_length > V3_HEADER_LEN as usize {
+            self.unknown_header_fields = cluster0[V3_HEADER_LEN as usize..header_length].to_vec();
+        }
+        Ok(header_length)
+    }
+
+    /// Walks the header extensions from `at` to `end` (the backing file name
+    /// or the end of cluster 0), as QEMU's `qcow2_read_extensions` does.
+    fn parse_extensions(&mut self, cluster0: &[u8], mut at: usize, end: usize) -> Result<()> {
+        while at < end {
+            if end - at < 8 {
+                return Err(FormatError::malformed(format!(
+                    "header extension at byte {at} runs past byte {end}, \
+                     the end of the header extension area"
+                )));
             }
             let kind = be32(cluster0, at);
             let len = be32(cluster0, at + 4) as usize;
-            at += 8;
+            let data_at = at + 8;
             if kind == ext::END {
-                return Ok(());
+                return self.check_end_marker(at, len);
             }
-            if len > cluster0.len() - at {
+            if len > end - data_at {
                 return Err(FormatError::malformed(format!(
-                    "header extension {kind:#x} of {len} bytes runs past the end of cluster 0"
+                    "header extension {kind:#010x} ({}) at byte {at} is {len} bytes long \
+                     and runs past byte {end}, the end of the header extension area",
+                    ext::name(kind)
                 )));
             }
-            let data = &cluster0[at..at + len];
-            self.parse_extension(kind, data)?;
-            at += len.next_multiple_of(8);
+            self.parse_extension(kind, &cluster0[data_at..data_at + len])?;
+            at = data_at + len.next_multiple_of(8);
         }
+        Ok(())
+    }
+
+    /// A version 2 header has no feature fields: bytes 72 to 79 are the
+    /// first extension. An end marker there with a non-zero length is what a
+    /// version 3 header (with incompatible feature bits) relabelled as
+    /// version 2 looks like; QEMU would silently drop those features, so the
+    /// image is refused instead. QEMU never writes such a marker.
+    fn check_end_marker(&self, at: usize, len: usize) -> Result<()> {
+        if self.version == 2 && at == V2_HEADER_LEN as usize && len != 0 {
+            return Err(FormatError::malformed(format!(
+                "version 2 header carries version 3 feature bits: incompatible feature \
+                 bits {} at byte 72 (version 2 has no feature fields)",
+                describe_bits(len as u64, |_| None)
+            )));
+        }
+        Ok(())
     }
 
     fn parse_extension(&mut self, kind: u32, data: &[u8]) -> Result<()> {
-        let text = |what: &str| {
-            String::from_utf8(data.to_vec())
-                .map_err(|_| FormatError::malformed(format!("{what} is not UTF-8")))
-        };
         match kind {
-            ext::BACKING_FORMAT => self.backing_format = Some(text("backing format")?),
-            ext::DATA_FILE => self.data_file = Some(text("data file name")?),
-            ext::FEATURE_NAMES => {
-                self.feature_names = data
-                    .chunks_exact(48)
-                    .map(|entry| FeatureName {
-                        kind: entry[0],
-                        bit: entry[1],
-                        name: String::from_utf8_lossy(&entry[2..])
-                            .trim_end_matches('\0')
-                            .to_string(),
-                    })
-                    .collect();
+            ext::BACKING_FORMAT => {
+                if data.len() > MAX_BACKING_FORMAT_NAME {
+                    return Err(FormatError::malformed(format!(
+                        "backing format extension of {} bytes exceeds {MAX_BACKING_FORMAT_NAME}",
+                        data.len()
+                    )));
+                }
+                self.backing_format = Some(stored_string(data, "backing format name")?);
             }
+            ext::DATA_FILE => self.data_file = Some(stored_string(data, "data file name")?),
+            ext::FEATURE_NAMES => self.feature_names = parse_feature_names(data),
             ext::BITMAPS => self.bitmaps_extension = Some(data.to_vec()),
-            ext::FULL_DISK_ENCRYPTION => return Err(FormatError::Encrypted),
+            ext::FULL_DISK_ENCRYPTION => return Err(self.encryption_extension_error()),
             _ => self.unknown_extensions.push((kind, data.to_vec())),
         }
         Ok(())
     }
 
-    fn parse_backing_file_name(&mut self, cluster0: &[u8], cluster_size: usize) -> Result<()> {
+    /// Only LUKS-encrypted images carry the encryption header extension.
+    fn encryption_extension_error(&self) -> FormatError {
+        match self.crypt_method {
+            2 => FormatError::Encrypted,
+            method => FormatError::malformed(format!(
+                "full disk encryption header extension present, but crypt_method is \
+                 {method} (only LUKS, 2, has one)"
+            )),
+        }
+    }
+
+    /// Reads the backing file name, which QEMU requires to lie after the
+    /// header and inside cluster 0, and to be at most 1023 bytes.
+    fn parse_backing_file_name(&mut self, cluster0: &[u8], header_length: usize) -> Result<()> {
         let offset = be64(cluster0, 8);
         let len = be32(cluster0, 16) as usize;
         if offset == 0 {
             return Ok(());
         }
-        if len > MAX_BACKING_FILE_NAME {
-            return Err(FormatError::malformed(format!(
-                "backing file name of {len} bytes exceeds {MAX_BACKING_FILE_NAME}"
-            )));
-        }
-        let fits = usize::try_from(offset)
-            .ok()
-            .and_then(|start| start.checked_add(len))
-            .is_some_and(|end| end <= cluster_size);
-        if !fits {
-            return Err(FormatError::malformed(format!(
-                "backing file name at offset {offset} is outside cluster 0"
-            )));
-        }
+        // extension_area_end() already refused offsets past cluster 0.
         let start = offset as usize;
-        let name = String::from_utf8(cluster0[start..start + len].to_vec())
-            .map_err(|_| FormatError::malformed("backing file name is not UTF-8"))?;
-        self.backing_file = Some(name);
+        if start < header_length {
+            return Err(FormatError::malformed(format!(
+                "backing_file_offset {offset} lies inside the {header_length}-byte header"
+            )));
+        }
+        if len > MAX_BACKING_FILE_NAME || len > cluster0.len() - start {
+            return Err(FormatError::malformed(format!(
+                "backing_file_size {len} at backing_file_offset {offset} is too long \
+                 (at most {MAX_BACKING_FILE_NAME} bytes, ending inside cluster 0 of {} bytes)",
+                cluster0.len()
+            )));
+        }
+        let name = stored_string(&cluster0[start..start + len], "backing file name")?;
+        // An empty name means no backing file to QEMU's block layer too.
+        self.backing_file = (!name.is_empty()).then_some(name);
         Ok(())
     }
 
-    /// Encodes the header, its extensions and the backing file name into one
-    /// cluster, as QEMU lays them out.
-    pub fn serialize(&self) -> Result<Vec<u8>> {
-        let cluster_size = 1usize << self.cluster_bits;
-        let mut out = Vec::with_capacity(cluster_size);
-        let header_length = if self.version == 3 {
-            V3_HEADER_LEN
-        } else {
-            V2_HEADER_LEN
-        };
-        out.extend_from_slice(&MAGIC.to_be_bytes());
-        out.extend_from_slice(&self.version.to_be_bytes());
-        out.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset, patched below
-        out.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size, patched below
-        out.extend_from_slice(&self.cluster_bits.to_be_bytes());
-        out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.crypt_method.to_be_bytes());
-        out.extend_from_slice(&self.l1_size.to_be_bytes());
-        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
-        out.extend_from_slice(&self.nb_snapshots.to_be_bytes());
-        out.extend_from_slice(&self.snapshots_offset.to_be_bytes());
-        if self.version == 3 {
-            let incompatible = self.incompatible.bits() | self.unknown_incompatible;
-            out.extend_from_slice(&incompatible.to_be_bytes());
-            out.extend_from_slice(&self.compatible.bits().to_be_bytes());
-            out.extend_from_slice(&self.autoclear.bits().to_be_bytes());
-            out.extend_from_slice(&self.refcount_order.to_be_bytes());
-            out.extend_from_slice(&header_length.to_be_bytes());
-            let compression = match self.compression_type {
-                CompressionType::Deflate => 0u8,
-                CompressionType::Zstd => 1u8,
-            };
-            out.push(compression);
-            out.resize(V3_HEADER_LEN as usize, 0);
-        }
-        let push_ext = |out: &mut Vec<u8>, kind: u32, data: &[u8]| {
-            out.extend_from_slice(&kind.to_be_bytes());
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            out.extend_from_slice(data);
-            out.resize(out.len().next_multiple_of(8), 0);
-        };
-        if let Some(data_file) = &self.data_file {
-            push_ext(&mut out, ext::DATA_FILE, data_file.as_bytes());
-        }
-        if let Some(format) = &self.backing_format {
-            push_ext(&mut out, ext::BACKING_FORMAT, format.as_bytes());
-        }
-        if !self.feature_names.is_empty() {
-            let mut table = Vec::with_capacity(self.feature_names.len() * 48);
-            for feature in &self.feature_names {
-                let mut entry = [0u8; 48];
-                entry[0] = feature.kind;
-                entry[1] = feature.bit;
-                let name = feature.name.as_bytes();
-                let len = name.len().min(46);
-                entry[2..2 + len].copy_from_slice(&name[..len]);
-                table.extend_from_slice(&entry);
-            }
-            push_ext(&mut out, ext::FEATURE_NAMES, &table);
-        }
-        if let Some(bitmaps) = &self.bitmaps_extension {
-            push_ext(&mut out, ext::BITMAPS, bitmaps);
-        }
-        for (kind, data) in &self.unknown_extensions {
-            push_ext(&mut out, *kind, data);
-        }
-        push_ext(&mut out, ext::END, &[]);
-        if let Some(backing) = &self.backing_file {
-            if backing.len() > MAX_BACKING_FILE_NAME {
-                return Err(FormatError::Unsupported {
-                    what: format!(
-                        "a backing file name of {} bytes (at most {MAX_BACKING_FILE_NAME})",
-                        backing.len()
-                    ),
-                });
-            }
-            let offset = out.len() as u64;
-            out[8..16].copy_from_slice(&offset.to_be_bytes());
-            out[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
-            out.extend_from_slice(backing.as_bytes());
-        }
-        if out.len() > cluster_size {
-            return Err(FormatError::Unsupported {
-                what: format!(
-                    "a header of {} bytes does not fit in a cluster of {cluster_size}",
-                    out.len()
-                ),
-            });
-        }
-        out.resize(cluster_size, 0);
-        Ok(out)
+    /// Names the unknown incompatible bits, with the names the image's own
+    /// feature name table gives them: `bit 5 ("foo"), bit 9`.
+    pub fn unknown_incompatible_names(&self) -> String {
+        describe_bits(self.unknown_incompatible, |bit| {
+            // The first entry for a bit wins, as in the error QEMU prints.
+            self.feature_names
+                .iter()
+                .find(|entry| {
+                    FeatureKind::from_byte(entry.kind) == Some(FeatureKind::Incompatible)
+                        && u32::from(entry.bit) == bit
+                })
+                .map(|entry| entry.name.as_str())
+        })
     }
 }
 
-impl Header {
-    /// Checks the fields that the engine trusts (minimal; hardened on the
-    /// header branch).
-    pub fn validate(&self, file_len: u64) -> Result<()> {
-        if self.crypt_method != 0 {
-            return Err(FormatError::Encrypted);
-        }
-        if self.unknown_incompatible != 0 {
-            return Err(FormatError::UnknownIncompatibleFeatures {
-                features: format!("{:#x}", self.unknown_incompatible),
-            });
-        }
-        let l1_end = self.l1_table_offset + u64::from(self.l1_size) * 8;
-        if l1_end > file_len || u64::from(self.l1_size) > (32 << 20) / 8 {
-            return Err(FormatError::malformed("L1 table out of the file"));
-        }
-        if u64::from(self.refcount_table_clusters) << self.cluster_bits > (8 << 20) {
-            return Err(FormatError::malformed("refcount table too large"));
-        }
-        Ok(())
+/// Where the header extension area ends: at the backing file name when
+/// there is one, else at the end of cluster 0. QEMU refuses a backing file
+/// offset past cluster 0 ("Invalid backing file offset").
+fn extension_area_end(cluster0: &[u8], header_length: usize) -> Result<usize> {
+    let backing_offset = be64(cluster0, 8);
+    if backing_offset == 0 {
+        return Ok(cluster0.len());
     }
+    match usize::try_from(backing_offset) {
+        Ok(end) if end <= cluster0.len() => Ok(end.max(header_length)),
+        _ => Err(FormatError::malformed(format!(
+            "backing_file_offset {backing_offset} is outside cluster 0 ({} bytes)",
+            cluster0.len()
+        ))),
+    }
+}
+
+fn parse_feature_names(data: &[u8]) -> Vec<FeatureName> {
+    data.chunks_exact(FEATURE_NAME_ENTRY_LEN)
+        .map(|entry| {
+            let name = &entry[2..];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            FeatureName {
+                kind: entry[0],
+                bit: entry[1],
+                name: String::from_utf8_lossy(&name[..end]).into_owned(),
+            }
+        })
+        .collect()
 }

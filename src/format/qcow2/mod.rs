@@ -21,9 +21,11 @@ pub mod features;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+pub mod repair;
 pub mod snapshots;
 pub mod types;
 
+mod populate;
 mod read;
 mod write;
 mod zero;
@@ -66,7 +68,7 @@ pub struct Qcow2 {
     version: u32,
     size: u64,
     compression: CompressionType,
-    writable: bool,
+    writable: AtomicBool,
     corrupt: bool,
     l1_offset: u64,
     l1: RwLock<Vec<u64>>,
@@ -90,15 +92,18 @@ impl Qcow2 {
         let file_len = storage.len()?;
         let mut header = Header::read(storage.as_ref())?;
         header.validate(file_len)?;
-        let geometry = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.incompatible.contains(Incompatible::EXTENDED_L2),
-            refcount_order: header.refcount_order,
-            external_data: header
-                .incompatible
-                .contains(Incompatible::EXTERNAL_DATA_FILE),
-        };
-        let data_file = open_data_file(&header, options.writable, opener)?;
+        let geometry = header.geometry();
+        // The data file can take writes whenever the image file can, so that
+        // writes can be enabled in place later.
+        let data_file = open_data_file(&header, storage.is_writable(), opener)?;
+        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
+        if options.writable && !corrupt && header.incompatible.contains(Incompatible::DIRTY) {
+            // Before the L1 table and the allocator are loaded: the repair
+            // may fix COPIED flags and moves the refcount table.
+            repair::repair(storage.as_ref(), &mut header, &geometry)?;
+        }
+        // The repair may have grown the file.
+        let file_len = storage.len()?;
         let l1 = read_l1(storage.as_ref(), &header)?;
         let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(
@@ -108,14 +113,14 @@ impl Qcow2 {
             header.refcount_table_clusters,
             options.cache_bytes / 4,
         )?;
-        let corrupt = header.incompatible.contains(Incompatible::CORRUPT);
         let image = Qcow2 {
             data_file,
             geometry,
             version: header.version,
-            size: header.size,
+            // QEMU shows whole sectors only: a size of 1000 bytes reads as 512.
+            size: header.size & !511,
             compression: header.compression_type,
-            writable: options.writable,
+            writable: AtomicBool::new(options.writable),
             corrupt,
             l1_offset: header.l1_table_offset,
             l1: RwLock::new(l1),
@@ -142,9 +147,14 @@ impl Qcow2 {
     /// refcounts repaired, autoclear bits that chainfs does not maintain
     /// cleared (qcow2.txt: a writer that does not understand them must).
     fn prepare_for_writing(&self, header: &mut Header) -> Result<()> {
+        // A writable open repaired the dirty bit before the allocator read
+        // any refcount; an image switched to writable later was not, and
+        // must not be written on stale refcounts.
         if header.incompatible.contains(Incompatible::DIRTY) {
             return Err(FormatError::Unsupported {
-                what: "writing an image with the dirty bit set (refcount repair)".into(),
+                what: "taking writes in place on an image with the dirty bit set \
+                       (open it as the active image to repair it)"
+                    .into(),
             });
         }
         if header.autoclear.contains(Autoclear::BITMAPS) && header.bitmaps_extension.is_some() {
@@ -263,7 +273,7 @@ impl Qcow2 {
 
     /// Makes every completed write durable, then applies deferred frees.
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut meta = sync::lock(&self.meta);
@@ -304,6 +314,39 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Opens the image for writing, or back to read-only, in place: the same
+    /// file, the same caches, so every reader keeps seeing one image (a
+    /// commit's base shows the merge as it happens). Enabling does what a
+    /// writable open does to the header; disabling first flushes and
+    /// returns reserved clusters, as a close does. The caller makes sure no
+    /// write is in flight while writes are disabled.
+    pub fn set_writable(&self, writable: bool) -> Result<()> {
+        if writable == self.writable.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !writable {
+            self.close()?;
+            self.writable.store(false, Ordering::Release);
+            return Ok(());
+        }
+        let files_writable = self.storage.is_writable()
+            && self
+                .data_file
+                .as_ref()
+                .is_none_or(|file| file.is_writable());
+        if !files_writable {
+            return Err(FormatError::ReadOnly);
+        }
+        if self.corrupt {
+            return Err(FormatError::Corrupt);
+        }
+        let mut header = sync::lock(&self.meta).header.clone();
+        self.prepare_for_writing(&mut header)?;
+        self.closed.store(false, Ordering::Release);
+        self.writable.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Rewrites the backing file name and format in the header.
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         self.check_writable()?;
@@ -315,7 +358,7 @@ impl Qcow2 {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Err(FormatError::ReadOnly);
         }
         if self.corrupt {

@@ -66,7 +66,12 @@ impl Qcow2 {
         })
     }
 
-    fn zero_cluster(&self, meta: &mut Meta, guest: u64, backing: &dyn BackingReader) -> Result<()> {
+    pub(super) fn zero_cluster(
+        &self,
+        meta: &mut Meta,
+        guest: u64,
+        backing: &dyn BackingReader,
+    ) -> Result<()> {
         let cluster_size = self.geometry.cluster_size();
         let Some(new) = self.zero_entry(backing) else {
             return self.write_zeros(meta, guest, cluster_size, backing);

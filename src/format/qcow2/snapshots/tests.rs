@@ -45,6 +45,10 @@ impl Storage for Bytes {
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         unimplemented!("the snapshot table is only read")
     }
+    fn is_writable(&self) -> bool {
+        true
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.lock().unwrap().len() as u64)
     }

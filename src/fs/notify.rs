@@ -1,0 +1,79 @@
+//! Telling the kernel when the chain changes shape: node files that left
+//! the chain are dropped from its dentry cache, and files whose attributes
+//! changed (the old active node turning 0444, `active` now another node)
+//! are refreshed — only for inodes the kernel holds.
+//!
+//! Notifications are sent from a thread of their own: a change can come
+//! from inside a request (a `snapshot` written to `ctl/command`), and the
+//! kernel must never wait on the thread that is answering it.
+
+use std::ffi::OsStr;
+use std::sync::mpsc;
+use std::sync::Weak;
+
+use fuser::{INodeNo, Notifier};
+
+use super::inode::{Inode, ACTIVE, ROOT};
+use super::ops::FsModel;
+use crate::jobs::Chain;
+use crate::sync::Arc;
+
+/// A chain change to tell the kernel about.
+type Change = (Arc<Chain>, Arc<Chain>);
+
+/// Starts the notifying thread; returns the watcher to register with the
+/// jobs. The thread ends when the watcher is dropped (the jobs closed) or
+/// the file system is gone.
+pub fn spawn(notifier: Notifier, model: Weak<FsModel>) -> crate::jobs::registry::ChainWatcher {
+    let (sender, receiver) = mpsc::channel::<Change>();
+    let spawned = std::thread::Builder::new()
+        .name("chainfs-notify".into())
+        .spawn(move || {
+            for (old, new) in receiver {
+                let Some(model) = model.upgrade() else {
+                    return;
+                };
+                invalidate(&notifier, &model, &old, &new);
+            }
+        });
+    if let Err(err) = spawned {
+        log::error!("cannot start the kernel notification thread: {err}");
+    }
+    Box::new(move |old: &Arc<Chain>, new: &Arc<Chain>| {
+        // The receiver is gone only when the mount is; nothing to tell.
+        let _ = sender.send((Arc::clone(old), Arc::clone(new)));
+    })
+}
+
+fn invalidate(notifier: &Notifier, model: &FsModel, old: &Chain, new: &Chain) {
+    let held = |ino: u64| model.lookups().is_held(ino);
+    let entry = |name: &str| {
+        // ENOENT only means the kernel had no such entry cached.
+        let _ = notifier.inval_entry(INodeNo(ROOT), OsStr::new(name));
+    };
+    let attributes = |ino: u64| {
+        if held(ino) {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    };
+    for node in old.nodes() {
+        match new.node(node.id()) {
+            None => {
+                entry(node.name());
+                attributes(Inode::Node(node.id()).ino());
+            }
+            Some(now) if now.name() != node.name() => entry(node.name()),
+            Some(_) => {}
+        }
+    }
+    // A name may have been looked up, and cached as missing, before it
+    // appeared.
+    for node in new.nodes().iter().filter(|n| old.node(n.id()).is_none()) {
+        entry(node.name());
+    }
+    if old.active().id() != new.active().id() {
+        attributes(Inode::Node(old.active().id()).ino());
+        attributes(Inode::Node(new.active().id()).ino());
+        attributes(ACTIVE);
+    }
+}

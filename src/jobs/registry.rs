@@ -1,0 +1,373 @@
+//! The jobs of one mount: starting them from commands (after checking
+//! their nodes and conflicts), steering them by id, listing them, and
+//! replacing the chain when one finishes.
+//!
+//! Lock order: `jobs` before a job's own lock (a job's verbs may wait for
+//! its thread, so `jobs` is released before calling them); the live chain's
+//! lock is taken alone.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use serde_json::json;
+
+use super::command::{Command, OnError};
+use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, VerbRefused};
+use super::state::Verb;
+use super::stream::{self, StreamPlan};
+use crate::chain::{Chain, ChainError, NodeId};
+use crate::sync::{lock, read, write, Arc, Mutex, RwLock};
+
+/// How many concluded jobs stay listed (oldest dropped first) when nobody
+/// dismisses them.
+const KEPT_CONCLUDED: usize = 64;
+
+/// Why a command could not run; each maps to one errno.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A value is wrong (EINVAL).
+    #[error("{0}")]
+    Invalid(String),
+    /// A named node or job does not exist (ENOENT).
+    #[error("{0}")]
+    NotFound(String),
+    /// It conflicts with a job, or the job's state does not allow it (EBUSY).
+    #[error("{0}")]
+    Busy(String),
+    /// The file to create exists (EEXIST).
+    #[error("{0}")]
+    Exists(String),
+    /// The chain below failed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+}
+
+impl Refusal {
+    /// The errno of the refusal.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Refusal::Invalid(_) => libc::EINVAL,
+            Refusal::NotFound(_) => libc::ENOENT,
+            Refusal::Busy(_) => libc::EBUSY,
+            Refusal::Exists(_) => libc::EEXIST,
+            Refusal::Chain(err) => err.errno(),
+        }
+    }
+}
+
+impl From<VerbRefused> for Refusal {
+    fn from(refused: VerbRefused) -> Refusal {
+        Refusal::Busy(format!(
+            "a job in state {} cannot accept {}",
+            refused.status,
+            refused.verb.name()
+        ))
+    }
+}
+
+/// Told of every change of the chain: the chain before and after.
+pub type ChainWatcher = Box<dyn Fn(&Arc<Chain>, &Arc<Chain>) + Send + Sync>;
+
+/// The chain as it stands now, shared by the mount and the job threads.
+pub struct LiveChain {
+    chain: RwLock<Arc<Chain>>,
+    events: Arc<dyn EventSink>,
+    watchers: Mutex<Vec<ChainWatcher>>,
+}
+
+impl LiveChain {
+    /// Wraps the mounted chain.
+    pub fn new(chain: Chain, events: Arc<dyn EventSink>) -> LiveChain {
+        LiveChain {
+            chain: RwLock::new(Arc::new(chain)),
+            events,
+            watchers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Calls `watcher` after every change of the chain (outside the chain's
+    /// lock, on the thread that changed it).
+    pub fn watch(&self, watcher: ChainWatcher) {
+        lock(&self.watchers).push(watcher);
+    }
+
+    /// The chain now: a snapshot that stays readable after a change.
+    pub fn current(&self) -> Arc<Chain> {
+        Arc::clone(&read(&self.chain))
+    }
+
+    /// Replaces the chain with what `change` makes of it and reports the
+    /// change as a `CHAIN_CHANGED` event.
+    pub fn change(
+        &self,
+        change: &dyn Fn(&Chain) -> Result<Chain, ChainError>,
+    ) -> Result<(), ChainError> {
+        let mut current = write(&self.chain);
+        let next = change(&current)?;
+        let names = |chain: &Chain| -> Vec<String> {
+            chain.nodes().iter().map(|n| n.name().to_string()).collect()
+        };
+        let (old, new) = (names(&current), names(&next));
+        let left: Vec<&String> = old.iter().filter(|n| !new.contains(n)).collect();
+        let added: Vec<&String> = new.iter().filter(|n| !old.contains(n)).collect();
+        self.events.push(
+            "CHAIN_CHANGED",
+            json!({"chain": new, "left": left, "added": added, "active": next.active().name()}),
+        );
+        let old = std::mem::replace(&mut *current, Arc::new(next));
+        let new = Arc::clone(&current);
+        drop(current);
+        for watcher in lock(&self.watchers).iter() {
+            watcher(&old, &new);
+        }
+        Ok(())
+    }
+
+    /// Takes the chain back for closing, if nothing else holds it.
+    pub fn into_chain(self) -> Result<Chain, Arc<Chain>> {
+        let chain = self.chain.into_inner().unwrap_or_else(|p| p.into_inner());
+        Arc::try_unwrap(chain)
+    }
+}
+
+/// Every job of the mount, oldest first.
+pub struct Registry {
+    live: Arc<LiveChain>,
+    events: Arc<dyn EventSink>,
+    jobs: Mutex<Vec<Arc<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// No jobs yet, over `live`.
+    pub fn new(live: Arc<LiveChain>, events: Arc<dyn EventSink>) -> Registry {
+        Registry {
+            live,
+            events,
+            jobs: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// The chain now.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.live.current()
+    }
+
+    /// What the reports show of every listed job.
+    pub fn infos(&self) -> Vec<JobInfo> {
+        lock(&self.jobs).iter().map(|job| job.info()).collect()
+    }
+
+    /// Runs one parsed command. When it returns `Ok`, a started job is
+    /// already listed.
+    pub fn execute(&self, command: Command) -> Result<(), Refusal> {
+        match command {
+            Command::Stream {
+                node,
+                base,
+                backing_file,
+                speed,
+                id,
+                on_error,
+            } => self.start_stream(node, base, backing_file, speed, id, on_error),
+            Command::Snapshot { file } => self.snapshot(Path::new(&file)),
+            Command::Commit { .. } => Err(Refusal::Invalid("commit is not implemented yet".into())),
+            Command::SetSpeed { id, speed } => {
+                Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
+            }
+            Command::Control { verb, id } => self.control(verb, id.as_deref()),
+        }
+    }
+
+    fn control(&self, verb: Verb, id: Option<&str>) -> Result<(), Refusal> {
+        let job = self.find_job(id)?;
+        match verb {
+            Verb::Cancel => job.cancel()?,
+            Verb::Pause => job.pause()?,
+            Verb::Resume => job.resume()?,
+            Verb::SetSpeed => return Err(Refusal::Invalid("set-speed needs speed=RATE".into())),
+            Verb::Complete => {
+                // Only an active commit reaches `ready`; the verb table
+                // refuses `complete` in every other state.
+                return Err(Refusal::Busy(format!(
+                    "job {} in state {} cannot accept complete",
+                    job.id(),
+                    job.status()
+                )));
+            }
+            Verb::Dismiss => {
+                job.check_dismiss()?;
+                job.dismiss();
+                lock(&self.jobs).retain(|j| !Arc::ptr_eq(j, &job));
+            }
+        }
+        Ok(())
+    }
+
+    /// The job `id`, or the only job when no id is given.
+    fn find_job(&self, id: Option<&str>) -> Result<Arc<Job>, Refusal> {
+        let jobs = lock(&self.jobs);
+        match id {
+            Some(id) => jobs
+                .iter()
+                .find(|job| job.id() == id)
+                .cloned()
+                .ok_or_else(|| Refusal::NotFound(format!("no job with id {id:?}"))),
+            None => match jobs.as_slice() {
+                [job] => Ok(Arc::clone(job)),
+                [] => Err(Refusal::NotFound("there is no job".into())),
+                _ => Err(Refusal::Invalid(
+                    "several jobs exist: say which with id=".into(),
+                )),
+            },
+        }
+    }
+
+    fn start_stream(
+        &self,
+        node: Option<String>,
+        base: Option<String>,
+        backing_file: Option<String>,
+        speed: u64,
+        id: Option<String>,
+        on_error: OnError,
+    ) -> Result<(), Refusal> {
+        let chain = self.chain();
+        let node = resolve(&chain, node.as_deref().unwrap_or("active"))?;
+        let base = base.as_deref().map(|b| resolve(&chain, b)).transpose()?;
+        let level = |id: NodeId| chain.nodes().iter().position(|n| n.id() == id);
+        let node_level = level(node).unwrap_or(0);
+        let base_level = base.and_then(level);
+        if base_level.is_some_and(|b| b >= node_level) {
+            return Err(Refusal::Invalid("base is not below node".into()));
+        }
+        if backing_file.is_some() && base.is_none() {
+            return Err(Refusal::Invalid("backing-file needs base".into()));
+        }
+        let first_kept = base_level.map_or(0, |b| b + 1);
+        // The node written and every node it reads and removes; not the base.
+        let touched: Vec<NodeId> = chain.nodes()[first_kept..=node_level]
+            .iter()
+            .map(|n| n.id())
+            .collect();
+        let target = &chain.nodes()[node_level];
+        let plan = StreamPlan {
+            node,
+            below: node_level.checked_sub(1).map(|l| chain.nodes()[l].id()),
+            base,
+            backing_file,
+            on_error,
+        };
+        let spec = JobSpec {
+            id: String::new(),
+            kind: JobType::Stream,
+            node: target.name().to_string(),
+            base: base_level.map(|b| chain.nodes()[b].name().to_string()),
+            touched,
+            len: target.virtual_size(),
+            speed,
+        };
+        let job = self.register(spec, id)?;
+        let live = Arc::clone(&self.live);
+        let thread = std::thread::Builder::new()
+            .name(format!("job-{}", job.id()))
+            .spawn(move || {
+                let change = |f: &dyn Fn(&Chain) -> Result<Chain, ChainError>| live.change(f);
+                stream::run(&job, chain, &plan, &change);
+            })
+            .map_err(|err| Refusal::Busy(format!("cannot start a job thread: {err}")))?;
+        lock(&self.threads).push(thread);
+        Ok(())
+    }
+
+    /// Lists a new job under `id` (or a generated one) if it conflicts with
+    /// no live job.
+    fn register(&self, mut spec: JobSpec, id: Option<String>) -> Result<Arc<Job>, Refusal> {
+        let mut jobs = lock(&self.jobs);
+        spec.id = match id {
+            Some(id) if id.is_empty() => return Err(Refusal::Invalid("an empty job id".into())),
+            Some(id) if jobs.iter().any(|job| job.id() == id) => {
+                return Err(Refusal::Invalid(format!("a job with id {id:?} exists")))
+            }
+            Some(id) => id,
+            None => loop {
+                let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let candidate = format!("{}{n}", spec.kind.name());
+                if !jobs.iter().any(|job| job.id() == candidate) {
+                    break candidate;
+                }
+            },
+        };
+        if let Some(other) = jobs.iter().find(|job| {
+            !job.status().is_finished() && job.touched().iter().any(|n| spec.touched.contains(n))
+        }) {
+            return Err(Refusal::Busy(format!(
+                "job {} uses some of the same nodes",
+                other.id()
+            )));
+        }
+        let job = Arc::new(Job::new(spec, Arc::clone(&self.events)));
+        jobs.push(Arc::clone(&job));
+        drop_old_concluded(&mut jobs);
+        Ok(job)
+    }
+
+    /// A live external snapshot onto a new file.
+    fn snapshot(&self, file: &Path) -> Result<(), Refusal> {
+        if file.as_os_str().is_empty() {
+            return Err(Refusal::Invalid("snapshot needs a file name".into()));
+        }
+        if std::fs::symlink_metadata(file).is_ok() {
+            return Err(Refusal::Exists(format!("{} exists", file.display())));
+        }
+        let active = self.chain().active().id();
+        let busy = lock(&self.jobs)
+            .iter()
+            .find(|job| !job.status().is_finished() && job.touched().contains(&active))
+            .map(|job| job.id().to_string());
+        if let Some(job) = busy {
+            return Err(Refusal::Busy(format!("job {job} uses the active node")));
+        }
+        Ok(self.live.change(&|chain| chain.with_new_top(file))?)
+    }
+
+    /// Cancels every live job and waits for their threads (at unmount).
+    pub fn shutdown(&self) {
+        for job in lock(&self.jobs).iter() {
+            let _ = job.cancel();
+            let _ = job.resume();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for thread in threads {
+            if thread.join().is_err() {
+                log::error!("a job thread panicked");
+            }
+        }
+    }
+}
+
+/// The node a command names.
+fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
+    chain
+        .find(name)
+        .map(|node| node.id())
+        .ok_or_else(|| Refusal::NotFound(format!("no node {name:?} in the chain")))
+}
+
+/// Keeps the listing bounded: the oldest concluded jobs beyond
+/// [`KEPT_CONCLUDED`] go.
+fn drop_old_concluded(jobs: &mut Vec<Arc<Job>>) {
+    let concluded = jobs.iter().filter(|j| j.status().is_finished()).count();
+    let mut excess = concluded.saturating_sub(KEPT_CONCLUDED);
+    jobs.retain(|job| {
+        if excess > 0 && job.status().is_finished() {
+            excess -= 1;
+            return false;
+        }
+        true
+    });
+}

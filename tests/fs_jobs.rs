@@ -1,0 +1,291 @@
+//! Live jobs through a real mount: commands written to `ctl/command`,
+//! watched in `ctl/status`, `status.json`, `events` and `chain`, while
+//! `active` keeps being read and written; QEMU's tools check the result.
+
+mod common;
+mod fs_common;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use fs_common::*;
+
+/// Writes one command; returns the errno of a refusal.
+fn command(m: &Mounted, text: &str) -> Result<(), i32> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(m.path("ctl/command"))
+        .unwrap();
+    file.write_all(text.as_bytes())
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn status_json(m: &Mounted) -> serde_json::Value {
+    serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap()
+}
+
+/// Waits until every listed job has an outcome; returns the jobs.
+fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = status_json(m).as_array().unwrap().clone();
+        if jobs.iter().all(|job| job.get("outcome").is_some()) {
+            return jobs;
+        }
+        assert!(Instant::now() < deadline, "jobs never finished: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn events(m: &Mounted) -> Vec<serde_json::Value> {
+    String::from_utf8(read_all(&m.path("ctl/events")))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn names_in(m: &Mounted) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes `count` 64 KiB patterns through `file` while a job runs;
+/// records them in `model`.
+fn write_during(file: &File, model: &mut [u8], count: u64) {
+    for i in 0..count {
+        let offset = (i * 7_340_033) % (FIVE_SIZE - 65536);
+        let data = vec![0x70 + (i % 16) as u8; 65536];
+        file.write_all_at(&data, offset).unwrap();
+        model[offset as usize..offset as usize + 65536].copy_from_slice(&data);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn stream_to_the_base_while_active_is_written_keeps_every_write() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let mut model = convert_raw(&five.top());
+    let d_before = convert_raw(&five.image("file-D.img"));
+    let m = mount_default(&five.top(), five.dir.path());
+    command(&m, "stream base=file-A.img speed=16M\n").unwrap();
+    let listed = status_json(&m);
+    assert_eq!(
+        listed[0]["type"], "stream",
+        "the job shows when write returns: {listed}"
+    );
+    assert!(read_all(&m.path("ctl/status"))
+        .starts_with(b"stream0: stream node=file-E.img base=file-A.img"));
+    let active = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("active"))
+        .unwrap();
+    let reader = File::open(m.path("file-D.img")).unwrap();
+    write_during(&active, &mut model, 60);
+    let jobs = wait_jobs(&m);
+    assert_eq!(jobs[0]["outcome"], "completed", "{jobs:?}");
+    assert_eq!(jobs[0]["offset"], jobs[0]["len"]);
+    assert_eq!(names_in(&m), ["active", "ctl", "file-A.img", "file-E.img"]);
+    assert_eq!(
+        errno_of(
+            std::fs::metadata(m.path("file-C.img")),
+            "stat departed node"
+        ),
+        libc::ENOENT
+    );
+    let mut held = vec![0u8; FIVE_SIZE as usize];
+    reader.read_exact_at(&mut held, 0).unwrap();
+    assert!(
+        held == d_before,
+        "an open handle on a departed node reads what it held"
+    );
+    let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
+    assert!(chain.starts_with("file-A.img <- file-E.img\n"), "{chain}");
+    let seen: Vec<String> = events(&m)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for event in ["JOB_STATUS_CHANGE", "CHAIN_CHANGED", "BLOCK_JOB_COMPLETED"] {
+        assert!(
+            seen.iter().any(|e| e == event),
+            "{event} missing from {seen:?}"
+        );
+    }
+    assert!(
+        read_all(&m.path("active")) == model,
+        "a write made during the stream was lost"
+    );
+    assert!(read_all(&m.path("file-E.img")) == model);
+    drop((active, reader));
+    m.unmount();
+    common::qemu_img_check(&five.top());
+    let info = String::from_utf8(
+        common::run_ok("qemu-img", &["info", "--backing-chain", s(&five.top())]).stdout,
+    )
+    .unwrap();
+    assert!(
+        !info.contains("file-B.img") && !info.contains("file-D.img"),
+        "{info}"
+    );
+    assert!(convert_raw(&five.top()) == model);
+}
+
+#[test]
+fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let before: Vec<Vec<u8>> = FiveChain::names()
+        .iter()
+        .map(|n| convert_raw(&five.image(n)))
+        .collect();
+    let m = mount_default(&five.top(), five.dir.path());
+    command(&m, "stream node=file-D.img base=file-B.img id=mid").unwrap();
+    let mut model = before[4].clone();
+    let active = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("active"))
+        .unwrap();
+    write_during(&active, &mut model, 20);
+    let jobs = wait_jobs(&m);
+    assert_eq!(jobs[0]["outcome"], "completed", "{jobs:?}");
+    assert_eq!(
+        names_in(&m),
+        [
+            "active",
+            "ctl",
+            "file-A.img",
+            "file-B.img",
+            "file-D.img",
+            "file-E.img"
+        ]
+    );
+    assert!(
+        read_all(&m.path("file-D.img")) == before[3],
+        "file-D.img changed"
+    );
+    assert!(read_all(&m.path("active")) == model);
+    let mode = std::fs::metadata(m.path("file-D.img"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o444
+    );
+    drop(active);
+    m.unmount();
+    for name in ["file-D.img", "file-E.img"] {
+        common::qemu_img_check(&five.image(name));
+    }
+    let info = String::from_utf8(
+        common::run_ok(
+            "qemu-img",
+            &["info", "--output=json", s(&five.image("file-D.img"))],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        info.contains("\"backing-filename\": \"file-B.img\""),
+        "{info}"
+    );
+    assert!(convert_raw(&five.image("file-D.img")) == before[3]);
+    assert!(convert_raw(&five.top()) == model);
+}
+
+#[test]
+fn malformed_and_impossible_commands_are_refused_with_their_errno_and_logged() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let m = mount_default(&five.top(), five.dir.path());
+    let existing = five.image("file-A.img");
+    let snapshot_existing = format!("snapshot file={}", existing.display());
+    let cases = [
+        ("frobnicate", libc::EINVAL),
+        ("stream colour=blue", libc::EINVAL),
+        ("stream speed=fast", libc::EINVAL),
+        ("stream base=nothing.img", libc::ENOENT),
+        ("stream node=file-B.img base=file-D.img", libc::EINVAL),
+        (snapshot_existing.as_str(), libc::EEXIST),
+        ("cancel id=ghost", libc::ENOENT),
+    ];
+    for (text, errno) in cases {
+        assert_eq!(command(&m, text), Err(errno), "{text}");
+        let last = events(&m).pop().unwrap();
+        assert_eq!(last["event"], "COMMAND_REJECTED", "{text}");
+        let status = String::from_utf8(read_all(&m.path("ctl/status"))).unwrap();
+        assert!(
+            status.lines().last().unwrap().contains("rejected"),
+            "{status}"
+        );
+    }
+    command(&m, "stream speed=1M id=slow").unwrap();
+    assert_eq!(
+        command(&m, "stream node=file-C.img"),
+        Err(libc::EBUSY),
+        "overlapping stream"
+    );
+    assert_eq!(
+        command(&m, "complete id=slow"),
+        Err(libc::EBUSY),
+        "a stream is never ready"
+    );
+    command(&m, "cancel id=slow").unwrap();
+    let jobs = wait_jobs(&m);
+    assert_eq!(jobs[0]["outcome"], "cancelled");
+    assert_eq!(names_in(&m).len(), 7, "a cancelled stream changes nothing");
+    m.unmount();
+}
+
+#[test]
+fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let mut model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    let active = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("active"))
+        .unwrap();
+    let copy = five.dir.path().join("copy.qcow2");
+    command(&m, &format!("snapshot file={}", copy.display())).unwrap();
+    assert!(names_in(&m).contains(&"copy.qcow2".to_string()));
+    let old_top = std::fs::metadata(m.path("file-E.img"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&old_top) & 0o777,
+        0o444
+    );
+    active.write_all_at(&[0x5e; 4096], 8192).unwrap();
+    model[8192..12288].fill(0x5e);
+    command(&m, "stream").unwrap();
+    wait_jobs(&m);
+    assert_eq!(names_in(&m), ["active", "copy.qcow2", "ctl"]);
+    assert!(read_all(&m.path("active")) == model);
+    drop(active);
+    m.unmount();
+    common::qemu_img_check(&copy);
+    let info =
+        String::from_utf8(common::run_ok("qemu-img", &["info", "--output=json", s(&copy)]).stdout)
+            .unwrap();
+    assert!(!info.contains("backing-filename"), "{info}");
+    assert!(convert_raw(&copy) == model);
+}

@@ -5,7 +5,8 @@
 #[path = "cli_support.rs"]
 mod support;
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -192,31 +193,47 @@ fn a_mount_point_that_is_already_a_chainfs_mount_is_refused() {
     chainfs(["umount", s(&setup.mnt)]).ok();
 }
 
-/// Spawns `qemu-io` on `image`, writable, kept running by an open stdin.
+/// Spawns `qemu-io` on `image`, writable, kept running by an open stdin,
+/// and returns once it holds the image: it has answered a first read.
+///
+/// Probing with `qemu-img info` instead would race: while the probe runs it
+/// holds a lock that makes a starting writer fail.
 fn qemu_io_writer(image: &Path) -> Child {
-    Command::new("qemu-io")
+    let log = File::create(image.with_extension("qemu-io.log")).expect("log");
+    let mut child = Command::new("qemu-io")
         .args(["-f", "qcow2"])
         .arg(image)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
         .spawn()
-        .expect("spawn qemu-io")
+        .expect("spawn qemu-io");
+    let stdin = child.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"read 0 512\n").expect("send a read");
+    stdin.flush().expect("flush");
+    let stdout = child.stdout.take().expect("stdout");
+    let answered = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("read 512/512 bytes"));
+    let said = std::fs::read_to_string(image.with_extension("qemu-io.log")).unwrap_or_default();
+    assert!(answered, "qemu-io did not open {}: {said}", image.display());
+    child
 }
 
-/// Waits until another process holds `image` for writing: `qemu-img info`
-/// (which wants to share reading) is then refused.
-fn wait_until_locked(image: &Path) {
-    let mut last = String::new();
-    let locked = support::wait_until(Duration::from_secs(20), || {
-        let output = Command::new("qemu-img")
-            .args(["info", s(image)])
-            .output()
-            .expect("qemu-img info");
-        last = String::from_utf8_lossy(&output.stderr).into_owned();
-        last.contains("lock")
-    });
-    assert!(locked, "{} never got locked: {last}", image.display());
+/// Asserts that `image` is locked by a writer: `qemu-img info` (which
+/// wants to share reading) is refused.
+fn assert_locked(image: &Path) {
+    let output = Command::new("qemu-img")
+        .args(["info", s(image)])
+        .output()
+        .expect("qemu-img info");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("lock"),
+        "{} is not locked: {stderr}",
+        image.display()
+    );
 }
 
 /// Kills a helper process when dropped, so that a failed test leaves no
@@ -241,7 +258,7 @@ fn an_image_a_qemu_io_writer_holds_is_refused_and_force_share_mounts_it_read_onl
     }
     let setup = Setup::new();
     let _writer = Killer(qemu_io_writer(setup.top()));
-    wait_until_locked(setup.top());
+    assert_locked(setup.top());
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["top.qcow2", "lock"]);
 
     let _guard = MountGuard(setup.mnt.clone());
@@ -275,7 +292,12 @@ fn an_image_a_qemu_storage_daemon_exports_writable_is_refused() {
             .spawn()
             .expect("spawn qemu-storage-daemon"),
     );
-    wait_until_locked(setup.top());
+    // The daemon opens its block devices before it makes the NBD socket.
+    assert!(
+        support::wait_until(Duration::from_secs(20), || socket.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    assert_locked(setup.top());
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["top.qcow2", "lock"]);
 }
 

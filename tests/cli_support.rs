@@ -206,7 +206,7 @@ pub fn chainfs_processes(marker: &Path) -> Vec<u32> {
 fn is_zombie(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')')
-        .map_or(true, |(_, rest)| rest.trim_start().starts_with('Z'))
+        .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
 /// Takes a mount down lazily when dropped, so that a failing test leaves

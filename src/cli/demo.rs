@@ -146,9 +146,16 @@ fn next_steps(dir: &Path, mnt: &Path) -> String {
         ),
         (
             format!("echo \"stream base=file-A.img\" > {}", m("ctl/command")),
-            "block jobs: not implemented yet",
+            "copy B, C and D into E, live; E then rests on A",
         ),
-        (format!("chainfs status --wait {mnt_q}"), "watch the jobs"),
+        (
+            format!("chainfs status --wait {mnt_q}"),
+            "watch it to the end",
+        ),
+        (
+            format!("cat {}", m("ctl/chain")),
+            "file-A.img <- file-E.img",
+        ),
         (format!("chainfs umount {mnt_q}"), "when done"),
     ];
     let mut text = format!(
@@ -201,12 +208,12 @@ mod tests {
     fn next_steps_pair_each_command_with_a_comment_above_it() {
         let text = next_steps(Path::new("demo"), Path::new("demo/mnt"));
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("  ")).collect();
-        assert_eq!(lines.len(), 18);
+        assert_eq!(lines.len(), 20);
         for pair in lines.chunks(2) {
             assert!(pair[0].starts_with("  # "), "{pair:?}");
             assert!(!pair[1].starts_with("  #"), "{pair:?}");
         }
-        assert_eq!(lines[17], "  chainfs umount demo/mnt");
+        assert_eq!(lines[19], "  chainfs umount demo/mnt");
     }
 
     #[test]

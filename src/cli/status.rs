@@ -40,6 +40,10 @@ pub struct JobView {
     pub outcome: Option<String>,
     /// The error text of a failed job.
     pub error: Option<String>,
+    /// The daemon's measured rate, bytes per second.
+    pub rate: Option<u64>,
+    /// The daemon's estimate of the seconds left.
+    pub eta_seconds: Option<u64>,
 }
 
 impl JobView {
@@ -54,6 +58,22 @@ impl JobView {
             Some(outcome) => outcome == "completed",
             None => self.finished() && self.error.is_none(),
         }
+    }
+
+    /// The bar's message: the state, and while it runs the daemon's own
+    /// rate and ETA (steadier than one measured between two polls).
+    fn progress_message(&self) -> String {
+        if let Some(outcome) = &self.outcome {
+            return outcome.clone();
+        }
+        let mut message = self.status.clone();
+        if let Some(rate) = self.rate {
+            message.push_str(&format!(", {}/s", indicatif::BinaryBytes(rate)));
+        }
+        if let Some(eta) = self.eta_seconds {
+            message.push_str(&format!(", ETA {eta} s"));
+        }
+        message
     }
 
     /// `ID failed: ERROR` and the like, for the exit message.
@@ -161,7 +181,7 @@ impl Bars {
                 .or_insert_with(|| self.multi.add(new_bar(job)));
             bar.set_length(job.len);
             bar.set_position(job.offset);
-            bar.set_message(job.outcome.clone().unwrap_or_else(|| job.status.clone()));
+            bar.set_message(job.progress_message());
         }
     }
 
@@ -177,12 +197,11 @@ impl Bars {
 
 /// A bar labelled `ID (TYPE)`, counting bytes.
 fn new_bar(job: &JobView) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{prefix:>16} [{bar:40}] {bytes:>10}/{total_bytes:10} {binary_bytes_per_sec:>12} {msg}",
-    )
-    // unwrap: the template is a constant that the unit tests parse.
-    .unwrap()
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>16} [{bar:40}] {bytes:>10}/{total_bytes:10} {msg}")
+            // unwrap: the template is a constant that the unit tests parse.
+            .unwrap()
+            .progress_chars("=> ");
     ProgressBar::new(job.len)
         .with_style(style)
         .with_prefix(format!("{} ({})", job.id, job.kind))
@@ -201,6 +220,8 @@ mod tests {
             status: status.into(),
             outcome: outcome.map(str::to_owned),
             error: None,
+            rate: Some(2 << 20),
+            eta_seconds: Some(3),
         }
     }
 
@@ -240,6 +261,18 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/m: not every job completed: job0 failed (Input/output error)"
+        );
+    }
+
+    #[test]
+    fn a_running_bar_shows_the_daemons_rate_and_eta() {
+        assert_eq!(
+            job("running", None).progress_message(),
+            "running, 2.00 MiB/s, ETA 3 s"
+        );
+        assert_eq!(
+            job("concluded", Some("failed")).progress_message(),
+            "failed"
         );
     }
 

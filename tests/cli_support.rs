@@ -18,17 +18,35 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The binary under test, copied once per test process to a world-readable
 /// place: a rebuild during the run then cannot swap it under the tests, and
-/// the unprivileged users of `cli_user` can run it.
+/// the unprivileged users of `cli_user` can run it. Copies left by test
+/// processes that have exited are removed.
 pub fn chainfs_bin() -> &'static Path {
     static COPY: OnceLock<PathBuf> = OnceLock::new();
     COPY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("chainfs-bin-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-bin");
         std::fs::create_dir_all(&dir).expect("bin dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let copy = dir.join("chainfs");
+        remove_stale_copies(&dir);
+        let copy = dir.join(format!("chainfs-{}", std::process::id()));
         std::fs::copy(env!("CARGO_BIN_EXE_chainfs"), &copy).expect("copy chainfs");
         copy
     })
+}
+
+/// Removes `chainfs-PID` copies whose test process is gone.
+fn remove_stale_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("chainfs-")
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// What a finished command did.

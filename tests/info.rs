@@ -183,18 +183,3 @@ fn wait_until_locked(image: &Path) {
     }
     panic!("qemu-io never locked {}", image.display());
 }
-
-#[test]
-fn unwritten_subcommands_say_so_and_exit_2() {
-    for args in [
-        &["mount", "top.qcow2", "/mnt"][..],
-        &["umount", "/mnt"],
-        &["status", "/mnt"],
-        &["demo", "/tmp/nowhere"],
-    ] {
-        let output = chainfs(args);
-        assert_eq!(output.status.code(), Some(2), "chainfs {args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("not implemented yet"), "{stderr}");
-    }
-}

@@ -3,12 +3,21 @@
 //!
 //! Exit codes: 0 on success, 1 when the command ran and failed (a message
 //! naming the file and the reason goes to stderr), 2 for usage errors (clap's
-//! own convention) and for subcommands that are not implemented yet.
+//! own convention).
 
+mod daemon;
+pub mod demo;
 pub mod info;
+pub mod mount;
+mod preflight;
+mod procfs;
+mod signals;
+mod size;
+pub mod status;
+pub mod umount;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,15 +35,16 @@ pub struct Cli {
 /// The subcommands of SPEC §2.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount IMAGE's whole backing chain at MOUNTPOINT (not implemented yet).
+    /// Mount IMAGE's whole backing chain at MOUNTPOINT.
     Mount(MountArgs),
-    /// Unmount MOUNTPOINT once everything is written (not implemented yet).
+    /// Unmount MOUNTPOINT; returns once the daemon has written everything
+    /// and released the images.
     Umount(UmountArgs),
     /// Print the chain of IMAGE, top first.
     Info(InfoArgs),
-    /// Print the jobs of a mount (not implemented yet).
+    /// Print the jobs of a mount.
     Status(StatusArgs),
-    /// Create and mount a five-image demo chain in DIR (not implemented yet).
+    /// Create and mount a five-image demo chain in DIR.
     Demo(DemoArgs),
 }
 
@@ -53,11 +63,12 @@ pub struct MountArgs {
     /// Ignore image locks, as `qemu-img -U` does; implies --read-only.
     #[arg(long)]
     pub force_share: bool,
-    /// Number of threads serving requests.
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Metadata cache budget in bytes.
-    #[arg(long, value_name = "BYTES")]
+    /// Number of threads serving requests (default: one per CPU, 2 to 16).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+    /// Metadata cache budget per image in bytes; K, M or G suffixes
+    /// (powers of 1024) are accepted.
+    #[arg(long, value_name = "BYTES", value_parser = size::parse_size)]
     pub cache_size: Option<u64>,
     /// Write the daemon's log to PATH.
     #[arg(long, value_name = "PATH")]
@@ -108,17 +119,20 @@ pub struct DemoArgs {
 /// Why a subcommand failed.
 #[derive(Debug)]
 pub enum CliError {
-    /// The subcommand exists in the contract but has not been written yet.
-    NotImplemented(&'static str),
     /// The subcommand ran and failed; the message names the file and reason.
     Failed(String),
 }
 
 impl CliError {
+    /// A failure concerning `path`: `PATH: reason`, the shape of every
+    /// message chainfs prints.
+    pub fn at(path: &Path, reason: impl fmt::Display) -> CliError {
+        CliError::Failed(format!("{}: {reason}", path.display()))
+    }
+
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::NotImplemented(_) => 2,
             CliError::Failed(_) => 1,
         }
     }
@@ -127,7 +141,6 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::NotImplemented(cmd) => write!(f, "{cmd}: not implemented yet"),
             CliError::Failed(msg) => f.write_str(msg),
         }
     }
@@ -137,32 +150,75 @@ impl std::error::Error for CliError {}
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, so scripts can show it as is.
-            eprintln!("chainfs: {err}");
+            eprintln!("chainfs: {}", one_line(&err.to_string()));
             ExitCode::from(err.exit_code())
         }
     }
 }
 
+/// Joins a message that spans lines (QEMU-style lock errors add a hint on
+/// a second line) into one, as SPEC §2 wants one message per failure.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join("; ")
+}
+
 /// Logs go to stderr at `warn` unless RUST_LOG says otherwise, so that the
 /// warnings SPEC §1 asks for (a probed backing format) reach the user.
 fn init_logging() {
-    let env = env_logger::Env::default().default_filter_or("warn");
+    init_logging_to(None);
+}
+
+/// Starts the logger: to `file` at `info` (a daemon's log is read after the
+/// fact, so it says what happened), or to stderr at `warn`. RUST_LOG
+/// overrides the level either way.
+fn init_logging_to(file: Option<std::fs::File>) {
+    let level = if file.is_some() { "info" } else { "warn" };
+    init_logger(level, file);
+}
+
+/// Starts the logger on stderr at `level` (unless RUST_LOG says otherwise).
+fn init_logging_at(level: &str) {
+    init_logger(level, None);
+}
+
+fn init_logger(level: &str, file: Option<std::fs::File>) {
+    let env = env_logger::Env::default().default_filter_or(level);
+    let mut builder = env_logger::Builder::from_env(env);
+    if let Some(file) = file {
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
     // A second init (tests calling run twice) is harmless; ignore it.
-    let _ = env_logger::Builder::from_env(env).try_init();
+    let _ = builder.try_init();
 }
 
 fn dispatch(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Info(args) => info::run(&args),
-        Command::Mount(_) => Err(CliError::NotImplemented("mount")),
-        Command::Umount(_) => Err(CliError::NotImplemented("umount")),
-        Command::Status(_) => Err(CliError::NotImplemented("status")),
-        Command::Demo(_) => Err(CliError::NotImplemented("demo")),
+        Command::Info(args) => {
+            init_logging();
+            info::run(&args)
+        }
+        Command::Mount(args) => mount::run(&args),
+        Command::Umount(args) => {
+            init_logging();
+            umount::run(&args)
+        }
+        Command::Status(args) => {
+            init_logging();
+            status::run(&args)
+        }
+        Command::Demo(args) => {
+            init_logging();
+            demo::run(&args)
+        }
     }
 }
 
@@ -198,10 +254,33 @@ mod tests {
     }
 
     #[test]
-    fn unwritten_subcommands_exit_2() {
-        let cli = Cli::try_parse_from(["chainfs", "umount", "/mnt"]).ok();
-        let err = cli.map(|c| dispatch(c.command));
-        assert!(matches!(err, Some(Err(CliError::NotImplemented("umount")))));
-        assert_eq!(CliError::NotImplemented("x").exit_code(), 2);
+    fn cache_size_takes_binary_suffixes() {
+        let cli = Cli::try_parse_from(["chainfs", "mount", "--cache-size", "64M", "a", "b"]);
+        match cli.map(|c| c.command) {
+            Ok(Command::Mount(args)) => assert_eq!(args.cache_size, Some(64 << 20)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn zero_threads_is_a_usage_error() {
+        let cli = Cli::try_parse_from(["chainfs", "mount", "--threads", "0", "a", "b"]);
+        assert!(cli.is_err());
+    }
+
+    #[test]
+    fn multi_line_messages_become_one_line() {
+        assert_eq!(
+            one_line("a.img: Failed to get \"write\" lock\nIs another process using the image [a.img]?\n"),
+            "a.img: Failed to get \"write\" lock; Is another process using the image [a.img]?"
+        );
+        assert_eq!(one_line("plain"), "plain");
+    }
+
+    #[test]
+    fn failures_name_the_file_first() {
+        let err = CliError::at(Path::new("/mnt/x"), "not an empty directory");
+        assert_eq!(err.to_string(), "/mnt/x: not an empty directory");
+        assert_eq!(err.exit_code(), 1);
     }
 }

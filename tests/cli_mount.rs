@@ -1,0 +1,272 @@
+//! `chainfs mount`, `umount` and `status` on real mounts: the command
+//! returns with the mount ready; `umount` returns only once the daemon has
+//! exited (images flushed and released), refuses a busy mount; SIGTERM and
+//! SIGINT to a foreground mount and to the daemon unmount cleanly; plain
+//! `fusermount3 -u` and `umount` end the daemon on their own.
+
+#[path = "cli_support.rs"]
+mod support;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{
+    chainfs, chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_io, require_fuse, s,
+    small_chain, wait_child, wait_until, MountGuard,
+};
+
+/// A chain and an empty mount point in a fresh directory.
+struct Setup {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    top: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [base, top] = small_chain(dir.path());
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        Setup {
+            dir,
+            base,
+            top,
+            mnt,
+        }
+    }
+
+    /// The daemons started for this setup.
+    fn daemons(&self) -> Vec<u32> {
+        chainfs_processes(self.dir.path())
+    }
+
+    /// Mounts in the background with `extra` options.
+    fn mount(&self, extra: &[&str]) -> MountGuard {
+        let guard = MountGuard(self.mnt.clone());
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.extend([s(&self.top), s(&self.mnt)]);
+        chainfs(&args).ok();
+        guard
+    }
+
+    /// After the mount went away: the daemon is gone, nothing is mounted,
+    /// and both images are clean and unlocked (qemu-img check without -U).
+    fn assert_released(&self) {
+        assert!(self.daemons().is_empty(), "daemon still running");
+        assert!(!is_mounted(&self.mnt), "still mounted");
+        check_clean(&self.top);
+        check_clean(&self.base);
+    }
+}
+
+/// Writes `byte` × 64 KiB at 4 MiB through `active`.
+fn write_through_active(mnt: &Path, byte: u8) {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("active"))
+        .expect("open active");
+    file.seek(SeekFrom::Start(4 << 20)).expect("seek");
+    file.write_all(&[byte; 64 << 10]).expect("write");
+}
+
+/// Asserts that the top image holds what `write_through_active` wrote.
+fn assert_written(top: &Path, byte: u8) {
+    qemu_io(top, &format!("read -P {byte:#x} 4M 64K"));
+}
+
+#[test]
+fn the_mount_is_ready_when_the_command_returns_and_umount_waits_for_the_daemon() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let _guard = setup.mount(&[]);
+    // No waiting: the very next look must see the node files.
+    let mut names: Vec<String> = std::fs::read_dir(&setup.mnt)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["active", "base.qcow2", "ctl", "top.qcow2"]);
+    let mut head = [0u8; 2];
+    let mut file = std::fs::File::open(setup.mnt.join("top.qcow2")).expect("open node");
+    file.read_exact(&mut head).expect("read");
+    assert_eq!(head, [0xaa, 0xaa]);
+    drop(file);
+    write_through_active(&setup.mnt, 0x5c);
+    assert_eq!(setup.daemons().len(), 1, "one daemon");
+
+    chainfs(["umount", s(&setup.mnt)]).ok();
+    // No waiting here either: umount returned, so the daemon is gone.
+    setup.assert_released();
+    assert_written(&setup.top, 0x5c);
+}
+
+#[test]
+fn umount_refuses_a_busy_mount_and_succeeds_once_the_file_is_closed() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let _guard = setup.mount(&[]);
+    let mut reader = std::fs::File::open(setup.mnt.join("base.qcow2")).expect("open node");
+    write_through_active(&setup.mnt, 0x3e);
+
+    // As umount(8) and fusermount3 -u do: a busy mount stays mounted.
+    let busy = chainfs(["umount", s(&setup.mnt)]);
+    assert!(busy.one_line_failure().contains("busy"), "{busy:?}");
+    assert!(is_mounted(&setup.mnt));
+    assert_eq!(setup.daemons().len(), 1);
+    let mut byte = [0u8; 1];
+    reader
+        .read_exact(&mut byte)
+        .expect("the reader still reads");
+    assert_eq!(byte, [0xaa]);
+
+    drop(reader);
+    chainfs(["umount", s(&setup.mnt)]).ok();
+    setup.assert_released();
+    assert_written(&setup.top, 0x3e);
+}
+
+#[test]
+fn sigterm_and_sigint_to_a_foreground_mount_unmount_cleanly() {
+    if !require_fuse() {
+        return;
+    }
+    for (signal, byte) in [(libc::SIGTERM, 0x11), (libc::SIGINT, 0x22)] {
+        let setup = Setup::new();
+        let _guard = MountGuard(setup.mnt.clone());
+        let mut child = Command::new(chainfs_bin())
+            .args(["mount", "-f", s(&setup.top), s(&setup.mnt)])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn chainfs -f");
+        assert!(
+            wait_until(Duration::from_secs(20), || is_mounted(&setup.mnt)),
+            "never mounted"
+        );
+        write_through_active(&setup.mnt, byte);
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: kill(2) with our own child's pid and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let code = wait_child(&mut child, Duration::from_secs(30)).expect("exits");
+        assert_eq!(code, Some(0), "signal {signal}: clean exit");
+        setup.assert_released();
+        assert_written(&setup.top, byte);
+    }
+}
+
+#[test]
+fn sigterm_to_the_daemon_unmounts_cleanly() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let _guard = setup.mount(&[]);
+    write_through_active(&setup.mnt, 0x77);
+    let daemons = setup.daemons();
+    assert_eq!(daemons.len(), 1);
+    let pid = libc::pid_t::try_from(daemons[0]).expect("pid");
+    // SAFETY: kill(2) with a valid signal; the pid is the daemon we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(30), || setup.daemons().is_empty()),
+        "daemon did not exit"
+    );
+    setup.assert_released();
+    assert_written(&setup.top, 0x77);
+}
+
+#[test]
+fn plain_fusermount3_and_umount_end_the_daemon_on_its_own() {
+    if !require_fuse() {
+        return;
+    }
+    for tool in [["fusermount3", "-u"], ["umount", "--"]] {
+        let setup = Setup::new();
+        let _guard = setup.mount(&[]);
+        write_through_active(&setup.mnt, 0x42);
+        let status = Command::new(tool[0])
+            .arg(tool[1])
+            .arg(&setup.mnt)
+            .status()
+            .expect("run");
+        assert!(status.success(), "{tool:?}");
+        assert!(
+            wait_until(Duration::from_secs(30), || setup.daemons().is_empty()),
+            "{tool:?}: daemon did not exit"
+        );
+        setup.assert_released();
+        assert_written(&setup.top, 0x42);
+    }
+}
+
+#[test]
+fn read_only_mounts_refuse_writes_and_share_the_images() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let _guard = setup.mount(&["--read-only", "--threads", "2", "--cache-size", "4M"]);
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(setup.mnt.join("active"))
+        .map(|mut f| f.write_all(b"x"))
+        .and_then(|r| r)
+        .expect_err("read-only");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
+    // Read-only, chainfs holds shared read locks, as QEMU's readers do.
+    support::qemu_img(&["info", s(&setup.top)]);
+    chainfs(["umount", s(&setup.mnt)]).ok();
+    setup.assert_released();
+}
+
+#[test]
+fn the_daemon_logs_to_the_log_file() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let log = setup.dir.path().join("chainfs.log");
+    let _guard = setup.mount(&["--log-file", s(&log)]);
+    chainfs(["umount", s(&setup.mnt)]).ok();
+    let text = std::fs::read_to_string(&log).expect("log written");
+    assert!(text.contains("mounted"), "{text}");
+    assert!(text.contains("unmounted"), "{text}");
+}
+
+#[test]
+fn status_prints_the_ctl_files_and_wait_returns_without_jobs() {
+    if !require_fuse() {
+        return;
+    }
+    let setup = Setup::new();
+    let _guard = setup.mount(&[]);
+    let text = chainfs(["status", s(&setup.mnt)]).ok().stdout;
+    let expected = std::fs::read_to_string(setup.mnt.join("ctl/status")).expect("ctl/status");
+    assert_eq!(text.trim_end(), expected.trim_end());
+    let json = chainfs(["status", "--json", s(&setup.mnt)]).ok().stdout;
+    assert_eq!(json.trim(), "[]");
+    let waited = chainfs(["status", "--wait", s(&setup.mnt)]).ok().stdout;
+    assert_eq!(waited.trim_end(), expected.trim_end());
+    chainfs(["umount", s(&setup.mnt)]).ok();
+    setup.assert_released();
+}
+
+#[test]
+fn umount_of_what_is_not_a_chainfs_mount_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outcome = chainfs(["umount", s(dir.path())]);
+    assert!(outcome.one_line_failure().ends_with(": not mounted"));
+    let outcome = chainfs(["umount", "/proc"]);
+    assert!(outcome.one_line_failure().contains("not a chainfs mount"));
+}

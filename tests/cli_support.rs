@@ -1,0 +1,325 @@
+//! Helpers for the command-line tests (`tests/cli_*.rs` include this file
+//! with `#[path]`): running the `chainfs` binary with a timeout, telling
+//! whether something is mounted, finding a mount's daemon, and cleaning up a
+//! mount a failed test left behind.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any one command may take before the test gives up on it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The binary under test, copied once per test process to a world-readable
+/// place: a rebuild during the run then cannot swap it under the tests, and
+/// the unprivileged users of `cli_user` can run it. Copies left by test
+/// processes that have exited are removed.
+pub fn chainfs_bin() -> &'static Path {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-bin");
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        remove_stale_copies(&dir);
+        let copy = dir.join(format!("chainfs-{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_chainfs"), &copy).expect("copy chainfs");
+        copy
+    })
+}
+
+/// Removes `chainfs-PID` copies whose test process is gone.
+fn remove_stale_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("chainfs-")
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit code; `None` if killed by a signal.
+    pub code: Option<i32>,
+    /// Everything it wrote to stdout (lossily decoded).
+    pub stdout: String,
+    /// The same, as bytes.
+    pub stdout_bytes: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// Panics with everything it printed unless it exited 0.
+    pub fn ok(self) -> Outcome {
+        assert_eq!(self.code, Some(0), "command failed: {self:#?}");
+        self
+    }
+
+    /// Asserts a failure that printed exactly one line, `chainfs: …`, and
+    /// returns that line.
+    pub fn one_line_failure(&self) -> &str {
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "expected a failure: {self:#?}"
+        );
+        let line = self.stderr.trim_end_matches('\n');
+        assert!(!line.contains('\n'), "more than one line: {self:#?}");
+        assert!(line.starts_with("chainfs: "), "not `chainfs: …`: {self:#?}");
+        line
+    }
+}
+
+/// `chainfs ARGS`.
+pub fn chainfs<I, S>(args: I) -> Outcome
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(chainfs_bin());
+    command.args(args);
+    run(&mut command)
+}
+
+/// Runs `command` to completion (output through files, so that a daemon
+/// that wrongly kept them could not hang the test), with a timeout.
+pub fn run(command: &mut Command) -> Outcome {
+    let out = tempfile::tempfile().expect("stdout file");
+    let err = tempfile::tempfile().expect("stderr file");
+    command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(err.try_clone().expect("dup"));
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let code = wait_child(&mut child, COMMAND_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish in {COMMAND_TIMEOUT:?}"));
+    let stdout_bytes = read_all(out);
+    Outcome {
+        code,
+        stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+        stdout_bytes,
+        stderr: String::from_utf8_lossy(&read_all(err)).into_owned(),
+    }
+}
+
+fn read_all(mut file: File) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    file.read_to_end(&mut bytes).expect("read output");
+    bytes
+}
+
+/// Waits for `child` up to `timeout`; kills it and returns `None` on
+/// timeout, else its exit code (`Some(None)` when a signal ended it).
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status.code());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether FUSE mounts can be tested here: `/dev/fuse` and `fusermount3`.
+/// Without them a test is skipped, except under CI, where that fails.
+pub fn require_fuse() -> bool {
+    let device = Path::new("/dev/fuse").exists();
+    let helper = Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if device && helper {
+        return true;
+    }
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("/dev/fuse and fusermount3 are required under CI");
+    }
+    eprintln!("!!!!!!!! SKIPPED: no /dev/fuse or fusermount3; this test checked NOTHING !!!!!!!!");
+    false
+}
+
+/// The mount points in this namespace's mount table.
+pub fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(field.replace("\\040", " ")))
+        .collect()
+}
+
+/// Whether anything is mounted at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let path = canonical_parent(path);
+    mount_points().contains(&path)
+}
+
+/// `path` with its parent resolved, without touching `path` itself (which
+/// may be a dead mount).
+fn canonical_parent(path: &Path) -> PathBuf {
+    let parent = path.parent().expect("has a parent");
+    std::fs::canonicalize(parent)
+        .expect("parent exists")
+        .join(path.file_name().expect("has a name"))
+}
+
+/// Polls `condition` every 20 ms for up to `timeout`.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (non-zombie) chainfs processes whose command line mentions
+/// `marker` (a test's unique temporary directory).
+pub fn chainfs_processes(marker: &Path) -> Vec<u32> {
+    let marker = marker.to_string_lossy().into_owned();
+    let bin = chainfs_bin().to_string_lossy().into_owned();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.first() == Some(&bin) && args.iter().any(|a| a.contains(&marker))
+        })
+        .filter(|pid| !is_zombie(*pid))
+        .collect()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// Takes a mount down lazily when dropped, so that a failing test leaves
+/// nothing mounted behind it.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z", "--"])
+                .arg(&self.0)
+                .output();
+        }
+    }
+}
+
+/// The bytes of every file in `paths`, to show that a failure left the
+/// images byte-identical.
+pub fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .collect()
+}
+
+/// Runs `qemu-img ARGS`, panicking with its stderr on failure.
+pub fn qemu_img(args: &[&str]) -> String {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        output.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `qemu-io -f qcow2 -c COMMAND IMAGE`.
+pub fn qemu_io(image: &Path, command: &str) -> String {
+    let output = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", command])
+        .arg(image)
+        .output()
+        .expect("run qemu-io");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !stdout.contains("failed"),
+        "qemu-io {command}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A two-image chain in `dir`: `base.qcow2` (0xaa at 0..1M) under
+/// `top.qcow2` (0xbb at 512K..1.5M), 16 MiB each. Returns both, base first.
+pub fn small_chain(dir: &Path) -> [PathBuf; 2] {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
+    ]);
+    qemu_io(&base, "write -P 0xaa 0 1M");
+    qemu_io(&top, "write -P 0xbb 512K 1M");
+    [base, top]
+}
+
+/// A path as `&str` (test paths are UTF-8).
+pub fn s(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Asserts `qemu-img check` finds nothing wrong (no errors, no leaks).
+pub fn check_clean(image: &Path) {
+    let output = Command::new("qemu-img")
+        .args(["check", s(image)])
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        output.status.success(),
+        "qemu-img check {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -157,29 +158,28 @@ fn info_works_while_qemu_holds_the_image_for_writing() {
         return;
     }
     let chain = TempChain::new().qcow2_base("busy.qcow2", common::MIB, "");
-    // qemu-io holds its write lock while it waits on stdin.
+    // qemu-io holds its write lock while it waits on stdin; once it has
+    // answered a read it surely holds it. (Probing with `qemu-img info`
+    // would race: the probe's own lock makes a starting writer fail.)
     let mut holder = Command::new("qemu-io")
         .args(["-f", "qcow2", common::path_str(chain.top())])
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("qemu-io: {e}"));
-    wait_until_locked(chain.top());
+    let stdin = holder.stdin.as_mut().unwrap();
+    stdin.write_all(b"read 0 512\n").unwrap();
+    stdin.flush().unwrap();
+    let answered = BufReader::new(holder.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("read 512/512 bytes"));
+    assert!(answered, "qemu-io did not open the image");
+    let plain = common::run_any("qemu-img", &["info", common::path_str(chain.top())]);
+    assert!(!plain.status.success(), "the image is not locked: the test proves nothing");
     let nodes = info_json(chain.top());
     drop(holder.stdin.take());
     let _ = holder.wait();
     assert_eq!(nodes.len(), 1);
 }
 
-/// Waits until QEMU's own locking refuses a plain `qemu-img info`, i.e. until
-/// the holder really holds the image.
-fn wait_until_locked(image: &Path) {
-    for _ in 0..100 {
-        let output = common::run_any("qemu-img", &["info", common::path_str(image)]);
-        if !output.status.success() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("qemu-io never locked {}", image.display());
-}

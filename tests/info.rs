@@ -176,10 +176,12 @@ fn info_works_while_qemu_holds_the_image_for_writing() {
         .any(|line| line.contains("read 512/512 bytes"));
     assert!(answered, "qemu-io did not open the image");
     let plain = common::run_any("qemu-img", &["info", common::path_str(chain.top())]);
-    assert!(!plain.status.success(), "the image is not locked: the test proves nothing");
+    assert!(
+        !plain.status.success(),
+        "the image is not locked: the test proves nothing"
+    );
     let nodes = info_json(chain.top());
     drop(holder.stdin.take());
     let _ = holder.wait();
     assert_eq!(nodes.len(), 1);
 }
-

@@ -267,19 +267,40 @@ impl Allocator {
         let batch = want.max(((8 << 20) / cluster_size).clamp(2, 512));
         let mut found = 0;
         let mut cluster = self.free_hint.max(1);
+        // Refcount changes go to disk once per refcount block, not once per
+        // cluster; the block being filled is written before the scan moves
+        // to another, so a cache eviction can never lose a change.
+        let mut pending: Option<(u64, std::ops::Range<usize>)> = None;
         while found < batch {
             let host = cluster * cluster_size;
+            let (slot, index) = locate(&self.geometry, cluster);
+            if pending.as_ref().is_some_and(|(s, _)| *s != slot) {
+                self.write_pending(storage, pending.take())?;
+            }
             if self.refcount(storage, host)? == 0 {
+                if self.refblock_offset(slot)? == 0 {
+                    // Creating a block (or a table) loads and writes others:
+                    // nothing may wait in memory meanwhile.
+                    self.write_pending(storage, pending.take())?;
+                }
                 // Creating the block may use this very cluster: look again.
-                self.ensure_refblock(storage, host)?;
+                let block = self.ensure_refblock(storage, host)?;
                 if self.refcount(storage, host)? == 0 {
-                    self.set_refcount(storage, host, 1)?;
+                    let changed = self.load_refblock(storage, block)?.set(index, 1);
+                    pending = Some(match pending.take() {
+                        Some((s, range)) => (
+                            s,
+                            range.start.min(changed.start)..range.end.max(changed.end),
+                        ),
+                        None => (slot, changed),
+                    });
                     self.reserve.push_back(host);
                     found += 1;
                 }
             }
             cluster += 1;
         }
+        self.write_pending(storage, pending)?;
         self.free_hint = cluster;
         // The file must cover every reserved cluster before an L2 entry can
         // point there: an entry past the end of the file is corruption to
@@ -290,6 +311,22 @@ impl Allocator {
         }
         // Refcounts must be on disk before any L2 entry points to these clusters.
         storage.sync()?;
+        Ok(())
+    }
+
+    /// Writes the changed bytes of the refcount block in reftable slot
+    /// `slot`, if any.
+    fn write_pending(
+        &mut self,
+        storage: &dyn Storage,
+        pending: Option<(u64, std::ops::Range<usize>)>,
+    ) -> Result<()> {
+        let Some((slot, range)) = pending else {
+            return Ok(());
+        };
+        let block = self.refblock_offset(slot)?;
+        let bytes = self.load_refblock(storage, block)?.bytes()[range.clone()].to_vec();
+        storage.write_at(&bytes, block + range.start as u64)?;
         Ok(())
     }
 

@@ -3,10 +3,13 @@
 //! data up: under the metadata lock, so that a guest write to the same
 //! cluster and the copy are serialised and the guest write always wins.
 
-use super::l2::Piece;
+use std::sync::atomic::Ordering;
+
+use super::l2::{L2Entry, L2Table, Piece};
+use super::types::HostOffset;
 use super::{Meta, Qcow2};
 use crate::format::{BackingReader, Result};
-use crate::sync;
+use crate::sync::{self, Arc};
 
 impl Qcow2 {
     /// Writes `data` (zeros when `None`) into every part of
@@ -26,6 +29,15 @@ impl Qcow2 {
         let mut written = 0;
         let mut pos = offset;
         while pos < offset + len {
+            if let Some(data) = data {
+                let slice = &data[(pos - offset) as usize..];
+                let batched = self.populate_whole_clusters(&mut meta, pos, slice)?;
+                if batched > 0 {
+                    written += batched;
+                    pos += batched;
+                    continue;
+                }
+            }
             let entry = self.l2_entry(pos)?;
             let (piece, run) = entry.run_at(&self.geometry, pos, offset + len - pos);
             if piece == Piece::Unallocated {
@@ -38,6 +50,90 @@ impl Qcow2 {
         }
         self.bound_pending_frees(&mut meta)?;
         Ok(written)
+    }
+
+    /// The fast path for the common case of a stream: consecutive whole
+    /// clusters that are unallocated, in one L2 table, no subclusters, no
+    /// external data file. Their data goes out in one write per run of
+    /// contiguous host clusters and their L2 entries in one write, data
+    /// first. Returns the bytes filled (0: the fast path does not apply).
+    fn populate_whole_clusters(&self, meta: &mut Meta, guest: u64, data: &[u8]) -> Result<u64> {
+        let cluster_size = self.geometry.cluster_size();
+        let eligible = !self.geometry.extended_l2
+            && self.data_file.is_none()
+            && self.geometry.offset_in_cluster(guest) == 0;
+        if !eligible {
+            return Ok(0);
+        }
+        let table_room = self.geometry.l2_entries() - self.geometry.l2_index(guest);
+        let mut count = 0;
+        while count < table_room && (count + 1) * cluster_size <= data.len() as u64 {
+            if self.l2_entry(guest + count * cluster_size)? != L2Entry::Unallocated {
+                break;
+            }
+            count += 1;
+        }
+        if count < 2 {
+            return Ok(0);
+        }
+        let (l2_offset, table) = self.writable_l2(meta, guest)?;
+        let mut hosts = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            hosts.push(meta.allocator.allocate(self.storage.as_ref())?);
+        }
+        let end = hosts.iter().map(|h| h.0 + cluster_size).max().unwrap_or(0);
+        self.host_end.fetch_max(end, Ordering::AcqRel);
+        let published = self
+            .write_host_runs(&hosts, data)
+            .and_then(|()| self.set_l2_entries(l2_offset, &table, guest, &hosts));
+        if let Err(err) = published {
+            for host in hosts.into_iter().rev() {
+                meta.allocator.give_back(host);
+            }
+            return Err(err);
+        }
+        Ok(count * cluster_size)
+    }
+
+    /// Writes cluster `i` of `data` to `hosts[i]`, one write per run of
+    /// contiguous host clusters.
+    fn write_host_runs(&self, hosts: &[HostOffset], data: &[u8]) -> Result<()> {
+        let cluster_size = self.geometry.cluster_size() as usize;
+        let mut first = 0;
+        while first < hosts.len() {
+            let mut last = first;
+            while last + 1 < hosts.len() && hosts[last + 1].0 == hosts[last].0 + cluster_size as u64
+            {
+                last += 1;
+            }
+            let bytes = &data[first * cluster_size..(last + 1) * cluster_size];
+            self.storage.write_at(bytes, hosts[first].0)?;
+            first = last + 1;
+        }
+        Ok(())
+    }
+
+    /// Points consecutive L2 entries from guest `first` at `hosts`, in one
+    /// write of the table's bytes.
+    fn set_l2_entries(
+        &self,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        first: u64,
+        hosts: &[HostOffset],
+    ) -> Result<()> {
+        let mut updated = (**table).clone();
+        let index = self.geometry.l2_index(first);
+        for (i, &host) in hosts.iter().enumerate() {
+            updated.set(index + i as u64, &L2Entry::Data { host, copied: true });
+        }
+        let entry_size = self.geometry.l2_entry_size();
+        let start = (index * entry_size) as usize;
+        let end = start + hosts.len() * entry_size as usize;
+        self.storage
+            .write_at(&updated.to_bytes()[start..end], l2_offset + start as u64)?;
+        self.l2_cache.insert(l2_offset, Arc::new(updated));
+        Ok(())
     }
 
     /// Fills one unallocated run inside one cluster.

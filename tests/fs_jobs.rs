@@ -6,25 +6,10 @@ mod common;
 mod fs_common;
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use fs_common::*;
-
-/// Writes one command; returns the errno of a refusal.
-fn command(m: &Mounted, text: &str) -> Result<(), i32> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .open(m.path("ctl/command"))
-        .unwrap();
-    file.write_all(text.as_bytes())
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))
-}
-
-fn status_json(m: &Mounted) -> serde_json::Value {
-    serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap()
-}
 
 /// Waits until every listed job has an outcome; returns the jobs.
 fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
@@ -37,14 +22,6 @@ fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
         assert!(Instant::now() < deadline, "jobs never finished: {jobs:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn events(m: &Mounted) -> Vec<serde_json::Value> {
-    String::from_utf8(read_all(&m.path("ctl/events")))
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
 }
 
 fn names_in(m: &Mounted) -> Vec<String> {

@@ -6,7 +6,6 @@ mod common;
 mod fs_common;
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,15 +43,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn command(m: &Mounted, text: &str) -> Result<(), i32> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .open(m.path("ctl/command"))
-        .unwrap();
-    file.write_all(text.as_bytes())
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))
-}
-
 fn job(m: &Mounted) -> serde_json::Value {
     let jobs: serde_json::Value =
         serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap();
@@ -76,10 +66,8 @@ fn wait_for(
 }
 
 fn events_named(m: &Mounted, name: &str) -> Vec<serde_json::Value> {
-    String::from_utf8(read_all(&m.path("ctl/events")))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    events(m)
+        .into_iter()
         .filter(|e| e["event"] == name)
         .collect()
 }

@@ -342,3 +342,28 @@ pub fn convert_raw(image: &Path) -> Vec<u8> {
 pub fn s(path: &Path) -> &str {
     path_str(path)
 }
+
+/// Writes one command to `ctl/command`; returns the errno of a refusal.
+pub fn command(m: &Mounted, text: &str) -> Result<(), i32> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("ctl/command"))
+        .unwrap();
+    file.write_all(text.as_bytes())
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// `ctl/status.json`, parsed.
+pub fn status_json(m: &Mounted) -> serde_json::Value {
+    serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap()
+}
+
+/// Every event in `ctl/events`, oldest first.
+pub fn events(m: &Mounted) -> Vec<serde_json::Value> {
+    String::from_utf8(read_all(&m.path("ctl/events")))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}

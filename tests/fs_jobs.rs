@@ -328,10 +328,85 @@ fn the_speed_limit_holds_the_rate_and_set_speed_changes_it_mid_job() {
         (rate - limit).abs() <= limit * 0.2,
         "{rate:.0} B/s against {limit} B/s after set-speed"
     );
+    command(&m, "pause").unwrap();
+    let held = status_json(&m)[0]["offset"].as_u64().unwrap();
+    assert_eq!(status_json(&m)[0]["status"], "paused");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status_json(&m)[0]["offset"], held, "a paused stream moved");
+    command(&m, "resume").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        status_json(&m)[0]["offset"].as_u64().unwrap() > held,
+        "resume did not resume"
+    );
+    let before = read_all(&m.path("active"));
     command(&m, "cancel").unwrap();
     assert_eq!(wait_jobs(&m)[0]["outcome"], "cancelled");
+    assert_eq!(names_in(&m), ["active", "base.img", "ctl", "top.qcow2"]);
+    assert!(
+        read_all(&m.path("top.qcow2")) == before,
+        "a cancelled stream changed what top shows"
+    );
+    command(&m, "dismiss").unwrap();
+    command(&m, "stream").unwrap();
+    assert_eq!(
+        wait_jobs(&m)[0]["outcome"],
+        "completed",
+        "the second stream"
+    );
+    assert_eq!(names_in(&m), ["active", "ctl", "top.qcow2"]);
     m.unmount();
     common::qemu_img_check(&top);
+    assert!(convert_raw(&top) == before);
+}
+
+#[test]
+fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is_busy() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let before: Vec<Vec<u8>> = FiveChain::names()
+        .iter()
+        .map(|n| convert_raw(&five.image(n)))
+        .collect();
+    let m = mount_default(&five.top(), five.dir.path());
+    command(
+        &m,
+        "stream node=file-C.img base=file-A.img id=low speed=32M",
+    )
+    .unwrap();
+    command(
+        &m,
+        "stream node=file-E.img base=file-C.img id=high speed=32M",
+    )
+    .unwrap();
+    assert_eq!(
+        command(&m, "stream node=file-D.img id=third"),
+        Err(libc::EBUSY)
+    );
+    let jobs = wait_jobs(&m);
+    assert_eq!(jobs.len(), 2);
+    assert!(jobs.iter().all(|j| j["outcome"] == "completed"), "{jobs:?}");
+    assert_eq!(
+        names_in(&m),
+        ["active", "ctl", "file-A.img", "file-C.img", "file-E.img"]
+    );
+    assert!(read_all(&m.path("file-C.img")) == before[2]);
+    assert!(read_all(&m.path("file-E.img")) == before[4]);
+    m.unmount();
+    for (i, name) in [(2, "file-C.img"), (4, "file-E.img")] {
+        common::qemu_img_check(&five.image(name));
+        assert!(convert_raw(&five.image(name)) == before[i], "{name}");
+    }
+    let chain = String::from_utf8(
+        common::run_ok("qemu-img", &["info", "--backing-chain", s(&five.top())]).stdout,
+    )
+    .unwrap();
+    assert!(
+        !chain.contains("file-B.img") && !chain.contains("file-D.img"),
+        "{chain}"
+    );
 }
 
 #[test]

@@ -1,15 +1,14 @@
 //! Tests of the snapshot table: tables written by `qemu-img snapshot`, and
 //! hostile variants of them.
 
-use std::io;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 
 use proptest::prelude::*;
 
 use super::*;
 use crate::format::qcow2::header::Header;
+use crate::storage::MemStorage;
 
 /// Whether the QEMU tools can run; without them the QEMU tests are skipped,
 /// except under CI where they must run.
@@ -21,55 +20,6 @@ fn have_qemu() -> bool {
         "qemu-img and qemu-io are required when CI is set"
     );
     found
-}
-
-/// An image file held in memory, so that tests can damage it freely.
-#[derive(Debug)]
-struct Bytes(Mutex<Vec<u8>>);
-
-impl Bytes {
-    fn new(bytes: Vec<u8>) -> Bytes {
-        Bytes(Mutex::new(bytes))
-    }
-}
-
-impl Storage for Bytes {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let data = self.0.lock().unwrap();
-        buf.fill(0);
-        let start = (offset as usize).min(data.len());
-        let end = (start + buf.len()).min(data.len());
-        buf[..end - start].copy_from_slice(&data[start..end]);
-        Ok(())
-    }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        unimplemented!("the snapshot table is only read")
-    }
-    fn is_writable(&self) -> bool {
-        true
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.0.lock().unwrap().len() as u64)
-    }
-    fn set_len(&self, _len: u64) -> io::Result<()> {
-        unimplemented!()
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        unimplemented!()
-    }
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        self.len()
-    }
-    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        Ok(Some(offset))
-    }
-    fn seek_hole(&self, _offset: u64) -> io::Result<u64> {
-        self.len()
-    }
 }
 
 fn qemu(tool: &str, args: &[&str], path: &Path) -> String {
@@ -103,14 +53,14 @@ fn image_with_snapshots(dir: &Path, names: &[&str]) -> std::path::PathBuf {
 /// The header and file bytes of an image.
 fn load(path: &Path) -> (Header, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap();
-    let header = Header::read(&Bytes::new(bytes.clone())).unwrap();
+    let header = Header::read(&MemStorage::from_bytes(bytes.clone())).unwrap();
     (header, bytes)
 }
 
 fn read_table(header: &Header, bytes: Vec<u8>) -> Result<Vec<Snapshot>> {
     let len = bytes.len() as u64;
     read_snapshot_table(
-        &Bytes::new(bytes),
+        &MemStorage::from_bytes(bytes),
         header.snapshots_offset,
         header.nb_snapshots,
         header.cluster_bits,
@@ -188,7 +138,7 @@ fn several_qemu_snapshots_agree_with_qemu_img_info() {
 #[test]
 fn no_snapshots_is_an_empty_table() {
     let bytes = vec![0u8; 4096];
-    let table = read_snapshot_table(&Bytes::new(bytes), 0, 0, 9, 4096).unwrap();
+    let table = read_snapshot_table(&MemStorage::from_bytes(bytes), 0, 0, 9, 4096).unwrap();
     assert!(table.is_empty());
     assert_eq!(table_range(0, &table), 0..0);
 }
@@ -291,7 +241,7 @@ fn entries_without_disk_size_fall_back_to_the_32_bit_fields() {
     bytes[entry + 12..entry + 14].copy_from_slice(&1u16.to_be_bytes());
     bytes[entry + 32..entry + 36].copy_from_slice(&4096u32.to_be_bytes());
     bytes[entry + 40] = b'7';
-    let table = read_snapshot_table(&Bytes::new(bytes), 1024, 1, 9, 2048).unwrap();
+    let table = read_snapshot_table(&MemStorage::from_bytes(bytes), 1024, 1, 9, 2048).unwrap();
     assert_eq!(table[0].id, "7");
     assert_eq!(table[0].vm_state_size, 4096);
     assert_eq!(table[0].disk_size, None);
@@ -307,6 +257,6 @@ proptest! {
         let mut bytes = vec![0u8; 512];
         bytes.extend_from_slice(&table);
         let len = bytes.len() as u64;
-        let _ = read_snapshot_table(&Bytes::new(bytes), 512, count, 9, len);
+        let _ = read_snapshot_table(&MemStorage::from_bytes(bytes), 512, count, 9, len);
     }
 }

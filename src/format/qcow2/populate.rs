@@ -3,8 +3,6 @@
 //! data up: under the metadata lock, so that a guest write to the same
 //! cluster and the copy are serialised and the guest write always wins.
 
-use std::sync::atomic::Ordering;
-
 use super::l2::{L2Entry, L2Table, Piece};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
@@ -78,13 +76,9 @@ impl Qcow2 {
         }
         let (l2_offset, table) = self.writable_l2(meta, guest)?;
         let mut hosts = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            hosts.push(meta.allocator.allocate(self.storage.as_ref())?);
-        }
-        let end = hosts.iter().map(|h| h.0 + cluster_size).max().unwrap_or(0);
-        self.host_end.fetch_max(end, Ordering::AcqRel);
         let published = self
-            .write_host_runs(&hosts, data)
+            .allocate_clusters(meta, count, &mut hosts)
+            .and_then(|()| self.write_host_runs(&hosts, data))
             .and_then(|()| self.set_l2_entries(l2_offset, &table, guest, &hosts));
         if let Err(err) = published {
             for host in hosts.into_iter().rev() {
@@ -93,6 +87,20 @@ impl Qcow2 {
             return Err(err);
         }
         Ok(count * cluster_size)
+    }
+
+    /// Allocates `count` clusters into `hosts`; on failure `hosts` holds the
+    /// ones taken so far, for the caller to give back.
+    fn allocate_clusters(
+        &self,
+        meta: &mut Meta,
+        count: u64,
+        hosts: &mut Vec<HostOffset>,
+    ) -> Result<()> {
+        for _ in 0..count {
+            hosts.push(self.allocate_cluster(meta)?);
+        }
+        Ok(())
     }
 
     /// Writes cluster `i` of `data` to `hosts[i]`, one write per run of
@@ -124,14 +132,15 @@ impl Qcow2 {
     ) -> Result<()> {
         let mut updated = (**table).clone();
         let index = self.geometry.l2_index(first);
+        let mut bytes = Vec::with_capacity(hosts.len() * self.geometry.l2_entry_size() as usize);
+        let mut start = None;
         for (i, &host) in hosts.iter().enumerate() {
-            updated.set(index + i as u64, &L2Entry::Data { host, copied: true });
+            let (at, entry) = updated.set(index + i as u64, &L2Entry::Data { host, copied: true });
+            start.get_or_insert(at);
+            bytes.extend_from_slice(&entry);
         }
-        let entry_size = self.geometry.l2_entry_size();
-        let start = (index * entry_size) as usize;
-        let end = start + hosts.len() * entry_size as usize;
-        self.storage
-            .write_at(&updated.to_bytes()[start..end], l2_offset + start as u64)?;
+        let start = start.unwrap_or(0);
+        self.storage.write_at(&bytes, l2_offset + start)?;
         self.l2_cache.insert(l2_offset, Arc::new(updated));
         Ok(())
     }

@@ -159,6 +159,12 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Ok(HostOffset(self.geometry.cluster_start(guest)));
         }
+        self.allocate_cluster(meta)
+    }
+
+    /// A cluster of the image file whose refcount 1 is on disk; reads may
+    /// reach it from now on.
+    pub(super) fn allocate_cluster(&self, meta: &mut Meta) -> Result<HostOffset> {
         let host = meta.allocator.allocate(self.storage.as_ref())?;
         self.host_end
             .fetch_max(host.0 + self.geometry.cluster_size(), Ordering::AcqRel);
@@ -243,9 +249,7 @@ impl Qcow2 {
             return Ok((l2_offset, self.load_l2(l2_offset)?));
         }
         let cluster_size = self.geometry.cluster_size();
-        let new = meta.allocator.allocate(storage)?;
-        self.host_end
-            .fetch_max(new.0 + cluster_size, Ordering::AcqRel);
+        let new = self.allocate_cluster(meta)?;
         let table = if l2_offset == 0 {
             L2Table::from_bytes(&vec![0u8; cluster_size as usize], self.geometry.extended_l2)
         } else {

@@ -105,6 +105,13 @@ fn reply_entry(reply: ReplyEntry, op: &str, result: Result<Attr, FsError>) {
     }
 }
 
+fn reply_attr(reply: ReplyAttr, op: &str, result: Result<Attr, FsError>) {
+    match result {
+        Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, op: &str, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
@@ -141,10 +148,11 @@ impl Filesystem for ChainFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.model.getattr(ino.0, fh.map(|fh| fh.0)) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(errno("getattr", &e)),
-        }
+        reply_attr(
+            reply,
+            "getattr",
+            self.model.getattr(ino.0, fh.map(|fh| fh.0)),
+        );
     }
 
     fn setattr(
@@ -171,10 +179,8 @@ impl Filesystem for ChainFs {
             uid,
             gid,
         };
-        match self.model.setattr(ino.0, fh.map(|fh| fh.0), change) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(errno("setattr", &e)),
-        }
+        let result = self.model.setattr(ino.0, fh.map(|fh| fh.0), change);
+        reply_attr(reply, "setattr", result);
     }
 
     fn mknod(

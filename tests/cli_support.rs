@@ -103,9 +103,7 @@ pub fn run(command: &mut Command) -> Outcome {
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("dup"))
         .stderr(err.try_clone().expect("dup"));
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let mut child = spawn(command);
     let code = wait_child(&mut child, COMMAND_TIMEOUT)
         .unwrap_or_else(|| panic!("{command:?} did not finish in {COMMAND_TIMEOUT:?}"));
     let stdout_bytes = read_all(out);
@@ -114,6 +112,23 @@ pub fn run(command: &mut Command) -> Outcome {
         stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
         stdout_bytes,
         stderr: String::from_utf8_lossy(&read_all(err)).into_owned(),
+    }
+}
+
+/// Starts `command`. Retries while the program is "text file busy": the
+/// copy of the binary was just written, and a child another test thread
+/// forked meanwhile holds the writer's descriptor until it execs.
+fn spawn(command: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{command:?}: {e}"),
+        }
     }
 }
 
@@ -201,8 +216,14 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 /// Live (non-zombie) chainfs processes whose command line mentions
 /// `marker` (a test's unique temporary directory).
 pub fn chainfs_processes(marker: &Path) -> Vec<u32> {
+    processes_of(chainfs_bin(), marker)
+}
+
+/// Live (non-zombie) processes of program `bin` whose command line
+/// mentions `marker`.
+pub fn processes_of(bin: &Path, marker: &Path) -> Vec<u32> {
     let marker = marker.to_string_lossy().into_owned();
-    let bin = chainfs_bin().to_string_lossy().into_owned();
+    let bin = bin.to_string_lossy().into_owned();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -8,6 +8,11 @@
 //! udev sets everywhere; fuser opens the device itself) and
 //! `user_allow_other` in `/etc/fuse.conf` (which `--allow-other` needs for
 //! an ordinary user, as for sshfs).
+//!
+//! The checkout may be where no ordinary user can reach (under `/root`, in
+//! a `mktemp -d` directory): everything the users run or open (the binary,
+//! the images) is copied to a directory of its own under `/tmp`, removed
+//! when the test ends.
 
 #[path = "cli_support.rs"]
 mod support;
@@ -17,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::{
-    chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_io, require_fuse, run, s,
-    small_chain, MountGuard, Outcome,
+    chainfs_bin, check_clean, is_mounted, processes_of, qemu_io, require_fuse, run, s, small_chain,
+    MountGuard, Outcome,
 };
 
 const USER: &str = "chainfs-test";
@@ -61,28 +66,35 @@ fn prepare_host() -> bool {
     true
 }
 
-/// Runs `program ARGS` as `user`.
+/// Runs `program ARGS` as `user`, from `/` (the test's own directory may
+/// be closed to it).
 fn as_user(user: &str, program: &str, args: &[&str]) -> Outcome {
     run(Command::new("runuser")
+        .current_dir("/")
         .args(["-u", user, "--", program])
         .args(args))
 }
 
-/// `chainfs ARGS` as `user`.
-fn chainfs_as(user: &str, args: &[&str]) -> Outcome {
-    as_user(user, s(chainfs_bin()), args)
-}
-
-/// A chain and mount point owned by USER in a directory others may enter.
+/// A chain, a mount point and a copy of the binary, owned by USER in a
+/// directory under `/tmp` that every user may enter.
 struct Setup {
+    // Dropped first: the guard looks at the mount point, in `dir`.
+    _guard: MountGuard,
     dir: tempfile::TempDir,
+    bin: PathBuf,
     images: [PathBuf; 2],
     mnt: PathBuf,
 }
 
 impl Setup {
     fn new() -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // Not TMPDIR: only /tmp is sure to be open to every user.
+        let dir = tempfile::Builder::new()
+            .prefix("chainfs-user-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let bin = dir.path().join("chainfs");
+        std::fs::copy(chainfs_bin(), &bin).expect("copy chainfs");
         let images = small_chain(dir.path());
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
@@ -90,11 +102,27 @@ impl Setup {
         run(Command::new("chown").args(["-R", USER, s(dir.path())])).ok();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
-        Setup { dir, images, mnt }
+        Setup {
+            _guard: MountGuard(mnt.clone()),
+            dir,
+            bin,
+            images,
+            mnt,
+        }
     }
 
     fn node(&self, name: &str) -> String {
         s(&self.mnt.join(name)).to_owned()
+    }
+
+    /// `chainfs ARGS` as `user`, from the copy the users can reach.
+    fn chainfs_as(&self, user: &str, args: &[&str]) -> Outcome {
+        as_user(user, s(&self.bin), args)
+    }
+
+    /// The daemons of this setup still running.
+    fn daemons(&self) -> Vec<u32> {
+        processes_of(&self.bin, self.dir.path())
     }
 }
 
@@ -104,8 +132,9 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
         return;
     }
     let setup = Setup::new();
-    let _guard = MountGuard(setup.mnt.clone());
-    chainfs_as(USER, &["mount", s(&setup.images[1]), s(&setup.mnt)]).ok();
+    setup
+        .chainfs_as(USER, &["mount", s(&setup.images[1]), s(&setup.mnt)])
+        .ok();
     assert!(is_mounted(&setup.mnt));
 
     // The owner reads a node file and writes through `active`.
@@ -130,12 +159,9 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
     assert_eq!(root.raw_os_error(), Some(libc::EACCES));
 
     // umount as the user goes through fusermount3 and waits for the daemon.
-    chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
     assert!(!is_mounted(&setup.mnt));
-    assert!(
-        chainfs_processes(setup.dir.path()).is_empty(),
-        "daemon gone"
-    );
+    assert!(setup.daemons().is_empty(), "daemon gone");
     for image in &setup.images {
         check_clean(image);
     }
@@ -148,12 +174,12 @@ fn allow_other_lets_another_user_read_but_not_write() {
         return;
     }
     let setup = Setup::new();
-    let _guard = MountGuard(setup.mnt.clone());
-    chainfs_as(
-        USER,
-        &["mount", "--allow-other", s(&setup.images[1]), s(&setup.mnt)],
-    )
-    .ok();
+    setup
+        .chainfs_as(
+            USER,
+            &["mount", "--allow-other", s(&setup.images[1]), s(&setup.mnt)],
+        )
+        .ok();
     as_user(OTHER, "ls", &[s(&setup.mnt)]).ok();
     let head = as_user(OTHER, "head", &["-c", "2", &setup.node("top.qcow2")]).ok();
     assert_eq!(head.stdout_bytes, [0xaa; 2]);
@@ -170,12 +196,39 @@ fn allow_other_lets_another_user_read_but_not_write() {
         ],
     );
     assert!(write.stderr.contains("Permission denied"), "{write:?}");
-    chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
-    assert!(
-        chainfs_processes(setup.dir.path()).is_empty(),
-        "daemon gone"
-    );
+    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    assert!(setup.daemons().is_empty(), "daemon gone");
     for image in &setup.images {
         check_clean(image);
     }
+}
+
+#[test]
+fn allow_other_shows_no_one_an_image_that_is_private_on_disk() {
+    if !require_fuse() || !prepare_host() {
+        return;
+    }
+    let setup = Setup::new();
+    for image in &setup.images {
+        std::fs::set_permissions(image, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    setup
+        .chainfs_as(
+            USER,
+            &["mount", "--allow-other", s(&setup.images[1]), s(&setup.mnt)],
+        )
+        .ok();
+    as_user(OTHER, "ls", &[s(&setup.mnt)]).ok();
+    for name in ["base.qcow2", "top.qcow2", "active"] {
+        let read = as_user(OTHER, "head", &["-c", "2", &setup.node(name)]);
+        assert!(
+            read.stderr.contains("Permission denied"),
+            "{name}: {read:?}"
+        );
+    }
+    // The owner still reads them.
+    let head = as_user(USER, "head", &["-c", "2", &setup.node("base.qcow2")]).ok();
+    assert_eq!(head.stdout_bytes, [0xaa; 2]);
+    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    assert!(setup.daemons().is_empty(), "daemon gone");
 }

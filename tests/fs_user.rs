@@ -6,11 +6,14 @@
 //! forbidden FUSE to ordinary users: `fusermount3` opens the device with
 //! the caller's rights. There the test says so and checks nothing, even
 //! under CI, since no program could pass it.
+//!
+//! The re-run is a copy of this test binary in a directory of its own
+//! under `/tmp`, so that it works wherever root put the checkout.
 
 mod common;
 mod fs_common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -41,7 +44,6 @@ fn mount_read_write_unmount(dir: &Path) {
 
 /// Whether other users may read and write /dev/fuse.
 fn fuse_open_to_users() -> bool {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::metadata("/dev/fuse").is_ok_and(|m| m.permissions().mode() & 0o006 == 0o006)
 }
 
@@ -68,8 +70,18 @@ fn an_ordinary_user_mounts_reads_writes_and_unmounts_through_fusermount3() {
         );
         return;
     }
-    let exe = std::env::current_exe().unwrap();
+    // The checkout may be where nobody cannot reach (under /root, in a
+    // `mktemp -d` directory): run a copy of this test from a directory of
+    // its own under /tmp, removed when the test ends.
+    let reachable = tempfile::Builder::new()
+        .prefix("chainfs-user-bin-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(reachable.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = reachable.path().join("fs_user");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     let output = Command::new("setpriv")
+        .current_dir("/")
         .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
         .arg(&exe)
         .args([

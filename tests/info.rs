@@ -185,3 +185,28 @@ fn info_works_while_qemu_holds_the_image_for_writing() {
     let _ = holder.wait();
     assert_eq!(nodes.len(), 1);
 }
+
+#[test]
+fn a_newline_in_a_name_is_escaped_in_the_text() {
+    if !common::require_qemu() {
+        return;
+    }
+    let chain = TempChain::new()
+        // No colon: QEMU would read the name as a protocol.
+        .qcow2_base("odd\nforged line.qcow2", common::MIB, "")
+        .overlay("top.qcow2", None, "");
+    let text = chainfs_ok(&["info", common::path_str(chain.top())]);
+    let nodes: Vec<&str> = text.lines().filter(|l| l.starts_with("node:")).collect();
+    assert_eq!(
+        nodes,
+        [
+            "node:           top.qcow2",
+            "node:           odd\\nforged line.qcow2"
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("backing file:   odd\\nforged line.qcow2\n"),
+        "{text}"
+    );
+}

@@ -13,7 +13,8 @@
 //!
 //! ```text
 //! parent                          child
-//! pipe, fork ───────────────────▶ setsid
+//! pipe, fork ───────────────────▶ setsid, close inherited descriptors,
+//!                                 stderr → log file (if any)
 //! read pipe (blocks)              open chain, mount
 //!                                 stdio → /dev/null (stderr → log file)
 //!         ◀──────── "ok" ──────── or "error MESSAGE", then exit 1
@@ -22,7 +23,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::CliError;
@@ -71,10 +72,11 @@ impl Readiness {
     }
 }
 
-/// Forks the daemon. `mount_point` only names the mount in messages.
+/// Forks the daemon. `mount_point` only names the mount in messages; `log`
+/// is `--log-file`, the daemon's stderr from its first instruction on.
 ///
 /// Must be called while the process has a single thread; it checks.
-pub fn detach(mount_point: &Path) -> Result<Detached, CliError> {
+pub fn detach(mount_point: &Path, log: Option<&File>) -> Result<Detached, CliError> {
     ensure_single_threaded()?;
     let (read_end, write_end) = cloexec_pipe().map_err(|e| internal("pipe", &e))?;
     // SAFETY: the process has one thread (checked above), so the child
@@ -87,6 +89,16 @@ pub fn detach(mount_point: &Path) -> Result<Detached, CliError> {
             // SAFETY: setsid has no memory-safety preconditions; in a fresh
             // child (never a group leader) it cannot fail.
             unsafe { libc::setsid() };
+            // Before anything else is opened: the daemon outlives the
+            // command, so whatever else the caller left open (a pipe it
+            // waits on, a lock, a deleted file) would stay open with it.
+            let own = [Some(write_end.as_raw_fd()), log.map(AsRawFd::as_raw_fd)];
+            close_inherited(&own.into_iter().flatten().collect::<Vec<_>>());
+            if let Some(log) = log {
+                // Everything the daemon logs goes to the file from the
+                // start, none of it to the caller's terminal.
+                redirect(log, libc::STDERR_FILENO).map_err(|e| internal("stderr", &e))?;
+            }
             Ok(Detached::Child(Readiness {
                 pipe: Some(File::from(write_end)),
             }))
@@ -159,13 +171,39 @@ fn redirect_stdio(log: Option<&File>) -> io::Result<()> {
     let null = File::options().read(true).write(true).open("/dev/null")?;
     let err_target = log.unwrap_or(&null);
     for (from, to) in [(&null, 0), (&null, 1), (err_target, 2)] {
-        // SAFETY: both are open descriptors; dup2 replaces `to` atomically
-        // and the std handles for 0, 1 and 2 keep using the new files.
-        if unsafe { libc::dup2(from.as_raw_fd(), to) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
+        redirect(from, to)?;
     }
     Ok(())
+}
+
+/// Makes descriptor `to` another name for `from`.
+fn redirect(from: &File, to: RawFd) -> io::Result<()> {
+    // SAFETY: both are open descriptors; dup2 replaces `to` atomically and
+    // the std handles for 0, 1 and 2 keep using the new files.
+    if unsafe { libc::dup2(from.as_raw_fd(), to) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes every descriptor above stderr except `keep`. Listed first and
+/// closed after, so that the listing's own descriptor is gone by then.
+fn close_inherited(keep: &[RawFd]) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<RawFd> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > libc::STDERR_FILENO && !keep.contains(&fd) {
+            // SAFETY: nothing in this fresh child owns these descriptors:
+            // they are the caller's, inherited across fork, and no Rust
+            // object refers to them. A failure (the listing's own, already
+            // closed descriptor) is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// Refuses to fork a multi-threaded process (see the module doc).
@@ -194,7 +232,7 @@ mod tests {
     fn the_test_harness_is_multi_threaded_so_detach_refuses() {
         // Unit tests run on worker threads beside the harness's main thread;
         // forking here would be exactly the hazard the check exists for.
-        let err = detach(Path::new("/mnt")).err().expect("refused");
+        let err = detach(Path::new("/mnt"), None).err().expect("refused");
         assert!(err.to_string().contains("threads"), "{err}");
     }
 

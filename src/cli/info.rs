@@ -100,21 +100,42 @@ pub fn to_text(reports: &[NodeReport]) -> String {
 
 fn node_text(r: &NodeReport) -> String {
     let mut lines = vec![
-        field("node", &r.node),
-        field("path", &r.filename),
+        field("node", &escape(&r.node)),
+        field("path", &escape(&r.filename)),
         field("format", &r.format.to_string()),
         field("virtual size", &sized(r.virtual_size)),
     ];
     if let Some(cluster) = r.cluster_size {
         lines.push(field("cluster size", &cluster.to_string()));
     }
-    let backing = r.backing_filename.as_deref().unwrap_or("(none)");
-    lines.push(field("backing file", backing));
+    let backing = r
+        .backing_filename
+        .as_deref()
+        .map_or("(none)".into(), escape);
+    lines.push(field("backing file", &backing));
     if let Some(format) = r.backing_format {
         lines.push(field("backing format", &format.to_string()));
     }
     lines.push(field("allocated", &sized(r.actual_size)));
     lines.join("\n")
+}
+
+/// `text` with a backslash and every control character written as an
+/// escape (`\\`, `\n`, `\t`, `\r`, else `\u{7f}`), so that a name holding a
+/// newline cannot break the one-field-a-line format or forge a field.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '\n' => escaped.push_str("\\n"),
+            '\t' => escaped.push_str("\\t"),
+            '\r' => escaped.push_str("\\r"),
+            c if c.is_control() => escaped.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 fn field(label: &str, value: &str) -> String {
@@ -204,6 +225,19 @@ mod tests {
             text.contains("allocated:      4 KiB (4096 bytes)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn control_characters_in_names_are_escaped_in_the_text() {
+        let mut node = overlay();
+        node.node = "a\nformat:         raw".into();
+        node.filename = "/images/a\nformat:         raw".into();
+        node.backing_filename = Some("b\\c\t\u{1b}[31m\r".into());
+        let text = to_text(&[node]);
+        assert_eq!(text.lines().count(), 8, "{text}");
+        assert!(text.contains("node:           a\\nformat:         raw\n"));
+        assert!(text.contains("path:           /images/a\\nformat:"));
+        assert!(text.contains("backing file:   b\\\\c\\t\\u{1b}[31m\\r\n"));
     }
 
     #[test]

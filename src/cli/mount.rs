@@ -79,8 +79,9 @@ pub fn run(args: &MountArgs) -> Result<(), CliError> {
         init_logging_to(log.map_err(|e| CliError::Failed(e.to_string()))?);
         return serve(plan, |_| Ok(()));
     }
-    // Detached, the daemon's stderr *is* the log file (see Readiness::ready),
-    // so the logger writes to stderr, at the level a log file gets.
+    // Detached, the daemon's stderr *is* the log file from the fork on (see
+    // daemon::detach), so the logger writes to stderr, at the level a log
+    // file gets.
     super::init_logging_at(if plan.log.is_some() { "info" } else { "warn" });
     detach_and_serve(plan)
 }
@@ -88,7 +89,7 @@ pub fn run(args: &MountArgs) -> Result<(), CliError> {
 /// Forks the daemon; in the command, returns its report; in the daemon,
 /// serves and never returns.
 fn detach_and_serve(plan: MountPlan) -> Result<(), CliError> {
-    let mut readiness = match daemon::detach(&plan.shown_mount_point)? {
+    let mut readiness = match daemon::detach(&plan.shown_mount_point, plan.log.as_ref())? {
         Detached::Parent(report) => return report,
         Detached::Child(readiness) => readiness,
     };

@@ -1,7 +1,7 @@
 //! File attributes as the mount shows them, without fuser types: size,
 //! mode, owner, `st_blocks` and times. The adapter converts them.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
 use crate::jobs::Node;
@@ -106,8 +106,12 @@ pub fn ctl(ino: u64, perm: u16, owner: Owner, mtime: SystemTime) -> Attr {
 }
 
 /// Attributes of a node's flat file (or of `active`, showing the active
-/// node). `writable` decides 0644 or 0444; a failure to measure the
-/// image's allocation shows as 0 blocks rather than failing `stat`.
+/// node). `writable` decides 0644 or 0444, then the image file's own mode
+/// takes away what it does not grant group and others (SPEC §3: an image
+/// that is 0600 on disk is 0400 in the mount, or 0600 while active), so an
+/// `--allow-other` mount never shows other users an image they could not
+/// read on disk. A failure to measure the image's allocation shows as 0
+/// blocks rather than failing `stat`.
 pub fn node(ino: u64, node: &Node, writable: bool, owner: Owner, fallback: SystemTime) -> Attr {
     let blocks = match node.allocated_bytes() {
         Ok(bytes) => bytes.div_ceil(512),
@@ -116,23 +120,45 @@ pub fn node(ino: u64, node: &Node, writable: bool, owner: Owner, fallback: Syste
             0
         }
     };
+    let on_disk = std::fs::metadata(node.path()).ok();
+    let base = if writable {
+        MODE_WRITABLE
+    } else {
+        MODE_READ_ONLY
+    };
     Attr {
         ino,
         kind: Kind::File,
         size: node.virtual_size(),
         blocks,
-        perm: if writable {
-            MODE_WRITABLE
-        } else {
-            MODE_READ_ONLY
-        },
+        perm: node_perm(base, on_disk.as_ref().map(|m| m.permissions().mode())),
         nlink: 1,
         uid: owner.uid,
         gid: owner.gid,
-        mtime: image_mtime(node.path()).unwrap_or(fallback),
+        mtime: on_disk.and_then(|m| m.modified().ok()).unwrap_or(fallback),
     }
 }
 
-fn image_mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// `base` without the group and other bits the image file's mode lacks;
+/// owner-only when the image cannot be looked at (fail closed).
+fn node_perm(base: u16, image_mode: Option<u32>) -> u16 {
+    let shared = image_mode.map_or(0, |mode| mode & 0o077);
+    // `shared` fits in 9 bits, so the cast loses nothing.
+    base & (0o700 | shared as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_never_grants_group_or_others_what_its_image_does_not() {
+        assert_eq!(node_perm(MODE_WRITABLE, Some(0o100600)), 0o600);
+        assert_eq!(node_perm(MODE_READ_ONLY, Some(0o100600)), 0o400);
+        assert_eq!(node_perm(MODE_READ_ONLY, Some(0o100640)), 0o440);
+        assert_eq!(node_perm(MODE_WRITABLE, Some(0o100604)), 0o604);
+        assert_eq!(node_perm(MODE_WRITABLE, Some(0o100666)), 0o644);
+        assert_eq!(node_perm(MODE_READ_ONLY, Some(0o100777)), 0o444);
+        assert_eq!(node_perm(MODE_WRITABLE, None), 0o600);
+    }
 }

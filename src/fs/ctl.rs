@@ -1,13 +1,54 @@
 //! The `ctl/` directory: writes to `command` go to the jobs layer; the other
 //! files show text rendered by it. Every ctl file is opened with direct I/O,
 //! so a reader always gets what was rendered at its own open.
+//!
+//! What one open costs is bounded: an open keeps a reference to a shared
+//! rendering, not a copy of its own. Every open that finds the text as the
+//! previous open of that file left it shares that open's rendering, so a
+//! thousand opens of `ctl/events` between two events hold one copy of the
+//! log, not a thousand (another user of an `--allow-other` mount could
+//! otherwise grow the daemon by the log's size per descriptor it holds).
+
+use std::collections::HashMap;
 
 use super::errno::FsError;
 use super::inode::CtlFile;
 use crate::jobs::Jobs;
+use crate::sync::{lock, Arc, Mutex};
 
-/// The content a new open of `file` shows (empty for `command`).
-pub fn render(jobs: &Jobs, file: CtlFile) -> Vec<u8> {
+/// The longest write to `ctl/command` taken as a command. A command is one
+/// short line; anything longer is refused before it reaches the jobs layer,
+/// so no prefix of it can ever run.
+pub const MAX_COMMAND: usize = 4096;
+
+/// The latest rendering of each ctl file, shared by the opens that saw it.
+#[derive(Debug, Default)]
+pub struct Renderings {
+    latest: Mutex<HashMap<CtlFile, Arc<[u8]>>>,
+}
+
+impl Renderings {
+    /// The content a new open of `file` shows (empty for `command`): the
+    /// rendering kept from an earlier open when the text is unchanged, else
+    /// a new one that later opens will share.
+    pub fn open(&self, jobs: &Jobs, file: CtlFile) -> Arc<[u8]> {
+        // Rendered outside the lock: the fresh text is only compared and,
+        // if unchanged, dropped again at once.
+        let fresh = render(jobs, file);
+        let mut latest = lock(&self.latest);
+        match latest.get(&file) {
+            Some(kept) if **kept == *fresh => Arc::clone(kept),
+            _ => {
+                let shared: Arc<[u8]> = Arc::from(fresh);
+                latest.insert(file, Arc::clone(&shared));
+                shared
+            }
+        }
+    }
+}
+
+/// What a new open of `file` shows now (empty for `command`).
+fn render(jobs: &Jobs, file: CtlFile) -> Vec<u8> {
     let text = match file {
         CtlFile::Command => String::new(),
         CtlFile::Status => jobs.status_text(),
@@ -27,10 +68,46 @@ pub fn read(buffer: &[u8], offset: u64, len: u32) -> &[u8] {
     &buffer[start..end]
 }
 
+/// What one open of `ctl/command` remembers between its writes.
+#[derive(Debug, Default)]
+pub struct CommandWrites {
+    /// Where the last write this open refused as too long ended: a write
+    /// starting there is the kernel's next piece of the same `write(2)`.
+    refused_end: Mutex<Option<u64>>,
+}
+
 /// One write to `ctl/command`: the whole write is one command, wherever the
-/// file offset stands (a shell reusing the descriptor writes at a later
-/// offset). Accepted: the full length; refused: the jobs layer's errno.
-pub fn command(jobs: &Jobs, data: &[u8]) -> Result<usize, FsError> {
+/// file offset stands (a shell reusing the descriptor, `exec 3>command;
+/// echo a >&3; echo b >&3`, writes the second command at a later offset).
+///
+/// The kernel splits a `write(2)` longer than a FUSE request into pieces at
+/// growing offsets; the first is longer than [`MAX_COMMAND`], so it is
+/// refused (EINVAL), and so is every piece that starts where a refused one
+/// ended, so no part of such a write runs. A refused write leaves the file
+/// offset where it was, so the next command on the descriptor starts there,
+/// not at the refused write's end. Accepted: the full length; refused: the
+/// errno of this rule or of the jobs layer.
+pub fn command(
+    jobs: &Jobs,
+    writes: &CommandWrites,
+    offset: u64,
+    data: &[u8],
+) -> Result<usize, FsError> {
+    {
+        let mut refused_end = lock(&writes.refused_end);
+        let continues_refused = offset != 0 && *refused_end == Some(offset);
+        if continues_refused || data.len() > MAX_COMMAND {
+            *refused_end = Some(offset.saturating_add(data.len() as u64));
+            log::info!(
+                "ctl/command: {} bytes at offset {offset} refused: longer than a command",
+                data.len()
+            );
+            return Err(FsError::Invalid {
+                reason: "a command is at most 4096 bytes",
+            });
+        }
+        *refused_end = None;
+    }
     jobs.command_bytes(data)?;
     Ok(data.len())
 }

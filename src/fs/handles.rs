@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::ctl::CommandWrites;
 use super::errno::FsError;
 use super::inode::CtlFile;
 use crate::jobs::{Chain, NodeId};
@@ -43,12 +44,15 @@ pub enum Handle {
         wrote: AtomicBool,
     },
     /// A ctl file: the content rendered at open (empty for `command`), so a
-    /// reader sees one consistent text however it splits its reads.
+    /// reader sees one consistent text however it splits its reads. The
+    /// rendering is shared with every other open that saw the same text.
     Ctl {
         /// Which file.
         file: CtlFile,
         /// Its content at open.
-        buffer: Vec<u8>,
+        buffer: Arc<[u8]>,
+        /// For `command`: what this open's earlier writes were.
+        writes: CommandWrites,
     },
     /// A directory: its entries at open, so offsets stay meaningful while a
     /// job changes the chain during a listing.

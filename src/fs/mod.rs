@@ -51,12 +51,14 @@ const GENERATION: Generation = Generation(0);
 #[derive(Debug)]
 pub struct ChainFs {
     model: Arc<FsModel>,
+    /// The mount's unmounter, settled when the session ends.
+    unmounter: Unmounter,
 }
 
 impl ChainFs {
-    /// Serves `model`.
-    pub fn new(model: Arc<FsModel>) -> ChainFs {
-        ChainFs { model }
+    /// Serves `model`; `unmounter` is the mount's own.
+    pub fn new(model: Arc<FsModel>, unmounter: Unmounter) -> ChainFs {
+        ChainFs { model, unmounter }
     }
 }
 
@@ -133,6 +135,12 @@ impl Filesystem for ChainFs {
         // every request thread busy.
         let _ = config.set_max_background(64);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // The session is over; fuser would otherwise unmount once more
+        // after this and warn when the kernel had unmounted already.
+        self.unmounter.settle();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -92,7 +92,13 @@ impl Mount {
             Arc::clone(&stats),
         ));
         let weak_model = Arc::downgrade(&model);
-        let fs = ChainFs::new(model);
+        // Filled in once the session exists: the file system needs it to
+        // settle the unmount when the session ends (see Unmounter::settle).
+        let unmounter = Unmounter {
+            session: Arc::new(Mutex::new(None)),
+            mountpoint: mountpoint.clone(),
+        };
+        let fs = ChainFs::new(model, unmounter.clone());
         let mut session = match Session::new(fs, &mountpoint, &session_config(options)) {
             Ok(session) => session,
             Err(source) => {
@@ -108,10 +114,7 @@ impl Mount {
             }
         };
         jobs.watch_chain(notify::spawn(session.notifier(), weak_model));
-        let unmounter = Unmounter {
-            session: Arc::new(Mutex::new(Some(session.unmount_callable()))),
-            mountpoint: mountpoint.clone(),
-        };
+        *lock(&unmounter.session) = Some(session.unmount_callable());
         log::info!("mounted at {}", mountpoint.display());
         Ok(Mount {
             session,
@@ -198,6 +201,25 @@ impl Unmounter {
                 self.mountpoint.display()
             );
             detach_lazily(&self.mountpoint);
+        }
+    }
+
+    /// Called when the session has ended: if nothing unmounted through this
+    /// unmounter, the kernel ended it (`umount`, `fusermount3 -u`) and the
+    /// mount point is no longer a mount; taking the unmount here keeps
+    /// fuser from trying it again as the session is dropped, which fails
+    /// with EINVAL and logs a warning on every clean unmount. A session
+    /// that ended with the mount still in place is unmounted here.
+    pub fn settle(&self) {
+        let Some(mut session) = lock(&self.session).take() else {
+            return;
+        };
+        match session.unmount() {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                log::debug!("{} was already unmounted", self.mountpoint.display());
+            }
+            Err(error) => log::warn!("unmount {}: {error}", self.mountpoint.display()),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use super::attr::{self, Attr, Owner, MODE_COMMAND, MODE_READ_ONLY};
-use super::ctl;
+use super::ctl::{self, CommandWrites, Renderings};
 use super::errno::FsError;
 use super::handles::{DirEntry, Handle, HandleTable};
 use super::inode::{self, CtlFile, Inode, LookupCounts};
@@ -87,6 +87,8 @@ pub struct FsModel {
     started: SystemTime,
     lookups: LookupCounts,
     handles: HandleTable,
+    /// The ctl files' latest renderings, shared by their opens.
+    renderings: Renderings,
     stats: Arc<RequestStats>,
 }
 
@@ -101,6 +103,7 @@ impl FsModel {
             started: SystemTime::now(),
             lookups: LookupCounts::default(),
             handles: HandleTable::default(),
+            renderings: Renderings::default(),
             stats,
         }
     }
@@ -240,9 +243,9 @@ impl FsModel {
     /// Writes `data` at `offset` of open file `fh`; returns bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
         let handle = self.handles.get(fh)?;
-        if let Handle::Ctl { file, .. } = &*handle {
+        if let Handle::Ctl { file, writes, .. } = &*handle {
             return match file {
-                CtlFile::Command => ctl::command(&self.jobs, data),
+                CtlFile::Command => ctl::command(&self.jobs, writes, offset, data),
                 _ => Err(FsError::ReadOnly {
                     what: "this ctl file",
                 }),
@@ -362,8 +365,16 @@ impl FsModel {
                 what: "this ctl file",
             });
         }
-        let buffer = ctl::render(&self.jobs, file);
-        Ok((Handle::Ctl { file, buffer }, Caching::Direct))
+        let buffer = self.renderings.open(&self.jobs, file);
+        let writes = CommandWrites::default();
+        Ok((
+            Handle::Ctl {
+                file,
+                buffer,
+                writes,
+            },
+            Caching::Direct,
+        ))
     }
 
     fn open_node(&self, id: NodeId, write: bool) -> Result<(Handle, Caching), FsError> {

@@ -300,3 +300,55 @@ fn fsync_and_flush_succeed_on_every_kind_of_handle() {
     f.model.fsync(status).unwrap();
     f.model.flush(status).unwrap();
 }
+
+#[test]
+fn opens_that_see_the_same_text_share_one_rendering() {
+    let f = fixture(false);
+    let command = f.open("ctl/command", true).unwrap();
+    let _ = f.model.write(command, 0, b"frobnicate\n");
+    let buffer = |fh| match &*f.model.handles.get(fh).unwrap() {
+        Handle::Ctl { buffer, .. } => Arc::clone(buffer),
+        _ => panic!("not a ctl handle"),
+    };
+    let first = buffer(f.open("ctl/events", false).unwrap());
+    let second = buffer(f.open("ctl/events", false).unwrap());
+    assert!(Arc::ptr_eq(&first, &second), "one copy between two events");
+    let _ = f.model.write(command, 0, b"frobnicate again\n");
+    let third = buffer(f.open("ctl/events", false).unwrap());
+    assert!(!Arc::ptr_eq(&first, &third), "a new event, a new rendering");
+    assert!(third.starts_with(&first), "the old opens keep their text");
+}
+
+#[test]
+fn a_command_write_that_is_not_a_whole_command_is_refused_whole() {
+    let f = fixture(false);
+    let command = f.open("ctl/command", true).unwrap();
+    let long = format!("stream id={}\n", "j".repeat(ctl::MAX_COMMAND));
+    assert_eq!(
+        errno(f.model.write(command, 0, long.as_bytes())),
+        libc::EINVAL
+    );
+    // The kernel's next piece of the same write(2) starts where it ended.
+    let end = long.len() as u64;
+    let tail = b"stream id=tail\n";
+    assert_eq!(errno(f.model.write(command, end, tail)), libc::EINVAL);
+    let after_tail = end + tail.len() as u64;
+    assert_eq!(
+        errno(f.model.write(command, after_tail, tail)),
+        libc::EINVAL
+    );
+    let status = f.open("ctl/status.json", false).unwrap();
+    assert_eq!(f.model.read(status, 0, 4096).unwrap(), b"[]\n", "no job");
+
+    // A shell reusing the descriptor writes each command at a later offset.
+    let first = b"stream id=a speed=64K\n";
+    assert_eq!(f.model.write(command, 0, first).unwrap(), first.len());
+    let second = b"set-speed id=a speed=128K\n";
+    let offset = first.len() as u64;
+    assert_eq!(
+        f.model.write(command, offset, second).unwrap(),
+        second.len()
+    );
+    let offset = offset + second.len() as u64;
+    assert!(f.model.write(command, offset, b"cancel id=a\n").is_ok());
+}

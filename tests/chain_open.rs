@@ -398,3 +398,30 @@ fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through()
     qemu_img(dir.path(), &["check", "top.qcow2"]);
     assert_same("after close", &convert_raw(dir.path(), "top.qcow2"), &want);
 }
+
+#[test]
+fn a_missing_external_data_file_keeps_its_errno_and_is_named() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=data.raw",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    std::fs::remove_file(at(dir.path(), "data.raw")).unwrap();
+    let err = Chain::open(&at(dir.path(), "top.qcow2"), &ChainOptions::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("\"data.raw\""), "{text}");
+    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert_eq!(err.errno(), libc::ENOENT, "{text}");
+}

@@ -328,15 +328,15 @@ fn open_image(
         let file = resolve_name(name, path).map_err(|reason| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {reason}"))
         })?;
-        let describe = |e: &dyn std::fmt::Display| {
-            format!("file {} named by {}: {e}", file.display(), path.display())
-        };
         // The data file follows its image's descriptor, so that it can take
-        // writes whenever the image can.
-        let storage = FileStorage::open(&file, fd_writable && wants_write)
-            .map_err(|e| io::Error::new(e.kind(), describe(&e)))?;
-        lock_file(&storage, lock_mode(writable, options))
-            .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, describe(&e)))?;
+        // writes whenever the image can. The OS error goes up as it is (the
+        // format layer names the file, the chain the image): rewrapping it
+        // would lose its errno.
+        let storage = FileStorage::open(&file, fd_writable && wants_write)?;
+        lock_file(&storage, lock_mode(writable, options)).map_err(|e| {
+            let describe = format!("file {} named by {}: {e}", file.display(), path.display());
+            io::Error::new(io::ErrorKind::WouldBlock, describe)
+        })?;
         Ok(Arc::new(storage))
     };
     let open_options = OpenOptions {

@@ -462,6 +462,22 @@ impl Header {
     }
 }
 
+/// Header byte offset of `refcount_table_offset`, followed by
+/// `refcount_table_clusters`.
+const REFTABLE_FIELDS_OFFSET: u64 = 48;
+
+/// Rewrites only `refcount_table_offset` and `refcount_table_clusters` on
+/// disk, in one 12-byte write inside the first sector, not synced. For the
+/// two writers that move the refcount table: the allocator, whose location
+/// every later whole-header write then takes, and the dirty-image repair,
+/// which runs before the image's cached header exists.
+pub fn write_reftable_fields(storage: &dyn Storage, offset: u64, clusters: u32) -> Result<()> {
+    let mut fields = offset.to_be_bytes().to_vec();
+    fields.extend_from_slice(&clusters.to_be_bytes());
+    storage.write_at(&fields, REFTABLE_FIELDS_OFFSET)?;
+    Ok(())
+}
+
 /// Where the header extension area ends: at the backing file name when
 /// there is one, else at the end of cluster 0. QEMU refuses a backing file
 /// offset past cluster 0 ("Invalid backing file offset").

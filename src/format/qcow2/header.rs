@@ -131,8 +131,9 @@ pub struct Header {
     /// Header bytes from 112 up to `header_length` that chainfs does not
     /// know; the spec asks a writer to preserve them.
     pub unknown_header_fields: Vec<u8>,
-    /// Backing file name, if any.
-    pub backing_file: Option<String>,
+    /// Backing file name, if any, as stored: bytes, not necessarily UTF-8
+    /// (QEMU takes any bytes but NUL, and so does the host filesystem).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing format from the backing format extension.
     pub backing_format: Option<String>,
     /// External data file name from the data file extension.
@@ -440,9 +441,11 @@ impl Header {
                 cluster0.len()
             )));
         }
-        let name = stored_string(&cluster0[start..start + len], "backing file name")?;
+        // As QEMU reads it into a C string: up to the first NUL, any bytes.
+        let stored = &cluster0[start..start + len];
+        let name = &stored[..stored.iter().position(|&b| b == 0).unwrap_or(len)];
         // An empty name means no backing file to QEMU's block layer too.
-        self.backing_file = (!name.is_empty()).then_some(name);
+        self.backing_file = (!name.is_empty()).then(|| name.to_vec());
         Ok(())
     }
 

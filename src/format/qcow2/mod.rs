@@ -32,7 +32,9 @@ mod read;
 mod write;
 mod zero;
 
+use std::ffi::OsString;
 use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lru::LruCache;
@@ -181,13 +183,21 @@ impl Qcow2 {
         self.geometry
     }
 
-    /// The backing file named in the header, if any.
+    /// The backing file named in the header, if any, its name shown with
+    /// any bytes that are not UTF-8 replaced.
     pub fn backing(&self) -> Option<BackingRef> {
         let mut meta = sync::lock(&self.meta);
         let header = meta.header();
-        let file = header.backing_file.clone()?;
+        let file = String::from_utf8_lossy(header.backing_file.as_deref()?).into_owned();
         let format = header.backing_format.as_deref().and_then(Format::from_name);
         Some(BackingRef { file, format })
+    }
+
+    /// The backing file name exactly as the header stores it, UTF-8 or
+    /// not, to find the file by.
+    pub fn backing_name(&self) -> Option<OsString> {
+        let name = sync::lock(&self.meta).header().backing_file.clone()?;
+        Some(OsString::from_vec(name))
     }
 
     /// Bytes of host storage used by the image file and its data file.
@@ -334,7 +344,7 @@ impl Qcow2 {
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         self.check_writable()?;
         sync::lock(&self.meta).write_header(self.storage.as_ref(), |header| {
-            header.backing_file = backing.map(|b| b.file.clone());
+            header.backing_file = backing.map(|b| b.file.clone().into_bytes());
             header.backing_format = backing.and_then(|b| b.format).map(|f| f.name().to_string());
         })
     }

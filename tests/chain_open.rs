@@ -398,3 +398,93 @@ fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through()
     qemu_img(dir.path(), &["check", "top.qcow2"]);
     assert_same("after close", &convert_raw(dir.path(), "top.qcow2"), &want);
 }
+
+#[test]
+fn a_missing_external_data_file_keeps_its_errno_and_is_named() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=data.raw",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    std::fs::remove_file(at(dir.path(), "data.raw")).unwrap();
+    let err = Chain::open(&at(dir.path(), "top.qcow2"), &ChainOptions::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("\"data.raw\""), "{text}");
+    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert_eq!(err.errno(), libc::ENOENT, "{text}");
+}
+
+#[test]
+fn a_backing_name_that_is_not_utf8_is_followed_and_shown_with_replacements() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let name = OsStr::from_bytes(b"base\xff.raw");
+    let base = dir.path().join(name);
+    raw_image(&base, 1 << 20, Some((4096..8192, 0x5c)));
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(name)
+        .arg(dir.path().join("top.qcow2"))
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let chain = open(&at(dir.path(), "top.qcow2"));
+    assert_eq!(chain.nodes().len(), 2);
+    assert_eq!(chain.nodes()[0].path(), base);
+    // Shown (ctl/chain, info) with the invalid byte replaced.
+    assert_eq!(chain.active().backing_file(), Some("base\u{fffd}.raw"));
+    assert_same(
+        "read through a non-UTF-8 backing name",
+        &read_node(&chain, chain.active().id()),
+        &std::fs::read(&base).unwrap(),
+    );
+}
+
+#[test]
+fn a_raw_image_of_odd_length_is_rounded_up_to_a_sector_as_in_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let path = at(dir.path(), "odd.raw");
+    raw_image(&path, 1000, Some((0..1000, 0x3a)));
+    let info = qemu_img(dir.path(), &["info", "--output=json", "odd.raw"]);
+    assert!(info.contains("\"virtual-size\": 1024"), "{info}");
+    let converted = convert_raw(dir.path(), "odd.raw");
+    let chain = open_writable(&path);
+    let id = chain.active().id();
+    assert_eq!(chain.active().virtual_size(), 1024);
+    assert_same("odd raw", &read_node(&chain, id), &converted);
+    // A write into the tail sector extends the file, as QEMU's does.
+    chain.write(id, 1010, b"tail").unwrap();
+    chain.zero_range(id, 1016, 8).unwrap();
+    chain.flush().unwrap();
+    let mut tail = [0u8; 24];
+    chain.read(id, 1000, &mut tail).unwrap();
+    assert_eq!(&tail[10..14], b"tail");
+    chain.close().unwrap();
+    let mut expected = vec![0x3a; 1000];
+    expected.extend_from_slice(&tail);
+    assert_same(
+        "after a tail write",
+        &expected,
+        &convert_raw(dir.path(), "odd.raw"),
+    );
+}

@@ -2,10 +2,13 @@
 //! the read matrix, plus its human output and its errors.
 
 mod common;
+#[path = "cli_support.rs"]
+mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use common::TempChain;
 use serde_json::Value;
@@ -209,4 +212,58 @@ fn a_newline_in_a_name_is_escaped_in_the_text() {
         text.contains("backing file:   odd\\nforged line.qcow2\n"),
         "{text}"
     );
+}
+
+/// A FIFO's open waits for a writer: opened as an image, `info` (and a
+/// mount) would hang for ever. It is refused at once, naming it and the
+/// image that points to it; so is a FIFO given as the image itself.
+#[test]
+fn a_fifo_is_refused_without_blocking_naming_it_and_its_image() {
+    if !common::require_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let fifo = dir.path().join("pipe.raw");
+    common::run_ok("mkfifo", &[common::path_str(&fifo)]);
+    let top = dir.path().join("top.qcow2");
+    common::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "pipe.raw",
+        "-F",
+        "raw",
+        common::path_str(&top),
+        "1M",
+    ]);
+    for (image, named) in [
+        (&top, vec!["pipe.raw", "top.qcow2"]),
+        (&fifo, vec!["pipe.raw"]),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chainfs"))
+            .args(["info", common::path_str(image)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run chainfs: {e}"));
+        // Generous: only a hang reaches it.
+        let code = support::wait_child(&mut child, Duration::from_secs(60));
+        assert_eq!(
+            code,
+            Some(Some(1)),
+            "chainfs info {} hung or passed",
+            image.display()
+        );
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(stderr.contains("FIFO"), "{stderr}");
+        for name in named {
+            assert!(stderr.contains(name), "{name} not named: {stderr}");
+        }
+    }
 }

@@ -12,14 +12,16 @@
 //! may repair it), so a failing open leaves every image as it was.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::naming;
 use super::{ChainError, ChainOptions, Node, NodeId};
-use crate::format::{self, BackingRef, Format, FormatError, Image, OpenOptions};
+use crate::format::{self, Format, FormatError, Image, OpenOptions};
 use crate::storage::{lock, FileStorage, LockMode, Storage};
 
 /// The deepest chain chainfs opens, top included.
@@ -100,7 +102,7 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
         }
         let is_top = opened.is_empty();
         let (storage, image) = target.open(is_top, options)?;
-        next = backing_target(image.backing(), &target.path)?;
+        next = backing_target(&image, &target.path)?;
         opened.push(Opened {
             path: target.path,
             canonical,
@@ -328,15 +330,15 @@ fn open_image(
         let file = resolve_name(name, path).map_err(|reason| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {reason}"))
         })?;
-        let describe = |e: &dyn std::fmt::Display| {
-            format!("file {} named by {}: {e}", file.display(), path.display())
-        };
         // The data file follows its image's descriptor, so that it can take
-        // writes whenever the image can.
-        let storage = FileStorage::open(&file, fd_writable && wants_write)
-            .map_err(|e| io::Error::new(e.kind(), describe(&e)))?;
-        lock_file(&storage, lock_mode(writable, options))
-            .map_err(|e| io::Error::new(io::ErrorKind::WouldBlock, describe(&e)))?;
+        // writes whenever the image can. The OS error goes up as it is (the
+        // format layer names the file, the chain the image): rewrapping it
+        // would lose its errno.
+        let storage = FileStorage::open(&file, fd_writable && wants_write)?;
+        lock_file(&storage, lock_mode(writable, options)).map_err(|e| {
+            let describe = format!("file {} named by {}: {e}", file.display(), path.display());
+            io::Error::new(io::ErrorKind::WouldBlock, describe)
+        })?;
         Ok(Arc::new(storage))
     };
     let open_options = OpenOptions {
@@ -354,17 +356,17 @@ fn refuses_writing(err: &io::Error) -> bool {
     )
 }
 
-/// Where the backing file of the image at `path` is, if it has one.
-fn backing_target(backing: Option<BackingRef>, path: &Path) -> Result<Option<Target>, ChainError> {
-    let Some(backing) = backing else {
+/// Where the backing file of `image` (at `path`) is, if it has one. The
+/// name is resolved from its exact bytes, UTF-8 or not, as QEMU does.
+fn backing_target(image: &Image, path: &Path) -> Result<Option<Target>, ChainError> {
+    let (Some(name), Some(backing)) = (image.backing_name(), image.backing()) else {
         return Ok(None);
     };
-    let resolved =
-        resolve_name(&backing.file, path).map_err(|reason| ChainError::UnsupportedBacking {
-            backing: backing.file.clone(),
-            image: path.to_path_buf(),
-            reason,
-        })?;
+    let resolved = resolve_name(&name, path).map_err(|reason| ChainError::UnsupportedBacking {
+        backing: backing.file.clone(),
+        image: path.to_path_buf(),
+        reason,
+    })?;
     Ok(Some(Target {
         path: resolved,
         format: backing.format,
@@ -377,20 +379,24 @@ fn backing_target(backing: Option<BackingRef>, path: &Path) -> Result<Option<Tar
 /// `file:` prefix is the local-file protocol; QEMU takes what follows as is,
 /// so a relative name after it is relative to the current directory. Any
 /// other protocol (`nbd:`, `json:`, …) is refused.
-pub fn resolve_name(name: &str, image: &Path) -> Result<PathBuf, String> {
+pub fn resolve_name(name: impl AsRef<OsStr>, image: &Path) -> Result<PathBuf, String> {
+    let name = name.as_ref().as_bytes();
     if name.is_empty() {
         return Err("the name is empty".into());
     }
     if let Some(protocol) = protocol_of(name) {
-        return match name.strip_prefix("file:") {
-            Some(rest) if !rest.is_empty() => std::path::absolute(rest).map_err(|e| e.to_string()),
+        return match name.strip_prefix(b"file:") {
+            Some(rest) if !rest.is_empty() => {
+                std::path::absolute(OsStr::from_bytes(rest)).map_err(|e| e.to_string())
+            }
             Some(_) => Err("the name is empty".into()),
             None => Err(format!(
-                "protocol {protocol:?} is not supported; only local files are"
+                "protocol {:?} is not supported; only local files are",
+                String::from_utf8_lossy(protocol)
             )),
         };
     }
-    let name = Path::new(name);
+    let name = Path::new(OsStr::from_bytes(name));
     if name.is_absolute() {
         return Ok(name.to_path_buf());
     }
@@ -399,9 +405,9 @@ pub fn resolve_name(name: &str, image: &Path) -> Result<PathBuf, String> {
 }
 
 /// The protocol prefix of `name`, as QEMU sees one: a `:` before any `/`.
-fn protocol_of(name: &str) -> Option<&str> {
-    let end = name.find([':', '/'])?;
-    (name.as_bytes()[end] == b':').then(|| &name[..end])
+fn protocol_of(name: &[u8]) -> Option<&[u8]> {
+    let end = name.iter().position(|&b| b == b':' || b == b'/')?;
+    (name[end] == b':').then(|| &name[..end])
 }
 
 /// Raises the soft limit on open files to the hard limit: each node holds

@@ -14,6 +14,16 @@ pub enum FormatError {
     /// The host file failed; the errno is kept for the writer.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// The external data file the image names could not be opened; the
+    /// OS error is kept whole, so its errno reaches the writer.
+    #[error("cannot open external data file {name:?}: {source}")]
+    DataFile {
+        /// The data file name as the image stores it.
+        name: String,
+        /// What the OS (or the opener) said.
+        #[source]
+        source: io::Error,
+    },
     /// The image breaks its format's rules.
     #[error("malformed image: {what}")]
     Malformed {
@@ -63,13 +73,32 @@ impl FormatError {
     /// The errno that a filesystem request failing with this error returns.
     pub fn errno(&self) -> i32 {
         match self {
-            FormatError::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
+            FormatError::Io(err) | FormatError::DataFile { source: err, .. } => {
+                err.raw_os_error().unwrap_or(libc::EIO)
+            }
             FormatError::Malformed { .. } | FormatError::Corrupt => libc::EIO,
             FormatError::Unsupported { .. }
             | FormatError::Encrypted
             | FormatError::UnknownIncompatibleFeatures { .. } => libc::EOPNOTSUPP,
             FormatError::ReadOnly => libc::EROFS,
             FormatError::OutOfBounds { .. } => libc::ENOSPC,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_file_that_cannot_be_opened_keeps_its_errno() {
+        for errno in [libc::ENOENT, libc::EACCES] {
+            let error = FormatError::DataFile {
+                name: "data.raw".into(),
+                source: io::Error::from_raw_os_error(errno),
+            };
+            assert_eq!(error.errno(), errno);
+            assert!(error.to_string().contains("\"data.raw\""), "{error}");
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod qcow2;
 pub mod raw;
 
+use std::ffi::OsString;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
@@ -88,7 +89,9 @@ pub struct Extent {
 /// Where an image's backing file is, as its header says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackingRef {
-    /// The backing file name exactly as stored in the image.
+    /// The backing file name as stored in the image; read from an image, a
+    /// name that is not UTF-8 has its invalid bytes replaced, for showing
+    /// (the exact bytes, to find the file by: [`Image::backing_name`]).
     pub file: String,
     /// The backing format from the header extension, when there is one.
     pub format: Option<Format>,
@@ -194,6 +197,14 @@ impl Image {
         match self {
             Image::Raw(_) => None,
             Image::Qcow2(qcow2) => qcow2.backing(),
+        }
+    }
+
+    /// The backing file name exactly as the image stores it, UTF-8 or not.
+    pub fn backing_name(&self) -> Option<OsString> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(qcow2) => qcow2.backing_name(),
         }
     }
 

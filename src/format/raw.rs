@@ -1,12 +1,21 @@
 //! Raw images: guest offset = file offset; the file's holes are the
 //! unallocated ranges, but a raw image has no backing, so they read as zeros.
+//!
+//! The virtual size is the file size rounded up to whole 512-byte sectors,
+//! as QEMU's block layer counts it: the bytes of the last sector past the
+//! end of the file read as zeros, and a write there extends the file as
+//! QEMU's file driver does.
 
 use std::sync::Arc;
 
 use super::{Allocation, Extent, FormatError, Result};
 use crate::storage::{file::write_zeros, Storage};
 
-/// An open raw image. Its virtual size is the file size at open time.
+/// The sector QEMU rounds a raw file's size up to.
+const SECTOR: u64 = 512;
+
+/// An open raw image. Its virtual size is the file size at open time,
+/// rounded up to a whole sector.
 #[derive(Debug)]
 pub struct Raw {
     storage: Arc<dyn Storage>,
@@ -16,7 +25,9 @@ pub struct Raw {
 impl Raw {
     /// Opens a raw image on `storage`.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
-        let size = storage.len()?;
+        let len = storage.len()?;
+        // A file length fits in an off_t: rounding it up cannot overflow.
+        let size = len.div_ceil(SECTOR) * SECTOR;
         Ok(Raw { storage, size })
     }
 
@@ -71,9 +82,14 @@ impl Raw {
         Ok(self.storage.write_at(data, offset)?)
     }
 
-    /// Punches a hole, which reads as zeros.
+    /// Punches a hole, which reads as zeros. Past the end of the file
+    /// everything already reads as zeros: nothing is written there.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         self.check_bounds(offset, len)?;
+        let len = len.min(self.storage.len()?.saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
         match self.storage.punch_hole(offset, len) {
             Ok(()) => Ok(()),
             Err(_) => Ok(write_zeros(self.storage.as_ref(), offset, len)?),

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -18,12 +18,30 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens `path`, for writing when `writable`.
+    /// Opens `path`, for writing when `writable`. Only a regular file or a
+    /// block device can hold an image: anything else is refused, and the
+    /// open never blocks on it (a FIFO's open waits for a writer, so a
+    /// backing file naming one would hang the caller for ever).
     pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+        // Non-blocking for the open only; the type is checked on the open
+        // descriptor, so a file swapped in after a stat cannot slip past.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)?;
+        let file_type = file.metadata()?.file_type();
+        if !file_type.is_file() && !file_type.is_block_device() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                // The callers name the file (and the image naming it).
+                format!(
+                    "{}, not a regular file or a block device",
+                    describe_type(&file_type)
+                ),
+            ));
+        }
+        clear_nonblocking(&file)?;
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -147,6 +165,37 @@ impl Storage for FileStorage {
             None => self.len(),
         }
     }
+}
+
+/// What kind of file `file_type` is, for the refusal of a non-image.
+fn describe_type(file_type: &std::fs::FileType) -> &'static str {
+    if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else {
+        "not a plain file"
+    }
+}
+
+/// Turns `O_NONBLOCK` off again: an image's I/O must block as usual.
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_GETFL and F_SETFL touch no
+    // memory of ours.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Writes `len` zero bytes at `offset` in bounded chunks.

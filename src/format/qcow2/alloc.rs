@@ -23,14 +23,11 @@ use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
+use super::header::write_reftable_fields;
 use super::refcount::{locate, reftable_entry, Refblock};
 use super::types::{Geometry, HostOffset};
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
-
-/// Header byte offset of `refcount_table_offset`, followed by
-/// `refcount_table_clusters`: both are rewritten in one 12-byte write.
-const HEADER_REFTABLE_FIELDS: u64 = 48;
 
 /// Refcount state of one image. Only ever used under the image's metadata
 /// lock.
@@ -39,6 +36,8 @@ pub struct Allocator {
     geometry: Geometry,
     reftable: Vec<u64>,
     reftable_offset: u64,
+    /// Clusters the table occupies on disk.
+    reftable_clusters: u32,
     refblocks: LruCache<u64, Refblock>,
     reserve: VecDeque<u64>,
     pending_frees: Vec<u64>,
@@ -66,6 +65,7 @@ impl Allocator {
             geometry,
             reftable,
             reftable_offset: offset,
+            reftable_clusters: clusters,
             refblocks: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             reserve: VecDeque::new(),
             pending_frees: Vec::new(),
@@ -73,10 +73,11 @@ impl Allocator {
         })
     }
 
-    /// Where the refcount table is now, and its size in clusters.
-    pub fn reftable_location(&self) -> (u64, u64) {
-        let bytes = self.reftable.len() as u64 * 8;
-        (self.reftable_offset, bytes / self.geometry.cluster_size())
+    /// Where the refcount table is now, and its size in clusters: the
+    /// values every header write must carry (the allocator alone moves the
+    /// table).
+    pub fn reftable_location(&self) -> (u64, u32) {
+        (self.reftable_offset, self.reftable_clusters)
     }
 
     fn cluster_index(&self, host: u64) -> u64 {
@@ -197,11 +198,11 @@ impl Allocator {
             slots = old_slots + blocks;
         };
         slots = table_clusters * entries_per_cluster;
-        if table_clusters > u64::from(u32::MAX) {
+        let Ok(table_clusters_u32) = u32::try_from(table_clusters) else {
             return Err(FormatError::Unsupported {
                 what: "a refcount table beyond 2^32 clusters".into(),
             });
-        }
+        };
         let table_start = first_free_cluster + new_blocks;
         for block in 0..new_blocks {
             let mut refblock = Refblock::empty(&geometry);
@@ -224,14 +225,16 @@ impl Allocator {
         storage.write_at(&bytes, table_offset)?;
         // The new blocks and table must be on disk before the header names them.
         storage.sync()?;
-        let mut fields = table_offset.to_be_bytes().to_vec();
-        fields.extend_from_slice(&(table_clusters as u32).to_be_bytes());
-        storage.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
+        // Only the two fields the allocator owns; whole-header writes take
+        // them from reftable_location() (see meta.rs), never from a copy.
+        write_reftable_fields(storage, table_offset, table_clusters_u32)?;
+        // Durable before the old table's clusters can be freed and reused.
         storage.sync()?;
         let old_offset = self.reftable_offset;
-        let old_clusters = (old_slots * 8).div_ceil(cluster_size);
+        let old_clusters = u64::from(self.reftable_clusters);
         self.reftable = table;
         self.reftable_offset = table_offset;
+        self.reftable_clusters = table_clusters_u32;
         for cluster in 0..old_clusters {
             self.free_later(HostOffset(old_offset + cluster * cluster_size));
         }

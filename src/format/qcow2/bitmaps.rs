@@ -53,9 +53,9 @@ use std::fmt;
 
 use super::alloc::Allocator;
 use super::features::Autoclear;
-use super::header::Header;
+use super::meta::Meta;
 use super::types::{Geometry, HostOffset};
-use super::{Meta, Qcow2};
+use super::Qcow2;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 use crate::sync::{self, Mutex};
@@ -119,11 +119,12 @@ impl Bitmaps {
     /// there is nothing to record: no bitmaps, none enabled and consistent,
     /// or the autoclear bit says a writer without bitmap support has
     /// invalidated them all (QEMU then ignores the extension too).
-    pub fn load(
+    pub(super) fn load(
         storage: &dyn Storage,
-        header: &Header,
+        meta: &mut Meta,
         geometry: &Geometry,
     ) -> Result<Option<Bitmaps>> {
+        let header = meta.header();
         let Some(data) = header.bitmaps_extension.as_deref() else {
             return Ok(None);
         };
@@ -147,7 +148,7 @@ impl Bitmaps {
         for bitmap in &tracked {
             directory[bitmap.entry].flags.insert(BitmapFlags::IN_USE);
         }
-        mark_in_use(storage, header, &extension, &directory)?;
+        mark_in_use(storage, meta, &extension, &directory)?;
         let state = State {
             extension,
             directory,
@@ -173,17 +174,12 @@ impl Bitmaps {
     /// On close: writes every tracked bitmap to new clusters, publishes a
     /// directory with `in_use` cleared through one header write, and hands
     /// the replaced clusters to `allocator` to free after the next sync.
-    pub fn store(
-        &self,
-        storage: &dyn Storage,
-        allocator: &mut Allocator,
-        header: &mut Header,
-    ) -> Result<()> {
+    pub(super) fn store(&self, storage: &dyn Storage, meta: &mut Meta) -> Result<()> {
         let mut state = sync::lock(&self.state);
         let mut new = NewClusters::default();
-        let result = self.write_new(&state, storage, allocator, header, &mut new);
+        let result = self.write_new(&state, storage, &mut meta.allocator, &mut new);
         for host in new.strays.drain(..) {
-            allocator.free_later(HostOffset(host));
+            meta.allocator.free_later(HostOffset(host));
         }
         let stored = match result {
             Ok(stored) => stored,
@@ -191,18 +187,23 @@ impl Bitmaps {
                 // The header still names the old directory: nothing on disk
                 // references the new clusters.
                 for host in new.kept {
-                    allocator.free_later(HostOffset(host));
+                    meta.allocator.free_later(HostOffset(host));
                 }
                 return Err(err);
             }
         };
-        storage.write_at(&stored.header_bytes, 0)?;
-        // The new header must be durable before the clusters it no longer
-        // references are freed (the allocator's contract for free_later).
-        storage.sync()?;
-        *header = stored.header;
+        // After every allocation above, which may have moved the refcount
+        // table: the header written is the current one. It is durable before
+        // the clusters it no longer references are freed (the allocator's
+        // contract for free_later). If it fails, whether the disk has it is
+        // unknown, so the new clusters are left allocated (a leak at worst).
+        let extension = stored.extension.to_bytes();
+        meta.write_header(storage, |header| {
+            header.bitmaps_extension = Some(extension);
+            header.autoclear.insert(Autoclear::BITMAPS);
+        })?;
         for host in state.replaced_clusters(self.cluster_size) {
-            allocator.free_later(HostOffset(host));
+            meta.allocator.free_later(HostOffset(host));
         }
         // What is on disk now is what a later store replaces.
         for (bitmap, clusters) in state.tracked.iter_mut().zip(stored.clusters) {
@@ -220,7 +221,6 @@ impl Bitmaps {
         state: &State,
         storage: &dyn Storage,
         allocator: &mut Allocator,
-        header: &Header,
         new: &mut NewClusters,
     ) -> Result<Stored> {
         let cs = self.cluster_size;
@@ -242,12 +242,7 @@ impl Bitmaps {
             directory_size: bytes.len() as u64,
             directory_offset: offset,
         };
-        let mut header = header.clone();
-        header.bitmaps_extension = Some(extension.to_bytes());
-        header.autoclear.insert(Autoclear::BITMAPS);
         Ok(Stored {
-            header_bytes: header.serialize()?,
-            header,
             directory,
             extension,
             clusters,
@@ -257,8 +252,6 @@ impl Bitmaps {
 
 /// What [`Bitmaps::write_new`] wrote, for the header write to publish.
 struct Stored {
-    header: Header,
-    header_bytes: Vec<u8>,
     directory: Vec<DirEntry>,
     extension: Extension,
     /// Per tracked bitmap, the clusters of its new table and data.
@@ -518,25 +511,25 @@ fn table_clusters(entry: &DirEntry, cluster_size: u64) -> Vec<u64> {
 /// `update_ext_header_and_dir_in_place` does.
 fn mark_in_use(
     storage: &dyn Storage,
-    header: &Header,
+    meta: &mut Meta,
     extension: &Extension,
     directory: &[DirEntry],
 ) -> Result<()> {
-    let mut cleared = header.clone();
-    cleared.autoclear.remove(Autoclear::BITMAPS);
-    storage.write_at(&cleared.serialize()?, 0)?;
-    // While the bit is clear every reader ignores the bitmaps, so a crash
-    // that tears the in-place directory write below loses them (leaking
-    // their clusters) instead of publishing a half-written directory.
-    storage.sync()?;
+    // Each header write is synced: while the bit is clear every reader
+    // ignores the bitmaps, so a crash that tears the in-place directory
+    // write below loses them (leaking their clusters) instead of publishing
+    // a half-written directory.
+    meta.write_header(storage, |header| {
+        header.autoclear.remove(Autoclear::BITMAPS)
+    })?;
     storage.write_at(&serialize_directory(directory), extension.directory_offset)?;
     // The directory must be whole on disk before the bit vouches for it.
     storage.sync()?;
-    storage.write_at(&header.serialize()?, 0)?;
-    // in_use must be durable before the first guest write that the bitmaps
-    // on disk do not show.
-    storage.sync()?;
-    Ok(())
+    // in_use must be durable (write_header syncs) before the first guest
+    // write that the bitmaps on disk do not show.
+    meta.write_header(storage, |header| {
+        header.autoclear.insert(Autoclear::BITMAPS)
+    })
 }
 
 /// Bits of a bitmap of a virtual disk: one per granule.
@@ -591,7 +584,7 @@ impl Qcow2 {
     /// applies the frees of the clusters they replaced.
     pub(super) fn store_bitmaps(&self, meta: &mut Meta) -> Result<()> {
         if let Some(bitmaps) = sync::read(&self.bitmaps).as_ref() {
-            bitmaps.store(self.storage.as_ref(), &mut meta.allocator, &mut meta.header)?;
+            bitmaps.store(self.storage.as_ref(), meta)?;
         }
         self.sync_and_free(meta)
     }

@@ -230,7 +230,7 @@ fn header(options: &CreateOptions, size: u64, geometry: &Geometry, layout: &Layo
         incompatible |= Incompatible::EXTENDED_L2;
     }
     let (backing_file, backing_format) = match &options.backing {
-        Some((name, format)) => (Some(name.clone()), format.clone()),
+        Some((name, format)) => (Some(name.clone().into_bytes()), format.clone()),
         None => (None, None),
     };
     Header {

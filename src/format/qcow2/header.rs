@@ -131,8 +131,9 @@ pub struct Header {
     /// Header bytes from 112 up to `header_length` that chainfs does not
     /// know; the spec asks a writer to preserve them.
     pub unknown_header_fields: Vec<u8>,
-    /// Backing file name, if any.
-    pub backing_file: Option<String>,
+    /// Backing file name, if any, as stored: bytes, not necessarily UTF-8
+    /// (QEMU takes any bytes but NUL, and so does the host filesystem).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing format from the backing format extension.
     pub backing_format: Option<String>,
     /// External data file name from the data file extension.
@@ -440,9 +441,11 @@ impl Header {
                 cluster0.len()
             )));
         }
-        let name = stored_string(&cluster0[start..start + len], "backing file name")?;
+        // As QEMU reads it into a C string: up to the first NUL, any bytes.
+        let stored = &cluster0[start..start + len];
+        let name = &stored[..stored.iter().position(|&b| b == 0).unwrap_or(len)];
         // An empty name means no backing file to QEMU's block layer too.
-        self.backing_file = (!name.is_empty()).then_some(name);
+        self.backing_file = (!name.is_empty()).then(|| name.to_vec());
         Ok(())
     }
 
@@ -460,6 +463,22 @@ impl Header {
                 .map(|entry| entry.name.as_str())
         })
     }
+}
+
+/// Header byte offset of `refcount_table_offset`, followed by
+/// `refcount_table_clusters`.
+const REFTABLE_FIELDS_OFFSET: u64 = 48;
+
+/// Rewrites only `refcount_table_offset` and `refcount_table_clusters` on
+/// disk, in one 12-byte write inside the first sector, not synced. For the
+/// two writers that move the refcount table: the allocator, whose location
+/// every later whole-header write then takes, and the dirty-image repair,
+/// which runs before the image's cached header exists.
+pub fn write_reftable_fields(storage: &dyn Storage, offset: u64, clusters: u32) -> Result<()> {
+    let mut fields = offset.to_be_bytes().to_vec();
+    fields.extend_from_slice(&clusters.to_be_bytes());
+    storage.write_at(&fields, REFTABLE_FIELDS_OFFSET)?;
+    Ok(())
 }
 
 /// Where the header extension area ends: at the backing file name when

@@ -26,12 +26,15 @@ pub mod repair;
 pub mod snapshots;
 pub mod types;
 
+mod meta;
 mod populate;
 mod read;
 mod write;
 mod zero;
 
+use std::ffi::OsString;
 use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lru::LruCache;
@@ -42,6 +45,7 @@ use self::cache::TableCache;
 use self::features::{Autoclear, Incompatible};
 use self::header::{CompressionType, Header};
 use self::l2::{L2Entry, L2Table, L1_COPIED, L1_OFFSET_MASK};
+use self::meta::Meta;
 use self::types::Geometry;
 use super::{BackingRef, FileOpener, Format, FormatError, OpenOptions, Result};
 use crate::storage::Storage;
@@ -52,13 +56,6 @@ pub const MAGIC: u32 = 0x5146_49fb;
 
 /// Decompressed clusters kept for sequential reads of compressed images.
 const COMPRESSED_CACHE_CLUSTERS: usize = 8;
-
-/// Metadata that only writers change, under [`Qcow2::meta`].
-#[derive(Debug)]
-struct Meta {
-    header: Header,
-    allocator: Allocator,
-}
 
 /// An open qcow2 image.
 #[derive(Debug)]
@@ -134,17 +131,14 @@ impl Qcow2 {
                 NonZeroUsize::new(COMPRESSED_CACHE_CLUSTERS).unwrap_or(NonZeroUsize::MIN),
             )),
             host_end: AtomicU64::new(file_len),
-            meta: Mutex::new(Meta {
-                header: header.clone(),
-                allocator,
-            }),
+            meta: Mutex::new(Meta::new(header, allocator)),
             inflight: RwLock::new(()),
             closed: AtomicBool::new(!options.writable),
             bitmaps: RwLock::new(None),
             storage,
         };
         if options.writable && !corrupt {
-            image.prepare_for_writing(&mut header)?;
+            image.prepare_for_writing(&mut sync::lock(&image.meta))?;
         }
         Ok(image)
     }
@@ -152,33 +146,25 @@ impl Qcow2 {
     /// Brings the header into the state a writer must leave it in: dirty
     /// refcounts repaired, autoclear bits that chainfs does not maintain
     /// cleared (qcow2.txt: a writer that does not understand them must).
-    fn prepare_for_writing(&self, header: &mut Header) -> Result<()> {
+    fn prepare_for_writing(&self, meta: &mut Meta) -> Result<()> {
         // A writable open repaired the dirty bit before the allocator read
         // any refcount; an image switched to writable later was not, and
         // must not be written on stale refcounts.
-        if header.incompatible.contains(Incompatible::DIRTY) {
+        if meta.header().incompatible.contains(Incompatible::DIRTY) {
             return Err(FormatError::Unsupported {
                 what: "taking writes in place on an image with the dirty bit set \
                        (open it as the active image to repair it)"
                     .into(),
             });
         }
-        *sync::write(&self.bitmaps) = Bitmaps::load(self.storage.as_ref(), header, &self.geometry)?;
+        *sync::write(&self.bitmaps) = Bitmaps::load(self.storage.as_ref(), meta, &self.geometry)?;
         // Bitmaps that load accepted are kept true: enabled ones record
         // every write, the others are left untouched.
-        let kept = header.autoclear & (Autoclear::MAINTAINED | Autoclear::BITMAPS);
-        if kept != header.autoclear {
-            let mut meta = sync::lock(&self.meta);
-            meta.header.autoclear = kept;
-            self.write_header(&meta.header)?;
+        let autoclear = meta.header().autoclear;
+        let kept = autoclear & (Autoclear::MAINTAINED | Autoclear::BITMAPS);
+        if kept != autoclear {
+            meta.write_header(self.storage.as_ref(), |header| header.autoclear = kept)?;
         }
-        Ok(())
-    }
-
-    fn write_header(&self, header: &Header) -> Result<()> {
-        let bytes = header.serialize()?;
-        self.storage.write_at(&bytes, 0)?;
-        self.storage.sync()?;
         Ok(())
     }
 
@@ -197,16 +183,21 @@ impl Qcow2 {
         self.geometry
     }
 
-    /// The backing file named in the header, if any.
+    /// The backing file named in the header, if any, its name shown with
+    /// any bytes that are not UTF-8 replaced.
     pub fn backing(&self) -> Option<BackingRef> {
-        let meta = sync::lock(&self.meta);
-        let file = meta.header.backing_file.clone()?;
-        let format = meta
-            .header
-            .backing_format
-            .as_deref()
-            .and_then(Format::from_name);
+        let mut meta = sync::lock(&self.meta);
+        let header = meta.header();
+        let file = String::from_utf8_lossy(header.backing_file.as_deref()?).into_owned();
+        let format = header.backing_format.as_deref().and_then(Format::from_name);
         Some(BackingRef { file, format })
+    }
+
+    /// The backing file name exactly as the header stores it, UTF-8 or
+    /// not, to find the file by.
+    pub fn backing_name(&self) -> Option<OsString> {
+        let name = sync::lock(&self.meta).header().backing_file.clone()?;
+        Some(OsString::from_vec(name))
     }
 
     /// Bytes of host storage used by the image file and its data file.
@@ -343,8 +334,7 @@ impl Qcow2 {
         if self.corrupt {
             return Err(FormatError::Corrupt);
         }
-        let mut header = sync::lock(&self.meta).header.clone();
-        self.prepare_for_writing(&mut header)?;
+        self.prepare_for_writing(&mut sync::lock(&self.meta))?;
         self.closed.store(false, Ordering::Release);
         self.writable.store(true, Ordering::Release);
         Ok(())
@@ -353,11 +343,10 @@ impl Qcow2 {
     /// Rewrites the backing file name and format in the header.
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         self.check_writable()?;
-        let mut meta = sync::lock(&self.meta);
-        meta.header.backing_file = backing.map(|b| b.file.clone());
-        meta.header.backing_format = backing.and_then(|b| b.format).map(|f| f.name().to_string());
-        let header = meta.header.clone();
-        self.write_header(&header)
+        sync::lock(&self.meta).write_header(self.storage.as_ref(), |header| {
+            header.backing_file = backing.map(|b| b.file.clone().into_bytes());
+            header.backing_format = backing.and_then(|b| b.format).map(|f| f.name().to_string());
+        })
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -413,11 +402,9 @@ fn open_data_file(
     let name = header.data_file.as_deref().ok_or_else(|| {
         FormatError::malformed("the external data file bit is set but no data file is named")
     })?;
-    let storage = opener(name, writable).map_err(|err| {
-        FormatError::Io(std::io::Error::new(
-            err.kind(),
-            format!("cannot open external data file {name:?}: {err}"),
-        ))
+    let storage = opener(name, writable).map_err(|source| FormatError::DataFile {
+        name: name.to_string(),
+        source,
     })?;
     Ok(Some(storage))
 }

@@ -37,15 +37,13 @@ use std::fmt;
 
 use self::count::{count_references, read_l2, read_table, RefcountMap};
 use super::features::Incompatible;
-use super::header::Header;
+use super::header::{write_reftable_fields, Header};
 use super::l2::{L1_COPIED, L1_OFFSET_MASK};
 use super::refcount::{reftable_entry, Refblock};
 use super::types::Geometry;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
-/// Header byte offset of `refcount_table_offset` and `refcount_table_clusters`.
-const HEADER_REFTABLE_FIELDS: u64 = 48;
 /// Header byte offset of `incompatible_features`.
 const HEADER_INCOMPATIBLE: u64 = 72;
 /// The largest refcount table chainfs (and QEMU) opens.
@@ -386,9 +384,7 @@ fn publish(
     storage.sync()?;
     let offset = layout.table_start() << geometry.cluster_bits;
     let clusters = layout.table_clusters as u32;
-    let mut fields = offset.to_be_bytes().to_vec();
-    fields.extend_from_slice(&clusters.to_be_bytes());
-    storage.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
+    write_reftable_fields(storage, offset, clusters)?;
     // The switch must be durable before the image claims to be clean: a
     // clean image naming the old, stale table would be trusted as it is.
     storage.sync()?;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
+use crate::format::qcow2::header::Header;
 use crate::format::qcow2::Qcow2;
 use crate::format::OpenOptions;
 use crate::storage::MemStorage;

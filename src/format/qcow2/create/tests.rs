@@ -131,7 +131,7 @@ fn created_header_reads_back() {
     assert_eq!(header.version, 3);
     assert_eq!(header.size, 10 * GIB + 512);
     assert_eq!(header.l1_size, 21);
-    assert_eq!(header.backing_file.as_deref(), Some("base.raw"));
+    assert_eq!(header.backing_file.as_deref(), Some(&b"base.raw"[..]));
     assert_eq!(header.backing_format.as_deref(), Some("raw"));
     assert_eq!(header.feature_names.len(), 8);
     assert!(header.incompatible.is_empty());

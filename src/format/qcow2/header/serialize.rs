@@ -116,7 +116,7 @@ impl Header {
         out[8..16].copy_from_slice(&offset.to_be_bytes());
         // The length fits: it is at most 1023.
         out[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
-        out.extend_from_slice(backing.as_bytes());
+        out.extend_from_slice(backing);
         Ok(())
     }
 }

@@ -504,11 +504,23 @@ fn backing_file_name_rules() {
         assert!(text.contains(expected), "{expected}: {text}");
     }
     let too_long = Header {
-        backing_file: Some("x".repeat(1024)),
+        backing_file: Some(vec![b'x'; 1024]),
         ..qemu_like()
     };
     assert!(validate_message(&too_long).contains("1024"));
     assert!(too_long.serialize().is_err());
+}
+
+#[test]
+fn a_backing_name_that_is_not_utf8_keeps_its_bytes() {
+    let name = b"base\xff\xfe.raw".to_vec();
+    let header = Header {
+        backing_file: Some(name.clone()),
+        ..qemu_like()
+    };
+    let parsed = Header::parse(&header.serialize().unwrap()).unwrap();
+    assert_eq!(parsed.backing_file, Some(name));
+    assert_eq!(parsed.serialize().unwrap(), header.serialize().unwrap());
 }
 
 #[test]
@@ -523,7 +535,7 @@ fn an_empty_or_nul_terminated_backing_name_reads_as_qemu_reads_it() {
     let nul = bytes_with(&header, |b| b[offset + 2] = 0);
     assert_eq!(
         Header::parse(&nul).unwrap().backing_file.as_deref(),
-        Some("ba")
+        Some(&b"ba"[..])
     );
 }
 
@@ -673,7 +685,7 @@ prop_compose! {
             refcount_table_clusters,
             nb_snapshots,
             snapshots_offset,
-            backing_file,
+            backing_file: backing_file.map(String::into_bytes),
             backing_format,
             data_file,
             feature_names,

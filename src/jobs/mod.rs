@@ -13,6 +13,7 @@
 //! here.
 
 pub mod command;
+mod commit;
 mod error;
 pub mod events;
 pub mod job;
@@ -89,6 +90,12 @@ impl Jobs {
     /// or command makes (the mount uses it to invalidate kernel caches).
     pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
         self.live.watch(watcher);
+    }
+
+    /// Held by every guest write for its whole length, so that a pivot
+    /// never happens in the middle of one (see [`LiveChain::drain`]).
+    pub fn write_gate(&self) -> crate::sync::RwLockReadGuard<'_, ()> {
+        self.live.write_gate()
     }
 
     /// Makes the mount read-only from now on (a mount asked to be

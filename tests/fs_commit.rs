@@ -369,3 +369,78 @@ fn impossible_commits_are_refused_with_their_errno() {
     );
     read_only.unmount();
 }
+
+/// fio (4 jobs, crc32c) writes `active` while an active commit in
+/// `copy_mode` becomes ready and completes; fio then verifies what it wrote
+/// through the pivot, and after unmount the new top equals what `active`
+/// showed.
+fn fio_through_ready_and_complete(copy_mode: &str) {
+    if !require_all(&["fio"]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let m = mount_default(&five.top(), five.dir.path());
+    command(
+        &m,
+        &format!("commit top=active base=file-B.img id=f copy-mode={copy_mode}"),
+    )
+    .unwrap();
+    let active = m.path("active");
+    let target = format!("--filename={}", s(&active));
+    let fio = std::thread::spawn(move || {
+        common::run_any(
+            "fio",
+            &[
+                "--name=verify",
+                &target,
+                "--rw=randwrite",
+                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
+                "--numjobs=4",
+                "--size=12M",
+                "--offset_increment=16M",
+                "--ioengine=psync",
+                "--direct=1",
+                "--rate=3m",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--randrepeat=0",
+                "--group_reporting",
+                "--verify_state_save=0",
+            ],
+        )
+    });
+    let job = wait_ready(&m, "f");
+    assert_eq!(job["status"], "ready", "{job}");
+    command(&m, "complete id=f").unwrap();
+    let job = wait_outcome(&m, "f");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(
+        !fio.is_finished(),
+        "fio ended before the pivot: the test raced nothing"
+    );
+    let output = fio.join().unwrap();
+    assert!(
+        output.status.success(),
+        "fio failed across the commit:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(names_in(&m), ["active", "ctl", "file-A.img", "file-B.img"]);
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    common::qemu_img_check(&five.image("file-B.img"));
+    assert!(
+        convert_raw(&five.image("file-B.img")) == shown,
+        "the new top differs from what active showed"
+    );
+}
+
+#[test]
+fn fio_verifies_across_an_active_commit_in_the_background() {
+    fio_through_ready_and_complete("background");
+}
+
+#[test]
+fn fio_verifies_across_an_active_commit_with_blocking_writes() {
+    fio_through_ready_and_complete("write-blocking");
+}

@@ -1,4 +1,5 @@
-//! `kill -9` of the daemon during an active commit — before `ready`, after
+//! The daemon's side of `commit`: `chainfs status --wait` waits through
+//! `ready` for `complete`, and `kill -9` of the daemon during an active commit — before `ready`, after
 //! `ready`, and right after `complete` — while `active` is written: every
 //! image passes `qemu-img check` (leaked clusters allowed), every
 //! acknowledged write reads back from the top after a remount, and the
@@ -14,7 +15,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{chainfs, chainfs_processes, qemu_img, require_fuse, s, wait_until, MountGuard};
+use support::{
+    chainfs, chainfs_bin, chainfs_processes, qemu_img, require_fuse, s, wait_child, wait_until,
+    MountGuard,
+};
 
 const SIZE: usize = 64 << 20;
 
@@ -143,7 +147,7 @@ fn kill_during_an_active_commit(phase: Phase) {
         Phase::AfterReady => assert_eq!(job(&mnt)["status"], "ready"),
         Phase::DuringComplete => command(&mnt, "complete"),
     }
-    drop(write);
+
     drop(active);
     let daemons = chainfs_processes(dir.path());
     assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
@@ -201,4 +205,42 @@ fn a_daemon_killed_after_ready_leaves_consistent_images() {
 #[test]
 fn a_daemon_killed_during_complete_leaves_consistent_images() {
     kill_during_an_active_commit(Phase::DuringComplete);
+}
+
+#[test]
+fn status_wait_waits_through_ready_until_complete() {
+    if !require_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    build(dir.path());
+    let top = dir.path().join("top.qcow2");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = MountGuard(mnt.clone());
+    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    command(&mnt, "commit top=active base=base.qcow2");
+    assert!(
+        wait_until(Duration::from_secs(30), || job(&mnt)["status"] == "ready"),
+        "the commit never became ready"
+    );
+    let mut waiting = Command::new(chainfs_bin())
+        .args(["status", "--wait", s(&mnt)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Still waiting while the job is ready (a second is ample for a poll).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "--wait returned while ready"
+    );
+    command(&mnt, "complete");
+    assert_eq!(
+        wait_child(&mut waiting, Duration::from_secs(30)),
+        Some(Some(0)),
+        "--wait exits 0 once the commit completed"
+    );
+    chainfs(["umount", s(&mnt)]).ok();
 }

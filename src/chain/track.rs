@@ -113,9 +113,9 @@ impl DirtyMap {
             .or_else(|| self.take_in(0, from, max))
     }
 
-    /// Clears and returns the first dirty run that starts in
-    /// `start..end`, at most `max` bytes long, clipped to `end` and
-    /// block-aligned at its start.
+    /// Clears and returns the first dirty run that starts in the blocks
+    /// holding `start..end`, at most `max` bytes long, in whole blocks
+    /// (clipped to the map's size).
     pub fn take_in(&self, start: u64, end: u64, max: u64) -> Option<(u64, u64)> {
         let end = end.min(self.size);
         if start >= end {

@@ -292,9 +292,17 @@ fn copy_extent(
             // run <= CHUNK: it fits in usize.
             buf.resize(run as usize, 0);
             chain.read(plan.top, offset, buf).map_err(|e| ("read", e))?;
-            chain
-                .write(plan.base, offset, buf)
+            // Where the base holds nothing yet, populate allocates whole
+            // runs at once (the fast path stream uses); only a run the base
+            // already holds part of needs the overwriting write.
+            let filled = chain
+                .populate(plan.base, offset, run, Some(buf))
                 .map_err(|e| ("write", e))?;
+            if filled < run {
+                chain
+                    .write(plan.base, offset, buf)
+                    .map_err(|e| ("write", e))?;
+            }
             Ok((run, run))
         }
     }

@@ -446,3 +446,107 @@ fn fio_verifies_across_an_active_commit_in_the_background() {
 fn fio_verifies_across_an_active_commit_with_blocking_writes() {
     fio_through_ready_and_complete("write-blocking");
 }
+
+#[test]
+fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it() {
+    if !require_all(&[]) {
+        return;
+    }
+    // qemu-iotests 040's layout: base and mid write at different offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let qemu_img = |args: &[&str]| common::run_ok_in(Some(dir.path()), "qemu-img", args);
+    qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    let io = |image: &str, commands: &[&str]| {
+        let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
+        common::qemu_io(&at(image), "qcow2", &commands);
+    };
+    io(
+        "base.qcow2",
+        &["write -P 0xab 0 512k", "write -P 0xcd 2M 1M"],
+    );
+    io("mid.qcow2", &["write -P 0xef 512k 512k", "discard 2M 1M"]);
+    let top_before = convert_raw(&at("top.qcow2"));
+    let m = mount_default(&at("top.qcow2"), dir.path());
+    command(&m, "commit top=mid.qcow2 base=base.qcow2 id=c").unwrap();
+    let job = wait_outcome(&m, "c");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(
+        read_all(&m.path("top.qcow2")) == top_before,
+        "the top's view changed"
+    );
+    let base = read_all(&m.path("base.qcow2"));
+    assert!(
+        base[..512 << 10].iter().all(|&b| b == 0xab),
+        "base's own pattern"
+    );
+    assert!(
+        base[512 << 10..1 << 20].iter().all(|&b| b == 0xef),
+        "mid's pattern"
+    );
+    assert!(
+        base[2 << 20..3 << 20].iter().all(|&b| b == 0),
+        "mid's discard"
+    );
+    m.unmount();
+    common::qemu_img_check(&at("base.qcow2"));
+    common::qemu_img_check(&at("top.qcow2"));
+    let chain: Vec<String> = common::qemu_img_info_chain(&at("top.qcow2"))
+        .iter()
+        .map(|n| {
+            n["filename"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(chain, ["top.qcow2", "base.qcow2"]);
+    // Whole clusters became zeros in the base, not written zero bytes.
+    let map = common::qemu_img(&[
+        "map",
+        "-U",
+        "--output=json",
+        common::path_str(&at("base.qcow2")),
+    ]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let at_2m = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap();
+            start <= 2 << 20 && 2 << 20 < start + e["length"].as_u64().unwrap()
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(at_2m["zero"], true, "{map}");
+    assert_eq!(at_2m["data"], false, "{map}");
+    let qemu_base = convert_raw(&at("base.qcow2"));
+    assert!(qemu_base == base, "qemu-img convert of the base differs");
+    assert!(convert_raw(&at("top.qcow2")) == top_before);
+}

@@ -550,3 +550,41 @@ fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it
     assert!(qemu_base == base, "qemu-img convert of the base differs");
     assert!(convert_raw(&at("top.qcow2")) == top_before);
 }
+
+#[test]
+fn complete_is_accepted_in_standby_and_pivots_on_resume() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    command(&m, "commit top=active base=file-D.img id=sb").unwrap();
+    wait_ready(&m, "sb");
+    command(&m, "pause id=sb").unwrap();
+    assert_eq!(status_json(&m)[0]["status"], "standby");
+    command(&m, "complete id=sb").unwrap();
+    assert_eq!(
+        status_json(&m)[0]["status"],
+        "standby",
+        "parked until resumed"
+    );
+    command(&m, "resume id=sb").unwrap();
+    let job = wait_outcome(&m, "sb");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(
+        names_in(&m),
+        [
+            "active",
+            "ctl",
+            "file-A.img",
+            "file-B.img",
+            "file-C.img",
+            "file-D.img"
+        ]
+    );
+    assert!(read_all(&m.path("active")) == model);
+    m.unmount();
+    common::qemu_img_check(&five.image("file-D.img"));
+    assert!(convert_raw(&five.image("file-D.img")) == model);
+}

@@ -22,6 +22,17 @@ pub enum OnError {
     Enospc,
 }
 
+/// How an active commit keeps the base in step once `ready` (QEMU's
+/// `MirrorCopyMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Copy behind the writer.
+    #[default]
+    Background,
+    /// A guest write returns only once it reached the base too.
+    WriteBlocking,
+}
+
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -51,9 +62,20 @@ pub enum Command {
         top: String,
         /// The node receiving the data (default: the bottom of the chain).
         base: Option<String>,
+        /// The backing string to write instead of the base's name.
+        backing_file: Option<String>,
         /// Bytes per second copied; 0 is unlimited.
         speed: u64,
         /// Job id (default: generated).
+        id: Option<String>,
+        /// Error policy.
+        on_error: OnError,
+        /// How an active commit keeps up with writes once ready.
+        copy_mode: CopyMode,
+    },
+    /// `cancel force=on`: aborts even a ready job.
+    ForceCancel {
+        /// The job (may be left out when only one exists).
         id: Option<String>,
     },
     /// A verb on an existing job (`cancel`, `pause`, `resume`, `complete`,
@@ -120,8 +142,29 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         "commit" => Command::Commit {
             top: args.required("top")?,
             base: args.take("base"),
+            backing_file: args.take("backing-file"),
             speed: args.rate("speed")?,
             id: args.take("id"),
+            on_error: args.on_error()?,
+            copy_mode: match args.take("copy-mode").as_deref() {
+                None | Some("background") => CopyMode::Background,
+                Some("write-blocking") => CopyMode::WriteBlocking,
+                Some(other) => {
+                    return Err(error(format!(
+                        "copy-mode={other:?}: expected background or write-blocking"
+                    )))
+                }
+            },
+        },
+        "cancel" => match args.take("force").as_deref() {
+            None | Some("off") => Command::Control {
+                verb: super::state::Verb::Cancel,
+                id: args.take("id"),
+            },
+            Some("on") => Command::ForceCancel {
+                id: args.take("id"),
+            },
+            Some(other) => return Err(error(format!("force={other:?}: expected on or off"))),
         },
         "set-speed" => Command::SetSpeed {
             id: args.take("id"),
@@ -345,6 +388,8 @@ mod tests {
             ("snapshot", "needs file"),
             ("snapshot file=x format=raw", "only qcow2"),
             ("commit", "needs top"),
+            ("commit top=a copy-mode=fast", "copy-mode"),
+            ("cancel force=yes", "force"),
             ("set-speed", "needs speed"),
             ("stream base=\"open", "unterminated"),
             ("stream\nstream", "one line"),
@@ -352,6 +397,36 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(err.0.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn commit_takes_every_option_and_cancel_may_force() {
+        assert_eq!(
+            parse("commit top=active base=file-B.img speed=1M id=c on-error=enospc copy-mode=write-blocking")
+                .unwrap(),
+            Command::Commit {
+                top: "active".into(),
+                base: Some("file-B.img".into()),
+                backing_file: None,
+                speed: 1 << 20,
+                id: Some("c".into()),
+                on_error: OnError::Enospc,
+                copy_mode: CopyMode::WriteBlocking,
+            }
+        );
+        assert_eq!(
+            parse("cancel id=c force=on").unwrap(),
+            Command::ForceCancel {
+                id: Some("c".into())
+            }
+        );
+        assert_eq!(
+            parse("cancel force=off").unwrap(),
+            Command::Control {
+                verb: Verb::Cancel,
+                id: None
+            }
+        );
     }
 
     #[test]

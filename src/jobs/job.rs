@@ -108,6 +108,10 @@ pub struct JobInfo {
     pub error: Option<String>,
     /// How the job ended, once concluded.
     pub outcome: Option<Outcome>,
+    /// Whether the job has been `ready` (QEMU's `ready` field).
+    pub ready: bool,
+    /// Bytes still to copy, for jobs that track writes (active commit).
+    pub remaining: Option<u64>,
 }
 
 /// How many seconds of progress the measured rate looks back over.
@@ -128,6 +132,14 @@ struct State {
     outcome: Option<Outcome>,
     /// (instant, offset) samples for the measured rate.
     samples: VecDeque<(Instant, u64)>,
+    /// Reached `ready` once.
+    ready: bool,
+    /// Bytes still to copy (jobs that track writes).
+    remaining: Option<u64>,
+    /// `complete` was accepted.
+    complete_requested: bool,
+    /// `cancel force=on`: abort even a ready job.
+    cancel_forced: bool,
 }
 
 /// A block job.
@@ -189,6 +201,10 @@ impl Job {
                 error: None,
                 outcome: None,
                 samples: VecDeque::from([(now, 0)]),
+                ready: false,
+                remaining: None,
+                complete_requested: false,
+                cancel_forced: false,
             }),
             wake: Condvar::new(),
             events,
@@ -229,6 +245,8 @@ impl Job {
             eta_seconds,
             error: state.error.clone(),
             outcome: state.outcome,
+            ready: state.ready,
+            remaining: state.remaining,
         }
     }
 
@@ -295,6 +313,66 @@ impl Job {
         state.cancel_requested = true;
         self.wake.notify_all();
         Ok(())
+    }
+
+    /// Asks the job to stop even if it is ready (`cancel force=on`): it
+    /// concludes as cancelled, without finishing its copy.
+    pub fn force_cancel(&self) -> Result<(), VerbRefused> {
+        let mut state = lock(&self.state);
+        self.check_verb(&state, Verb::Cancel)?;
+        state.cancel_requested = true;
+        state.cancel_forced = true;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Whether the cancel asked for is `force=on`.
+    pub fn cancel_forced(&self) -> bool {
+        lock(&self.state).cancel_forced
+    }
+
+    /// Asks a ready (or standby) job to complete: the job thread finishes
+    /// its work and changes the chain.
+    pub fn complete(&self) -> Result<(), VerbRefused> {
+        let mut state = lock(&self.state);
+        self.check_verb(&state, Verb::Complete)?;
+        state.complete_requested = true;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Whether `complete` was accepted.
+    pub fn completion_requested(&self) -> bool {
+        lock(&self.state).complete_requested
+    }
+
+    /// Job thread: the copy is in step for the first time; the job moves to
+    /// `ready` and reports `BLOCK_JOB_READY`.
+    pub fn set_ready(&self) {
+        let mut state = lock(&self.state);
+        if state.ready {
+            return;
+        }
+        state.ready = true;
+        self.transition(&mut state, JobStatus::Ready);
+        let data = json!({
+            "type": self.kind.name(),
+            "device": self.node,
+            "id": self.id,
+            "len": state.len,
+            "offset": state.offset,
+            "speed": state.limit.speed(),
+        });
+        self.events.push("BLOCK_JOB_READY", data);
+    }
+
+    /// Job thread, for jobs that track writes: `pending` bytes are about
+    /// to be reported done by [`Job::advance`] and `remaining` more are
+    /// dirty, so `len` grows to cover both, as QEMU's mirror reports it.
+    pub fn set_remaining(&self, pending: u64, remaining: u64) {
+        let mut state = lock(&self.state);
+        state.remaining = Some(remaining);
+        state.len = state.offset + pending + remaining;
     }
 
     /// Changes the speed limit.
@@ -412,6 +490,13 @@ impl Job {
     /// closing states to `concluded` with `outcome`, and reports it.
     pub fn conclude(&self, outcome: Outcome, error: Option<String>) {
         let mut state = lock(&self.state);
+        // A job that ends while paused (cancelled, or soft-cancelled in
+        // standby) first resumes, as QEMU's does.
+        match state.status {
+            JobStatus::Paused => self.transition(&mut state, JobStatus::Running),
+            JobStatus::Standby => self.transition(&mut state, JobStatus::Ready),
+            _ => {}
+        }
         if outcome == Outcome::Completed {
             self.transition(&mut state, JobStatus::Waiting);
             self.transition(&mut state, JobStatus::Pending);

@@ -5,7 +5,7 @@
 //! jobs running ([`registry`]), and either refused — with one errno, a
 //! `COMMAND_REJECTED` event and a last line in `ctl/status` — or accepted,
 //! in which case a started job is listed before the write returns. Jobs run
-//! on their own threads ([`job`], [`stream`]) and replace the chain when
+//! on their own threads ([`job`], [`stream`], `commit`) and replace the chain when
 //! they change its shape; callers therefore take a snapshot of it per
 //! request with [`Jobs::chain`] and never keep node lists of their own.
 //!
@@ -13,6 +13,7 @@
 //! here.
 
 pub mod command;
+mod commit;
 mod error;
 pub mod events;
 pub mod job;
@@ -89,6 +90,12 @@ impl Jobs {
     /// or command makes (the mount uses it to invalidate kernel caches).
     pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
         self.live.watch(watcher);
+    }
+
+    /// Held by every guest write for its whole length, so that a pivot
+    /// never happens in the middle of one (see [`LiveChain::drain`]).
+    pub fn write_gate(&self) -> crate::sync::RwLockReadGuard<'_, ()> {
+        self.live.write_gate()
     }
 
     /// Makes the mount read-only from now on (a mount asked to be

@@ -13,11 +13,12 @@ use std::thread::JoinHandle;
 use serde_json::json;
 
 use super::command::{Command, OnError};
+use super::commit;
 use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, VerbRefused};
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
 use crate::chain::{Chain, ChainError, NodeId};
-use crate::sync::{lock, read, write, Arc, Mutex, RwLock};
+use crate::sync::{lock, read, write, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// How many concluded jobs stay listed (oldest dropped first) when nobody
 /// dismisses them.
@@ -74,6 +75,9 @@ pub struct LiveChain {
     chain: RwLock<Arc<Chain>>,
     events: Arc<dyn EventSink>,
     watchers: Mutex<Vec<ChainWatcher>>,
+    /// Held shared by every guest write for its whole length; a job takes
+    /// it alone to drain writes before a pivot (see [`LiveChain::drain`]).
+    gate: RwLock<()>,
 }
 
 impl LiveChain {
@@ -83,7 +87,20 @@ impl LiveChain {
             chain: RwLock::new(Arc::new(chain)),
             events,
             watchers: Mutex::new(Vec::new()),
+            gate: RwLock::new(()),
         }
+    }
+
+    /// Taken by a guest write before it picks its target node and held
+    /// until it returns, so a pivot never happens in the middle of one.
+    pub fn write_gate(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.gate)
+    }
+
+    /// Waits for the guest writes in progress and holds new ones back
+    /// until the guard is dropped (an active commit's last copy and pivot).
+    pub fn drain(&self) -> RwLockWriteGuard<'_, ()> {
+        write(&self.gate)
     }
 
     /// Calls `watcher` after every change of the chain (outside the chain's
@@ -104,11 +121,15 @@ impl LiveChain {
         change: &dyn Fn(&Chain) -> Result<Chain, ChainError>,
     ) -> Result<(), ChainError> {
         let mut current = write(&self.chain);
-        let next = change(&current)?;
+        // Hidden nodes are out of the mount; the names before the change
+        // are taken first because hiding a node is seen by every version.
         let names = |chain: &Chain| -> Vec<String> {
-            chain.nodes().iter().map(|n| n.name().to_string()).collect()
+            let shown = chain.nodes().iter().filter(|n| !n.hidden());
+            shown.map(|n| n.name().to_string()).collect()
         };
-        let (old, new) = (names(&current), names(&next));
+        let old = names(&current);
+        let next = change(&current)?;
+        let new = names(&next);
         let left: Vec<&String> = old.iter().filter(|n| !new.contains(n)).collect();
         let added: Vec<&String> = new.iter().filter(|n| !old.contains(n)).collect();
         self.events.push(
@@ -175,7 +196,25 @@ impl Registry {
                 on_error,
             } => self.start_stream(node, base, backing_file, speed, id, on_error),
             Command::Snapshot { file } => self.snapshot(Path::new(&file)),
-            Command::Commit { .. } => Err(Refusal::Invalid("commit is not implemented yet".into())),
+            Command::Commit {
+                top,
+                base,
+                backing_file,
+                speed,
+                id,
+                on_error,
+                copy_mode,
+            } => {
+                let request = commit::Request {
+                    top,
+                    base,
+                    backing_file,
+                    on_error,
+                    copy_mode,
+                };
+                commit::start(self, request, speed, id)
+            }
+            Command::ForceCancel { id } => Ok(self.find_job(id.as_deref())?.force_cancel()?),
             Command::SetSpeed { id, speed } => {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
             }
@@ -190,15 +229,7 @@ impl Registry {
             Verb::Pause => job.pause()?,
             Verb::Resume => job.resume()?,
             Verb::SetSpeed => return Err(Refusal::Invalid("set-speed needs speed=RATE".into())),
-            Verb::Complete => {
-                // Only an active commit reaches `ready`; the verb table
-                // refuses `complete` in every other state.
-                return Err(Refusal::Busy(format!(
-                    "job {} in state {} cannot accept complete",
-                    job.id(),
-                    job.status()
-                )));
-            }
+            Verb::Complete => job.complete()?,
             Verb::Dismiss => {
                 job.check_dismiss()?;
                 job.dismiss();
@@ -284,6 +315,26 @@ impl Registry {
         Ok(())
     }
 
+    /// Lists a new job, runs `setup` for it before the command returns,
+    /// then `body` with what `setup` gave on a thread of its own.
+    pub(super) fn spawn<T: Send + 'static>(
+        &self,
+        spec: JobSpec,
+        id: Option<String>,
+        setup: impl FnOnce(&LiveChain) -> T,
+        body: impl FnOnce(&Job, &LiveChain, T) + Send + 'static,
+    ) -> Result<(), Refusal> {
+        let job = self.register(spec, id)?;
+        let live = Arc::clone(&self.live);
+        let prepared = setup(&live);
+        let thread = std::thread::Builder::new()
+            .name(format!("job-{}", job.id()))
+            .spawn(move || body(&job, &live, prepared))
+            .map_err(|err| Refusal::Busy(format!("cannot start a job thread: {err}")))?;
+        lock(&self.threads).push(thread);
+        Ok(())
+    }
+
     /// Lists a new job under `id` (or a generated one) if it conflicts with
     /// no live job.
     fn register(&self, mut spec: JobSpec, id: Option<String>) -> Result<Arc<Job>, Refusal> {
@@ -351,7 +402,7 @@ impl Registry {
 }
 
 /// The node a command names.
-fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
+pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
     chain
         .find(name)
         .map(|node| node.id())

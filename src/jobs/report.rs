@@ -33,7 +33,8 @@ pub fn status_json(jobs: &[JobInfo]) -> String {
 }
 
 /// `ctl/chain`: the chain base first on one line, then one line per node
-/// with its path, format, virtual size and backing string.
+/// with its path, format, virtual size and backing string, and `hidden`
+/// for a node a commit took out of the mount.
 ///
 /// ```text
 /// file-A.img <- file-B.img
@@ -62,6 +63,9 @@ pub fn chain_text(chain: &Chain) -> String {
                 }
             }
             None => text.push_str(" backing=none"),
+        }
+        if node.hidden() {
+            text.push_str(" hidden");
         }
         text.push('\n');
     }
@@ -119,7 +123,11 @@ pub fn job_json(job: &JobInfo) -> Value {
         "status": job.status.name(),
         "rate": job.rate.round() as u64,
         "eta_seconds": job.eta_seconds.map(|s| s.ceil() as u64),
+        "ready": job.ready,
     });
+    if let Some(remaining) = job.remaining {
+        value["remaining"] = json!(remaining);
+    }
     if let Some(error) = &job.error {
         value["error"] = json!(error);
     }
@@ -168,6 +176,8 @@ mod tests {
             eta_seconds: Some(6.0),
             error: None,
             outcome: None,
+            ready: false,
+            remaining: None,
         }
     }
 

@@ -131,7 +131,7 @@ fn copy_all(job: &Job, chain: &Chain, plan: &StreamPlan) -> Result<(), Stop> {
 
 /// Applies `on-error` to a failed chunk: `Ok(true)` to skip it, `Ok(false)`
 /// to retry it (after a pause), `Err` when the job must stop.
-fn handle_error(
+pub(super) fn handle_error(
     job: &Job,
     policy: OnError,
     operation: &str,

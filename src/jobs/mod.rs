@@ -21,6 +21,7 @@ pub mod registry;
 pub mod report;
 pub mod state;
 pub mod stream;
+pub mod target;
 
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
 pub use crate::format::Format;
@@ -89,6 +90,12 @@ impl Jobs {
     /// or command makes (the mount uses it to invalidate kernel caches).
     pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
         self.live.watch(watcher);
+    }
+
+    /// Tells the jobs where the chain is mounted (its canonical mount point
+    /// and device), so that no command creates a file inside it.
+    pub fn set_mount(&self, mount: target::MountSpot) {
+        self.registry.set_mount(mount);
     }
 
     /// Makes the mount read-only from now on (a mount asked to be
@@ -196,8 +203,11 @@ impl Jobs {
                 "reason": reason,
             }),
         );
+        // The reason may hold a path or name with a newline: escaped, it
+        // stays one line.
         *lock(&self.last_rejection) = Some(format!(
-            "Last command rejected: {command:?}: {reason} ({errno})"
+            "Last command rejected: {command:?}: {} ({errno})",
+            report::escape(reason)
         ));
     }
 }

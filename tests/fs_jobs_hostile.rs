@@ -8,6 +8,7 @@
 mod common;
 mod fs_common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -18,9 +19,12 @@ use fs_common::*;
 const HANG: Duration = Duration::from_secs(30);
 
 /// Writes `text` to `ctl/command` on a thread and waits at most [`HANG`].
-/// On a hang the mount is detached and leaked (its serving thread is stuck
-/// and could never be joined) and the test fails.
+/// On a hang the FUSE connection is aborted (so the blocked writer returns
+/// and the test process can exit), the mount detached and leaked (its
+/// serving thread is stuck and could never be joined), and the test fails.
 fn bounded_command(m: Mounted, text: &str) -> (Mounted, Result<(), i32>) {
+    // Taken before the command: a hung daemon may not answer a stat.
+    let device = std::fs::metadata(&m.mnt).unwrap().dev();
     let (sender, receiver) = mpsc::channel();
     let (mnt, owned) = (m.mnt.clone(), text.to_string());
     std::thread::spawn(move || {
@@ -29,12 +33,28 @@ fn bounded_command(m: Mounted, text: &str) -> (Mounted, Result<(), i32>) {
     match receiver.recv_timeout(HANG) {
         Ok(result) => (m, result),
         Err(_) => {
+            abort_connection(device);
             let _ = std::process::Command::new("umount")
                 .args(["-l", s(&m.mnt)])
                 .status();
             std::mem::forget(m);
             panic!("{text:?} did not return within {HANG:?}: the daemon hangs");
         }
+    }
+}
+
+/// Aborts the FUSE connection of the mount whose files have `device`
+/// through the fusectl file system (mounted if it is not).
+fn abort_connection(device: u64) {
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let abort = connections.join(format!("{}/abort", libc::minor(device)));
+    if !abort.exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none", s(connections)])
+            .status();
+    }
+    if let Err(error) = std::fs::write(&abort, "1") {
+        eprintln!("cannot abort the hung mount ({}): {error}", abort.display());
     }
 }
 

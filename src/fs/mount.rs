@@ -315,3 +315,16 @@ fn mountpoint_error(path: &Path, reason: String, errno: Option<i32>) -> FsError 
         errno: errno.unwrap_or(libc::EINVAL),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_escaped_as_the_mount_table_writes_them() {
+        assert_eq!(
+            mountinfo_escaped(Path::new("/a b\tc\nd\\é")),
+            b"/a\\040b\\011c\\012d\\134\xc3\xa9"
+        );
+    }
+}

@@ -131,7 +131,14 @@ fn wait_concluded(jobs: &Jobs) -> serde_json::Value {
 
 #[test]
 fn a_stream_with_nothing_below_ends_with_done_equal_to_total() {
-    let (_dir, jobs) = raw_jobs(false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alone.qcow2");
+    crate::chain::create_image(&path, 1 << 20, 64 << 10, None).unwrap();
+    let options = ChainOptions {
+        writable: true,
+        ..ChainOptions::default()
+    };
+    let jobs = Jobs::new(Chain::open(&path, &options).unwrap(), false);
     jobs.command("stream id=s1\n").unwrap();
     let status = wait_concluded(&jobs);
     assert_eq!(status[0]["outcome"], "completed", "{status}");

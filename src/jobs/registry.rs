@@ -288,7 +288,12 @@ impl Registry {
             .name(format!("job-{}", job.id()))
             .spawn(move || {
                 let change = |f: &dyn Fn(&Chain) -> Result<Chain, ChainError>| live.change(f);
-                stream::run(&runner, chain, &plan, &change);
+                let run = || stream::run(&runner, chain, &plan, &change);
+                // A job whose thread died must still conclude, or `pause`
+                // and unmount would wait for it for ever.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    runner.conclude(Outcome::Failed, Some("the job thread panicked".into()));
+                }
             })
             .map_err(|err| {
                 let reason = format!("cannot start a job thread: {err}");

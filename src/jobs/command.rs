@@ -3,9 +3,18 @@
 //!
 //! Words are separated by spaces; a value in double quotes may hold spaces
 //! (`\"` and `\\` escape inside quotes); a trailing newline is ignored.
+//! A command is at most [`MAX_COMMAND_BYTES`] long and a job id at most
+//! [`MAX_ID_BYTES`] (SPEC §4): ids are repeated in every event and status
+//! line, so their size is bounded; a longer one is refused as a whole.
 
 use std::collections::HashMap;
 use std::fmt;
+
+/// The longest command accepted, in bytes, its trailing newline included.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
+/// The longest job id accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// What `stream` does when an I/O error stops a chunk (QEMU's
 /// `BlockdevOnError`).
@@ -113,6 +122,12 @@ fn error(message: impl Into<String>) -> ParseError {
 
 /// Parses one command.
 pub fn parse(text: &str) -> Result<Command, ParseError> {
+    if text.len() > MAX_COMMAND_BYTES {
+        return Err(error(format!(
+            "a command is at most {MAX_COMMAND_BYTES} bytes; this one is {}",
+            text.len()
+        )));
+    }
     let text = text.strip_suffix('\n').unwrap_or(text);
     let words = split_words(text)?;
     let Some((verb, args)) = words.split_first() else {
@@ -125,7 +140,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
             base: args.take("base"),
             backing_file: args.take("backing-file"),
             speed: args.rate("speed")?,
-            id: args.take("id"),
+            id: args.id()?,
             on_error: args.on_error()?,
         },
         "snapshot" => {
@@ -144,7 +159,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
             base: args.take("base"),
             backing_file: args.take("backing-file"),
             speed: args.rate("speed")?,
-            id: args.take("id"),
+            id: args.id()?,
             on_error: args.on_error()?,
             copy_mode: match args.take("copy-mode").as_deref() {
                 None | Some("background") => CopyMode::Background,
@@ -159,15 +174,13 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         "cancel" => match args.take("force").as_deref() {
             None | Some("off") => Command::Control {
                 verb: super::state::Verb::Cancel,
-                id: args.take("id"),
+                id: args.id()?,
             },
-            Some("on") => Command::ForceCancel {
-                id: args.take("id"),
-            },
+            Some("on") => Command::ForceCancel { id: args.id()? },
             Some(other) => return Err(error(format!("force={other:?}: expected on or off"))),
         },
         "set-speed" => Command::SetSpeed {
-            id: args.take("id"),
+            id: args.id()?,
             speed: match args.take("speed") {
                 Some(rate) => parse_rate(&rate)?,
                 None => return Err(error("set-speed needs speed=RATE")),
@@ -175,7 +188,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         },
         other => Command::Control {
             verb: control_verb(other)?,
-            id: args.take("id"),
+            id: args.id()?,
         },
     };
     args.finish()?;
@@ -219,6 +232,18 @@ impl Args {
 
     fn take(&mut self, key: &str) -> Option<String> {
         self.values.remove(key)
+    }
+
+    /// The optional `id=`, at most [`MAX_ID_BYTES`] long.
+    fn id(&mut self) -> Result<Option<String>, ParseError> {
+        match self.take("id") {
+            Some(id) if id.len() > MAX_ID_BYTES => Err(error(format!(
+                "{}: a job id is at most {MAX_ID_BYTES} bytes; this one is {}",
+                self.verb,
+                id.len()
+            ))),
+            id => Ok(id),
+        }
     }
 
     fn required(&mut self, key: &str) -> Result<String, ParseError> {
@@ -427,6 +452,27 @@ mod tests {
                 id: None
             }
         );
+    }
+
+    #[test]
+    fn ids_over_128_bytes_and_commands_over_4_kib_are_refused_whole() {
+        let longest = "i".repeat(MAX_ID_BYTES);
+        for verb in [
+            "stream",
+            "pause",
+            "cancel",
+            "set-speed speed=1",
+            "commit top=a",
+        ] {
+            let text = format!("{verb} id={longest}");
+            assert!(parse(&text).is_ok(), "{text}");
+            let err = parse(&format!("{text}i")).unwrap_err();
+            assert!(err.0.contains("at most 128 bytes"), "{verb}: {err}");
+        }
+        let path = "p".repeat(MAX_COMMAND_BYTES - "snapshot file=\n".len());
+        assert!(parse(&format!("snapshot file={path}\n")).is_ok());
+        let err = parse(&format!("snapshot file={path}p\n")).unwrap_err();
+        assert!(err.0.contains("at most 4096 bytes"), "{err}");
     }
 
     #[test]

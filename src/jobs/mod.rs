@@ -22,6 +22,7 @@ pub mod registry;
 pub mod report;
 pub mod state;
 pub mod stream;
+pub mod target;
 
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
 pub use crate::format::Format;
@@ -96,6 +97,12 @@ impl Jobs {
     /// never happens in the middle of one (see [`LiveChain::drain`]).
     pub fn write_gate(&self) -> crate::sync::RwLockReadGuard<'_, ()> {
         self.live.write_gate()
+    }
+
+    /// Tells the jobs where the chain is mounted (its canonical mount point
+    /// and device), so that no command creates a file inside it.
+    pub fn set_mount(&self, mount: target::MountSpot) {
+        self.registry.set_mount(mount);
     }
 
     /// Makes the mount read-only from now on (a mount asked to be
@@ -203,8 +210,11 @@ impl Jobs {
                 "reason": reason,
             }),
         );
+        // The reason may hold a path or name with a newline: escaped, it
+        // stays one line.
         *lock(&self.last_rejection) = Some(format!(
-            "Last command rejected: {command:?}: {reason} ({errno})"
+            "Last command rejected: {command:?}: {} ({errno})",
+            report::escape(reason)
         ));
     }
 }

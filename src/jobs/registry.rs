@@ -14,9 +14,10 @@ use serde_json::json;
 
 use super::command::{Command, OnError};
 use super::commit;
-use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, VerbRefused};
+use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome, VerbRefused};
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
+use super::target::{self, MountSpot};
 use crate::chain::{Chain, ChainError, NodeId};
 use crate::sync::{lock, read, write, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -159,6 +160,8 @@ pub struct Registry {
     jobs: Mutex<Vec<Arc<Job>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
+    /// Where the chain is mounted, once it is (targets must be outside).
+    mount: Mutex<Option<MountSpot>>,
 }
 
 impl Registry {
@@ -170,7 +173,14 @@ impl Registry {
             jobs: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
+            mount: Mutex::new(None),
         }
+    }
+
+    /// Tells the registry where the chain is mounted: no command may put a
+    /// file there.
+    pub fn set_mount(&self, mount: MountSpot) {
+        *lock(&self.mount) = Some(mount);
     }
 
     /// The chain now.
@@ -302,17 +312,15 @@ impl Registry {
             len: target.virtual_size(),
             speed,
         };
-        let job = self.register(spec, id)?;
-        let live = Arc::clone(&self.live);
-        let thread = std::thread::Builder::new()
-            .name(format!("job-{}", job.id()))
-            .spawn(move || {
+        self.spawn(
+            spec,
+            id,
+            |_| (),
+            move |job, live, ()| {
                 let change = |f: &dyn Fn(&Chain) -> Result<Chain, ChainError>| live.change(f);
-                stream::run(&job, chain, &plan, &change);
-            })
-            .map_err(|err| Refusal::Busy(format!("cannot start a job thread: {err}")))?;
-        lock(&self.threads).push(thread);
-        Ok(())
+                stream::run(job, chain, &plan, &change);
+            },
+        )
     }
 
     /// Lists a new job, runs `setup` for it before the command returns,
@@ -327,10 +335,24 @@ impl Registry {
         let job = self.register(spec, id)?;
         let live = Arc::clone(&self.live);
         let prepared = setup(&live);
+        let runner = Arc::clone(&job);
         let thread = std::thread::Builder::new()
             .name(format!("job-{}", job.id()))
-            .spawn(move || body(&job, &live, prepared))
-            .map_err(|err| Refusal::Busy(format!("cannot start a job thread: {err}")))?;
+            .spawn(move || {
+                let run = || body(&runner, &live, prepared);
+                // A job whose thread died must still conclude, or `pause`
+                // and unmount would wait for it for ever.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    runner.conclude(Outcome::Failed, Some("the job thread panicked".into()));
+                }
+            })
+            .map_err(|err| {
+                let reason = format!("cannot start a job thread: {err}");
+                // A job no thread runs must not stay live for ever: verbs
+                // on it would wait for a thread that never comes.
+                job.conclude(Outcome::Failed, Some(reason.clone()));
+                Refusal::Busy(reason)
+            })?;
         lock(&self.threads).push(thread);
         Ok(())
     }
@@ -372,6 +394,10 @@ impl Registry {
         if file.as_os_str().is_empty() {
             return Err(Refusal::Invalid("snapshot needs a file name".into()));
         }
+        // Placed before any lock is taken: a target in the mount would
+        // have the daemon wait for itself.
+        let mount = lock(&self.mount).clone();
+        let file = &target::place(file, &self.chain(), mount.as_ref())?;
         if std::fs::symlink_metadata(file).is_ok() {
             return Err(Refusal::Exists(format!("{} exists", file.display())));
         }
@@ -389,8 +415,9 @@ impl Registry {
     /// Cancels every live job and waits for their threads (at unmount).
     pub fn shutdown(&self) {
         for job in lock(&self.jobs).iter() {
+            // Cancel wakes a parked thread and ends a speed-limit sleep;
+            // a job it refuses (aborting, concluded) is already ending.
             let _ = job.cancel();
-            let _ = job.resume();
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
         for thread in threads {

@@ -345,10 +345,15 @@ pub fn s(path: &Path) -> &str {
 
 /// Writes one command to `ctl/command`; returns the errno of a refusal.
 pub fn command(m: &Mounted, text: &str) -> Result<(), i32> {
+    command_at(&m.mnt, text)
+}
+
+/// [`command`] by mount point, for a thread that cannot borrow the mount.
+pub fn command_at(mnt: &Path, text: &str) -> Result<(), i32> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .open(m.path("ctl/command"))
+        .open(mnt.join("ctl/command"))
         .unwrap();
     file.write_all(text.as_bytes())
         .map_err(|e| e.raw_os_error().unwrap_or(-1))

@@ -22,8 +22,8 @@ pub mod report;
 pub mod state;
 pub mod stream;
 
+pub use crate::chain::Format;
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
-pub use crate::format::Format;
 pub use error::JobError;
 pub use events::EventLog;
 

@@ -372,9 +372,4 @@ impl Allocator {
         }
         Ok(())
     }
-
-    /// Forgets cached refcount blocks (after an external change of refcounts).
-    pub fn clear_cache(&mut self) {
-        self.refblocks.clear();
-    }
 }

@@ -23,11 +23,6 @@ use super::MAGIC;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
-pub use validate::{
-    MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_L1_BYTES, MAX_L1_ENTRIES, MAX_REFTABLE_BYTES,
-    MAX_SNAPSHOTS, MIN_SNAPSHOT_ENTRY_LEN,
-};
-
 /// Length of a version 2 header, and of the part common to both versions.
 pub const V2_HEADER_LEN: u32 = 72;
 /// Smallest valid version 3 header.

@@ -13,18 +13,18 @@
 //! exclusively only to apply deferred frees, which guarantees that no request
 //! still uses a mapping to a cluster about to become reusable.
 
-pub mod alloc;
-pub mod bitmaps;
-pub mod cache;
-pub mod compress;
-pub mod create;
-pub mod features;
-pub mod header;
-pub mod l2;
-pub mod refcount;
-pub mod repair;
-pub mod snapshots;
-pub mod types;
+pub(super) mod alloc;
+pub(super) mod bitmaps;
+pub(super) mod cache;
+pub(super) mod compress;
+pub(super) mod create;
+pub(super) mod features;
+pub(super) mod header;
+pub(super) mod l2;
+pub(super) mod refcount;
+pub(super) mod repair;
+pub(super) mod snapshots;
+pub(super) mod types;
 
 mod meta;
 mod populate;

@@ -110,7 +110,7 @@ impl Extension {
     }
 
     /// The extension's bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(EXTENSION_SIZE);
         out.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
         out.extend_from_slice(&0u32.to_be_bytes());

@@ -6,6 +6,7 @@ use std::process::Command;
 
 use proptest::prelude::*;
 
+use super::encode::{compress, encode_descriptor};
 use super::*;
 
 /// Whether `tool` can run; without it the QEMU tests are skipped, except

@@ -472,7 +472,9 @@ fn a_reference_past_the_end_of_the_file_refuses_the_repair_and_changes_nothing()
     std::fs::write(&dirty.image, &bytes).unwrap();
     let storage = Arc::new(FileStorage::open(&dirty.image, true).unwrap());
     match open_storage(storage, true) {
-        Err(FormatError::Malformed { what }) => assert!(what.contains("past the end"), "{what}"),
+        Err(err @ FormatError::Malformed { .. }) => {
+            assert!(err.to_string().contains("past the end"), "{err}")
+        }
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a hostile dirty image was opened writable"),
     }

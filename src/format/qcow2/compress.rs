@@ -100,7 +100,12 @@ fn inflate(input: &[u8], output: &mut [u8]) -> Result<()> {
     let mut inflater = Decompress::new(false);
     let status = inflater
         .decompress(input, output, FlushDecompress::Finish)
-        .map_err(|err| FormatError::malformed(format!("corrupt deflate stream: {err}")))?;
+        .map_err(|err| {
+            FormatError::malformed(
+                "compressed cluster",
+                format!("corrupt deflate stream: {err}"),
+            )
+        })?;
     let produced = inflater.total_out();
     if produced == output.len() as u64 {
         return Ok(());
@@ -109,18 +114,22 @@ fn inflate(input: &[u8], output: &mut [u8]) -> Result<()> {
         Status::StreamEnd => "the deflate stream ended",
         Status::Ok | Status::BufError => "the compressed data ran out",
     };
-    Err(FormatError::malformed(format!(
-        "{why} after {produced} of {} bytes of a compressed cluster",
-        output.len()
-    )))
+    Err(FormatError::malformed(
+        "compressed cluster",
+        format!(
+            "{why} after {produced} of {} bytes of a compressed cluster",
+            output.len()
+        ),
+    ))
 }
 
 /// A zstd stream of one or more frames, as QEMU's `qcow2_zstd_decompress`:
 /// decode until the output is full; the last frame must end exactly there,
 /// and any bytes after it are ignored.
 fn zstd_decompress(input: &[u8], output: &mut [u8]) -> Result<()> {
-    let corrupt =
-        |err: std::io::Error| FormatError::malformed(format!("corrupt zstd stream: {err}"));
+    let corrupt = |err: std::io::Error| {
+        FormatError::malformed("compressed cluster", format!("corrupt zstd stream: {err}"))
+    };
     let mut decoder = Decoder::new().map_err(corrupt)?;
     // Bound the window (and so the decoder's buffers) by the cluster: one
     // cluster of data never needs more history than itself, and QEMU's
@@ -136,16 +145,20 @@ fn zstd_decompress(input: &[u8], output: &mut [u8]) -> Result<()> {
         let progress_before = input.pos + output.pos();
         remaining_hint = decoder.run(&mut input, &mut output).map_err(corrupt)?;
         if input.pos + output.pos() == progress_before {
-            return Err(FormatError::malformed(format!(
-                "the zstd stream ended after {} of {capacity} bytes of a compressed cluster",
-                output.pos()
-            )));
+            return Err(FormatError::malformed(
+                "compressed cluster",
+                format!(
+                    "the zstd stream ended after {} of {capacity} bytes of a compressed cluster",
+                    output.pos()
+                ),
+            ));
         }
     }
     if remaining_hint != 0 {
-        return Err(FormatError::malformed(format!(
-            "the zstd stream holds more than the {capacity} bytes of a cluster"
-        )));
+        return Err(FormatError::malformed(
+            "compressed cluster",
+            format!("the zstd stream holds more than the {capacity} bytes of a cluster"),
+        ));
     }
     Ok(())
 }

@@ -317,7 +317,7 @@ pub(super) fn check_in_file(offset: u64, len: u64, file_len: u64, what: &str) ->
 }
 
 pub(super) fn malformed(what: impl Into<String>) -> FormatError {
-    FormatError::malformed(what)
+    FormatError::malformed("bitmaps", what)
 }
 
 pub(super) fn be32(buf: &[u8], at: usize) -> u32 {

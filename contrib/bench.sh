@@ -3,7 +3,7 @@
 # reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
 # export), fio, qemu-utils, and a release build of chainfs.
 #
-#   contrib/bench.sh [reads|stream|all]      SIZE=1G RUNTIME=10 by default
+#   contrib/bench.sh [reads|stream|commit|all]   SIZE=1G RUNTIME=10 RUNS=3 by default
 #
 # reads:  sequential 1 MiB and random 4 KiB reads (fio, 1 and 4 jobs,
 #         O_DIRECT) through a node file, against qemu-storage-daemon's FUSE
@@ -12,6 +12,10 @@
 #         into the top: chainfs's `stream` against qemu-storage-daemon's
 #         block-stream over QMP; fio's random 4 KiB write IOPS on the active
 #         layer while each stream runs.
+# commit: the same four-deep chain: an intermediate commit (l2 and l1 into
+#         the base, l2's child rebacked) and an active commit (everything
+#         into the base, ready, then complete/job-complete), chainfs's
+#         `commit` against qemu-storage-daemon's block-commit; RUNS runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -190,9 +194,104 @@ bench_stream() {
     echo "  4K write IOPS on the active layer during the stream (fio, ${RUNTIME}s; chainfs through its FUSE file, qsd through NBD): $(cat "$work/c.iops") | $(cat "$work/q.iops") | $(ratio "$(cat "$work/c.iops")" "$(cat "$work/q.iops")")"
 }
 
+# chainfs_job MNT COMMAND [complete]: runs COMMAND, completes the job once
+# it is ready if asked, and prints the seconds until it concluded (status
+# polled every 10 ms, as qsd's is timed by its events).
+chainfs_job() {
+    local mnt=$1 text=$2 complete=${3:-} start end
+    start=$(date +%s.%N)
+    echo "$text" > "$mnt/ctl/command"
+    if [ -n "$complete" ]; then
+        until grep -q '"status": "ready"' "$mnt/ctl/status.json"; do sleep 0.01; done
+        echo complete > "$mnt/ctl/command"
+    fi
+    until grep -q '"outcome"' "$mnt/ctl/status.json"; do sleep 0.01; done
+    end=$(date +%s.%N)
+    grep -q '"outcome": "completed"' "$mnt/ctl/status.json"
+    awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
+}
+
+# qsd_commit SOCKET ARGS [complete]: block-commit with ARGS (JSON members),
+# job-complete on BLOCK_JOB_READY if asked; prints the seconds until
+# BLOCK_JOB_COMPLETED.
+qsd_commit() {
+    python3 - "$@" <<'PY'
+import json, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+def send(cmd):
+    f.write(json.dumps(cmd) + "\n"); f.flush()
+json.loads(f.readline())
+send({"execute": "qmp_capabilities"})
+start = time.time()
+send({"execute": "block-commit", "arguments": json.loads("{" + sys.argv[2] + "}")})
+while True:
+    msg = json.loads(f.readline())
+    if "error" in msg:
+        sys.exit("QMP error: %s" % msg["error"])
+    event = msg.get("event")
+    if event == "BLOCK_JOB_READY" and len(sys.argv) > 3:
+        send({"execute": "job-complete", "arguments": {"id": "c"}})
+    elif event == "BLOCK_JOB_COMPLETED":
+        if msg.get("data", {}).get("error"):
+            sys.exit("job failed: %s" % msg["data"]["error"])
+        print("%.3f" % (time.time() - start))
+        break
+PY
+}
+
+# start_qsd_chain DIR: qemu-storage-daemon with the four-deep chain of DIR
+# as named nodes base <- l1 <- l2 <- top.
+start_qsd_chain() {
+    local dir=$1 prev= args=()
+    for node in base l1 l2 top; do
+        local spec="driver=qcow2,node-name=$node,file.driver=file,file.filename=$dir/$node.qcow2"
+        if [ -n "$prev" ]; then spec="$spec,backing=$prev"; fi
+        args+=(--blockdev "$spec")
+        prev=$node
+    done
+    start_qsd "$work/qmp.sock" "${args[@]}"
+}
+
+bench_commit() {
+    local runs=${RUNS:-3} run kind c q c_sum=0 q_sum=0
+    echo "commit of a four-deep $SIZE chain (each layer a disjoint quarter): chainfs | qemu-storage-daemon | ratio (qsd/chainfs: >1 means chainfs is faster)"
+    for kind in intermediate active; do
+        c_sum=0; q_sum=0
+        for run in $(seq "$runs"); do
+            rm -rf "$work/c" "$work/q"
+            make_quarters "$work/c"
+            make_quarters "$work/q"
+            mkdir -p "$work/mnt"
+            "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+            if [ "$kind" = intermediate ]; then
+                c=$(chainfs_job "$work/mnt" "commit top=l2.qcow2 base=base.qcow2")
+            else
+                c=$(chainfs_job "$work/mnt" "commit top=active base=base.qcow2" complete)
+            fi
+            "$chainfs" umount "$work/mnt"
+            qemu-img check -q "$work/c/base.qcow2"
+            start_qsd_chain "$work/q"
+            if [ "$kind" = intermediate ]; then
+                q=$(qsd_commit "$work/qmp.sock" '"job-id": "c", "device": "top", "top-node": "l2", "base-node": "base"')
+            else
+                q=$(qsd_commit "$work/qmp.sock" '"job-id": "c", "device": "top", "base-node": "base"' complete)
+            fi
+            stop_qsd
+            qemu-img check -q "$work/q/base.qcow2"
+            echo "  $kind, run $run: ${c}s | ${q}s | $(ratio "$q" "$c")"
+            c_sum=$(awk -v a="$c_sum" -v b="$c" 'BEGIN { print a + b }')
+            q_sum=$(awk -v a="$q_sum" -v b="$q" 'BEGIN { print a + b }')
+        done
+        echo "  $kind, total of $runs: ${c_sum}s | ${q_sum}s | $(ratio "$q_sum" "$c_sum")"
+    done
+}
+
 case $what in
     reads) bench_reads ;;
     stream) bench_stream ;;
-    all) bench_reads; bench_stream ;;
-    *) echo "usage: $0 [reads|stream|all]" >&2; exit 2 ;;
+    commit) bench_commit ;;
+    all) bench_reads; bench_stream; bench_commit ;;
+    *) echo "usage: $0 [reads|stream|commit|all]" >&2; exit 2 ;;
 esac

@@ -83,7 +83,7 @@ fn refusals_carry_their_errno() {
     let existing = at(d, "n0.img");
     let command = format!("snapshot file={}", existing.display());
     assert_eq!(run(&registry, &command), Err(libc::EEXIST));
-    assert_eq!(run(&registry, "commit top=n2.qcow2"), Err(libc::EINVAL));
+    assert_eq!(run(&registry, "commit top=n0.img"), Err(libc::EINVAL));
     registry.shutdown();
 }
 

@@ -114,6 +114,13 @@ pub enum ChainError {
         /// The node's name.
         node: String,
     },
+    /// A read of a node hidden from the mount (an intermediate of a commit,
+    /// whose data may already be merged into the base).
+    #[error("node {node} left the mount for a commit")]
+    Hidden {
+        /// The node's name.
+        node: String,
+    },
     /// A request that does not fit inside the node.
     #[error("node {node}: offset {offset} length {len} is outside its {size} bytes")]
     OutOfBounds {
@@ -160,6 +167,7 @@ impl ChainError {
             ChainError::Loop { .. } | ChainError::TooDeep { .. } => libc::ELOOP,
             ChainError::Lock { source, .. } => source.errno(),
             ChainError::ReadOnly { .. } => libc::EROFS,
+            ChainError::Hidden { .. } => libc::EIO,
             // As on a block device: writing past the end is "no space".
             ChainError::OutOfBounds { .. } => libc::ENOSPC,
             ChainError::NoSuchNode { .. } => libc::ENOENT,

@@ -15,9 +15,11 @@ mod error;
 pub mod naming;
 mod node;
 pub mod open;
+mod pivot;
 mod query;
 mod relink;
 mod resolve;
+pub mod track;
 mod write;
 
 use std::collections::HashMap;
@@ -134,6 +136,11 @@ impl Chain {
     pub fn read(&self, node: NodeId, offset: u64, buf: &mut [u8]) -> Result<(), ChainError> {
         let level = self.level(node)?;
         self.check_bounds(level, offset, buf.len() as u64)?;
+        if self.nodes[level].hidden() {
+            return Err(ChainError::Hidden {
+                node: self.nodes[level].name().to_owned(),
+            });
+        }
         resolve::read_chain(&self.nodes, level, offset, buf).map_err(|e| self.level_error(e))
     }
 
@@ -145,7 +152,9 @@ impl Chain {
         self.nodes[level]
             .image()
             .write(offset, data, &below)
-            .map_err(|e| below.error(e))
+            .map_err(|e| below.error(e))?;
+        self.nodes[level].written(offset, data.len() as u64);
+        Ok(())
     }
 
     /// Fills the parts of `offset..offset + len` that `node` does not hold
@@ -175,7 +184,9 @@ impl Chain {
         self.nodes[level]
             .image()
             .zero_range(offset, len, &below)
-            .map_err(|e| below.error(e))
+            .map_err(|e| below.error(e))?;
+        self.nodes[level].written(offset, len);
+        Ok(())
     }
 
     /// How `node` holds the run starting at `offset` (at most `len` bytes),

@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::track::{Hooks, WriteHook};
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
 use crate::storage::lock::relock;
@@ -48,6 +49,11 @@ struct OpenImage {
     /// The lock the descriptor holds now.
     lock: Mutex<LockMode>,
     writable: AtomicBool,
+    /// Hidden from the mount (an intermediate of a commit): reads of the
+    /// node itself fail, through every chain version.
+    hidden: AtomicBool,
+    /// Told of every write to the image.
+    hooks: Hooks,
 }
 
 impl Node {
@@ -68,6 +74,8 @@ impl Node {
             file,
             writable: AtomicBool::new(lock == LockMode::Write),
             lock: Mutex::new(lock),
+            hidden: AtomicBool::new(false),
+            hooks: Hooks::default(),
         };
         Node {
             id,
@@ -125,6 +133,32 @@ impl Node {
         }
         self.open.writable.store(writable, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the node is hidden from the mount (see [`Node::set_hidden`]).
+    pub fn hidden(&self) -> bool {
+        self.open.hidden.load(Ordering::Acquire)
+    }
+
+    /// Hides the node: its own content stops being readable (EIO) through
+    /// every version of the chain, while nodes above still read through it.
+    pub fn set_hidden(&self) {
+        self.open.hidden.store(true, Ordering::Release);
+    }
+
+    /// Calls `hook` after every write to this node's image, from now on.
+    pub fn add_write_hook(&self, hook: Arc<dyn WriteHook>) {
+        self.open.hooks.add(hook);
+    }
+
+    /// Stops calling `hook`.
+    pub fn remove_write_hook(&self, hook: &Arc<dyn WriteHook>) {
+        self.open.hooks.remove(hook);
+    }
+
+    /// Tells the hooks that `offset..offset + len` was written.
+    pub(super) fn written(&self, offset: u64, len: u64) {
+        self.open.hooks.written(offset, len);
     }
 
     fn relock(&self, lock: &mut LockMode, to: LockMode) -> Result<(), ChainError> {

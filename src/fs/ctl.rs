@@ -16,11 +16,6 @@ use super::inode::CtlFile;
 use crate::jobs::Jobs;
 use crate::sync::{lock, Arc, Mutex};
 
-/// The longest write to `ctl/command` taken as a command. A command is one
-/// short line; anything longer is refused before it reaches the jobs layer,
-/// so no prefix of it can ever run.
-pub const MAX_COMMAND: usize = 4096;
-
 /// The latest rendering of each ctl file, shared by the opens that saw it.
 #[derive(Debug, Default)]
 pub struct Renderings {
@@ -71,8 +66,8 @@ pub fn read(buffer: &[u8], offset: u64, len: u32) -> &[u8] {
 /// What one open of `ctl/command` remembers between its writes.
 #[derive(Debug, Default)]
 pub struct CommandWrites {
-    /// Where the last write this open refused as too long ended: a write
-    /// starting there is the kernel's next piece of the same `write(2)`.
+    /// Where the last write this open had refused ended: a write starting
+    /// there is the kernel's next piece of the same `write(2)`.
     refused_end: Mutex<Option<u64>>,
 }
 
@@ -81,34 +76,34 @@ pub struct CommandWrites {
 /// echo a >&3; echo b >&3`, writes the second command at a later offset).
 ///
 /// The kernel splits a `write(2)` longer than a FUSE request into pieces at
-/// growing offsets; the first is longer than [`MAX_COMMAND`], so it is
-/// refused (EINVAL), and so is every piece that starts where a refused one
-/// ended, so no part of such a write runs. A refused write leaves the file
-/// offset where it was, so the next command on the descriptor starts there,
-/// not at the refused write's end. Accepted: the full length; refused: the
-/// errno of this rule or of the jobs layer.
+/// growing offsets. The first is longer than a command may be, so the jobs
+/// layer refuses it (EINVAL, logged as any refusal); every piece that
+/// starts where a refused write ended is refused here without reaching the
+/// jobs layer, so no part of such a write runs. A refused write leaves the
+/// file offset where it was, so the next command on the descriptor starts
+/// there, not at the refused write's end. Accepted: the full length;
+/// refused: the errno of this rule or of the jobs layer.
 pub fn command(
     jobs: &Jobs,
     writes: &CommandWrites,
     offset: u64,
     data: &[u8],
 ) -> Result<usize, FsError> {
-    {
-        let mut refused_end = lock(&writes.refused_end);
-        let continues_refused = offset != 0 && *refused_end == Some(offset);
-        if continues_refused || data.len() > MAX_COMMAND {
-            *refused_end = Some(offset.saturating_add(data.len() as u64));
-            log::info!(
-                "ctl/command: {} bytes at offset {offset} refused: longer than a command",
-                data.len()
-            );
-            return Err(FsError::Invalid {
-                reason: "a command is at most 4096 bytes",
-            });
-        }
-        *refused_end = None;
+    let end = offset.saturating_add(data.len() as u64);
+    let continues_refused = offset != 0 && *lock(&writes.refused_end) == Some(offset);
+    if continues_refused {
+        *lock(&writes.refused_end) = Some(end);
+        log::info!(
+            "ctl/command: {} bytes at offset {offset} refused: the rest of a refused write",
+            data.len()
+        );
+        return Err(FsError::Invalid {
+            reason: "the rest of a refused command",
+        });
     }
-    jobs.command_bytes(data)?;
+    let result = jobs.command_bytes(data);
+    *lock(&writes.refused_end) = result.is_err().then_some(end);
+    result?;
     Ok(data.len())
 }
 

@@ -14,6 +14,7 @@ use super::notify;
 use super::ops::FsModel;
 use super::stats::RequestStats;
 use super::ChainFs;
+use crate::jobs::target::MountSpot;
 use crate::jobs::Jobs;
 use crate::sync::{lock, Arc, Mutex};
 
@@ -114,6 +115,10 @@ impl Mount {
             }
         };
         jobs.watch_chain(notify::spawn(session.notifier(), weak_model));
+        jobs.set_mount(MountSpot {
+            point: mountpoint.clone(),
+            device: mount_device(&mountpoint),
+        });
         *lock(&unmounter.session) = Some(session.unmount_callable());
         log::info!("mounted at {}", mountpoint.display());
         Ok(Mount {
@@ -269,6 +274,38 @@ fn session_config(options: &MountOptions) -> Config {
     config
 }
 
+/// The device number (`st_dev`) of the mount at `point`, from the mount
+/// table: a `stat` of the mount point would be a request to this daemon,
+/// which is not serving yet.
+fn mount_device(point: &Path) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = mountinfo_escaped(point);
+    // The topmost mount at the point is listed last.
+    table.lines().rev().find_map(|line| {
+        // Fields: mount id, parent id, major:minor, root, mount point, …
+        let mut fields = line.split(' ');
+        let device = fields.nth(2)?;
+        if fields.nth(1)?.as_bytes() != wanted {
+            return None;
+        }
+        let (major, minor) = device.split_once(':')?;
+        Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+    })
+}
+
+/// `path` as the mount table writes it: space, tab, newline and backslash
+/// in octal escapes.
+fn mountinfo_escaped(path: &Path) -> Vec<u8> {
+    let mut text = Vec::new();
+    for &byte in path.as_os_str().as_bytes() {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\\' => text.extend(format!("\\{byte:03o}").bytes()),
+            _ => text.push(byte),
+        }
+    }
+    text
+}
+
 /// The mount point, canonical, if it exists, is a directory, and is empty.
 fn checked_mountpoint(path: &Path) -> Result<PathBuf, FsError> {
     let metadata = std::fs::metadata(path)
@@ -298,5 +335,18 @@ fn mountpoint_error(path: &Path, reason: String, errno: Option<i32>) -> FsError 
         path: path.to_path_buf(),
         reason,
         errno: errno.unwrap_or(libc::EINVAL),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_escaped_as_the_mount_table_writes_them() {
+        assert_eq!(
+            mountinfo_escaped(Path::new("/a b\tc\nd\\é")),
+            b"/a\\040b\\011c\\012d\\134\xc3\xa9"
+        );
     }
 }

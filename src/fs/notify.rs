@@ -1,7 +1,8 @@
 //! Telling the kernel when the chain changes shape: node files that left
 //! the chain are dropped from its dentry cache, and files whose attributes
 //! changed (the old active node turning 0444, `active` now another node)
-//! are refreshed — only for inodes the kernel holds.
+//! are refreshed, and the pages of every node file kept are dropped (a
+//! commit writes into its base) — only for inodes the kernel holds.
 //!
 //! Notifications are sent from a thread of their own: a change can come
 //! from inside a request (a `snapshot` written to `ctl/command`), and the
@@ -57,7 +58,8 @@ fn invalidate(notifier: &Notifier, model: &FsModel, old: &Chain, new: &Chain) {
         }
     };
     for node in old.nodes() {
-        match new.node(node.id()) {
+        // A node a commit hid has left the mount though not the chain.
+        match new.node(node.id()).filter(|now| !now.hidden()) {
             None => {
                 entry(node.name());
                 attributes(Inode::Node(node.id()).ino());
@@ -70,6 +72,11 @@ fn invalidate(notifier: &Notifier, model: &FsModel, old: &Chain, new: &Chain) {
     // appeared.
     for node in new.nodes().iter().filter(|n| old.node(n.id()).is_none()) {
         entry(node.name());
+    }
+    // A change may come with new content in a node that stays (a commit's
+    // base): no page of a node file cached before it may be trusted.
+    for node in new.nodes().iter().filter(|n| old.node(n.id()).is_some()) {
+        attributes(Inode::Node(node.id()).ino());
     }
     if old.active().id() != new.active().id() {
         attributes(Inode::Node(old.active().id()).ino());

@@ -154,6 +154,10 @@ impl FsModel {
                 let chain = self.chain_holding(id, fh)?;
                 let writable = is_writable(&self.jobs.chain(), id, self.read_only);
                 let node = chain.node(id).ok_or(FsError::NotFound)?;
+                // A node a commit hid is only described to open handles.
+                if node.hidden() && fh.is_none() {
+                    return Err(FsError::NotFound);
+                }
                 Ok(attr::node(ino, node, writable, owner, started))
             }
         }
@@ -252,6 +256,9 @@ impl FsModel {
             };
         }
         self.stats.record_write(data.len() as u64);
+        // Held until the write returns: a pivot waits for it, and a write
+        // that waited for a pivot picks the new active node.
+        let _gate = self.jobs.write_gate();
         let target = self.write_target(&handle)?;
         let written = node_file::write(&target, offset, data)?;
         handle.mark_written();
@@ -261,6 +268,7 @@ impl FsModel {
     /// `fallocate` on open file `fh` (see [`node_file::discard`]).
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<(), FsError> {
         let handle = self.handles.get(fh)?;
+        let _gate = self.jobs.write_gate();
         let target = self.write_target(&handle)?;
         node_file::discard(&target, offset, len, mode)?;
         handle.mark_written();
@@ -340,6 +348,7 @@ impl FsModel {
             _ => {
                 let chain = self.jobs.chain();
                 let node = chain.nodes().iter().find(|node| node.name() == name);
+                let node = node.filter(|node| !node.hidden());
                 node.map(|node| Inode::Node(node.id()))
                     .ok_or(FsError::NotFound)
             }
@@ -349,7 +358,8 @@ impl FsModel {
     fn root_entries(&self) -> Vec<DirEntry> {
         let chain = self.jobs.chain();
         let mut entries = dots(inode::ROOT);
-        entries.extend(chain.nodes().iter().map(|node| DirEntry {
+        let shown = chain.nodes().iter().filter(|node| !node.hidden());
+        entries.extend(shown.map(|node| DirEntry {
             ino: Inode::Node(node.id()).ino(),
             is_dir: false,
             name: node.name().to_owned(),
@@ -379,7 +389,7 @@ impl FsModel {
 
     fn open_node(&self, id: NodeId, write: bool) -> Result<(Handle, Caching), FsError> {
         let chain = self.jobs.chain();
-        if chain.node(id).is_none() {
+        if chain.node(id).is_none_or(|node| node.hidden()) {
             return Err(FsError::NotFound);
         }
         let writable = is_writable(&chain, id, self.read_only);
@@ -388,10 +398,11 @@ impl FsModel {
                 what: "a backing node",
             });
         }
-        // The active node's file changes under other writers (`active`);
-        // a backing node's file only changes when a job changes the chain,
-        // which will invalidate it.
-        let caching = if writable {
+        // The active node's file changes under other writers (`active`),
+        // a commit's base under the job; another backing node's file only
+        // changes when a job changes the chain, which will invalidate it.
+        let job_writes = chain.node(id).is_some_and(|node| node.writable());
+        let caching = if writable || job_writes {
             Caching::Direct
         } else {
             Caching::Cached

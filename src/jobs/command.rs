@@ -3,9 +3,18 @@
 //!
 //! Words are separated by spaces; a value in double quotes may hold spaces
 //! (`\"` and `\\` escape inside quotes); a trailing newline is ignored.
+//! A command is at most [`MAX_COMMAND_BYTES`] long and a job id at most
+//! [`MAX_ID_BYTES`] (SPEC §4): ids are repeated in every event and status
+//! line, so their size is bounded; a longer one is refused as a whole.
 
 use std::collections::HashMap;
 use std::fmt;
+
+/// The longest command accepted, in bytes, its trailing newline included.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
+/// The longest job id accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// What `stream` does when an I/O error stops a chunk (QEMU's
 /// `BlockdevOnError`).
@@ -20,6 +29,17 @@ pub enum OnError {
     Stop,
     /// Pause on ENOSPC, report anything else.
     Enospc,
+}
+
+/// How an active commit keeps the base in step once `ready` (QEMU's
+/// `MirrorCopyMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Copy behind the writer.
+    #[default]
+    Background,
+    /// A guest write returns only once it reached the base too.
+    WriteBlocking,
 }
 
 /// A parsed command.
@@ -51,9 +71,20 @@ pub enum Command {
         top: String,
         /// The node receiving the data (default: the bottom of the chain).
         base: Option<String>,
+        /// The backing string to write instead of the base's name.
+        backing_file: Option<String>,
         /// Bytes per second copied; 0 is unlimited.
         speed: u64,
         /// Job id (default: generated).
+        id: Option<String>,
+        /// Error policy.
+        on_error: OnError,
+        /// How an active commit keeps up with writes once ready.
+        copy_mode: CopyMode,
+    },
+    /// `cancel force=on`: aborts even a ready job.
+    ForceCancel {
+        /// The job (may be left out when only one exists).
         id: Option<String>,
     },
     /// A verb on an existing job (`cancel`, `pause`, `resume`, `complete`,
@@ -91,6 +122,12 @@ fn error(message: impl Into<String>) -> ParseError {
 
 /// Parses one command.
 pub fn parse(text: &str) -> Result<Command, ParseError> {
+    if text.len() > MAX_COMMAND_BYTES {
+        return Err(error(format!(
+            "a command is at most {MAX_COMMAND_BYTES} bytes; this one is {}",
+            text.len()
+        )));
+    }
     let text = text.strip_suffix('\n').unwrap_or(text);
     let words = split_words(text)?;
     let Some((verb, args)) = words.split_first() else {
@@ -103,7 +140,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
             base: args.take("base"),
             backing_file: args.take("backing-file"),
             speed: args.rate("speed")?,
-            id: args.take("id"),
+            id: args.id()?,
             on_error: args.on_error()?,
         },
         "snapshot" => {
@@ -120,11 +157,30 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         "commit" => Command::Commit {
             top: args.required("top")?,
             base: args.take("base"),
+            backing_file: args.take("backing-file"),
             speed: args.rate("speed")?,
-            id: args.take("id"),
+            id: args.id()?,
+            on_error: args.on_error()?,
+            copy_mode: match args.take("copy-mode").as_deref() {
+                None | Some("background") => CopyMode::Background,
+                Some("write-blocking") => CopyMode::WriteBlocking,
+                Some(other) => {
+                    return Err(error(format!(
+                        "copy-mode={other:?}: expected background or write-blocking"
+                    )))
+                }
+            },
+        },
+        "cancel" => match args.take("force").as_deref() {
+            None | Some("off") => Command::Control {
+                verb: super::state::Verb::Cancel,
+                id: args.id()?,
+            },
+            Some("on") => Command::ForceCancel { id: args.id()? },
+            Some(other) => return Err(error(format!("force={other:?}: expected on or off"))),
         },
         "set-speed" => Command::SetSpeed {
-            id: args.take("id"),
+            id: args.id()?,
             speed: match args.take("speed") {
                 Some(rate) => parse_rate(&rate)?,
                 None => return Err(error("set-speed needs speed=RATE")),
@@ -132,7 +188,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         },
         other => Command::Control {
             verb: control_verb(other)?,
-            id: args.take("id"),
+            id: args.id()?,
         },
     };
     args.finish()?;
@@ -176,6 +232,18 @@ impl Args {
 
     fn take(&mut self, key: &str) -> Option<String> {
         self.values.remove(key)
+    }
+
+    /// The optional `id=`, at most [`MAX_ID_BYTES`] long.
+    fn id(&mut self) -> Result<Option<String>, ParseError> {
+        match self.take("id") {
+            Some(id) if id.len() > MAX_ID_BYTES => Err(error(format!(
+                "{}: a job id is at most {MAX_ID_BYTES} bytes; this one is {}",
+                self.verb,
+                id.len()
+            ))),
+            id => Ok(id),
+        }
     }
 
     fn required(&mut self, key: &str) -> Result<String, ParseError> {
@@ -345,6 +413,8 @@ mod tests {
             ("snapshot", "needs file"),
             ("snapshot file=x format=raw", "only qcow2"),
             ("commit", "needs top"),
+            ("commit top=a copy-mode=fast", "copy-mode"),
+            ("cancel force=yes", "force"),
             ("set-speed", "needs speed"),
             ("stream base=\"open", "unterminated"),
             ("stream\nstream", "one line"),
@@ -352,6 +422,57 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(err.0.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn commit_takes_every_option_and_cancel_may_force() {
+        assert_eq!(
+            parse("commit top=active base=file-B.img speed=1M id=c on-error=enospc copy-mode=write-blocking")
+                .unwrap(),
+            Command::Commit {
+                top: "active".into(),
+                base: Some("file-B.img".into()),
+                backing_file: None,
+                speed: 1 << 20,
+                id: Some("c".into()),
+                on_error: OnError::Enospc,
+                copy_mode: CopyMode::WriteBlocking,
+            }
+        );
+        assert_eq!(
+            parse("cancel id=c force=on").unwrap(),
+            Command::ForceCancel {
+                id: Some("c".into())
+            }
+        );
+        assert_eq!(
+            parse("cancel force=off").unwrap(),
+            Command::Control {
+                verb: Verb::Cancel,
+                id: None
+            }
+        );
+    }
+
+    #[test]
+    fn ids_over_128_bytes_and_commands_over_4_kib_are_refused_whole() {
+        let longest = "i".repeat(MAX_ID_BYTES);
+        for verb in [
+            "stream",
+            "pause",
+            "cancel",
+            "set-speed speed=1",
+            "commit top=a",
+        ] {
+            let text = format!("{verb} id={longest}");
+            assert!(parse(&text).is_ok(), "{text}");
+            let err = parse(&format!("{text}i")).unwrap_err();
+            assert!(err.0.contains("at most 128 bytes"), "{verb}: {err}");
+        }
+        let path = "p".repeat(MAX_COMMAND_BYTES - "snapshot file=\n".len());
+        assert!(parse(&format!("snapshot file={path}\n")).is_ok());
+        let err = parse(&format!("snapshot file={path}p\n")).unwrap_err();
+        assert!(err.0.contains("at most 4096 bytes"), "{err}");
     }
 
     #[test]

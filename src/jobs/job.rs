@@ -3,8 +3,13 @@
 //! shared between the job's own thread and the commands that steer it.
 //!
 //! The job thread calls [`Job::checkpoint`] between chunks: that is where a
-//! pause takes hold and a cancel is noticed. `pause` waits until the thread
-//! has parked, so once the command returns the offset stands still.
+//! pause takes hold and a cancel is noticed, as at QEMU's `job_pause_point`.
+//! `pause` waits until the thread has parked, so once the command returns
+//! the offset stands still — or until the job has no pause point left
+//! ([`Job::work_done`], [`Job::conclude`]): a pause never waits on a job
+//! that can no longer park. Every wait here ends: a parked thread on
+//! `resume` or `cancel` (which shutdown sends), the speed-limit sleep at its
+//! deadline or on cancel, pause or a new limit, and `pause` as just said.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -100,14 +105,22 @@ pub struct JobInfo {
     pub offset: u64,
     /// Speed limit in bytes per second (0: none).
     pub speed: u64,
-    /// Measured copy rate in bytes per second over the last seconds.
+    /// Measured rate of bytes copied (what the speed limit counts), in
+    /// bytes per second over the last seconds.
     pub rate: f64,
-    /// Estimated seconds to completion at the measured rate.
+    /// Measured rate of bytes scanned (what the progress counts), in bytes
+    /// per second over the last seconds.
+    pub scan_rate: f64,
+    /// Estimated seconds to completion at the measured scan rate.
     pub eta_seconds: Option<f64>,
     /// The error that failed (or paused) the job.
     pub error: Option<String>,
     /// How the job ended, once concluded.
     pub outcome: Option<Outcome>,
+    /// Whether the job has been `ready` (QEMU's `ready` field).
+    pub ready: bool,
+    /// Bytes still to copy, for jobs that track writes (active commit).
+    pub remaining: Option<u64>,
 }
 
 /// How many seconds of progress the measured rate looks back over.
@@ -119,15 +132,36 @@ struct State {
     status: JobStatus,
     len: u64,
     offset: u64,
+    /// Bytes copied so far (what the speed limit counts).
+    copied: u64,
     limit: RateLimit,
     pause_requested: bool,
     cancel_requested: bool,
     /// The job thread is parked at a checkpoint.
     parked: bool,
+    /// The job thread has passed its last pause point: it will conclude
+    /// without parking again.
+    work_done: bool,
     error: Option<String>,
     outcome: Option<Outcome>,
-    /// (instant, offset) samples for the measured rate.
-    samples: VecDeque<(Instant, u64)>,
+    /// (instant, offset, copied) samples for the measured rates.
+    samples: VecDeque<(Instant, u64, u64)>,
+    /// Reached `ready` once.
+    ready: bool,
+    /// Bytes still to copy (jobs that track writes).
+    remaining: Option<u64>,
+    /// `complete` was accepted.
+    complete_requested: bool,
+    /// `cancel force=on`: abort even a ready job.
+    cancel_forced: bool,
+}
+
+impl State {
+    /// Whether a requested pause can still take hold: the thread has a
+    /// pause point ahead and nothing will make it skip it.
+    fn can_park(&self) -> bool {
+        !self.work_done && !self.cancel_requested && !self.status.is_finished()
+    }
 }
 
 /// A block job.
@@ -169,10 +203,11 @@ pub struct JobSpec {
 }
 
 impl Job {
-    /// A job in status `created`.
+    /// A job in status `created`, reported as QEMU reports a new job: a
+    /// first `JOB_STATUS_CHANGE` to `created`.
     pub fn new(spec: JobSpec, events: std::sync::Arc<dyn EventSink>) -> Job {
         let now = Instant::now();
-        Job {
+        let job = Job {
             id: spec.id,
             kind: spec.kind,
             node: spec.node,
@@ -182,17 +217,25 @@ impl Job {
                 status: JobStatus::Created,
                 len: spec.len,
                 offset: 0,
+                copied: 0,
                 limit: RateLimit::new(spec.speed),
                 pause_requested: false,
                 cancel_requested: false,
                 parked: false,
+                work_done: false,
                 error: None,
                 outcome: None,
-                samples: VecDeque::from([(now, 0)]),
+                samples: VecDeque::from([(now, 0, 0)]),
+                ready: false,
+                remaining: None,
+                complete_requested: false,
+                cancel_forced: false,
             }),
             wake: Condvar::new(),
             events,
-        }
+        };
+        job.report_status(JobStatus::Created);
+        job
     }
 
     /// The job id.
@@ -213,9 +256,10 @@ impl Job {
     /// What the reports show now.
     pub fn info(&self) -> JobInfo {
         let state = lock(&self.state);
-        let rate = measured_rate(&state.samples);
+        let (scan_rate, rate) = measured_rates(&state.samples);
         let remaining = state.len.saturating_sub(state.offset);
-        let eta_seconds = (rate > 0.0 && state.outcome.is_none()).then(|| remaining as f64 / rate);
+        let eta_seconds =
+            (scan_rate > 0.0 && state.outcome.is_none()).then(|| remaining as f64 / scan_rate);
         JobInfo {
             id: self.id.clone(),
             kind: self.kind,
@@ -226,23 +270,51 @@ impl Job {
             offset: state.offset,
             speed: state.limit.speed(),
             rate,
+            scan_rate,
             eta_seconds,
             error: state.error.clone(),
             outcome: state.outcome,
+            ready: state.ready,
+            remaining: state.remaining,
         }
     }
 
     /// Moves to `status` (QEMU's transition table permitting) and reports it.
     fn transition(&self, state: &mut State, status: JobStatus) {
-        if state.status == status || !state.status.can_become(status) {
+        if state.status == status {
+            return;
+        }
+        if !state.status.can_become(status) {
+            // Every caller moves only along the table; a refusal here is a
+            // bug, and staying put is safer than an impossible state.
+            log::error!(
+                "job {}: refused transition {} -> {status}",
+                self.id,
+                state.status
+            );
             return;
         }
         state.status = status;
+        self.report_status(status);
+        self.wake.notify_all();
+    }
+
+    fn report_status(&self, status: JobStatus) {
         self.events.push(
             "JOB_STATUS_CHANGE",
             json!({"id": self.id, "status": status.name()}),
         );
-        self.wake.notify_all();
+    }
+
+    /// Leaves `paused` (or `standby`) for the state it paused from: the
+    /// thread runs again (after `resume`, or to stop after `cancel`).
+    fn unpause(&self, state: &mut State) {
+        let running = match state.status {
+            JobStatus::Standby => JobStatus::Ready,
+            JobStatus::Paused => JobStatus::Running,
+            _ => return,
+        };
+        self.transition(state, running);
     }
 
     fn check_verb(&self, state: &State, verb: Verb) -> Result<(), VerbRefused> {
@@ -256,45 +328,113 @@ impl Job {
         }
     }
 
-    /// Pauses the job; returns once its thread has stopped between chunks.
+    /// Pauses the job. As in QEMU the job moves to `paused` (`standby`
+    /// when ready) only at its next pause point; this returns once its
+    /// thread has parked there, or at once when it has none left (its work
+    /// is done and it is concluding, or it is cancelled), so the offset
+    /// stands still when it returns.
     pub fn pause(&self) -> Result<(), VerbRefused> {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::Pause)?;
         state.pause_requested = true;
-        let paused = match state.status {
-            JobStatus::Ready => JobStatus::Standby,
-            _ => JobStatus::Paused,
-        };
-        self.transition(&mut state, paused);
         self.wake.notify_all();
-        while !state.parked && !state.status.is_finished() && state.pause_requested {
+        while !state.parked && state.can_park() {
             state = self.wait(state, None);
         }
         Ok(())
     }
 
-    /// Resumes a paused job.
+    /// Resumes a paused job. Only `paused` and `standby` accept it: QEMU's
+    /// verb table admits `resume` in every live state, but its
+    /// `job_user_resume` then refuses a job that is not paused.
     pub fn resume(&self) -> Result<(), VerbRefused> {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::Resume)?;
+        if !matches!(state.status, JobStatus::Paused | JobStatus::Standby) {
+            return Err(VerbRefused {
+                verb: Verb::Resume,
+                status: state.status,
+            });
+        }
         state.pause_requested = false;
-        let running = match state.status {
-            JobStatus::Standby => JobStatus::Ready,
-            JobStatus::Paused => JobStatus::Running,
-            other => other,
-        };
-        self.transition(&mut state, running);
+        self.unpause(&mut state);
         self.wake.notify_all();
         Ok(())
     }
 
-    /// Asks the job to stop; it concludes as cancelled.
+    /// Asks the job to stop; it concludes as cancelled. A paused job is
+    /// resumed first, as QEMU's `job_cancel` does, so that it leaves
+    /// `paused` through `running` and reaches `aborting` and `concluded`.
     pub fn cancel(&self) -> Result<(), VerbRefused> {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::Cancel)?;
         state.cancel_requested = true;
+        state.pause_requested = false;
+        self.unpause(&mut state);
         self.wake.notify_all();
         Ok(())
+    }
+
+    /// Asks the job to stop even if it is ready (`cancel force=on`): it
+    /// concludes as cancelled, without finishing its copy.
+    pub fn force_cancel(&self) -> Result<(), VerbRefused> {
+        let mut state = lock(&self.state);
+        self.check_verb(&state, Verb::Cancel)?;
+        state.cancel_requested = true;
+        state.cancel_forced = true;
+        state.pause_requested = false;
+        self.unpause(&mut state);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Whether the cancel asked for is `force=on`.
+    pub fn cancel_forced(&self) -> bool {
+        lock(&self.state).cancel_forced
+    }
+
+    /// Asks a ready (or standby) job to complete: the job thread finishes
+    /// its work and changes the chain.
+    pub fn complete(&self) -> Result<(), VerbRefused> {
+        let mut state = lock(&self.state);
+        self.check_verb(&state, Verb::Complete)?;
+        state.complete_requested = true;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Whether `complete` was accepted.
+    pub fn completion_requested(&self) -> bool {
+        lock(&self.state).complete_requested
+    }
+
+    /// Job thread: the copy is in step for the first time; the job moves to
+    /// `ready` and reports `BLOCK_JOB_READY`.
+    pub fn set_ready(&self) {
+        let mut state = lock(&self.state);
+        if state.ready {
+            return;
+        }
+        state.ready = true;
+        self.transition(&mut state, JobStatus::Ready);
+        let data = json!({
+            "type": self.kind.name(),
+            "device": self.node,
+            "id": self.id,
+            "len": state.len,
+            "offset": state.offset,
+            "speed": state.limit.speed(),
+        });
+        self.events.push("BLOCK_JOB_READY", data);
+    }
+
+    /// Job thread, for jobs that track writes: `pending` bytes are about
+    /// to be reported done by [`Job::advance`] and `remaining` more are
+    /// dirty, so `len` grows to cover both, as QEMU's mirror reports it.
+    pub fn set_remaining(&self, pending: u64, remaining: u64) {
+        let mut state = lock(&self.state);
+        state.remaining = Some(remaining);
+        state.len = state.offset + pending + remaining;
     }
 
     /// Changes the speed limit.
@@ -340,16 +480,42 @@ impl Job {
         self.transition(&mut state, JobStatus::Running);
     }
 
-    /// Job thread, between chunks: parks while paused; says whether the
-    /// job must stop because it was cancelled.
+    /// Job thread, between chunks (a pause point): parks while a pause is
+    /// requested, showing `paused` (or `standby`); says whether the job
+    /// must stop because it was cancelled. A parked thread wakes on
+    /// `resume` or `cancel`.
     pub fn checkpoint(&self) -> Result<(), Stop> {
         let mut state = lock(&self.state);
-        while state.pause_requested && !state.cancel_requested {
+        if state.pause_requested && !state.cancel_requested {
+            let paused = match state.status {
+                JobStatus::Ready => JobStatus::Standby,
+                _ => JobStatus::Paused,
+            };
+            self.transition(&mut state, paused);
             state.parked = true;
             self.wake.notify_all();
-            state = self.wait(state, None);
+            while state.pause_requested && !state.cancel_requested {
+                state = self.wait(state, None);
+            }
+            state.parked = false;
+            // `resume` and `cancel` already left `paused`; this is only a
+            // guard so the thread never runs on in a paused state.
+            self.unpause(&mut state);
         }
-        state.parked = false;
+        if state.cancel_requested {
+            return Err(Stop::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Job thread: the work is done and no pause point follows (QEMU's job
+    /// leaves its run function). A pause requested from now on finds
+    /// nothing to park and returns; says whether the job was cancelled
+    /// meanwhile, in which case it must not change the chain.
+    pub fn work_done(&self) -> Result<(), Stop> {
+        let mut state = lock(&self.state);
+        state.work_done = true;
+        self.wake.notify_all();
         if state.cancel_requested {
             return Err(Stop::Cancelled);
         }
@@ -362,9 +528,10 @@ impl Job {
     pub fn advance(&self, scanned: u64, copied: u64) {
         let mut state = lock(&self.state);
         state.offset = (state.offset + scanned).min(state.len);
+        state.copied += copied;
         let now = Instant::now();
-        let offset = state.offset;
-        state.samples.push_back((now, offset));
+        let sample = (now, state.offset, state.copied);
+        state.samples.push_back(sample);
         while state.samples.len() > 2 && now.duration_since(state.samples[0].0) > RATE_WINDOW {
             state.samples.pop_front();
         }
@@ -384,13 +551,13 @@ impl Job {
     }
 
     /// Job thread: an error hit a chunk and `on-error` says to pause. The
-    /// job parks until resumed (then retries) or cancelled.
+    /// job parks (showing `paused` with the error) until resumed (then
+    /// retries) or cancelled.
     pub fn pause_for_error(&self, error: String) -> Result<(), Stop> {
         {
             let mut state = lock(&self.state);
             state.error = Some(error);
             state.pause_requested = true;
-            self.transition(&mut state, JobStatus::Paused);
         }
         let result = self.checkpoint();
         lock(&self.state).error = None;
@@ -409,10 +576,20 @@ impl Job {
     }
 
     /// Job thread: the work is done (or stopped); moves through QEMU's
-    /// closing states to `concluded` with `outcome`, and reports it.
+    /// closing states to `concluded` with `outcome`, and reports it. The
+    /// job always gets there: the thread is running, so the job is in
+    /// `created`, `running` or `ready` (a pause still requested found no
+    /// pause point and is dropped), and each of those leads to `waiting`
+    /// and to `aborting` in QEMU's table.
     pub fn conclude(&self, outcome: Outcome, error: Option<String>) {
         let mut state = lock(&self.state);
+        state.work_done = true;
+        state.pause_requested = false;
+        self.unpause(&mut state);
         if outcome == Outcome::Completed {
+            // Progress counts every byte scanned, so done equals total on
+            // success, even for a job that had nothing to scan.
+            state.offset = state.len;
             self.transition(&mut state, JobStatus::Waiting);
             self.transition(&mut state, JobStatus::Pending);
         } else {
@@ -448,12 +625,17 @@ impl Job {
     }
 }
 
-/// Bytes per second over the samples' span.
-fn measured_rate(samples: &VecDeque<(Instant, u64)>) -> f64 {
+/// Bytes scanned and bytes copied per second over the samples' span.
+fn measured_rates(samples: &VecDeque<(Instant, u64, u64)>) -> (f64, f64) {
     match (samples.front(), samples.back()) {
-        (Some(&(t0, o0)), Some(&(t1, o1))) if t1 > t0 => {
-            (o1 - o0) as f64 / t1.duration_since(t0).as_secs_f64()
+        (Some(&(t0, o0, c0)), Some(&(t1, o1, c1))) if t1 > t0 => {
+            let seconds = t1.duration_since(t0).as_secs_f64();
+            ((o1 - o0) as f64 / seconds, (c1 - c0) as f64 / seconds)
         }
-        _ => 0.0,
+        _ => (0.0, 0.0),
     }
 }
+
+#[cfg(test)]
+#[path = "job_tests.rs"]
+mod tests;

@@ -5,7 +5,7 @@
 //! jobs running ([`registry`]), and either refused — with one errno, a
 //! `COMMAND_REJECTED` event and a last line in `ctl/status` — or accepted,
 //! in which case a started job is listed before the write returns. Jobs run
-//! on their own threads ([`job`], [`stream`]) and replace the chain when
+//! on their own threads ([`job`], [`stream`], `commit`) and replace the chain when
 //! they change its shape; callers therefore take a snapshot of it per
 //! request with [`Jobs::chain`] and never keep node lists of their own.
 //!
@@ -13,6 +13,7 @@
 //! here.
 
 pub mod command;
+mod commit;
 mod error;
 pub mod events;
 pub mod job;
@@ -21,6 +22,7 @@ pub mod registry;
 pub mod report;
 pub mod state;
 pub mod stream;
+pub mod target;
 
 pub use crate::chain::Format;
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
@@ -89,6 +91,18 @@ impl Jobs {
     /// or command makes (the mount uses it to invalidate kernel caches).
     pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
         self.live.watch(watcher);
+    }
+
+    /// Held by every guest write for its whole length, so that a pivot
+    /// never happens in the middle of one (see [`LiveChain::drain`]).
+    pub fn write_gate(&self) -> crate::sync::RwLockReadGuard<'_, ()> {
+        self.live.write_gate()
+    }
+
+    /// Tells the jobs where the chain is mounted (its canonical mount point
+    /// and device), so that no command creates a file inside it.
+    pub fn set_mount(&self, mount: target::MountSpot) {
+        self.registry.set_mount(mount);
     }
 
     /// Makes the mount read-only from now on (a mount asked to be
@@ -196,8 +210,11 @@ impl Jobs {
                 "reason": reason,
             }),
         );
+        // The reason may hold a path or name with a newline: escaped, it
+        // stays one line.
         *lock(&self.last_rejection) = Some(format!(
-            "Last command rejected: {command:?}: {reason} ({errno})"
+            "Last command rejected: {command:?}: {} ({errno})",
+            report::escape(reason)
         ));
     }
 }

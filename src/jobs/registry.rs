@@ -13,11 +13,13 @@ use std::thread::JoinHandle;
 use serde_json::json;
 
 use super::command::{Command, OnError};
-use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, VerbRefused};
+use super::commit;
+use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome, VerbRefused};
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
+use super::target::{self, MountSpot};
 use crate::chain::{Chain, ChainError, NodeId};
-use crate::sync::{lock, read, write, Arc, Mutex, RwLock};
+use crate::sync::{lock, read, write, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// How many concluded jobs stay listed (oldest dropped first) when nobody
 /// dismisses them.
@@ -74,6 +76,9 @@ pub struct LiveChain {
     chain: RwLock<Arc<Chain>>,
     events: Arc<dyn EventSink>,
     watchers: Mutex<Vec<ChainWatcher>>,
+    /// Held shared by every guest write for its whole length; a job takes
+    /// it alone to drain writes before a pivot (see [`LiveChain::drain`]).
+    gate: RwLock<()>,
 }
 
 impl LiveChain {
@@ -83,7 +88,20 @@ impl LiveChain {
             chain: RwLock::new(Arc::new(chain)),
             events,
             watchers: Mutex::new(Vec::new()),
+            gate: RwLock::new(()),
         }
+    }
+
+    /// Taken by a guest write before it picks its target node and held
+    /// until it returns, so a pivot never happens in the middle of one.
+    pub fn write_gate(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.gate)
+    }
+
+    /// Waits for the guest writes in progress and holds new ones back
+    /// until the guard is dropped (an active commit's last copy and pivot).
+    pub fn drain(&self) -> RwLockWriteGuard<'_, ()> {
+        write(&self.gate)
     }
 
     /// Calls `watcher` after every change of the chain (outside the chain's
@@ -104,11 +122,15 @@ impl LiveChain {
         change: &dyn Fn(&Chain) -> Result<Chain, ChainError>,
     ) -> Result<(), ChainError> {
         let mut current = write(&self.chain);
-        let next = change(&current)?;
+        // Hidden nodes are out of the mount; the names before the change
+        // are taken first because hiding a node is seen by every version.
         let names = |chain: &Chain| -> Vec<String> {
-            chain.nodes().iter().map(|n| n.name().to_string()).collect()
+            let shown = chain.nodes().iter().filter(|n| !n.hidden());
+            shown.map(|n| n.name().to_string()).collect()
         };
-        let (old, new) = (names(&current), names(&next));
+        let old = names(&current);
+        let next = change(&current)?;
+        let new = names(&next);
         let left: Vec<&String> = old.iter().filter(|n| !new.contains(n)).collect();
         let added: Vec<&String> = new.iter().filter(|n| !old.contains(n)).collect();
         self.events.push(
@@ -138,6 +160,8 @@ pub struct Registry {
     jobs: Mutex<Vec<Arc<Job>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
+    /// Where the chain is mounted, once it is (targets must be outside).
+    mount: Mutex<Option<MountSpot>>,
 }
 
 impl Registry {
@@ -149,7 +173,14 @@ impl Registry {
             jobs: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
+            mount: Mutex::new(None),
         }
+    }
+
+    /// Tells the registry where the chain is mounted: no command may put a
+    /// file there.
+    pub fn set_mount(&self, mount: MountSpot) {
+        *lock(&self.mount) = Some(mount);
     }
 
     /// The chain now.
@@ -175,7 +206,25 @@ impl Registry {
                 on_error,
             } => self.start_stream(node, base, backing_file, speed, id, on_error),
             Command::Snapshot { file } => self.snapshot(Path::new(&file)),
-            Command::Commit { .. } => Err(Refusal::Invalid("commit is not implemented yet".into())),
+            Command::Commit {
+                top,
+                base,
+                backing_file,
+                speed,
+                id,
+                on_error,
+                copy_mode,
+            } => {
+                let request = commit::Request {
+                    top,
+                    base,
+                    backing_file,
+                    on_error,
+                    copy_mode,
+                };
+                commit::start(self, request, speed, id)
+            }
+            Command::ForceCancel { id } => Ok(self.find_job(id.as_deref())?.force_cancel()?),
             Command::SetSpeed { id, speed } => {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
             }
@@ -190,15 +239,7 @@ impl Registry {
             Verb::Pause => job.pause()?,
             Verb::Resume => job.resume()?,
             Verb::SetSpeed => return Err(Refusal::Invalid("set-speed needs speed=RATE".into())),
-            Verb::Complete => {
-                // Only an active commit reaches `ready`; the verb table
-                // refuses `complete` in every other state.
-                return Err(Refusal::Busy(format!(
-                    "job {} in state {} cannot accept complete",
-                    job.id(),
-                    job.status()
-                )));
-            }
+            Verb::Complete => job.complete()?,
             Verb::Dismiss => {
                 job.check_dismiss()?;
                 job.dismiss();
@@ -271,15 +312,47 @@ impl Registry {
             len: target.virtual_size(),
             speed,
         };
+        self.spawn(
+            spec,
+            id,
+            |_| (),
+            move |job, live, ()| {
+                let change = |f: &dyn Fn(&Chain) -> Result<Chain, ChainError>| live.change(f);
+                stream::run(job, chain, &plan, &change);
+            },
+        )
+    }
+
+    /// Lists a new job, runs `setup` for it before the command returns,
+    /// then `body` with what `setup` gave on a thread of its own.
+    pub(super) fn spawn<T: Send + 'static>(
+        &self,
+        spec: JobSpec,
+        id: Option<String>,
+        setup: impl FnOnce(&LiveChain) -> T,
+        body: impl FnOnce(&Job, &LiveChain, T) + Send + 'static,
+    ) -> Result<(), Refusal> {
         let job = self.register(spec, id)?;
         let live = Arc::clone(&self.live);
+        let prepared = setup(&live);
+        let runner = Arc::clone(&job);
         let thread = std::thread::Builder::new()
             .name(format!("job-{}", job.id()))
             .spawn(move || {
-                let change = |f: &dyn Fn(&Chain) -> Result<Chain, ChainError>| live.change(f);
-                stream::run(&job, chain, &plan, &change);
+                let run = || body(&runner, &live, prepared);
+                // A job whose thread died must still conclude, or `pause`
+                // and unmount would wait for it for ever.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    runner.conclude(Outcome::Failed, Some("the job thread panicked".into()));
+                }
             })
-            .map_err(|err| Refusal::Busy(format!("cannot start a job thread: {err}")))?;
+            .map_err(|err| {
+                let reason = format!("cannot start a job thread: {err}");
+                // A job no thread runs must not stay live for ever: verbs
+                // on it would wait for a thread that never comes.
+                job.conclude(Outcome::Failed, Some(reason.clone()));
+                Refusal::Busy(reason)
+            })?;
         lock(&self.threads).push(thread);
         Ok(())
     }
@@ -321,6 +394,10 @@ impl Registry {
         if file.as_os_str().is_empty() {
             return Err(Refusal::Invalid("snapshot needs a file name".into()));
         }
+        // Placed before any lock is taken: a target in the mount would
+        // have the daemon wait for itself.
+        let mount = lock(&self.mount).clone();
+        let file = &target::place(file, &self.chain(), mount.as_ref())?;
         if std::fs::symlink_metadata(file).is_ok() {
             return Err(Refusal::Exists(format!("{} exists", file.display())));
         }
@@ -338,8 +415,9 @@ impl Registry {
     /// Cancels every live job and waits for their threads (at unmount).
     pub fn shutdown(&self) {
         for job in lock(&self.jobs).iter() {
+            // Cancel wakes a parked thread and ends a speed-limit sleep;
+            // a job it refuses (aborting, concluded) is already ending.
             let _ = job.cancel();
-            let _ = job.resume();
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
         for thread in threads {
@@ -351,7 +429,7 @@ impl Registry {
 }
 
 /// The node a command names.
-fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
+pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
     chain
         .find(name)
         .map(|node| node.id())

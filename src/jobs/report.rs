@@ -1,8 +1,13 @@
 //! What `ctl/status`, `ctl/status.json` and `ctl/chain` show (SPEC §5):
-//! jobs for people (QEMU's progress words, then percentage, measured rate
+//! jobs for people (QEMU's progress words, then percentage, measured rates
 //! and ETA) and for scripts (QEMU's `query-block-jobs` field names plus
 //! chainfs's own). Pure rendering: the caller passes the state to render.
+//!
+//! The text formats are one record a line, so every name and message
+//! shown in them goes through [`escape`]: a node name, job id or error
+//! with a newline in it must not start a line of its own.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde_json::{json, Value};
@@ -33,7 +38,8 @@ pub fn status_json(jobs: &[JobInfo]) -> String {
 }
 
 /// `ctl/chain`: the chain base first on one line, then one line per node
-/// with its path, format, virtual size and backing string.
+/// with its path, format, virtual size and backing string, and `hidden`
+/// for a node a commit took out of the mount.
 ///
 /// ```text
 /// file-A.img <- file-B.img
@@ -41,7 +47,11 @@ pub fn status_json(jobs: &[JobInfo]) -> String {
 /// file-B.img: path="/img/file-B.img" format=qcow2 virtual-size=67108864 backing="file-A.img" backing-format=raw
 /// ```
 pub fn chain_text(chain: &Chain) -> String {
-    let names: Vec<&str> = chain.nodes().iter().map(|node| node.name()).collect();
+    let names: Vec<Cow<str>> = chain
+        .nodes()
+        .iter()
+        .map(|node| escape(node.name()))
+        .collect();
     let mut text = names.join(" <- ");
     text.push('\n');
     for node in chain.nodes() {
@@ -49,7 +59,7 @@ pub fn chain_text(chain: &Chain) -> String {
         let _ = write!(
             text,
             "{}: path={:?} format={} virtual-size={}",
-            node.name(),
+            escape(node.name()),
             node.path().display().to_string(),
             node.format().name(),
             node.virtual_size()
@@ -63,6 +73,9 @@ pub fn chain_text(chain: &Chain) -> String {
             }
             None => text.push_str(" backing=none"),
         }
+        if node.hidden() {
+            text.push_str(" hidden");
+        }
         text.push('\n');
     }
     text
@@ -73,8 +86,9 @@ pub fn job_line(job: &JobInfo) -> String {
     let base = job
         .base
         .as_deref()
-        .map_or(String::new(), |b| format!(" base={b}"));
-    let state = match (job.outcome, &job.error) {
+        .map_or(String::new(), |b| format!(" base={}", escape(b)));
+    let error = job.error.as_deref().map(escape);
+    let state = match (job.outcome, &error) {
         (Some(outcome), Some(error)) if outcome.name() != "completed" => {
             format!("{} ({}: {error})", job.status, outcome.name())
         }
@@ -89,16 +103,22 @@ pub fn job_line(job: &JobInfo) -> String {
     };
     let mut extra = format!("{percent:.1}%");
     if job.outcome.is_none() {
-        extra.push_str(&format!(", {}", human_rate(job.rate)));
+        // The speed limit counts bytes copied, the progress bytes scanned:
+        // both rates, each named, so neither passes for the other.
+        extra.push_str(&format!(
+            ", copied {}, scanned {}",
+            human_rate(job.rate),
+            human_rate(job.scan_rate)
+        ));
         if let Some(eta) = job.eta_seconds {
             extra.push_str(&format!(", ETA {}", human_duration(eta)));
         }
     }
     format!(
         "{}: {} node={}{base} {state}: Completed {} of {} bytes, speed limit {} bytes/s ({extra})",
-        job.id,
+        escape(&job.id),
         job.kind.name(),
-        job.node,
+        escape(&job.node),
         job.offset,
         job.len,
         job.speed,
@@ -118,8 +138,13 @@ pub fn job_json(job: &JobInfo) -> Value {
         "speed": job.speed,
         "status": job.status.name(),
         "rate": job.rate.round() as u64,
+        "scan_rate": job.scan_rate.round() as u64,
         "eta_seconds": job.eta_seconds.map(|s| s.ceil() as u64),
+        "ready": job.ready,
     });
+    if let Some(remaining) = job.remaining {
+        value["remaining"] = json!(remaining);
+    }
     if let Some(error) = &job.error {
         value["error"] = json!(error);
     }
@@ -127,6 +152,30 @@ pub fn job_json(job: &JobInfo) -> Value {
         value["outcome"] = json!(outcome.name());
     }
     value
+}
+
+/// `text` made safe for a one-record-a-line format: a backslash becomes
+/// `\\`, a newline `\n`, a carriage return `\r`, a tab `\t`, and any other
+/// control character `\u{XX}` (its code point in hex), so the text can be
+/// read back unambiguously. Text without any of these is returned as is.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c == '\\' || c.is_control()) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => escaped.push(c),
+        }
+    }
+    Cow::Owned(escaped)
 }
 
 fn human_rate(bytes_per_second: f64) -> String {
@@ -165,9 +214,12 @@ mod tests {
             offset: 2 << 20,
             speed: 1 << 20,
             rate: 1048576.0,
+            scan_rate: 2097152.0,
             eta_seconds: Some(6.0),
             error: None,
             outcome: None,
+            ready: false,
+            remaining: None,
         }
     }
 
@@ -176,8 +228,34 @@ mod tests {
         assert_eq!(
             job_line(&info()),
             "s0: stream node=file-E.img base=file-A.img running: Completed 2097152 of 8388608 \
-             bytes, speed limit 1048576 bytes/s (25.0%, 1.0 MiB/s, ETA 0:06)"
+             bytes, speed limit 1048576 bytes/s (25.0%, copied 1.0 MiB/s, scanned 2.0 MiB/s, \
+             ETA 0:06)"
         );
+        let value = job_json(&info());
+        assert_eq!(value["rate"], 1048576, "rate is what the limit counts");
+        assert_eq!(value["scan_rate"], 2097152);
+    }
+
+    #[test]
+    fn control_characters_and_backslashes_are_escaped() {
+        assert!(matches!(escape("file-A.img"), Cow::Borrowed(_)));
+        assert_eq!(escape("a\nb\r\tc\\d\u{1b}e"), "a\\nb\\r\\tc\\\\d\\u{1b}e");
+    }
+
+    #[test]
+    fn a_newline_in_an_id_node_base_or_error_stays_on_the_job_line() {
+        let mut job = info();
+        job.id = "evil\nid".into();
+        job.node = "no\nde".into();
+        job.base = Some("ba\nse".into());
+        job.error = Some("bad\nthing".into());
+        let text = status_text(&[job], None);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.starts_with("evil\\nid: stream node=no\\nde base=ba\\nse"),
+            "{text}"
+        );
+        assert!(text.contains("error: bad\\nthing"), "{text}");
     }
 
     #[test]

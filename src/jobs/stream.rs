@@ -45,7 +45,9 @@ pub fn run(job: &Job, chain: Arc<Chain>, plan: &StreamPlan, change_chain: ChainC
         Ok(made) => made,
         Err(err) => return job.conclude(Outcome::Failed, Some(err.to_string())),
     };
-    let copied = copy_all(job, &chain, plan);
+    // Past the last chunk there is no pause point left: a pause asked for
+    // from here on returns at once, and a cancel still stops the pivot.
+    let copied = copy_all(job, &chain, plan).and_then(|()| job.work_done());
     let finished = match copied {
         Err(Stop::Cancelled) => (Outcome::Cancelled, None),
         Err(Stop::Failed) => (Outcome::Failed, job.error()),
@@ -131,7 +133,7 @@ fn copy_all(job: &Job, chain: &Chain, plan: &StreamPlan) -> Result<(), Stop> {
 
 /// Applies `on-error` to a failed chunk: `Ok(true)` to skip it, `Ok(false)`
 /// to retry it (after a pause), `Err` when the job must stop.
-fn handle_error(
+pub(super) fn handle_error(
     job: &Job,
     policy: OnError,
     operation: &str,

@@ -345,10 +345,15 @@ pub fn s(path: &Path) -> &str {
 
 /// Writes one command to `ctl/command`; returns the errno of a refusal.
 pub fn command(m: &Mounted, text: &str) -> Result<(), i32> {
+    command_at(&m.mnt, text)
+}
+
+/// [`command`] by mount point, for a thread that cannot borrow the mount.
+pub fn command_at(mnt: &Path, text: &str) -> Result<(), i32> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .open(m.path("ctl/command"))
+        .open(mnt.join("ctl/command"))
         .unwrap();
     file.write_all(text.as_bytes())
         .map_err(|e| e.raw_os_error().unwrap_or(-1))
@@ -366,4 +371,37 @@ pub fn events(m: &Mounted) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+/// A tmpfs of a given size mounted for a test (to fill a disk), unmounted
+/// when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `megabytes` at `dir`; `None` (after saying so)
+    /// when not root, which mounting needs.
+    pub fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(!in_ci(), "the full-disk tests need root under CI");
+            eprintln!("!!!!!!!! SKIPPED: mounting a tmpfs needs root; this test checked NOTHING");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let size = format!("size={megabytes}M");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs", s(dir)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", s(&self.0)])
+            .status();
+    }
 }

@@ -323,7 +323,10 @@ fn opens_that_see_the_same_text_share_one_rendering() {
 fn a_command_write_that_is_not_a_whole_command_is_refused_whole() {
     let f = fixture(false);
     let command = f.open("ctl/command", true).unwrap();
-    let long = format!("stream id={}\n", "j".repeat(ctl::MAX_COMMAND));
+    let long = format!(
+        "stream id={}\n",
+        "j".repeat(crate::jobs::command::MAX_COMMAND_BYTES)
+    );
     assert_eq!(
         errno(f.model.write(command, 0, long.as_bytes())),
         libc::EINVAL
@@ -339,6 +342,13 @@ fn a_command_write_that_is_not_a_whole_command_is_refused_whole() {
     );
     let status = f.open("ctl/status.json", false).unwrap();
     assert_eq!(f.model.read(status, 0, 4096).unwrap(), b"[]\n", "no job");
+    // The jobs layer refused the first piece, so it is logged as refused.
+    let events = f.open("ctl/events", false).unwrap();
+    let events = f.model.read(events, 0, 1 << 20).unwrap();
+    let rejected = String::from_utf8_lossy(&events)
+        .matches("COMMAND_REJECTED")
+        .count();
+    assert_eq!(rejected, 1, "the first piece, and only it, is logged");
 
     // A shell reusing the descriptor writes each command at a later offset.
     let first = b"stream id=a speed=64K\n";

@@ -1,0 +1,257 @@
+//! Where a file a command creates goes (the `snapshot` image today; the
+//! `mirror` and `backup` targets will come through here too).
+//!
+//! Two rules, decided before any lock is taken:
+//!
+//! * A relative path is relative to the active image's directory, as a
+//!   relative backing name is relative to its image: never to the daemon's
+//!   working directory, which is `/` once it has detached.
+//! * No target may be inside the mount itself (EINVAL): opening a file in
+//!   its own mount while it holds the chain's lock would make the daemon
+//!   wait for itself. The parent directory is resolved symlink by symlink
+//!   without ever looking inside the mount point (a look there is a request
+//!   to this daemon), and its device is then compared with the mount's, so
+//!   that another path to the mount (a bind mount) is caught too.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use super::registry::Refusal;
+use crate::chain::Chain;
+
+/// How many symlinks one resolution follows before giving up (Linux's
+/// limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// Where the chain is mounted, as the jobs layer needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpot {
+    /// The mount point, canonical.
+    pub point: PathBuf,
+    /// The `st_dev` of files in the mount, when the mount table told it.
+    pub device: Option<u64>,
+}
+
+/// The file a command names as `file`, made absolute and checked: relative
+/// to the active image's directory, its parent directory with every
+/// symlink resolved, and refused if it lies inside `mount`.
+pub fn place(file: &Path, chain: &Chain, mount: Option<&MountSpot>) -> Result<PathBuf, Refusal> {
+    let absolute = resolve_relative(file, &active_dir(chain));
+    let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(Refusal::Invalid(format!(
+            "{} does not name a file",
+            file.display()
+        )));
+    };
+    let parent = match mount {
+        Some(mount) => outside_mount(parent, mount)?,
+        None => canonical_or_lexical(parent, None).map_err(|e| invalid(parent, &e))?,
+    };
+    Ok(parent.join(name))
+}
+
+/// The directory relative target paths are taken from: the active image's,
+/// by the path the chain opened it with (as its backing names are read).
+pub fn active_dir(chain: &Chain) -> PathBuf {
+    let active = chain.active();
+    let path = if active.path().is_absolute() {
+        active.path()
+    } else {
+        active.canonical_path()
+    };
+    path.parent().unwrap_or(Path::new("/")).to_path_buf()
+}
+
+/// `file` if absolute, else `file` under `dir`.
+pub fn resolve_relative(file: &Path, dir: &Path) -> PathBuf {
+    if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        dir.join(file)
+    }
+}
+
+/// `dir` canonical, or EINVAL if it is the mount or inside it.
+pub fn outside_mount(dir: &Path, mount: &MountSpot) -> Result<PathBuf, Refusal> {
+    let inside = || {
+        Refusal::Invalid(format!(
+            "{} is inside the mount at {}: a target must be outside it",
+            dir.display(),
+            mount.point.display()
+        ))
+    };
+    let canonical = match canonical_or_lexical(dir, Some(&mount.point)) {
+        Ok(canonical) => canonical,
+        Err(Walk::Inside) => return Err(inside()),
+        Err(error) => return Err(invalid(dir, &error)),
+    };
+    if let (Some(device), Ok(metadata)) = (mount.device, std::fs::metadata(&canonical)) {
+        if metadata.dev() == device {
+            return Err(inside());
+        }
+    }
+    Ok(canonical)
+}
+
+/// Why a walk stopped.
+#[derive(Debug)]
+enum Walk {
+    /// It reached the mount point.
+    Inside,
+    /// A symlink loop, or a component that could not be read.
+    Failed(io::Error),
+}
+
+fn invalid(path: &Path, error: &Walk) -> Refusal {
+    match error {
+        Walk::Inside => Refusal::Invalid(format!("{} is inside the mount", path.display())),
+        Walk::Failed(error) => Refusal::Invalid(format!("{}: {error}", path.display())),
+    }
+}
+
+/// `dir` (absolute) with every symlink resolved and `.`/`..` folded, as
+/// `realpath` makes it, except that a part that does not exist is kept as
+/// written (creating the target will then say so), and that the walk stops
+/// with [`Walk::Inside`] on reaching `mount_point` instead of looking in
+/// (so a path that passes through the mount point is refused even if it
+/// climbs back out with `..`).
+fn canonical_or_lexical(dir: &Path, mount_point: Option<&Path>) -> Result<PathBuf, Walk> {
+    let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
+    let mut resolved = PathBuf::from("/");
+    let mut symlinks = 0;
+    let mut missing = false;
+    // `pending` holds paths still to walk, innermost last: a symlink's
+    // target is walked before the rest of the path that led to it.
+    while let Some(path) = pending.pop() {
+        let owned: Vec<Component> = path.components().collect();
+        for (index, component) in owned.iter().enumerate() {
+            match component {
+                Component::RootDir | Component::Prefix(_) => resolved = PathBuf::from("/"),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => {
+                    let next = resolved.join(name);
+                    if mount_point.is_some_and(|point| next == point) {
+                        return Err(Walk::Inside);
+                    }
+                    if missing {
+                        resolved = next;
+                        continue;
+                    }
+                    match std::fs::symlink_metadata(&next) {
+                        Ok(metadata) if metadata.file_type().is_symlink() => {
+                            symlinks += 1;
+                            if symlinks > MAX_SYMLINKS {
+                                return Err(Walk::Failed(io::Error::from_raw_os_error(
+                                    libc::ELOOP,
+                                )));
+                            }
+                            let link = std::fs::read_link(&next).map_err(Walk::Failed)?;
+                            let rest: PathBuf = owned[index + 1..].iter().collect();
+                            pending.push(rest);
+                            pending.push(link);
+                            break;
+                        }
+                        Ok(_) => resolved = next,
+                        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                            missing = true;
+                            resolved = next;
+                        }
+                        Err(error) => return Err(Walk::Failed(error)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spot(point: &Path) -> MountSpot {
+        MountSpot {
+            point: point.to_path_buf(),
+            device: None,
+        }
+    }
+
+    #[test]
+    fn relative_targets_are_under_the_given_directory() {
+        assert_eq!(
+            resolve_relative(Path::new("../x.qcow2"), Path::new("/img/top")),
+            Path::new("/img/top/../x.qcow2")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("/abs/x.qcow2"), Path::new("/img")),
+            Path::new("/abs/x.qcow2")
+        );
+    }
+
+    #[test]
+    fn the_mount_point_is_never_looked_into_even_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let mnt = root.join("mnt");
+        std::fs::create_dir_all(mnt.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&mnt, root.join("link")).unwrap();
+        std::os::unix::fs::symlink("mnt/sub", root.join("relative-link")).unwrap();
+        let mount = spot(&mnt);
+        for inside in [
+            mnt.clone(),
+            mnt.join("sub"),
+            root.join("link"),
+            root.join("link/sub"),
+            root.join("relative-link"),
+            root.join("mnt/../mnt/sub"),
+        ] {
+            let refused = outside_mount(&inside, &mount).unwrap_err();
+            assert!(
+                matches!(refused, Refusal::Invalid(ref why) if why.contains("inside the mount")),
+                "{}: {refused}",
+                inside.display()
+            );
+        }
+        assert_eq!(outside_mount(&root, &mount).unwrap(), root);
+        assert_eq!(
+            outside_mount(&root.join("link/.."), &mount)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL,
+            "a path through the mount point is refused even if it climbs out"
+        );
+        assert_eq!(
+            outside_mount(&root.join("nowhere/deeper"), &mount).unwrap(),
+            root.join("nowhere/deeper")
+        );
+    }
+
+    #[test]
+    fn the_mount_device_catches_another_path_to_the_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let device = std::fs::metadata(&root).unwrap().dev();
+        let mount = MountSpot {
+            point: PathBuf::from("/nonexistent-mount-point"),
+            device: Some(device),
+        };
+        assert_eq!(
+            outside_mount(&root, &mount).unwrap_err().errno(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn a_symlink_loop_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::os::unix::fs::symlink("b", root.join("a")).unwrap();
+        std::os::unix::fs::symlink("a", root.join("b")).unwrap();
+        let refused = outside_mount(&root.join("a"), &spot(Path::new("/mnt-x"))).unwrap_err();
+        assert_eq!(refused.errno(), libc::EINVAL);
+    }
+}

@@ -1,0 +1,590 @@
+//! `commit` through a real mount, QEMU's commit scenarios (qemu-iotests 040
+//! and its neighbours): intermediate commits that merge down and reback,
+//! active commits that become ready, pivot, or are cancelled, with QEMU's
+//! own tools as the oracles.
+
+mod common;
+mod fs_common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use fs_common::*;
+
+/// Waits until `done` holds for job `id` in `status.json`; returns the job.
+fn wait_job(m: &Mounted, id: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = status_json(m);
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|job| job["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} never got there: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until job `id` has an outcome; returns the job.
+fn wait_outcome(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| job.get("outcome").is_some())
+}
+
+/// Waits until job `id` is ready.
+fn wait_ready(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| {
+        job["status"] == "ready" || job.get("outcome").is_some()
+    })
+}
+
+/// The names in the mount's root, sorted.
+fn names_in(m: &Mounted) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The names of the events logged so far.
+fn event_names(m: &Mounted) -> Vec<String> {
+    events(m)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The backing files of `top`'s chain as `qemu-img info` sees it, top first.
+fn qemu_chain(top: &std::path::Path) -> Vec<String> {
+    common::qemu_img_info_chain(top)
+        .iter()
+        .map(|node| {
+            let name = node["filename"].as_str().unwrap();
+            name.rsplit('/').next().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Every node file of the mount equals `qemu-img convert` of its image.
+fn assert_node_files_match_qemu(five: &FiveChain, names: &[&str], views: &[Vec<u8>]) {
+    for (name, view) in names.iter().zip(views) {
+        assert!(
+            convert_raw(&five.image(name)) == *view,
+            "{name}: qemu-img convert differs from what the mount showed"
+        );
+    }
+}
+
+#[test]
+fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let before: Vec<Vec<u8>> = FiveChain::names()
+        .iter()
+        .map(|n| convert_raw(&five.image(n)))
+        .collect();
+    let m = mount_default(&five.top(), five.dir.path());
+    let hidden = File::open(m.path("file-C.img")).unwrap();
+    let departing = File::open(m.path("file-D.img")).unwrap();
+    // The kernel may cache a backing node's pages; the base's must go.
+    assert!(read_all(&m.path("file-B.img")) == before[1]);
+    command(&m, "commit top=file-D.img base=file-B.img id=c1\n").unwrap();
+    // The intermediate leaves the mount when the command returns.
+    assert!(!names_in(&m).contains(&"file-C.img".to_string()));
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        errno_of(hidden.read_at(&mut buf, 0), "read a hidden node"),
+        libc::EIO
+    );
+    let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
+    assert!(
+        chain
+            .lines()
+            .any(|l| l.starts_with("file-C.img:") && l.ends_with(" hidden")),
+        "{chain}"
+    );
+    let job = wait_outcome(&m, "c1");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(job["type"], "commit");
+    assert_eq!(job["offset"], job["len"]);
+    assert_eq!(
+        names_in(&m),
+        ["active", "ctl", "file-A.img", "file-B.img", "file-E.img"]
+    );
+    // Base now shows what the top showed: C's and D's data and D's zeros
+    // over B's own, with B's own data where neither held anything.
+    let base = read_all(&m.path("file-B.img"));
+    assert!(
+        base == before[3],
+        "the base does not show the old top's view"
+    );
+    assert_eq!(base[30 << 20], 0xb2);
+    assert_eq!(base[32 << 20], 0xc2);
+    assert_eq!(base[33 << 20], 0xd2);
+    assert!(base[3 << 20..4 << 20].iter().all(|&b| b == 0), "D's zeros");
+    assert!(read_all(&m.path("file-E.img")) == before[4]);
+    assert!(read_all(&m.path("file-A.img")) == before[0]);
+    let mut held = vec![0u8; FIVE_SIZE as usize];
+    departing.read_exact_at(&mut held, 0).unwrap();
+    assert!(
+        held == before[3],
+        "a handle on the old top reads what it held"
+    );
+    assert!(event_names(&m).iter().any(|e| e == "CHAIN_CHANGED"));
+    drop((hidden, departing));
+    m.unmount();
+    for name in ["file-B.img", "file-E.img"] {
+        common::qemu_img_check(&five.image(name));
+    }
+    assert_eq!(
+        qemu_chain(&five.top()),
+        ["file-E.img", "file-B.img", "file-A.img"]
+    );
+    assert_node_files_match_qemu(
+        &five,
+        &["file-A.img", "file-B.img", "file-E.img"],
+        &[before[0].clone(), before[3].clone(), before[4].clone()],
+    );
+}
+
+/// `active` and the active node's file opened for reading and writing.
+fn open_rw(m: &Mounted, name: &str) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path(name))
+        .unwrap()
+}
+
+/// Writes `data` at `offset` through `file` and into `model`.
+fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
+    file.write_all_at(data, offset).unwrap();
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+#[test]
+fn active_commit_becomes_ready_and_complete_pivots_onto_the_base() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let mut model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    let active = open_rw(&m, "active");
+    let old_top = open_rw(&m, "file-E.img");
+    command(&m, "commit top=active base=file-B.img id=a1").unwrap();
+    assert_eq!(
+        names_in(&m),
+        ["active", "ctl", "file-A.img", "file-B.img", "file-E.img"]
+    );
+    write_model(&active, &mut model, 5 << 20, &[0x51; 100_000]);
+    let job = wait_ready(&m, "a1");
+    assert_eq!(job["status"], "ready", "{job}");
+    assert_eq!(job["ready"], true);
+    assert_eq!(job["remaining"], 0);
+    assert!(event_names(&m).iter().any(|e| e == "BLOCK_JOB_READY"));
+    // Kept in step after ready.
+    write_model(&active, &mut model, 7 << 20, &[0x52; 65536]);
+    write_model(&old_top, &mut model, 9 << 20, &[0x53; 4096]);
+    command(&m, "complete id=a1").unwrap();
+    let job = wait_outcome(&m, "a1");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(names_in(&m), ["active", "ctl", "file-A.img", "file-B.img"]);
+    let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
+    assert!(chain.starts_with("file-A.img <- file-B.img\n"), "{chain}");
+    assert!(read_all(&m.path("active")) == model, "a write was lost");
+    // The `active` handle opened before the pivot now writes the base.
+    write_model(&active, &mut model, 11 << 20, &[0x54; 8192]);
+    assert!(read_all(&m.path("file-B.img")) == model);
+    assert_eq!(
+        errno_of(old_top.write_at(&[1], 0), "write the old top"),
+        libc::EROFS
+    );
+    drop((active, old_top));
+    m.unmount();
+    common::qemu_img_check(&five.image("file-B.img"));
+    common::qemu_img_check(&five.top());
+    assert_eq!(
+        qemu_chain(&five.image("file-B.img")),
+        ["file-B.img", "file-A.img"]
+    );
+    assert!(convert_raw(&five.image("file-B.img")) == model);
+}
+
+#[test]
+fn soft_cancel_after_ready_finishes_the_copy_without_a_pivot() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let mut model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    let active = open_rw(&m, "active");
+    command(&m, "commit top=active base=file-C.img id=s1").unwrap();
+    wait_ready(&m, "s1");
+    write_model(&active, &mut model, 13 << 20, &[0x61; 300_000]);
+    command(&m, "cancel id=s1").unwrap();
+    let job = wait_outcome(&m, "s1");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(
+        names_in(&m),
+        [
+            "active",
+            "ctl",
+            "file-A.img",
+            "file-B.img",
+            "file-C.img",
+            "file-E.img"
+        ],
+        "no pivot; the intermediate stays hidden"
+    );
+    assert!(read_all(&m.path("active")) == model);
+    assert!(
+        read_all(&m.path("file-C.img")) == model,
+        "the base is a copy as of the cancel"
+    );
+    write_model(&active, &mut model, 0, &[0x62; 4096]);
+    drop(active);
+    m.unmount();
+    common::qemu_img_check(&five.image("file-C.img"));
+    common::qemu_img_check(&five.top());
+    assert_eq!(
+        qemu_chain(&five.top()),
+        [
+            "file-E.img",
+            "file-D.img",
+            "file-C.img",
+            "file-B.img",
+            "file-A.img"
+        ]
+    );
+    assert!(convert_raw(&five.top()) == model);
+}
+
+#[test]
+fn force_cancel_after_ready_and_cancel_before_ready_abort() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let mut model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    let active = open_rw(&m, "active");
+    command(&m, "commit top=active base=file-B.img id=f1").unwrap();
+    wait_ready(&m, "f1");
+    write_model(&active, &mut model, 17 << 20, &[0x71; 70_000]);
+    command(&m, "cancel id=f1 force=on").unwrap();
+    let job = wait_outcome(&m, "f1");
+    assert_eq!(job["outcome"], "cancelled", "{job}");
+    // Before ready: a slow commit that cannot get there in time.
+    command(&m, "commit top=active base=file-B.img id=f2 speed=64k").unwrap();
+    let job = wait_job(&m, "f2", |job| job["offset"].as_u64() > Some(0));
+    assert_eq!(job["ready"], false, "{job}");
+    assert!(job["remaining"].as_u64() > Some(0), "{job}");
+    command(&m, "pause id=f2").unwrap();
+    let held = status_json(&m)[1]["offset"].clone();
+    assert_eq!(status_json(&m)[1]["status"], "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status_json(&m)[1]["offset"], held, "a paused commit moved");
+    command(&m, "resume id=f2").unwrap();
+    assert_eq!(status_json(&m)[1]["status"], "running");
+    assert_eq!(command(&m, "complete id=f2"), Err(libc::EBUSY));
+    command(&m, "cancel id=f2").unwrap();
+    let job = wait_outcome(&m, "f2");
+    assert_eq!(job["outcome"], "cancelled", "{job}");
+    assert!(read_all(&m.path("active")) == model);
+    drop(active);
+    m.unmount();
+    common::qemu_img_check(&five.image("file-B.img"));
+    common::qemu_img_check(&five.top());
+    assert_eq!(
+        qemu_chain(&five.top()),
+        [
+            "file-E.img",
+            "file-D.img",
+            "file-C.img",
+            "file-B.img",
+            "file-A.img"
+        ],
+        "every backing pointer as it was"
+    );
+    assert!(convert_raw(&five.top()) == model);
+}
+
+#[test]
+fn impossible_commits_are_refused_with_their_errno() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let m = mount_default(&five.top(), five.dir.path());
+    for (text, errno) in [
+        ("commit top=file-B.img base=file-D.img", libc::EINVAL),
+        ("commit top=file-C.img base=file-C.img", libc::EINVAL),
+        (
+            "commit top=active base=file-B.img backing-file=x.img",
+            libc::EINVAL,
+        ),
+        ("commit top=file-D.img", libc::EINVAL),
+        ("commit top=nope.img base=file-B.img", libc::ENOENT),
+        ("commit top=active base=nope.img", libc::ENOENT),
+        (
+            "commit top=active base=file-B.img copy-mode=eager",
+            libc::EINVAL,
+        ),
+    ] {
+        assert_eq!(command(&m, text), Err(errno), "{text}");
+        let last = events(&m).last().cloned().unwrap();
+        assert_eq!(last["event"], "COMMAND_REJECTED", "{text}");
+    }
+    command(&m, "stream node=file-D.img base=file-B.img id=st speed=64k").unwrap();
+    assert_eq!(command(&m, "complete id=st"), Err(libc::EBUSY));
+    assert_eq!(
+        command(&m, "commit top=active base=file-C.img"),
+        Err(libc::EBUSY),
+        "the commit would touch the stream's node"
+    );
+    command(&m, "cancel id=st").unwrap();
+    wait_outcome(&m, "st");
+    m.unmount();
+    let read_only = mount(
+        &five.top(),
+        &five.dir.path().join("ro"),
+        &chainfs::fs::MountOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        command(&read_only, "commit top=active base=file-B.img"),
+        Err(libc::EROFS)
+    );
+    read_only.unmount();
+}
+
+/// fio (4 jobs, crc32c) writes `active` while an active commit in
+/// `copy_mode` becomes ready and completes; fio then verifies what it wrote
+/// through the pivot, and after unmount the new top equals what `active`
+/// showed.
+fn fio_through_ready_and_complete(copy_mode: &str) {
+    if !require_all(&["fio"]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let m = mount_default(&five.top(), five.dir.path());
+    command(
+        &m,
+        &format!("commit top=active base=file-B.img id=f copy-mode={copy_mode}"),
+    )
+    .unwrap();
+    let active = m.path("active");
+    let target = format!("--filename={}", s(&active));
+    let fio = std::thread::spawn(move || {
+        common::run_any(
+            "fio",
+            &[
+                "--name=verify",
+                &target,
+                "--rw=randwrite",
+                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
+                "--numjobs=4",
+                "--size=12M",
+                "--offset_increment=16M",
+                "--ioengine=psync",
+                "--direct=1",
+                "--rate=3m",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--randrepeat=0",
+                "--group_reporting",
+                "--verify_state_save=0",
+            ],
+        )
+    });
+    let job = wait_ready(&m, "f");
+    assert_eq!(job["status"], "ready", "{job}");
+    command(&m, "complete id=f").unwrap();
+    let job = wait_outcome(&m, "f");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(
+        !fio.is_finished(),
+        "fio ended before the pivot: the test raced nothing"
+    );
+    let output = fio.join().unwrap();
+    assert!(
+        output.status.success(),
+        "fio failed across the commit:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(names_in(&m), ["active", "ctl", "file-A.img", "file-B.img"]);
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    common::qemu_img_check(&five.image("file-B.img"));
+    assert!(
+        convert_raw(&five.image("file-B.img")) == shown,
+        "the new top differs from what active showed"
+    );
+}
+
+#[test]
+fn fio_verifies_across_an_active_commit_in_the_background() {
+    fio_through_ready_and_complete("background");
+}
+
+#[test]
+fn fio_verifies_across_an_active_commit_with_blocking_writes() {
+    fio_through_ready_and_complete("write-blocking");
+}
+
+#[test]
+fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it() {
+    if !require_all(&[]) {
+        return;
+    }
+    // qemu-iotests 040's layout: base and mid write at different offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let qemu_img = |args: &[&str]| common::run_ok_in(Some(dir.path()), "qemu-img", args);
+    qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    let io = |image: &str, commands: &[&str]| {
+        let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
+        common::qemu_io(&at(image), "qcow2", &commands);
+    };
+    io(
+        "base.qcow2",
+        &["write -P 0xab 0 512k", "write -P 0xcd 2M 1M"],
+    );
+    io("mid.qcow2", &["write -P 0xef 512k 512k", "discard 2M 1M"]);
+    let top_before = convert_raw(&at("top.qcow2"));
+    let m = mount_default(&at("top.qcow2"), dir.path());
+    command(&m, "commit top=mid.qcow2 base=base.qcow2 id=c").unwrap();
+    let job = wait_outcome(&m, "c");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(
+        read_all(&m.path("top.qcow2")) == top_before,
+        "the top's view changed"
+    );
+    let base = read_all(&m.path("base.qcow2"));
+    assert!(
+        base[..512 << 10].iter().all(|&b| b == 0xab),
+        "base's own pattern"
+    );
+    assert!(
+        base[512 << 10..1 << 20].iter().all(|&b| b == 0xef),
+        "mid's pattern"
+    );
+    assert!(
+        base[2 << 20..3 << 20].iter().all(|&b| b == 0),
+        "mid's discard"
+    );
+    m.unmount();
+    common::qemu_img_check(&at("base.qcow2"));
+    common::qemu_img_check(&at("top.qcow2"));
+    let chain: Vec<String> = common::qemu_img_info_chain(&at("top.qcow2"))
+        .iter()
+        .map(|n| {
+            n["filename"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(chain, ["top.qcow2", "base.qcow2"]);
+    // Whole clusters became zeros in the base, not written zero bytes.
+    let map = common::qemu_img(&[
+        "map",
+        "-U",
+        "--output=json",
+        common::path_str(&at("base.qcow2")),
+    ]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let at_2m = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap();
+            start <= 2 << 20 && 2 << 20 < start + e["length"].as_u64().unwrap()
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(at_2m["zero"], true, "{map}");
+    assert_eq!(at_2m["data"], false, "{map}");
+    let qemu_base = convert_raw(&at("base.qcow2"));
+    assert!(qemu_base == base, "qemu-img convert of the base differs");
+    assert!(convert_raw(&at("top.qcow2")) == top_before);
+}
+
+#[test]
+fn complete_is_accepted_in_standby_and_pivots_on_resume() {
+    if !require_all(&[]) {
+        return;
+    }
+    let five = FiveChain::build();
+    let model = convert_raw(&five.top());
+    let m = mount_default(&five.top(), five.dir.path());
+    command(&m, "commit top=active base=file-D.img id=sb").unwrap();
+    wait_ready(&m, "sb");
+    command(&m, "pause id=sb").unwrap();
+    assert_eq!(status_json(&m)[0]["status"], "standby");
+    command(&m, "complete id=sb").unwrap();
+    assert_eq!(
+        status_json(&m)[0]["status"],
+        "standby",
+        "parked until resumed"
+    );
+    command(&m, "resume id=sb").unwrap();
+    let job = wait_outcome(&m, "sb");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(
+        names_in(&m),
+        [
+            "active",
+            "ctl",
+            "file-A.img",
+            "file-B.img",
+            "file-C.img",
+            "file-D.img"
+        ]
+    );
+    assert!(read_all(&m.path("active")) == model);
+    m.unmount();
+    common::qemu_img_check(&five.image("file-D.img"));
+    assert!(convert_raw(&five.image("file-D.img")) == model);
+}

@@ -1,0 +1,216 @@
+//! A commit whose base fills its disk: the base lives on a small tmpfs,
+//! and each `on-error` policy does what QEMU's does. A failed commit leaves
+//! every backing pointer as it was and the top's view unchanged; `stop`
+//! then `resume` finishes once there is room.
+
+mod common;
+mod fs_common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use fs_common::*;
+
+const SIZE: u64 = 64 * MIB;
+
+/// base.qcow2 (empty, on a tmpfs of 80 MiB that a 60 MiB filler leaves
+/// too little room in) <- mid.qcow2 (64 MiB of data) <- top.qcow2 (active).
+struct FullBase {
+    dir: tempfile::TempDir,
+    _tmpfs: Tmpfs,
+    filler: PathBuf,
+}
+
+impl FullBase {
+    fn build() -> Option<FullBase> {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        let tmpfs = Tmpfs::mount(&small, 80)?;
+        let base = small.join("base.qcow2");
+        let mid = dir.path().join("mid.qcow2");
+        let top = dir.path().join("top.qcow2");
+        common::run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", s(&base), "64M"],
+        );
+        for (image, backing) in [(&mid, &base), (&top, &mid)] {
+            common::run_ok(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    s(backing),
+                    "-F",
+                    "qcow2",
+                    s(image),
+                ],
+            );
+        }
+        common::run_ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x4c 0 64M", s(&mid)],
+        );
+        let filler = small.join("filler");
+        std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
+        Some(FullBase {
+            dir,
+            _tmpfs: tmpfs,
+            filler,
+        })
+    }
+
+    fn image(&self, name: &str) -> PathBuf {
+        if name == "base.qcow2" {
+            self.dir.path().join("small").join(name)
+        } else {
+            self.dir.path().join(name)
+        }
+    }
+
+    /// After unmount: every image is consistent, the top shows what it
+    /// showed, and its chain is `chain` (top first).
+    fn check(&self, chain: &[&str]) {
+        for name in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            common::qemu_img_check(&self.image(name));
+        }
+        let seen: Vec<String> = common::qemu_img_info_chain(&self.image("top.qcow2"))
+            .iter()
+            .map(|n| {
+                n["filename"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(seen, chain);
+        assert!(
+            convert_raw(&self.image("top.qcow2")) == vec![0x4c; SIZE as usize],
+            "the top's view changed"
+        );
+    }
+}
+
+fn job(m: &Mounted) -> serde_json::Value {
+    status_json(m)[0].clone()
+}
+
+fn wait_for(
+    m: &Mounted,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = job(m);
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{what}: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn actions(m: &Mounted) -> Vec<String> {
+    events(m)
+        .iter()
+        .filter(|e| e["event"] == "BLOCK_JOB_ERROR")
+        .map(|e| e["data"]["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn on_error_report_and_ignore_fail_the_commit_and_keep_every_backing_pointer() {
+    if !require_all(&[]) {
+        return;
+    }
+    for policy in ["report", "ignore"] {
+        let Some(disk) = FullBase::build() else {
+            return;
+        };
+        let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+        command(
+            &m,
+            &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
+        )
+        .unwrap();
+        let job = wait_for(&m, "commit ends", |j| j.get("outcome").is_some());
+        assert_eq!(job["outcome"], "failed", "{policy}: {job}");
+        assert!(
+            job["error"].as_str().unwrap().contains("No space left"),
+            "{job}"
+        );
+        if policy == "ignore" {
+            assert_eq!(job["offset"], job["len"], "ignore goes on to the end");
+        }
+        let seen = actions(&m);
+        assert!(
+            !seen.is_empty() && seen.iter().all(|a| a == policy),
+            "{seen:?}"
+        );
+        m.unmount();
+        disk.check(&["top.qcow2", "mid.qcow2", "base.qcow2"]);
+    }
+}
+
+#[test]
+fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
+    if !require_all(&[]) {
+        return;
+    }
+    for policy in ["stop", "enospc"] {
+        let Some(disk) = FullBase::build() else {
+            return;
+        };
+        let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+        command(
+            &m,
+            &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
+        )
+        .unwrap();
+        let job = wait_for(&m, "commit pauses", |j| j["status"] == "paused");
+        assert!(
+            job["error"].as_str().unwrap().contains("No space left"),
+            "{job}"
+        );
+        assert_eq!(actions(&m)[0], "stop");
+        std::fs::remove_file(&disk.filler).unwrap();
+        command(&m, "resume").unwrap();
+        let job = wait_for(&m, "commit completes", |j| j.get("outcome").is_some());
+        assert_eq!(job["outcome"], "completed", "{policy}: {job}");
+        m.unmount();
+        disk.check(&["top.qcow2", "base.qcow2"]);
+    }
+}
+
+#[test]
+fn an_active_commit_stopped_by_a_full_base_resumes_to_ready_and_pivots() {
+    if !require_all(&[]) {
+        return;
+    }
+    let Some(disk) = FullBase::build() else {
+        return;
+    };
+    let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+    command(&m, "commit top=active base=base.qcow2 on-error=stop").unwrap();
+    let job = wait_for(&m, "commit pauses", |j| j["status"] == "paused");
+    assert!(
+        job["error"].as_str().unwrap().contains("No space left"),
+        "{job}"
+    );
+    std::fs::remove_file(&disk.filler).unwrap();
+    command(&m, "resume").unwrap();
+    wait_for(&m, "commit ready", |j| j["status"] == "ready");
+    command(&m, "complete").unwrap();
+    let job = wait_for(&m, "commit completes", |j| j.get("outcome").is_some());
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(read_all(&m.path("active")) == vec![0x4c; SIZE as usize]);
+    m.unmount();
+    common::qemu_img_check(&disk.image("base.qcow2"));
+    assert!(convert_raw(&disk.image("base.qcow2")) == vec![0x4c; SIZE as usize]);
+}

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chainfs::format::qcow2::Qcow2;
+use chainfs::format::Qcow2;
 use chainfs::format::{NoBacking, OpenOptions};
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
 use common::{path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any};

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// How a range is held (re-exported for the layers above).
-pub use crate::format::Allocation;
+pub use crate::format::{Allocation, Format};
 pub use create::create_image;
 pub use error::ChainError;
 pub use node::{Node, NodeId};

@@ -25,8 +25,8 @@ pub mod state;
 pub mod stream;
 pub mod target;
 
+pub use crate::chain::Format;
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
-pub use crate::format::Format;
 pub use error::JobError;
 pub use events::EventLog;
 

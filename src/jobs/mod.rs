@@ -14,6 +14,7 @@
 
 pub mod command;
 mod commit;
+mod copier;
 mod error;
 pub mod events;
 pub mod job;

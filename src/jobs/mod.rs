@@ -15,6 +15,7 @@
 pub mod command;
 mod commit;
 pub mod content;
+mod copier;
 mod error;
 pub mod events;
 pub mod job;

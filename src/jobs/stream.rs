@@ -11,13 +11,9 @@
 use std::sync::Arc;
 
 use super::command::OnError;
+use super::copier::{linear, Copier, CopyFailure, Next};
 use super::job::{Job, Outcome, Stop};
-use crate::chain::Allocation;
 use crate::chain::{Chain, ChainError, NodeId};
-
-/// Bytes looked at per step: big enough for throughput, small enough that
-/// pause, cancel and the speed limit act promptly.
-const CHUNK: u64 = 1 << 20;
 
 /// What a stream does, decided when the command was accepted.
 #[derive(Clone, Debug)]
@@ -109,26 +105,44 @@ fn copy_all(job: &Job, chain: &Chain, plan: &StreamPlan) -> Result<(), Stop> {
         return Ok(());
     };
     let size = chain.node(plan.node).map_or(0, |n| n.virtual_size());
-    let mut buf = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        job.checkpoint()?;
-        let len = CHUNK.min(size - offset);
-        match copy_chunk(chain, plan, below, offset, len, &mut buf) {
-            Ok((scanned, copied)) => {
-                job.advance(scanned, copied);
-                offset += scanned;
-            }
-            Err((operation, err)) => {
-                if handle_error(job, plan.on_error, operation, &err)? {
-                    // Skip the chunk (`ignore`); the job will end failed.
-                    job.advance(len, 0);
-                    offset += len;
-                }
+    let copy = Copier {
+        view: below,
+        base: plan.base,
+        dest: plan.node,
+        overwrite: false,
+    };
+    copy.run(
+        chain,
+        linear(size),
+        || job.checkpoint().map(|()| true),
+        |_, len, result| progress(job, plan.on_error, len, result),
+    )?;
+    Ok(())
+}
+
+/// Accounts for a chunk of a scan that visits every byte once (stream,
+/// intermediate commit), applying `on-error` to a failed one.
+pub(super) fn progress(
+    job: &Job,
+    policy: OnError,
+    len: u64,
+    result: Result<u64, CopyFailure>,
+) -> Result<Next, Stop> {
+    match result {
+        Ok(copied) => {
+            job.advance(len, copied);
+            Ok(Next::Go)
+        }
+        Err((operation, err)) => {
+            if handle_error(job, policy, operation, &err)? {
+                // Skip the chunk (`ignore`); the job will end failed.
+                job.advance(len, 0);
+                Ok(Next::Go)
+            } else {
+                Ok(Next::Retry)
             }
         }
     }
-    Ok(())
 }
 
 /// Applies `on-error` to a failed chunk: `Ok(true)` to skip it, `Ok(false)`
@@ -159,40 +173,6 @@ pub(super) fn handle_error(
             job.report_error(operation, "report");
             job.record_error(message);
             Err(Stop::Failed)
-        }
-    }
-}
-
-/// Copies what the nodes above the base hold in the first run at `offset`
-/// (at most `len` bytes). Returns (bytes scanned, bytes copied), or the
-/// failed operation and its error.
-fn copy_chunk(
-    chain: &Chain,
-    plan: &StreamPlan,
-    below: NodeId,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(u64, u64), (&'static str, ChainError)> {
-    let extent = chain
-        .block_status(below, plan.base, offset, len)
-        .map_err(|e| ("read", e))?;
-    let run = extent.len.max(1).min(len);
-    match extent.allocation {
-        Allocation::Unallocated => Ok((run, 0)),
-        Allocation::Zero => {
-            chain
-                .populate(plan.node, offset, run, None)
-                .map_err(|e| ("write", e))?;
-            Ok((run, 0))
-        }
-        Allocation::Data => {
-            buf.resize(run as usize, 0);
-            chain.read(below, offset, buf).map_err(|e| ("read", e))?;
-            let copied = chain
-                .populate(plan.node, offset, run, Some(buf))
-                .map_err(|e| ("write", e))?;
-            Ok((run, copied))
         }
     }
 }

@@ -12,19 +12,27 @@
 //! base becomes the active layer and the top stops taking writes. A soft
 //! `cancel` does the same without the pivot.
 //!
+//! Until `ready` the job copies with the shared copier, several chunks in
+//! flight: the reader clears a run's bits before reading it, and the job's
+//! thread writes the runs in the order they were read, so a run re-read
+//! after a guest write always lands after its stale copy. Runs read but not
+//! written when the job stops copying (pause is not a stop; `complete`,
+//! cancel and errors are) are marked dirty again.
+//!
 //! `copy-mode=write-blocking`: once ready, a guest write copies its own
-//! range to the base before it returns. Copies of the job and of writers
-//! are serialised by one lock that covers clearing the bits, reading the
-//! top and writing the base, so a stale copy can never overwrite a newer
-//! one in the base.
+//! range to the base before it returns. From then on copies of the job and
+//! of writers are serialised, one at a time, by one lock that covers
+//! clearing the bits, reading the top and writing the base, so a stale
+//! copy can never overwrite a newer one in the base.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{copy_range, handle_error, CommitPlan, CopyFailure, CHUNK};
+use super::{handle_error, CommitPlan};
 use crate::chain::track::{DirtyMap, WriteHook};
 use crate::chain::{Allocation, Chain, ChainError, Node};
 use crate::jobs::command::CopyMode;
+use crate::jobs::copier::{Copier, CopyFailure, Ended, Next, CHUNK};
 use crate::jobs::job::{Job, Outcome, Stop};
 use crate::jobs::registry::LiveChain;
 use crate::jobs::state::JobStatus;
@@ -44,6 +52,7 @@ struct Tracker {
     /// version while the top is in the chain).
     chain: Arc<Chain>,
     plan: CommitPlan,
+    copy: Copier,
     /// Writers copy their own range (write-blocking, once ready).
     blocking: AtomicBool,
     /// Held while a run is cleared, read from the top and written into
@@ -74,7 +83,7 @@ impl Tracker {
         let _copier = lock(&self.copier);
         let mut from = offset;
         while let Some((start, run)) = self.dirty.take_in(from, end, CHUNK) {
-            if let Err((_, err)) = copy_range(&self.chain, &self.plan, start, run, &mut buf) {
+            if let Err((_, err)) = self.copy.copy(&self.chain, start, run, &mut buf) {
                 log::warn!("commit: a write-blocking copy failed: {err}");
                 self.dirty.mark(start, run);
                 return;
@@ -92,11 +101,7 @@ impl Tracker {
     ) -> Option<(u64, u64, Result<u64, CopyFailure>)> {
         let _copier = lock(&self.copier);
         let (offset, len) = self.dirty.take(cursor, CHUNK)?;
-        Some((
-            offset,
-            len,
-            copy_range(&self.chain, &self.plan, offset, len, buf),
-        ))
+        Some((offset, len, self.copy.copy(&self.chain, offset, len, buf)))
     }
 
     /// Waits until a write marked something, at most `timeout`.
@@ -138,6 +143,7 @@ pub(super) fn run(
         dirty: DirtyMap::new(top.virtual_size(), GRANULARITY),
         chain: Arc::clone(chain),
         plan: plan.clone(),
+        copy: plan.copy(),
         blocking: AtomicBool::new(false),
         copier: Mutex::new(()),
         kicked: Mutex::new(false),
@@ -189,6 +195,11 @@ fn copy_loop(job: &Job, tracker: &Tracker, plan: &CommitPlan) -> Result<bool, St
         if job.completion_requested() {
             return Ok(true);
         }
+        if tracker.dirty.dirty_bytes() > 0 && !tracker.blocking.load(Ordering::Acquire) {
+            // Nobody else copies yet: the copier may keep runs in flight.
+            cursor = pipelined(job, tracker, plan, cursor)?;
+            continue;
+        }
         match tracker.copy_next(cursor, &mut buf) {
             None => {
                 job.set_remaining(0, 0);
@@ -198,20 +209,70 @@ fn copy_loop(job: &Job, tracker: &Tracker, plan: &CommitPlan) -> Result<bool, St
                 }
                 tracker.wait_for_write(IDLE_POLL);
             }
-            Some((offset, len, Ok(copied))) => {
+            Some((offset, len, result)) => {
                 cursor = offset + len;
-                job.set_remaining(len, tracker.dirty.dirty_bytes());
-                job.advance(len, copied);
-            }
-            Some((offset, len, Err((operation, err)))) => {
-                // `ignore` leaves the run out (the job will end failed);
-                // a retry after `stop` needs it dirty again.
-                if !handle_error(job, plan.on_error, operation, &err)? {
-                    tracker.dirty.mark(offset, len);
-                }
+                account(job, tracker, plan, offset, len, 0, result)?;
             }
         }
     }
+}
+
+/// Copies dirty runs with several in flight until none is left or the job
+/// must look at its verbs (a cancel, `complete`); returns the cursor.
+fn pipelined(job: &Job, tracker: &Tracker, plan: &CommitPlan, cursor: u64) -> Result<u64, Stop> {
+    let cursor = AtomicU64::new(cursor);
+    // Bytes taken from the map and not yet written: still to copy.
+    let in_flight = AtomicU64::new(0);
+    let take = || {
+        let (offset, len) = tracker.dirty.take(cursor.load(Ordering::Relaxed), CHUNK)?;
+        cursor.store(offset + len, Ordering::Relaxed);
+        in_flight.fetch_add(len, Ordering::Relaxed);
+        Some((offset, len))
+    };
+    let ended = tracker.copy.run(
+        &tracker.chain,
+        take,
+        || Ok(!job.completion_requested() && job.checkpoint().is_ok()),
+        |offset, len, result| {
+            let pending = in_flight.fetch_sub(len, Ordering::Relaxed) - len;
+            account(job, tracker, plan, offset, len, pending, result)?;
+            Ok(Next::Go)
+        },
+    )?;
+    if let Ended::Stopped(unwritten) = ended {
+        // Their bits were cleared when they were taken.
+        for (offset, len) in unwritten {
+            tracker.dirty.mark(offset, len);
+        }
+    }
+    Ok(cursor.load(Ordering::Relaxed))
+}
+
+/// Accounts for a copied run (`pending` more bytes are taken and not yet
+/// written), or applies `on-error` to a failed one.
+fn account(
+    job: &Job,
+    tracker: &Tracker,
+    plan: &CommitPlan,
+    offset: u64,
+    len: u64,
+    pending: u64,
+    result: Result<u64, CopyFailure>,
+) -> Result<(), Stop> {
+    match result {
+        Ok(copied) => {
+            job.set_remaining(len, tracker.dirty.dirty_bytes() + pending);
+            job.advance(len, copied);
+        }
+        Err((operation, err)) => {
+            // `ignore` leaves the run out (the job will end failed); a
+            // retry after `stop` needs it dirty again.
+            if !handle_error(job, plan.on_error, operation, &err)? {
+                tracker.dirty.mark(offset, len);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Drains guest writes, copies what is left, flushes and, for `complete`,

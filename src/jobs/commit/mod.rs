@@ -29,17 +29,11 @@ use std::sync::Arc;
 
 use super::command::{CopyMode, OnError};
 use super::content::ContentHook;
+use super::copier::{linear, Copier};
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
 use super::registry::{resolve, LiveChain, Refusal, Registry};
-use super::stream::handle_error;
-use crate::chain::{Allocation, Chain, ChainError, Node, NodeId};
-
-/// Bytes looked at per step, as stream does.
-const CHUNK: u64 = 1 << 20;
-
-/// A failed copy: the operation (`read` or `write`, as QMP reports it)
-/// and its error.
-type CopyFailure = (&'static str, ChainError);
+use super::stream::{handle_error, progress};
+use crate::chain::{Chain, ChainError, Node, NodeId};
 
 /// A `commit` command's own words, as parsed.
 #[derive(Clone, Debug)]
@@ -68,6 +62,18 @@ struct CommitPlan {
     backing_file: Option<String>,
     on_error: OnError,
     copy_mode: CopyMode,
+}
+
+impl CommitPlan {
+    /// The copy: what the top shows above the base, written into the base.
+    fn copy(&self) -> Copier {
+        Copier {
+            view: self.top,
+            base: Some(self.base),
+            dest: self.base,
+            overwrite: true,
+        }
+    }
 }
 
 /// Checks a `commit` against the chain and starts it.
@@ -233,24 +239,12 @@ fn intermediate(
 /// Walks the whole top, chunk by chunk, applying `on-error`.
 fn copy_all(job: &Job, chain: &Chain, plan: &CommitPlan) -> Result<(), Stop> {
     let size = chain.node(plan.top).map_or(0, |n| n.virtual_size());
-    let mut buf = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        job.checkpoint()?;
-        let len = CHUNK.min(size - offset);
-        match copy_extent(chain, plan, offset, len, &mut buf) {
-            Ok((scanned, copied)) => {
-                job.advance(scanned, copied);
-                offset += scanned;
-            }
-            Err((operation, err)) => {
-                if handle_error(job, plan.on_error, operation, &err)? {
-                    job.advance(len, 0);
-                    offset += len;
-                }
-            }
-        }
-    }
+    plan.copy().run(
+        chain,
+        linear(size),
+        || job.checkpoint().map(|()| true),
+        |_, len, result| progress(job, plan.on_error, len, result),
+    )?;
     Ok(())
 }
 
@@ -282,64 +276,4 @@ fn reback_above(
         node.set_writable(false)?;
     }
     result
-}
-
-/// Copies the first run at `offset` (at most `len` bytes) as the top shows
-/// it above the base. Returns (bytes scanned, bytes copied), or the failed
-/// operation and its error.
-fn copy_extent(
-    chain: &Chain,
-    plan: &CommitPlan,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(u64, u64), CopyFailure> {
-    let extent = chain
-        .block_status(plan.top, Some(plan.base), offset, len)
-        .map_err(|e| ("read", e))?;
-    let run = extent.len.max(1).min(len);
-    match extent.allocation {
-        Allocation::Unallocated => Ok((run, 0)),
-        Allocation::Zero => {
-            chain
-                .zero_range(plan.base, offset, run)
-                .map_err(|e| ("write", e))?;
-            Ok((run, 0))
-        }
-        Allocation::Data => {
-            // run <= CHUNK: it fits in usize.
-            buf.resize(run as usize, 0);
-            chain.read(plan.top, offset, buf).map_err(|e| ("read", e))?;
-            // Where the base holds nothing yet, populate allocates whole
-            // runs at once (the fast path stream uses); only a run the base
-            // already holds part of needs the overwriting write.
-            let filled = chain
-                .populate(plan.base, offset, run, Some(buf))
-                .map_err(|e| ("write", e))?;
-            if filled < run {
-                chain
-                    .write(plan.base, offset, buf)
-                    .map_err(|e| ("write", e))?;
-            }
-            Ok((run, run))
-        }
-    }
-}
-
-/// Copies all of `offset..offset + len`, extent by extent; returns the
-/// bytes copied.
-fn copy_range(
-    chain: &Chain,
-    plan: &CommitPlan,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<u64, CopyFailure> {
-    let (mut done, mut copied) = (0, 0);
-    while done < len {
-        let (scanned, bytes) = copy_extent(chain, plan, offset + done, len - done, buf)?;
-        done += scanned;
-        copied += bytes;
-    }
-    Ok(copied)
 }

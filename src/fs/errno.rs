@@ -1,7 +1,7 @@
 //! Why a filesystem request failed, and the one place that turns a failure
 //! into the errno the caller sees. Errors from below keep their own errno
-//! policy: this delegates to [`JobError::errno`] and [`ChainError::errno`],
-//! so a host ENOSPC or EIO reaches the writer unchanged.
+//! policy: this delegates to [`JobError::errno`], which delegates to
+//! [`ChainError::errno`], so a host ENOSPC or EIO reaches the writer unchanged.
 
 use std::io;
 use std::path::PathBuf;
@@ -85,12 +85,18 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
-    /// A command or the job layer failed.
+    /// A command, the job layer or the chain below it failed (I/O on an
+    /// image, bounds): one path, so one errno policy, for all of them.
     #[error(transparent)]
     Job(#[from] JobError),
-    /// The chain failed (I/O on an image, bounds).
-    #[error(transparent)]
-    Chain(#[from] ChainError),
+}
+
+/// A chain error reaches the mount through the jobs layer's error, whose
+/// errno delegates to the chain's.
+impl From<ChainError> for FsError {
+    fn from(error: ChainError) -> FsError {
+        FsError::Job(JobError::Chain(error))
+    }
 }
 
 impl FsError {
@@ -110,15 +116,16 @@ impl FsError {
             FsError::Mountpoint { errno, .. } => *errno,
             FsError::Session { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             FsError::Job(error) => error.errno(),
-            FsError::Chain(error) => error.errno(),
         }
     }
 
     /// Whether the failure is worth a line in the log: image and host I/O
     /// failures are; a caller's mistake (ENOENT, EROFS, EPERM, …) is not.
     pub fn is_fault(&self) -> bool {
-        matches!(self, FsError::Chain(_) | FsError::Session { .. })
-            || matches!(self, FsError::Job(JobError::Chain(_)))
+        matches!(
+            self,
+            FsError::Session { .. } | FsError::Job(JobError::Chain(_))
+        )
     }
 }
 

@@ -1,6 +1,7 @@
 //! Errors of the jobs layer: why a command was rejected, or why the chain
 //! could not be flushed and closed. Each has one errno.
 
+use super::job::VerbRefused;
 use super::ChainError;
 
 /// Why a command was refused or a chain operation failed.
@@ -15,10 +16,19 @@ pub enum JobError {
     /// The mount is read-only: no command may change anything.
     #[error("the mount is read-only")]
     ReadOnly,
-    /// The command is well formed but cannot run (no such node, a
-    /// conflicting job, a state that forbids the verb, an existing file).
-    #[error(transparent)]
-    Refused(#[from] super::registry::Refusal),
+    /// A value is wrong: a node that cannot play the part it is given, a
+    /// duplicate job id, a target inside the mount (EINVAL).
+    #[error("{0}")]
+    Invalid(String),
+    /// A named node or job does not exist (ENOENT).
+    #[error("{0}")]
+    NotFound(String),
+    /// It conflicts with a job, or the job's state does not allow it (EBUSY).
+    #[error("{0}")]
+    Busy(String),
+    /// The file to create exists (EEXIST).
+    #[error("{0}")]
+    Exists(String),
     /// The chain could not be closed because something still holds it.
     #[error("the chain is still in use by {holders} holder(s); it was flushed but not closed")]
     ChainInUse {
@@ -36,7 +46,10 @@ impl JobError {
     pub fn errno(&self) -> i32 {
         match self {
             JobError::Syntax { .. } => libc::EINVAL,
-            JobError::Refused(refusal) => refusal.errno(),
+            JobError::Invalid(_) => libc::EINVAL,
+            JobError::NotFound(_) => libc::ENOENT,
+            JobError::Busy(_) => libc::EBUSY,
+            JobError::Exists(_) => libc::EEXIST,
             JobError::ReadOnly => libc::EROFS,
             JobError::ChainInUse { .. } => libc::EBUSY,
             JobError::Chain(e) => e.errno(),
@@ -56,5 +69,15 @@ impl JobError {
             other => return format!("errno {other}"),
         };
         name.to_owned()
+    }
+}
+
+impl From<VerbRefused> for JobError {
+    fn from(refused: VerbRefused) -> JobError {
+        JobError::Busy(format!(
+            "a job in state {} cannot accept {}",
+            refused.status,
+            refused.verb.name()
+        ))
     }
 }

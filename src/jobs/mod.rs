@@ -200,7 +200,7 @@ impl Jobs {
         if self.read_only {
             return Err(JobError::ReadOnly);
         }
-        Ok(self.registry.execute(command)?)
+        self.registry.execute(command)
     }
 
     /// Records a refusal in the event log and in the status.

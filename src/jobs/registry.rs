@@ -15,59 +15,17 @@ use serde_json::json;
 use super::command::{Command, OnError};
 use super::commit;
 use super::content::ContentWatchers;
-use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome, VerbRefused};
+use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome};
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
 use super::target::{self, MountSpot};
+use super::JobError;
 use crate::chain::{Chain, ChainError, NodeId};
 use crate::sync::{lock, read, write, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// How many concluded jobs stay listed (oldest dropped first) when nobody
 /// dismisses them.
 const KEPT_CONCLUDED: usize = 64;
-
-/// Why a command could not run; each maps to one errno.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// A value is wrong (EINVAL).
-    #[error("{0}")]
-    Invalid(String),
-    /// A named node or job does not exist (ENOENT).
-    #[error("{0}")]
-    NotFound(String),
-    /// It conflicts with a job, or the job's state does not allow it (EBUSY).
-    #[error("{0}")]
-    Busy(String),
-    /// The file to create exists (EEXIST).
-    #[error("{0}")]
-    Exists(String),
-    /// The chain below failed.
-    #[error(transparent)]
-    Chain(#[from] ChainError),
-}
-
-impl Refusal {
-    /// The errno of the refusal.
-    pub fn errno(&self) -> i32 {
-        match self {
-            Refusal::Invalid(_) => libc::EINVAL,
-            Refusal::NotFound(_) => libc::ENOENT,
-            Refusal::Busy(_) => libc::EBUSY,
-            Refusal::Exists(_) => libc::EEXIST,
-            Refusal::Chain(err) => err.errno(),
-        }
-    }
-}
-
-impl From<VerbRefused> for Refusal {
-    fn from(refused: VerbRefused) -> Refusal {
-        Refusal::Busy(format!(
-            "a job in state {} cannot accept {}",
-            refused.status,
-            refused.verb.name()
-        ))
-    }
-}
 
 /// Told of every change of the chain: the chain before and after.
 pub type ChainWatcher = Box<dyn Fn(&Arc<Chain>, &Arc<Chain>) + Send + Sync>;
@@ -204,7 +162,7 @@ impl Registry {
 
     /// Runs one parsed command. When it returns `Ok`, a started job is
     /// already listed.
-    pub fn execute(&self, command: Command) -> Result<(), Refusal> {
+    pub fn execute(&self, command: Command) -> Result<(), JobError> {
         match command {
             Command::Stream {
                 node,
@@ -241,13 +199,13 @@ impl Registry {
         }
     }
 
-    fn control(&self, verb: Verb, id: Option<&str>) -> Result<(), Refusal> {
+    fn control(&self, verb: Verb, id: Option<&str>) -> Result<(), JobError> {
         let job = self.find_job(id)?;
         match verb {
             Verb::Cancel => job.cancel()?,
             Verb::Pause => job.pause()?,
             Verb::Resume => job.resume()?,
-            Verb::SetSpeed => return Err(Refusal::Invalid("set-speed needs speed=RATE".into())),
+            Verb::SetSpeed => return Err(JobError::Invalid("set-speed needs speed=RATE".into())),
             Verb::Complete => job.complete()?,
             Verb::Dismiss => {
                 job.check_dismiss()?;
@@ -259,18 +217,18 @@ impl Registry {
     }
 
     /// The job `id`, or the only job when no id is given.
-    fn find_job(&self, id: Option<&str>) -> Result<Arc<Job>, Refusal> {
+    fn find_job(&self, id: Option<&str>) -> Result<Arc<Job>, JobError> {
         let jobs = lock(&self.jobs);
         match id {
             Some(id) => jobs
                 .iter()
                 .find(|job| job.id() == id)
                 .cloned()
-                .ok_or_else(|| Refusal::NotFound(format!("no job with id {id:?}"))),
+                .ok_or_else(|| JobError::NotFound(format!("no job with id {id:?}"))),
             None => match jobs.as_slice() {
                 [job] => Ok(Arc::clone(job)),
-                [] => Err(Refusal::NotFound("there is no job".into())),
-                _ => Err(Refusal::Invalid(
+                [] => Err(JobError::NotFound("there is no job".into())),
+                _ => Err(JobError::Invalid(
                     "several jobs exist: say which with id=".into(),
                 )),
             },
@@ -285,7 +243,7 @@ impl Registry {
         speed: u64,
         id: Option<String>,
         on_error: OnError,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), JobError> {
         let chain = self.chain();
         let node = resolve(&chain, node.as_deref().unwrap_or("active"))?;
         let base = base.as_deref().map(|b| resolve(&chain, b)).transpose()?;
@@ -293,10 +251,10 @@ impl Registry {
         let node_level = level(node).unwrap_or(0);
         let base_level = base.and_then(level);
         if base_level.is_some_and(|b| b >= node_level) {
-            return Err(Refusal::Invalid("base is not below node".into()));
+            return Err(JobError::Invalid("base is not below node".into()));
         }
         if backing_file.is_some() && base.is_none() {
-            return Err(Refusal::Invalid("backing-file needs base".into()));
+            return Err(JobError::Invalid("backing-file needs base".into()));
         }
         let first_kept = base_level.map_or(0, |b| b + 1);
         // The node written and every node it reads and removes; not the base.
@@ -340,7 +298,7 @@ impl Registry {
         id: Option<String>,
         setup: impl FnOnce(&LiveChain) -> T,
         body: impl FnOnce(&Job, &LiveChain, T) + Send + 'static,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), JobError> {
         let job = self.register(spec, id)?;
         let live = Arc::clone(&self.live);
         let prepared = setup(&live);
@@ -360,7 +318,7 @@ impl Registry {
                 // A job no thread runs must not stay live for ever: verbs
                 // on it would wait for a thread that never comes.
                 job.conclude(Outcome::Failed, Some(reason.clone()));
-                Refusal::Busy(reason)
+                JobError::Busy(reason)
             })?;
         lock(&self.threads).push(thread);
         Ok(())
@@ -368,12 +326,12 @@ impl Registry {
 
     /// Lists a new job under `id` (or a generated one) if it conflicts with
     /// no live job.
-    fn register(&self, mut spec: JobSpec, id: Option<String>) -> Result<Arc<Job>, Refusal> {
+    fn register(&self, mut spec: JobSpec, id: Option<String>) -> Result<Arc<Job>, JobError> {
         let mut jobs = lock(&self.jobs);
         spec.id = match id {
-            Some(id) if id.is_empty() => return Err(Refusal::Invalid("an empty job id".into())),
+            Some(id) if id.is_empty() => return Err(JobError::Invalid("an empty job id".into())),
             Some(id) if jobs.iter().any(|job| job.id() == id) => {
-                return Err(Refusal::Invalid(format!("a job with id {id:?} exists")))
+                return Err(JobError::Invalid(format!("a job with id {id:?} exists")))
             }
             Some(id) => id,
             None => loop {
@@ -387,7 +345,7 @@ impl Registry {
         if let Some(other) = jobs.iter().find(|job| {
             !job.status().is_finished() && job.touched().iter().any(|n| spec.touched.contains(n))
         }) {
-            return Err(Refusal::Busy(format!(
+            return Err(JobError::Busy(format!(
                 "job {} uses some of the same nodes",
                 other.id()
             )));
@@ -399,16 +357,16 @@ impl Registry {
     }
 
     /// A live external snapshot onto a new file.
-    fn snapshot(&self, file: &Path) -> Result<(), Refusal> {
+    fn snapshot(&self, file: &Path) -> Result<(), JobError> {
         if file.as_os_str().is_empty() {
-            return Err(Refusal::Invalid("snapshot needs a file name".into()));
+            return Err(JobError::Invalid("snapshot needs a file name".into()));
         }
         // Placed before any lock is taken: a target in the mount would
         // have the daemon wait for itself.
         let mount = lock(&self.mount).clone();
         let file = &target::place(file, &self.chain(), mount.as_ref())?;
         if std::fs::symlink_metadata(file).is_ok() {
-            return Err(Refusal::Exists(format!("{} exists", file.display())));
+            return Err(JobError::Exists(format!("{} exists", file.display())));
         }
         let active = self.chain().active().id();
         let busy = lock(&self.jobs)
@@ -416,7 +374,7 @@ impl Registry {
             .find(|job| !job.status().is_finished() && job.touched().contains(&active))
             .map(|job| job.id().to_string());
         if let Some(job) = busy {
-            return Err(Refusal::Busy(format!("job {job} uses the active node")));
+            return Err(JobError::Busy(format!("job {job} uses the active node")));
         }
         Ok(self.live.change(&|chain| chain.with_new_top(file))?)
     }
@@ -438,11 +396,11 @@ impl Registry {
 }
 
 /// The node a command names.
-pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, Refusal> {
+pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, JobError> {
     chain
         .find(name)
         .map(|node| node.id())
-        .ok_or_else(|| Refusal::NotFound(format!("no node {name:?} in the chain")))
+        .ok_or_else(|| JobError::NotFound(format!("no node {name:?} in the chain")))
 }
 
 /// Keeps the listing bounded: the oldest concluded jobs beyond

@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::registry::Refusal;
+use super::JobError;
 use crate::chain::Chain;
 
 /// How many symlinks one resolution follows before giving up (Linux's
@@ -36,10 +36,10 @@ pub struct MountSpot {
 /// The file a command names as `file`, made absolute and checked: relative
 /// to the active image's directory, its parent directory with every
 /// symlink resolved, and refused if it lies inside `mount`.
-pub fn place(file: &Path, chain: &Chain, mount: Option<&MountSpot>) -> Result<PathBuf, Refusal> {
+pub fn place(file: &Path, chain: &Chain, mount: Option<&MountSpot>) -> Result<PathBuf, JobError> {
     let absolute = resolve_relative(file, &active_dir(chain));
     let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
-        return Err(Refusal::Invalid(format!(
+        return Err(JobError::Invalid(format!(
             "{} does not name a file",
             file.display()
         )));
@@ -73,9 +73,9 @@ pub fn resolve_relative(file: &Path, dir: &Path) -> PathBuf {
 }
 
 /// `dir` canonical, or EINVAL if it is the mount or inside it.
-pub fn outside_mount(dir: &Path, mount: &MountSpot) -> Result<PathBuf, Refusal> {
+pub fn outside_mount(dir: &Path, mount: &MountSpot) -> Result<PathBuf, JobError> {
     let inside = || {
-        Refusal::Invalid(format!(
+        JobError::Invalid(format!(
             "{} is inside the mount at {}: a target must be outside it",
             dir.display(),
             mount.point.display()
@@ -103,10 +103,10 @@ enum Walk {
     Failed(io::Error),
 }
 
-fn invalid(path: &Path, error: &Walk) -> Refusal {
+fn invalid(path: &Path, error: &Walk) -> JobError {
     match error {
-        Walk::Inside => Refusal::Invalid(format!("{} is inside the mount", path.display())),
-        Walk::Failed(error) => Refusal::Invalid(format!("{}: {error}", path.display())),
+        Walk::Inside => JobError::Invalid(format!("{} is inside the mount", path.display())),
+        Walk::Failed(error) => JobError::Invalid(format!("{}: {error}", path.display())),
     }
 }
 
@@ -211,7 +211,7 @@ mod tests {
         ] {
             let refused = outside_mount(&inside, &mount).unwrap_err();
             assert!(
-                matches!(refused, Refusal::Invalid(ref why) if why.contains("inside the mount")),
+                matches!(refused, JobError::Invalid(ref why) if why.contains("inside the mount")),
                 "{}: {refused}",
                 inside.display()
             );

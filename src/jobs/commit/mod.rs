@@ -31,8 +31,9 @@ use super::command::{CopyMode, OnError};
 use super::content::ContentHook;
 use super::copier::{linear, Copier};
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
-use super::registry::{resolve, LiveChain, Refusal, Registry};
+use super::registry::{resolve, LiveChain, Registry};
 use super::stream::{handle_error, progress};
+use super::JobError;
 use crate::chain::{Chain, ChainError, Node, NodeId};
 
 /// A `commit` command's own words, as parsed.
@@ -82,14 +83,14 @@ pub(super) fn start(
     request: Request,
     speed: u64,
     id: Option<String>,
-) -> Result<(), Refusal> {
+) -> Result<(), JobError> {
     let chain = registry.chain();
     let nodes = chain.nodes();
-    let shown = |name: &str| -> Result<usize, Refusal> {
+    let shown = |name: &str| -> Result<usize, JobError> {
         let id = resolve(&chain, name)?;
         match nodes.iter().position(|n| n.id() == id) {
             Some(level) if !nodes[level].hidden() => Ok(level),
-            _ => Err(Refusal::NotFound(format!(
+            _ => Err(JobError::NotFound(format!(
                 "node {name:?} is not in the mount"
             ))),
         }
@@ -100,18 +101,18 @@ pub(super) fn start(
         None => 0,
     };
     if base >= top {
-        return Err(Refusal::Invalid("top must be above base".into()));
+        return Err(JobError::Invalid("top must be above base".into()));
     }
     let is_active = top + 1 == nodes.len();
     if is_active && request.backing_file.is_some() {
-        return Err(Refusal::Invalid(
+        return Err(JobError::Invalid(
             "backing-file needs a top below the active node".into(),
         ));
     }
     if nodes[base].virtual_size() < nodes[top].virtual_size() {
         // QEMU grows the base; chainfs cannot resize an image, and a
         // smaller base would lose what lies past its end.
-        return Err(Refusal::Invalid(format!(
+        return Err(JobError::Invalid(format!(
             "base {} is smaller than top {}",
             nodes[base].name(),
             nodes[top].name()

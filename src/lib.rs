@@ -31,3 +31,5 @@ pub mod fs;
 pub mod jobs;
 pub mod storage;
 pub mod sync;
+#[cfg(test)]
+mod test_support;

@@ -304,16 +304,12 @@ fn dirty_bits_from_qemu_and_from_earlier_opens_are_kept() {
     let size = 64 * MIB;
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(
-        &img.path,
-        "qcow2",
-        &["write 1M 64k".into(), "write 50M 1".into()],
-    );
+    qemu_io(&img.path, "qcow2", &["write 1M 64k", "write 50M 1"]);
     let first = [Op::Write(2 * MIB, 4096), Op::Zero(8 * MIB, 2 * MIB)];
     write_through_engine(&img.path, &first);
     let second = [Op::Write(2 * MIB + 65536 * 3, 10), Op::Write(60 * MIB, MIB)];
     write_through_engine(&img.path, &second);
-    qemu_io(&img.path, "qcow2", &["write 33M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 33M 4k"]);
 
     qemu_img_check(&img.path);
     assert_eq!(flags_of(&img.path, "b0"), vec!["auto"]);
@@ -408,7 +404,7 @@ fn a_crash_at_any_point_of_close_leaves_the_old_or_the_new_bitmap() {
     let size = 64 * MIB;
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 7M 4k"]);
     let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
     let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
     let ops = varied_ops(size);
@@ -453,7 +449,7 @@ fn a_crash_while_opening_leaves_the_bitmap_clean_in_use_or_ignored() {
     }
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 7M 4k"]);
     let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
     let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
     let opened = storage.op_count();

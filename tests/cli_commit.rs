@@ -5,8 +5,7 @@
 //! acknowledged write reads back from the top after a remount, and the
 //! commit then runs again to the end.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -15,17 +14,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{
-    chainfs, chainfs_bin, chainfs_processes, qemu_img, require_fuse, s, wait_child, wait_until,
-    MountGuard,
-};
+use common::cli::{chainfs, chainfs_bin, chainfs_processes, wait_child, wait_until, MountGuard};
+use common::{path_str, qemu_img, require_fuse};
 
 const SIZE: usize = 64 << 20;
 
 /// `qemu-img check`: no errors; leaked clusters (exit 3) are allowed.
 fn check_no_errors(image: &Path) {
     let output = Command::new("qemu-img")
-        .args(["check", s(image)])
+        .args(["check", path_str(image)])
         .output()
         .unwrap();
     let code = output.status.code();
@@ -63,7 +60,7 @@ enum Phase {
 /// base.qcow2 (64 MiB pattern) <- mid.qcow2 (every other MiB) <- top.qcow2.
 fn build(dir: &Path) -> Vec<u8> {
     let base = dir.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "64M"]);
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
     let raw = dir.join("pattern.raw");
     std::fs::write(&raw, &model).unwrap();
@@ -74,8 +71,8 @@ fn build(dir: &Path) -> Vec<u8> {
         "raw",
         "-O",
         "qcow2",
-        s(&raw),
-        s(&base),
+        path_str(&raw),
+        path_str(&base),
     ]);
     for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
         qemu_img(&[
@@ -87,7 +84,7 @@ fn build(dir: &Path) -> Vec<u8> {
             backing,
             "-F",
             "qcow2",
-            s(&dir.join(image)),
+            path_str(&dir.join(image)),
         ]);
     }
     let mut io = Command::new("qemu-io");
@@ -111,7 +108,7 @@ fn kill_during_an_active_commit(phase: Phase) {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     let speed = match phase {
         Phase::BeforeReady => " speed=4M",
         _ => "",
@@ -165,7 +162,7 @@ fn kill_during_an_active_commit(phase: Phase) {
         check_no_errors(&dir.path().join(name));
     }
 
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     assert!(
         std::fs::read(mnt.join("active")).unwrap() == model,
         "{phase:?}: an acknowledged write was lost"
@@ -181,11 +178,11 @@ fn kill_during_an_active_commit(phase: Phase) {
         .get("outcome")
         .is_some()));
     assert_eq!(job(&mnt)["outcome"], "completed", "{}", job(&mnt));
-    chainfs(["umount", s(&mnt)]).ok();
+    chainfs(["umount", path_str(&mnt)]).ok();
     let base = dir.path().join("base.qcow2");
     check_no_errors(&base);
     let raw = dir.path().join("base.raw");
-    qemu_img(&["convert", "-O", "raw", s(&base), s(&raw)]);
+    qemu_img(&["convert", "-O", "raw", path_str(&base), path_str(&raw)]);
     assert!(
         std::fs::read(&raw).unwrap() == model,
         "{phase:?}: the base differs after the second commit"
@@ -218,14 +215,14 @@ fn status_wait_waits_through_ready_until_complete() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     command(&mnt, "commit top=active base=base.qcow2");
     assert!(
         wait_until(Duration::from_secs(30), || job(&mnt)["status"] == "ready"),
         "the commit never became ready"
     );
     let mut waiting = Command::new(chainfs_bin())
-        .args(["status", "--wait", s(&mnt)])
+        .args(["status", "--wait", path_str(&mnt)])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -242,5 +239,5 @@ fn status_wait_waits_through_ready_until_complete() {
         Some(Some(0)),
         "--wait exits 0 once the commit completed"
     );
-    chainfs(["umount", s(&mnt)]).ok();
+    chainfs(["umount", path_str(&mnt)]).ok();
 }

@@ -3,8 +3,7 @@
 //! every acknowledged write reads back after a remount, and the same stream
 //! then completes.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -13,14 +12,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{chainfs, chainfs_processes, qemu_img, require_fuse, s, wait_until, MountGuard};
+use common::cli::{chainfs, chainfs_processes, wait_until, MountGuard};
+use common::{path_str, qemu_img, require_fuse};
 
 const SIZE: usize = 64 << 20;
 
 /// `qemu-img check`: no errors; leaked clusters (exit 3) are allowed.
 fn check_no_errors(image: &Path) {
     let output = Command::new("qemu-img")
-        .args(["check", s(image)])
+        .args(["check", path_str(image)])
         .output()
         .unwrap();
     let code = output.status.code();
@@ -53,7 +53,7 @@ fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "raw", s(&base), "64M"]);
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&base), "64M"]);
     let pattern: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
     std::fs::write(&base, &pattern).unwrap();
     qemu_img(&[
@@ -65,13 +65,13 @@ fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
         "base.img",
         "-F",
         "raw",
-        s(&top),
+        path_str(&top),
         "64M",
     ]);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     let mut model = pattern.clone();
     command(&mnt, "stream speed=8M");
     let active = OpenOptions::new()
@@ -112,7 +112,7 @@ fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
         .output();
     check_no_errors(&top);
 
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     assert!(
         std::fs::read(mnt.join("active")).unwrap() == model,
         "an acknowledged write was lost"
@@ -125,12 +125,12 @@ fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
         "the second stream never finished"
     );
     assert_eq!(status_json(&mnt)[0]["outcome"], "completed");
-    chainfs(["umount", s(&mnt)]).ok();
+    chainfs(["umount", path_str(&mnt)]).ok();
     check_no_errors(&top);
-    let info = qemu_img(&["info", "--output=json", s(&top)]);
+    let info = qemu_img(&["info", "--output=json", path_str(&top)]);
     assert!(!info.contains("backing-filename"), "{info}");
     let raw = dir.path().join("top.raw");
-    qemu_img(&["convert", "-O", "raw", s(&top), s(&raw)]);
+    qemu_img(&["convert", "-O", "raw", path_str(&top), path_str(&raw)]);
     assert!(
         std::fs::read(&raw).unwrap() == model,
         "the image differs after the second stream"

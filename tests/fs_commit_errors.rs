@@ -4,12 +4,11 @@
 //! then `resume` finishes once there is room.
 
 mod common;
-mod fs_common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 const SIZE: u64 = 64 * MIB;
 
@@ -31,7 +30,7 @@ impl FullBase {
         let top = dir.path().join("top.qcow2");
         common::run_ok(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", s(&base), "64M"],
+            &["create", "-q", "-f", "qcow2", path_str(&base), "64M"],
         );
         for (image, backing) in [(&mid, &base), (&top, &mid)] {
             common::run_ok(
@@ -42,16 +41,16 @@ impl FullBase {
                     "-f",
                     "qcow2",
                     "-b",
-                    s(backing),
+                    path_str(backing),
                     "-F",
                     "qcow2",
-                    s(image),
+                    path_str(image),
                 ],
             );
         }
         common::run_ok(
             "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x4c 0 64M", s(&mid)],
+            &["-f", "qcow2", "-c", "write -P 0x4c 0 64M", path_str(&mid)],
         );
         let filler = small.join("filler");
         std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
@@ -90,29 +89,9 @@ impl FullBase {
             .collect();
         assert_eq!(seen, chain);
         assert!(
-            convert_raw(&self.image("top.qcow2")) == vec![0x4c; SIZE as usize],
+            convert_to_raw(&self.image("top.qcow2")) == vec![0x4c; SIZE as usize],
             "the top's view changed"
         );
-    }
-}
-
-fn job(m: &Mounted) -> serde_json::Value {
-    status_json(m)[0].clone()
-}
-
-fn wait_for(
-    m: &Mounted,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = job(m);
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -212,5 +191,5 @@ fn an_active_commit_stopped_by_a_full_base_resumes_to_ready_and_pivots() {
     assert!(read_all(&m.path("active")) == vec![0x4c; SIZE as usize]);
     m.unmount();
     common::qemu_img_check(&disk.image("base.qcow2"));
-    assert!(convert_raw(&disk.image("base.qcow2")) == vec![0x4c; SIZE as usize]);
+    assert!(convert_to_raw(&disk.image("base.qcow2")) == vec![0x4c; SIZE as usize]);
 }

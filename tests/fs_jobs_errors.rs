@@ -3,74 +3,15 @@
 //! lost, and a failed stream leaves the backing pointer as it was.
 
 mod common;
-mod fs_common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 const SIZE: u64 = 64 * MIB;
-
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {
-        // SAFETY: geteuid has no preconditions and touches no memory.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(!common::in_ci(), "the full-disk tests need root under CI");
-            eprintln!("!!!!!!!! SKIPPED: mounting a tmpfs needs root; this test checked NOTHING");
-            return None;
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        let size = format!("size={megabytes}M");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &size, "tmpfs", s(dir)])
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount tmpfs");
-        Some(Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").args(["-l", s(&self.0)]).status();
-    }
-}
-
-fn job(m: &Mounted) -> serde_json::Value {
-    let jobs: serde_json::Value =
-        serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap();
-    jobs[0].clone()
-}
-
-fn wait_for(
-    m: &Mounted,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = job(m);
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn events_named(m: &Mounted, name: &str) -> Vec<serde_json::Value> {
-    events(m)
-        .into_iter()
-        .filter(|e| e["event"] == name)
-        .collect()
-}
 
 /// base.img (64 MiB of data, on the real disk) <- top.qcow2 on a tmpfs of
 /// 80 MiB that a 60 MiB filler leaves too little room in.
@@ -86,10 +27,13 @@ impl FullDisk {
         let small = dir.path().join("small");
         let tmpfs = Tmpfs::mount(&small, 80)?;
         let base = dir.path().join("base.img");
-        common::run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
+        common::run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", path_str(&base), "64M"],
+        );
         common::run_ok(
             "qemu-io",
-            &["-f", "raw", "-c", "write -P 0x3b 0 64M", s(&base)],
+            &["-f", "raw", "-c", "write -P 0x3b 0 64M", path_str(&base)],
         );
         let top = small.join("top.qcow2");
         common::run_ok(
@@ -100,10 +44,10 @@ impl FullDisk {
                 "-f",
                 "qcow2",
                 "-b",
-                s(&base),
+                path_str(&base),
                 "-F",
                 "raw",
-                s(&top),
+                path_str(&top),
                 "64M",
             ],
         );
@@ -142,13 +86,17 @@ impl FullDisk {
     fn check(&self, streamed: bool) {
         common::qemu_img_check(&self.top());
         let info = String::from_utf8(
-            common::run_ok("qemu-img", &["info", "-U", "--output=json", s(&self.top())]).stdout,
+            common::run_ok(
+                "qemu-img",
+                &["info", "-U", "--output=json", path_str(&self.top())],
+            )
+            .stdout,
         )
         .unwrap();
         assert_eq!(!info.contains("backing-filename"), streamed, "{info}");
         let mut want = vec![0x3b; SIZE as usize];
         want[1 << 20..(1 << 20) + 4096].fill(0x99);
-        assert!(convert_raw(&self.top()) == want, "content changed");
+        assert!(convert_to_raw(&self.top()) == want, "content changed");
     }
 }
 

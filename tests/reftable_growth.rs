@@ -6,9 +6,6 @@
 //! of host file, so a dozen MiB of writes moves it.
 
 mod common;
-mod fs_common;
-#[path = "cli_support.rs"]
-mod support;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -176,7 +173,7 @@ fn switching_writable_off_and_on_after_moves_keeps_the_new_table() {
 /// step rewrites the header without a backing file.
 #[test]
 fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
-    if !fs_common::require_all(&[]) {
+    if !common::require_all(&[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +196,7 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
     ]);
     let mut model = convert_to_raw(&top);
     let before = reftable_offset(&top);
-    let m = fs_common::mount_default(&top, dir.path());
+    let m = common::mount::mount_default(&top, dir.path());
     let active = std::fs::OpenOptions::new()
         .write(true)
         .open(m.path("active"))
@@ -216,13 +213,13 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
         before,
         "the refcount table did not move"
     );
-    fs_common::command(&m, "stream\n").unwrap();
-    let done = support::wait_until(Duration::from_secs(120), || {
-        let jobs = fs_common::status_json(&m);
+    common::mount::command(&m, "stream\n").unwrap();
+    let done = common::cli::wait_until(Duration::from_secs(120), || {
+        let jobs = common::mount::status_json(&m);
         jobs.as_array()
             .is_some_and(|jobs| jobs.iter().all(|job| job.get("outcome").is_some()))
     });
-    let jobs = fs_common::status_json(&m);
+    let jobs = common::mount::status_json(&m);
     assert!(done && jobs[0]["outcome"] == "completed", "{jobs}");
     m.unmount();
     let info = qemu_img(&["info", "--output=json", path_str(&top)]);

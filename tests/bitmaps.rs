@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use chainfs::format::qcow2::Qcow2;
 use chainfs::format::{NoBacking, OpenOptions};
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
-use common::{path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any};
+use common::{
+    create_qcow2, path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -47,16 +49,7 @@ fn have_tools() -> bool {
 fn create(size: &str, options: &str) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        options,
-        path_str(&path),
-        size,
-    ]);
+    create_qcow2(path_str(&path), size, options);
     Image { _dir: dir, path }
 }
 

@@ -88,10 +88,7 @@ fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;
     };
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_to_raw(&five.image(n)))
-        .collect();
+    let before = five.views();
     let m = five.mount();
     let hidden = File::open(m.path("file-C.img")).unwrap();
     let departing = File::open(m.path("file-D.img")).unwrap();

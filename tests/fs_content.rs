@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 
 use common::mount::{mount_default, read_all, FiveChain};
-use common::{assert_same_bytes, run_any, run_ok};
+use common::{assert_same_bytes, create_qcow2, run_any, run_ok};
 use common::{convert_to_raw, path_str, require_all, MIB};
 
 #[test]
@@ -79,10 +79,7 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
     }
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path().join("sparse.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", path_str(&top), "1G"],
-    );
+    create_qcow2(path_str(&top), "1G", "");
     run_ok(
         "qemu-io",
         &[

@@ -96,14 +96,7 @@ fn stream_to_the_base_while_active_is_written_keeps_every_write() {
     drop((active, reader));
     m.unmount();
     common::qemu_img_check(&five.top());
-    let info = String::from_utf8(
-        common::run_ok(
-            "qemu-img",
-            &["info", "--backing-chain", path_str(&five.top())],
-        )
-        .stdout,
-    )
-    .unwrap();
+    let info = common::qemu_img(&["info", "--backing-chain", path_str(&five.top())]);
     assert!(
         !info.contains("file-B.img") && !info.contains("file-D.img"),
         "{info}"
@@ -116,10 +109,7 @@ fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;
     };
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_to_raw(&five.image(n)))
-        .collect();
+    let before = five.views();
     let m = five.mount();
     command(&m, "stream node=file-D.img base=file-B.img id=mid").unwrap();
     let mut model = before[4].clone();
@@ -159,14 +149,7 @@ fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
     for name in ["file-D.img", "file-E.img"] {
         common::qemu_img_check(&five.image(name));
     }
-    let info = String::from_utf8(
-        common::run_ok(
-            "qemu-img",
-            &["info", "--output=json", path_str(&five.image("file-D.img"))],
-        )
-        .stdout,
-    )
-    .unwrap();
+    let info = common::qemu_img(&["info", "--output=json", path_str(&five.image("file-D.img"))]);
     assert!(
         info.contains("\"backing-filename\": \"file-B.img\""),
         "{info}"
@@ -251,10 +234,7 @@ fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow(
     drop(active);
     m.unmount();
     common::qemu_img_check(&copy);
-    let info = String::from_utf8(
-        common::run_ok("qemu-img", &["info", "--output=json", path_str(&copy)]).stdout,
-    )
-    .unwrap();
+    let info = common::qemu_img(&["info", "--output=json", path_str(&copy)]);
     assert!(!info.contains("backing-filename"), "{info}");
     assert!(convert_to_raw(&copy) == model);
 }
@@ -332,10 +312,7 @@ fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is
     let Some(five) = FiveChain::gated(&[]) else {
         return;
     };
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_to_raw(&five.image(n)))
-        .collect();
+    let before = five.views();
     let m = five.mount();
     command(
         &m,
@@ -365,14 +342,7 @@ fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is
         common::qemu_img_check(&five.image(name));
         assert!(convert_to_raw(&five.image(name)) == before[i], "{name}");
     }
-    let chain = String::from_utf8(
-        common::run_ok(
-            "qemu-img",
-            &["info", "--backing-chain", path_str(&five.top())],
-        )
-        .stdout,
-    )
-    .unwrap();
+    let chain = common::qemu_img(&["info", "--backing-chain", path_str(&five.top())]);
     assert!(
         !chain.contains("file-B.img") && !chain.contains("file-D.img"),
         "{chain}"

@@ -15,57 +15,29 @@ const SIZE: u64 = 64 * MIB;
 
 /// base.img (64 MiB of data, on the real disk) <- top.qcow2 on a tmpfs of
 /// 80 MiB that a 60 MiB filler leaves too little room in.
-struct FullDisk {
-    dir: tempfile::TempDir,
-    _tmpfs: Tmpfs,
-    filler: PathBuf,
-}
+struct FullDisk(FullTmpfs);
 
 impl FullDisk {
     fn build() -> Option<FullDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let small = dir.path().join("small");
-        let tmpfs = Tmpfs::mount(&small, 80)?;
-        let base = dir.path().join("base.img");
-        common::run_ok(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", path_str(&base), "64M"],
-        );
-        common::run_ok(
-            "qemu-io",
-            &["-f", "raw", "-c", "write -P 0x3b 0 64M", path_str(&base)],
-        );
-        let top = small.join("top.qcow2");
-        common::run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                path_str(&base),
-                "-F",
-                "raw",
-                path_str(&top),
-                "64M",
-            ],
-        );
-        let filler = small.join("filler");
-        std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
-        Some(FullDisk {
-            dir,
-            _tmpfs: tmpfs,
-            filler,
-        })
+        let room = FullTmpfs::new()?;
+        let base = room.dir.path().join("base.img");
+        qemu_img(&["create", "-q", "-f", "raw", path_str(&base), "64M"]);
+        qemu_io(&base, "raw", &["write -P 0x3b 0 64M"]);
+        let top = room.small().join("top.qcow2");
+        let (base, top) = (path_str(&base), path_str(&top));
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "64M",
+        ]);
+        room.fill();
+        Some(FullDisk(room))
     }
 
     fn top(&self) -> PathBuf {
-        self.dir.path().join("small/top.qcow2")
+        self.0.dir.path().join("small/top.qcow2")
     }
 
     fn mount(&self) -> Mounted {
-        mount_default(&self.top(), self.dir.path())
+        mount_default(&self.top(), self.0.dir.path())
     }
 
     /// Mounts, writes 4 KiB through `active` (acknowledged before the disk
@@ -85,14 +57,7 @@ impl FullDisk {
     /// with the acknowledged write.
     fn check(&self, streamed: bool) {
         common::qemu_img_check(&self.top());
-        let info = String::from_utf8(
-            common::run_ok(
-                "qemu-img",
-                &["info", "-U", "--output=json", path_str(&self.top())],
-            )
-            .stdout,
-        )
-        .unwrap();
+        let info = common::qemu_img(&["info", "-U", "--output=json", path_str(&self.top())]);
         assert_eq!(!info.contains("backing-filename"), streamed, "{info}");
         let mut want = vec![0x3b; SIZE as usize];
         want[1 << 20..(1 << 20) + 4096].fill(0x99);
@@ -145,7 +110,7 @@ fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
             events_named(&m, "BLOCK_JOB_ERROR")[0]["data"]["action"],
             "stop"
         );
-        std::fs::remove_file(&disk.filler).unwrap();
+        std::fs::remove_file(&disk.0.filler).unwrap();
         command(&m, "resume").unwrap();
         let job = wait_for(&m, "stream completes", |j| j.get("outcome").is_some());
         assert_eq!(job["outcome"], "completed", "{policy}: {job}");

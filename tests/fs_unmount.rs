@@ -11,15 +11,12 @@ use std::time::Duration;
 use chainfs::fs::{FsError, Mount, MountOptions};
 use chainfs::jobs::Jobs;
 use common::mount::{mounted, Fixture};
-use common::{path_str, require_all, MIB};
+use common::{create_qcow2, path_str, require_all, MIB};
 use common::{qemu_img_check, run_ok};
 
 fn image(dir: &Path) -> PathBuf {
     let top = dir.join("disk.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", path_str(&top), "8M"],
-    );
+    create_qcow2(path_str(&top), "8M", "");
     top
 }
 

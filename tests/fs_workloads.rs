@@ -7,48 +7,20 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::chain::overlay_with;
 use common::mount::{mount_default, mounted, read_all, Fixture};
 use common::{assert_same_bytes, pattern, qemu_img_check, run_any, run_ok};
-use common::{convert_to_raw, path_str, require_all};
+use common::{convert_to_raw, path_str, qemu_img_in, qemu_io, require_all};
 
 /// base.qcow2 (64 KiB clusters, data in places) <- top.qcow2 (4 KiB
 /// clusters, so mixed-size writes hit partial clusters and COW).
 fn chain(dir: &Path, size: &str) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", path_str(&base), size],
-    );
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x42 0 8M",
-            "-c",
-            "write -P 0x43 70M 3M",
-            path_str(&base),
-        ],
-    );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            path_str(&top),
-        ],
-    );
-    top
+    qemu_img_in(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", size]);
+    let writes = ["write -P 0x42 0 8M", "write -P 0x43 70M 3M"];
+    qemu_io(&dir.join("base.qcow2"), "qcow2", &writes);
+    let backing = Some(("base.qcow2", "qcow2"));
+    overlay_with(dir, "top.qcow2", backing, size, "cluster_size=4096");
+    dir.join("top.qcow2")
 }
 
 fn fio(active: &Path, direct: bool, offset: &str) {

@@ -11,7 +11,9 @@ use chainfs::storage::{FileStorage, Storage};
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{convert_to_raw, path_str, qemu_img_check, qemu_io, require_tool, run_ok};
+use common::{
+    convert_to_raw, create_qcow2, path_str, qemu_img_check, qemu_io, require_tool, run_ok,
+};
 
 fn open(image: &Path, writable: bool) -> Qcow2 {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(image, writable).unwrap());
@@ -53,19 +55,7 @@ struct Fixture {
 fn fixture(create_opts: &str, size: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            create_opts,
-            path_str(&image),
-            size,
-        ],
-    );
+    create_qcow2(path_str(&image), size, create_opts);
     Fixture { _dir: dir, image }
 }
 
@@ -244,19 +234,7 @@ fn external_data_files_read_and_write_with_and_without_raw_mode() {
         let image = dir.path().join("img.qcow2");
         let data = dir.path().join("img.data");
         let opts = format!("data_file={},data_file_raw={raw}", path_str(&data));
-        run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                path_str(&image),
-                "4M",
-            ],
-        );
+        create_qcow2(path_str(&image), "4M", &opts);
         qemu_io(&image, "qcow2", PATTERN_WRITES[..3].as_ref());
         let mut model = convert_to_raw(&image);
         {

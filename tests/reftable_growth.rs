@@ -16,8 +16,8 @@ use chainfs::format::qcow2::Qcow2;
 use chainfs::format::{BackingRef, Format, NoBacking, OpenOptions};
 use chainfs::storage::{FileStorage, Storage};
 use common::{
-    assert_same_bytes, convert_to_raw, path_str, pattern, qemu_img, qemu_img_check, require_qemu,
-    MIB,
+    assert_same_bytes, convert_to_raw, create_qcow2, path_str, pattern, qemu_img, qemu_img_check,
+    require_qemu, MIB,
 };
 
 const SIZE: u64 = 32 * MIB;
@@ -27,16 +27,7 @@ const SIZE: u64 = 32 * MIB;
 fn create(dir: &Path, bitmap: bool) -> std::path::PathBuf {
     let image = dir.join("img.qcow2");
     let size = SIZE.to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        path_str(&image),
-        &size,
-    ]);
+    create_qcow2(path_str(&image), &size, "cluster_size=512");
     if bitmap {
         qemu_img(&["bitmap", "--add", path_str(&image), "b0"]);
     }
@@ -179,7 +170,7 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "32M"]);
+    create_qcow2(path_str(&base), "32M", "");
     common::qemu_io(&base, "qcow2", &["write -P 0x99 20M 1M".to_string()]);
     qemu_img(&[
         "create",

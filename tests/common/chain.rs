@@ -210,9 +210,24 @@ pub fn small_chain(dir: &Path) -> [PathBuf; 2] {
 /// Creates a qcow2 overlay `name` in `dir` of `size` on `backing`
 /// (`None`: no backing) with an explicit backing format.
 pub fn overlay(dir: &Path, name: &str, backing: Option<(&str, &str)>, size: &str) {
+    overlay_with(dir, name, backing, size, "");
+}
+
+/// [`overlay`] with `-o options` (none when empty), e.g.
+/// `cluster_size=4096`.
+pub fn overlay_with(
+    dir: &Path,
+    name: &str,
+    backing: Option<(&str, &str)>,
+    size: &str,
+    options: &str,
+) {
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     if let Some((file, format)) = backing {
         args.extend(["-u", "-b", file, "-F", format]);
+    }
+    if !options.is_empty() {
+        args.extend(["-o", options]);
     }
     args.extend([name, size]);
     qemu_img_in(dir, &args);

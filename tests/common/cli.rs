@@ -251,3 +251,22 @@ pub fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
         .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
         .collect()
 }
+
+/// Kills the one daemon whose command line mentions `marker` (a test's
+/// temporary directory) with SIGKILL, waits until it is gone, and takes its
+/// dead mount at `mnt` down lazily: a crash, for the tests of what it
+/// leaves behind.
+pub fn kill_daemon(marker: &Path, mnt: &Path) {
+    let daemons = chainfs_processes(marker);
+    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our daemon's.
+    assert_eq!(unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) }, 0);
+    assert!(wait_until(Duration::from_secs(10), || chainfs_processes(
+        marker
+    )
+    .is_empty()));
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mnt)
+        .output();
+}

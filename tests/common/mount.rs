@@ -13,7 +13,7 @@ use chainfs::chain::{Chain, ChainOptions};
 use chainfs::fs::{FsError, Mount, MountOptions, RequestStats, Unmounter};
 use chainfs::jobs::Jobs;
 
-use super::tools::{in_ci, path_str, qemu_img_in, qemu_io, require_all};
+use super::tools::{convert_to_raw, in_ci, path_str, qemu_img_in, qemu_io, require_all};
 
 /// A chain mounted in this process and served on a thread.
 pub struct Mounted {
@@ -77,14 +77,9 @@ impl Mounted {
 
     /// Unmounts, waits until the images are closed, and asserts that the
     /// mount ended cleanly.
-    pub fn unmount(mut self) {
+    pub fn unmount(self) {
         self.unmounter.unmount();
-        let thread = self.thread.take().expect("mounted");
-        match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("mount at {} ended with {e}", self.mnt.display()),
-            Err(_) => panic!("mount thread at {} panicked", self.mnt.display()),
-        }
+        self.join();
     }
 }
 
@@ -341,6 +336,14 @@ impl FiveChain {
         require_all(tools).then(FiveChain::build)
     }
 
+    /// Every node's guest content as QEMU reads it, base first.
+    pub fn views(&self) -> Vec<Vec<u8>> {
+        FiveChain::names()
+            .iter()
+            .map(|n| convert_to_raw(&self.image(n)))
+            .collect()
+    }
+
     /// Mounts the active image at `<dir>/mnt` with default options.
     pub fn mount(&self) -> Mounted {
         mount_default(&self.top(), self.dir.path())
@@ -365,7 +368,12 @@ pub fn command_at(mnt: &Path, text: &str) -> Result<(), i32> {
 
 /// `ctl/status.json`, parsed.
 pub fn status_json(m: &Mounted) -> serde_json::Value {
-    serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap()
+    status_json_at(&m.mnt)
+}
+
+/// [`status_json`] by mount point, for a mount of the binary.
+pub fn status_json_at(mnt: &Path) -> serde_json::Value {
+    serde_json::from_slice(&read_all(&mnt.join("ctl/status.json"))).unwrap()
 }
 
 /// Every event in `ctl/events`, oldest first.
@@ -402,6 +410,41 @@ impl Tmpfs {
     }
 }
 
+/// A temporary directory whose `small/` is a tmpfs of 80 MiB that a
+/// 60 MiB filler leaves too little room in: where the full-disk tests put
+/// the image that fills up.
+pub struct FullTmpfs {
+    /// The temporary directory.
+    pub dir: tempfile::TempDir,
+    _tmpfs: Tmpfs,
+    /// The filler; removing it frees the room.
+    pub filler: PathBuf,
+}
+
+impl FullTmpfs {
+    /// Mounts and fills the tmpfs; `None` (after saying so) when not root.
+    pub fn new() -> Option<FullTmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let tmpfs = Tmpfs::mount(&dir.path().join("small"), 80)?;
+        let filler = dir.path().join("small/filler");
+        Some(FullTmpfs {
+            dir,
+            _tmpfs: tmpfs,
+            filler,
+        })
+    }
+
+    /// Writes the filler; call it once the images are in place.
+    pub fn fill(&self) {
+        std::fs::write(&self.filler, vec![1u8; 60 << 20]).unwrap();
+    }
+
+    /// `<dir>/small`, the tmpfs.
+    pub fn small(&self) -> PathBuf {
+        self.dir.path().join("small")
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -412,7 +455,12 @@ impl Drop for Tmpfs {
 
 /// The first job in `ctl/status.json`.
 pub fn job(m: &Mounted) -> serde_json::Value {
-    status_json(m)[0].clone()
+    job_at(&m.mnt)
+}
+
+/// [`job`] by mount point, for a mount of the binary.
+pub fn job_at(mnt: &Path) -> serde_json::Value {
+    status_json_at(mnt)[0].clone()
 }
 
 /// The first job, once `done` holds for it; panics naming `what` if that

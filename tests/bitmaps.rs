@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chainfs::format::qcow2::Qcow2;
-use chainfs::format::{NoBacking, OpenOptions};
+use chainfs::format::NoBacking;
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
 use common::{
     create_qcow2, path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any,
@@ -62,14 +62,7 @@ fn bitmap(image: &Path, args: &[&str], name: &str) {
 }
 
 fn open(storage: Arc<dyn Storage>, writable: bool) -> Qcow2 {
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    let options = OpenOptions {
-        writable,
-        cache_bytes: 1 << 20,
-    };
-    Qcow2::open(storage, &options, &no_files).unwrap()
+    common::engine::open_qcow2(storage, writable, 1 << 20)
 }
 
 fn open_file(path: &Path) -> Qcow2 {

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use chainfs::format::qcow2::Qcow2;
-use chainfs::format::{BackingRef, Format, NoBacking, OpenOptions};
-use chainfs::storage::{CrashMode, MemStorage, Storage};
+use chainfs::format::{BackingRef, Format, NoBacking};
+use chainfs::storage::{CrashMode, MemStorage};
 use rand::{Rng, SeedableRng};
 
 mod common;
@@ -19,18 +19,7 @@ use common::require_tool;
 const SIZE: usize = 8 << 20;
 
 fn open(storage: Arc<MemStorage>, writable: bool) -> Qcow2 {
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    Qcow2::open(
-        storage,
-        &OpenOptions {
-            writable,
-            cache_bytes: 256 << 10,
-        },
-        &no_files,
-    )
-    .unwrap()
+    common::engine::open_qcow2(storage, writable, 256 << 10)
 }
 
 /// What the workload did, in the storage's operation count.

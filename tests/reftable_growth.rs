@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chainfs::format::qcow2::Qcow2;
-use chainfs::format::{BackingRef, Format, NoBacking, OpenOptions};
+use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{FileStorage, Storage};
 use common::{
     assert_same_bytes, convert_to_raw, create_qcow2, path_str, pattern, qemu_img, qemu_img_check,
@@ -36,14 +36,7 @@ fn create(dir: &Path, bitmap: bool) -> std::path::PathBuf {
 
 fn open(image: &Path, writable: bool) -> Qcow2 {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(image, true).unwrap());
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    let options = OpenOptions {
-        writable,
-        cache_bytes: 1 << 20,
-    };
-    Qcow2::open(storage, &options, &no_files).unwrap()
+    common::engine::open_qcow2(storage, writable, 1 << 20)
 }
 
 /// `refcount_table_offset` as the file's header says now.

@@ -7,6 +7,7 @@
 //! * [`cases`]: the read matrix of image kinds;
 //! * [`mount`]: a chain mounted in-process, and the `mounted()` fixture;
 //! * [`cli`]: running the `chainfs` binary and watching its mounts;
+//! * [`engine`]: the qcow2 engine opened directly on a storage;
 //! * [`hostile`]: qcow2 images patched to be hostile;
 //! * here: byte patterns and comparing bytes.
 //!
@@ -20,6 +21,7 @@
 pub mod cases;
 pub mod chain;
 pub mod cli;
+pub mod engine;
 pub mod hostile;
 pub mod mount;
 pub mod tools;

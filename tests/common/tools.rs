@@ -116,7 +116,8 @@ pub fn qemu_img_in(dir: &Path, args: &[&str]) -> String {
 }
 
 /// Runs each of `commands` (e.g. `write -P 0x11 0 4k`) through one `qemu-io`
-/// on `image` of `format`, which is opened with its backing chain. Panics if any command fails (qemu-io exits non-zero
+/// on `image` of `format`, which is opened with its backing chain (in the
+/// image's directory when its path is absolute). Panics if any command fails (qemu-io exits non-zero
 /// for most failures, and prints `failed` for the rest, e.g. `read -P`).
 /// Returns its stdout.
 pub fn qemu_io<S: AsRef<str>>(image: &Path, format: &str, commands: &[S]) -> String {
@@ -126,7 +127,7 @@ pub fn qemu_io<S: AsRef<str>>(image: &Path, format: &str, commands: &[S]) -> Str
         args.push(command.as_ref());
     }
     args.push(path_str(image));
-    let output = run_ok("qemu-io", &args);
+    let output = run_ok_in(image_dir(image), "qemu-io", &args);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         !stdout.contains("failed"),
@@ -135,6 +136,13 @@ pub fn qemu_io<S: AsRef<str>>(image: &Path, format: &str, commands: &[S]) -> Str
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Where to run a QEMU tool on `image`: its directory when its path is
+/// absolute, because QEMU resolves a relative `data_file` name against its
+/// working directory, not the image's.
+fn image_dir(image: &Path) -> Option<&Path> {
+    image.parent().filter(|_| image.is_absolute())
 }
 
 /// A path as `&str`; test paths are always UTF-8.
@@ -163,7 +171,7 @@ fn convert_with(image: &Path, extra: &[&str]) -> Vec<u8> {
     let mut args = vec!["convert", "-U", "-O", "raw"];
     args.extend_from_slice(extra);
     args.extend_from_slice(&[path_str(image), out_path]);
-    qemu_img(&args);
+    run_ok_in(image_dir(image), "qemu-img", &args);
     std::fs::read(out.path()).unwrap_or_else(|e| panic!("read {out_path}: {e}"))
 }
 

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use chainfs::format::qcow2::Qcow2;
 use chainfs::format::OpenOptions;
+use chainfs::format::Qcow2;
 use chainfs::storage::{FileStorage, Storage};
 
 fn fail(what: &str, err: impl std::fmt::Display) -> ! {

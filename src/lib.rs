@@ -1,8 +1,11 @@
 //! chainfs: a FUSE filesystem that shows every node of a QEMU disk-image
 //! snapshot chain as a flat raw file.
 //!
-//! The crate is layered; each layer imports only the one directly below it
-//! (the command line may also reach the chain for `info` and `demo`):
+//! The crate is layered; each layer imports only the one directly below it.
+//! `tests/layering.rs` checks this and lists the exceptions with their
+//! reasons (the chain opens and locks host files in `storage`; the command
+//! line, where the process starts, puts the chain, the jobs and the mount
+//! together):
 //!
 //! ```text
 //! cli  →  fs  →  jobs  →  chain  →  format  →  storage

@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chainfs::format::qcow2::Qcow2;
 use chainfs::format::NoBacking;
+use chainfs::format::Qcow2;
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
 use common::{
     create_qcow2, path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any,

@@ -12,6 +12,24 @@ use helpers::*;
 
 const M: usize = 1024 * 1024;
 
+/// Lets this test process hold as many open files as the hard limit allows:
+/// each node of a chain holds its image open, and the library leaves the
+/// process's limit to the program using it (the `chainfs` command raises
+/// it where it starts).
+fn allow_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill and setrlimit
+    // to read; neither keeps the pointer.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
 /// The file name of overlay `i`; all have the same length, so a template's
 /// backing name can be patched in place.
 fn name(i: usize) -> String {
@@ -69,6 +87,7 @@ fn a_thousand_node_chain_opens_and_reads_every_layer() {
     if !have_qemu() {
         return;
     }
+    allow_open_files();
     const NODES: usize = 1000;
     let dir = tempdir();
     let d = dir.path();
@@ -120,6 +139,7 @@ fn data_in_the_top_reads_as_fast_at_any_depth() {
     if !have_qemu() {
         return;
     }
+    allow_open_files();
     let deep_dir = tempdir();
     build(deep_dir.path(), 1000, 4 * M, "65536");
     qemu_io_alone(deep_dir.path(), &name(999), "write -P 0x44 3M 1M");
@@ -147,6 +167,7 @@ fn a_chain_deeper_than_the_limit_is_refused_naming_the_image() {
     }
     let dir = tempdir();
     let d = dir.path();
+    allow_open_files();
     // base + MAX_DEPTH overlays: one image too many.
     build(d, MAX_DEPTH + 1, 65536, "512");
     let top = at(d, &name(MAX_DEPTH));
@@ -155,4 +176,29 @@ fn a_chain_deeper_than_the_limit_is_refused_naming_the_image() {
     let text = err.to_string();
     assert!(text.contains(&MAX_DEPTH.to_string()), "{text}");
     assert!(text.contains(&path_str(d, &name(1))), "{text}");
+}
+
+#[test]
+fn running_out_of_descriptors_is_reported_as_such_naming_the_limit() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    build(d, 100, 65536, "512");
+    // A hard limit of 64 that `chainfs` cannot raise: the chain must say
+    // why it stopped, not just "Too many open files".
+    let output = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" info \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_chainfs"))
+        .arg(at(d, &name(99)))
+        .output()
+        .expect("run chainfs info under a low open-file limit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("out of file descriptors after opening"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ulimit -n"), "{stderr}");
 }

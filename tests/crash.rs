@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use chainfs::format::qcow2::Qcow2;
+use chainfs::format::Qcow2;
 use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{CrashMode, MemStorage};
 use rand::{Rng, SeedableRng};

@@ -12,12 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use chainfs::format::qcow2::features::Incompatible;
-use chainfs::format::qcow2::header::Header;
-use chainfs::format::qcow2::repair::repair;
-use chainfs::format::qcow2::types::Geometry;
-use chainfs::format::qcow2::Qcow2;
-use chainfs::format::{FormatError, NoBacking, OpenOptions};
+use chainfs::format::{
+    repair_qcow2 as repair, FormatError, NoBacking, OpenOptions, Qcow2, Qcow2Geometry as Geometry,
+    Qcow2Header as Header, Qcow2Incompatible as Incompatible,
+};
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
 use common::{
     assert_same_bytes, convert_snapshot_to_raw, convert_to_raw, create_qcow2, path_str, pattern,
@@ -465,7 +463,9 @@ fn a_reference_past_the_end_of_the_file_refuses_the_repair_and_changes_nothing()
     std::fs::write(&dirty.image, &bytes).unwrap();
     let storage = Arc::new(FileStorage::open(&dirty.image, true).unwrap());
     match open_storage(storage, true) {
-        Err(FormatError::Malformed { what }) => assert!(what.contains("past the end"), "{what}"),
+        Err(err @ FormatError::Malformed { .. }) => {
+            assert!(err.to_string().contains("past the end"), "{err}")
+        }
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a hostile dirty image was opened writable"),
     }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chainfs::format::qcow2::Qcow2;
+use chainfs::format::Qcow2;
 use chainfs::format::{BackingReader, NoBacking, OpenOptions, Result as FormatResult};
 use chainfs::storage::{FileStorage, Storage};
 use rand::{Rng, SeedableRng};

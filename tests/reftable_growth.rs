@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chainfs::format::qcow2::Qcow2;
+use chainfs::format::Qcow2;
 use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{FileStorage, Storage};
 use common::{

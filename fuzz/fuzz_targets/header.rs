@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use chainfs::format::qcow2::header::Header;
+use chainfs::format::Qcow2Header as Header;
 use chainfs::storage::Storage;
 use chainfs_fuzz::BytesStorage;
 use libfuzzer_sys::fuzz_target;

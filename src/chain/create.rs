@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::ChainError;
-use crate::format::qcow2::create::{create, CreateOptions};
-use crate::format::{Format, FormatError};
+use crate::format::{create_qcow2, Format, FormatError, Qcow2CreateOptions};
 use crate::storage::{FileStorage, Storage};
 
 /// The smallest and largest cluster sizes qcow2 allows.
@@ -56,12 +55,12 @@ fn write_new(
     cluster_bits: u32,
     backing: Option<(&str, Format)>,
 ) -> Result<(), FormatError> {
-    let options = CreateOptions {
+    let options = Qcow2CreateOptions {
         size,
         cluster_bits,
         backing: backing.map(|(file, format)| (file.to_owned(), Some(format.name().to_owned()))),
         extended_l2: false,
         refcount_order: 4,
     };
-    create(storage, &options)
+    create_qcow2(storage, &options)
 }

@@ -81,6 +81,23 @@ pub enum ChainError {
         /// The limit.
         limit: usize,
     },
+    /// The process ran out of file descriptors while opening the chain:
+    /// each node holds its image open, and the open-file limit is for the
+    /// process to raise (the `chainfs` command raises it to the hard limit).
+    #[error(
+        "{}: out of file descriptors after opening {opened} images of the chain \
+         (each image stays open; raise the open-file limit, `ulimit -n`): {source}",
+        path.display()
+    )]
+    Descriptors {
+        /// The image that could not be opened.
+        path: PathBuf,
+        /// How many images of the chain were open already.
+        opened: usize,
+        /// EMFILE or ENFILE.
+        #[source]
+        source: io::Error,
+    },
     /// An image is locked by another process (e.g. a QEMU writing it).
     #[error("{}: {source}", path.display())]
     Lock {
@@ -140,9 +157,9 @@ impl ChainError {
     /// error, so ENOSPC and EIO of the host reach the writer unchanged.
     pub fn errno(&self) -> i32 {
         match self {
-            ChainError::Io { source, .. } | ChainError::MissingBacking { source, .. } => {
-                source.raw_os_error().unwrap_or(libc::EIO)
-            }
+            ChainError::Io { source, .. }
+            | ChainError::MissingBacking { source, .. }
+            | ChainError::Descriptors { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             ChainError::Image { source, .. } | ChainError::BackingImage { source, .. } => {
                 source.errno()
             }
@@ -155,6 +172,26 @@ impl ChainError {
             ChainError::OutOfBounds { .. } => libc::ENOSPC,
             ChainError::NoSuchNode { .. } => libc::ENOENT,
             ChainError::Invalid { .. } => libc::EINVAL,
+        }
+    }
+
+    /// This error, as [`ChainError::Descriptors`] if it is the OS refusing
+    /// an open for want of descriptors after `opened` images of the chain.
+    pub(super) fn out_of_descriptors(self, opened: usize) -> ChainError {
+        match self {
+            ChainError::Io { path, source }
+            | ChainError::MissingBacking {
+                backing: path,
+                source,
+                ..
+            } if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                ChainError::Descriptors {
+                    path,
+                    opened,
+                    source,
+                }
+            }
+            other => other,
         }
     }
 }

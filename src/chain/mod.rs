@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// How a range is held (re-exported for the layers above).
-pub use crate::format::Allocation;
+pub use crate::format::{Allocation, Format};
 pub use create::create_image;
 pub use error::ChainError;
 pub use node::{Node, NodeId};
@@ -160,7 +160,8 @@ impl Chain {
     /// Fills the parts of `offset..offset + len` that `node` does not hold
     /// with `data` (zeros when `None`): what a stream copies up. Never
     /// overwrites what the node holds, and is serialised with writes to the
-    /// node. The node must take writes. Returns the bytes filled.
+    /// node. The node must take writes. Returns the bytes filled; the
+    /// node's write hooks hear of the range when anything was.
     pub fn populate(
         &self,
         node: NodeId,
@@ -170,10 +171,14 @@ impl Chain {
     ) -> Result<u64, ChainError> {
         let level = self.writable_level(node, offset, len)?;
         let below = write::Below::new(&self.nodes, level);
-        self.nodes[level]
+        let filled = self.nodes[level]
             .image()
             .populate(offset, len, data, &below)
-            .map_err(|e| below.error(e))
+            .map_err(|e| below.error(e))?;
+        if filled > 0 {
+            self.nodes[level].written(offset, len);
+        }
+        Ok(filled)
     }
 
     /// Makes `offset..offset + len` of `node` read as zeros (same rules as

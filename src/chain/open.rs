@@ -63,7 +63,6 @@ pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>
             reason: "force-share requires a read-only open".into(),
         });
     }
-    raise_fd_limit();
     let top = std::path::absolute(top).map_err(|source| ChainError::Io {
         path: top.to_path_buf(),
         source,
@@ -101,7 +100,9 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
             });
         }
         let is_top = opened.is_empty();
-        let (storage, image) = target.open(is_top, options)?;
+        let (storage, image) = target
+            .open(is_top, options)
+            .map_err(|err| err.out_of_descriptors(opened.len()))?;
         next = backing_target(&image, &target.path)?;
         opened.push(Opened {
             path: target.path,
@@ -408,26 +409,6 @@ pub fn resolve_name(name: impl AsRef<OsStr>, image: &Path) -> Result<PathBuf, St
 fn protocol_of(name: &[u8]) -> Option<&[u8]> {
     let end = name.iter().position(|&b| b == b':' || b == b'/')?;
     (name[end] == b':').then(|| &name[..end])
-}
-
-/// Raises the soft limit on open files to the hard limit: each node holds
-/// its image file open, and a 1,000-node chain would otherwise exhaust the
-/// usual soft limit of 1,024. Failing to raise it is not an error; the opens
-/// then report EMFILE naming the file.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own and pass by pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: setrlimit only reads the struct we pass.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    }
 }
 
 #[cfg(test)]

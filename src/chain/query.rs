@@ -54,9 +54,10 @@ pub(super) fn status_chain(
         if extent.len == 0 {
             return Err(LevelError {
                 level,
-                source: FormatError::malformed(format!(
-                    "empty block status extent at offset {offset}"
-                )),
+                source: FormatError::malformed(
+                    "block status",
+                    format!("empty extent at guest offset {offset}"),
+                ),
             });
         }
         len = len.min(extent.len);

@@ -22,8 +22,7 @@
 use std::path::Path;
 
 use super::{mount, CliError, DemoArgs, MountArgs};
-use crate::chain::{create_image, Chain, ChainOptions};
-use crate::format::Format;
+use crate::chain::{create_image, Chain, ChainOptions, Format};
 
 /// The layers, base first.
 const LAYERS: [char; 5] = ['A', 'B', 'C', 'D', 'E'];

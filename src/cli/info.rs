@@ -10,8 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{CliError, InfoArgs};
-use crate::chain::{Chain, ChainOptions, Node};
-use crate::format::Format;
+use crate::chain::{Chain, ChainOptions, Format, Node};
 
 /// The metadata cache budget for `info`: it reads headers and counts
 /// allocation, so a small cache is plenty.

@@ -8,6 +8,7 @@
 mod daemon;
 pub mod demo;
 pub mod info;
+mod limits;
 pub mod mount;
 mod preflight;
 mod procfs;
@@ -204,9 +205,13 @@ fn dispatch(command: Command) -> Result<(), CliError> {
     match command {
         Command::Info(args) => {
             init_logging();
+            limits::raise_open_file_limit();
             info::run(&args)
         }
-        Command::Mount(args) => mount::run(&args),
+        Command::Mount(args) => {
+            limits::raise_open_file_limit();
+            mount::run(&args)
+        }
         Command::Umount(args) => {
             init_logging();
             umount::run(&args)
@@ -217,6 +222,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         }
         Command::Demo(args) => {
             init_logging();
+            limits::raise_open_file_limit();
             demo::run(&args)
         }
     }

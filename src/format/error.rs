@@ -1,5 +1,6 @@
 //! Errors of the format layer.
 
+use std::fmt;
 use std::io;
 
 /// Result of a format operation.
@@ -24,11 +25,19 @@ pub enum FormatError {
         #[source]
         source: io::Error,
     },
-    /// The image breaks its format's rules.
-    #[error("malformed image: {what}")]
+    /// The image breaks its format's rules: `structure` (at `offset` in the
+    /// image file, when it has a place of its own) is wrong as `problem`
+    /// says.
+    #[error("malformed image: {structure}{}: {problem}", At(*offset))]
     Malformed {
-        /// What is wrong, naming the field or table and its offset.
-        what: String,
+        /// What is at fault: `header`, `L2 table`, `refcount block`,
+        /// `compressed cluster`, `snapshot table`, `bitmaps`, ...
+        structure: &'static str,
+        /// Where the structure lies in the image file, if it has a place
+        /// of its own (a header field is named in `problem` instead).
+        offset: Option<u64>,
+        /// What is wrong, with the values at fault.
+        problem: String,
     },
     /// The image uses something chainfs does not implement.
     #[error("unsupported image: {what}")]
@@ -65,9 +74,28 @@ pub enum FormatError {
 }
 
 impl FormatError {
-    /// Shorthand for a [`FormatError::Malformed`].
-    pub fn malformed(what: impl Into<String>) -> FormatError {
-        FormatError::Malformed { what: what.into() }
+    /// A [`FormatError::Malformed`] of a structure without a place of its
+    /// own (the header's fields, a table's entry by index).
+    pub fn malformed(structure: &'static str, problem: impl Into<String>) -> FormatError {
+        FormatError::Malformed {
+            structure,
+            offset: None,
+            problem: problem.into(),
+        }
+    }
+
+    /// A [`FormatError::Malformed`] of the structure at `offset` in the
+    /// image file.
+    pub fn malformed_at(
+        structure: &'static str,
+        offset: u64,
+        problem: impl Into<String>,
+    ) -> FormatError {
+        FormatError::Malformed {
+            structure,
+            offset: Some(offset),
+            problem: problem.into(),
+        }
     }
 
     /// The errno that a filesystem request failing with this error returns.
@@ -86,6 +114,18 @@ impl FormatError {
     }
 }
 
+/// Renders an optional file offset as ` at 0x…`, or nothing.
+struct At(Option<u64>);
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(offset) => write!(f, " at {offset:#x}"),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +140,20 @@ mod tests {
             assert_eq!(error.errno(), errno);
             assert!(error.to_string().contains("\"data.raw\""), "{error}");
         }
+    }
+
+    #[test]
+    fn a_malformed_structure_is_named_with_its_offset() {
+        let error = FormatError::malformed_at("L2 table", 0x30000, "lies past the end of the file");
+        assert_eq!(
+            error.to_string(),
+            "malformed image: L2 table at 0x30000: lies past the end of the file"
+        );
+        assert_eq!(error.errno(), libc::EIO);
+        let error = FormatError::malformed("header", "l1_size 7 is too small");
+        assert_eq!(
+            error.to_string(),
+            "malformed image: header: l1_size 7 is too small"
+        );
     }
 }

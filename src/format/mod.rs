@@ -6,7 +6,7 @@
 //! [`BackingReader`] for copy-on-write.
 
 pub mod error;
-pub mod qcow2;
+pub(crate) mod qcow2;
 pub mod raw;
 
 use std::ffi::OsString;
@@ -15,6 +15,17 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use error::{FormatError, Result};
+
+// The qcow2 engine's internals are private to this layer; these are the
+// parts that code outside it uses, on purpose: the chain creates images,
+// and the tests, the benchmark and the fuzz targets parse headers and
+// repair dirty images without opening a chain.
+pub use qcow2::create::{create as create_qcow2, CreateOptions as Qcow2CreateOptions};
+pub use qcow2::features::Incompatible as Qcow2Incompatible;
+pub use qcow2::header::Header as Qcow2Header;
+pub use qcow2::repair::{repair as repair_qcow2, RepairReport};
+pub use qcow2::types::Geometry as Qcow2Geometry;
+pub use qcow2::Qcow2;
 
 use crate::storage::Storage;
 

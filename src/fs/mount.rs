@@ -114,6 +114,10 @@ impl Mount {
                 });
             }
         };
+        jobs.watch_content(notify::content_watcher(
+            session.notifier(),
+            weak_model.clone(),
+        ));
         jobs.watch_chain(notify::spawn(session.notifier(), weak_model));
         jobs.set_mount(MountSpot {
             point: mountpoint.clone(),

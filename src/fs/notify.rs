@@ -16,7 +16,7 @@ use fuser::{INodeNo, Notifier};
 
 use super::inode::{Inode, ACTIVE, ROOT};
 use super::ops::FsModel;
-use crate::jobs::Chain;
+use crate::jobs::{Chain, NodeId};
 use crate::sync::Arc;
 
 /// A chain change to tell the kernel about.
@@ -43,6 +43,32 @@ pub fn spawn(notifier: Notifier, model: Weak<FsModel>) -> crate::jobs::registry:
     Box::new(move |old: &Arc<Chain>, new: &Arc<Chain>| {
         // The receiver is gone only when the mount is; nothing to tell.
         let _ = sender.send((Arc::clone(old), Arc::clone(new)));
+    })
+}
+
+/// The watcher of in-place content changes (a commit writing into its
+/// base): drops the pages the kernel holds of that range of the node's file
+/// before the job goes on. It runs on the job's thread, or on a request
+/// thread writing another file, never on one answering a request for this
+/// file, so the kernel never waits on the thread that must answer it.
+pub fn content_watcher(
+    notifier: Notifier,
+    model: Weak<FsModel>,
+) -> crate::jobs::content::ContentWatcher {
+    Box::new(move |node: NodeId, offset: u64, len: u64| {
+        let Some(model) = model.upgrade() else {
+            return;
+        };
+        let ino = Inode::Node(node).ino();
+        if !model.lookups().is_held(ino) {
+            return;
+        }
+        // The kernel takes signed values; a range past i64::MAX means
+        // "to the end", which 0 says too.
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let len = i64::try_from(len).unwrap_or(0);
+        // An error only means the kernel no longer holds the inode.
+        let _ = notifier.inval_inode(INodeNo(ino), offset, len);
     })
 }
 

@@ -14,6 +14,7 @@
 
 pub mod command;
 mod commit;
+pub mod content;
 mod error;
 pub mod events;
 pub mod job;
@@ -24,8 +25,8 @@ pub mod state;
 pub mod stream;
 pub mod target;
 
+pub use crate::chain::Format;
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};
-pub use crate::format::Format;
 pub use error::JobError;
 pub use events::EventLog;
 
@@ -91,6 +92,13 @@ impl Jobs {
     /// or command makes (the mount uses it to invalidate kernel caches).
     pub fn watch_chain(&self, watcher: registry::ChainWatcher) {
         self.live.watch(watcher);
+    }
+
+    /// Calls `watcher` whenever a job changes what a node's file shows
+    /// without changing the chain (a commit writing into its base), on the
+    /// thread that made the change.
+    pub fn watch_content(&self, watcher: content::ContentWatcher) {
+        self.live.content().watch(watcher);
     }
 
     /// Held by every guest write for its whole length, so that a pivot

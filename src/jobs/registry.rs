@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::command::{Command, OnError};
 use super::commit;
+use super::content::ContentWatchers;
 use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome, VerbRefused};
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
@@ -76,6 +77,8 @@ pub struct LiveChain {
     chain: RwLock<Arc<Chain>>,
     events: Arc<dyn EventSink>,
     watchers: Mutex<Vec<ChainWatcher>>,
+    /// Told when a job changes what a node's file shows in place.
+    content: Arc<ContentWatchers>,
     /// Held shared by every guest write for its whole length; a job takes
     /// it alone to drain writes before a pivot (see [`LiveChain::drain`]).
     gate: RwLock<()>,
@@ -88,6 +91,7 @@ impl LiveChain {
             chain: RwLock::new(Arc::new(chain)),
             events,
             watchers: Mutex::new(Vec::new()),
+            content: Arc::default(),
             gate: RwLock::new(()),
         }
     }
@@ -108,6 +112,11 @@ impl LiveChain {
     /// lock, on the thread that changed it).
     pub fn watch(&self, watcher: ChainWatcher) {
         lock(&self.watchers).push(watcher);
+    }
+
+    /// Who is told when a job changes a node file's content in place.
+    pub fn content(&self) -> &Arc<ContentWatchers> {
+        &self.content
     }
 
     /// The chain now: a snapshot that stays readable after a change.

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chainfs::format::qcow2::header::Header;
+use chainfs::format::Qcow2Header as Header;
 use chainfs::format::{Format, FormatError, Image, OpenOptions as ImageOptions};
 use chainfs::storage::{FileStorage, Storage};
 

@@ -96,9 +96,11 @@ impl Allocator {
         if !self.refblocks.contains(&offset) {
             let cluster_size = self.geometry.cluster_size();
             if offset + cluster_size > storage.len()? {
-                return Err(FormatError::malformed(format!(
-                    "refcount block at {offset:#x} lies past the end of the image file"
-                )));
+                return Err(FormatError::malformed_at(
+                    "refcount block",
+                    offset,
+                    "lies past the end of the image file",
+                ));
             }
             let mut bytes = vec![0u8; cluster_size as usize];
             storage.read_at(&mut bytes, offset)?;
@@ -151,7 +153,8 @@ impl Allocator {
         }
         if slot == 0 {
             return Err(FormatError::malformed(
-                "refcount table entry 0 is empty: the header cluster has no refcount",
+                "refcount table",
+                "entry 0 is empty: the header cluster has no refcount",
             ));
         }
         // No cluster in this block's range has a refcount, so none is in use:
@@ -351,9 +354,11 @@ impl Allocator {
         for host in std::mem::take(&mut self.pending_frees) {
             let count = self.refcount(storage, host)?;
             if count == 0 {
-                return Err(FormatError::malformed(format!(
-                    "refcount of cluster {host:#x} would drop below zero"
-                )));
+                return Err(FormatError::malformed_at(
+                    "refcount of the cluster",
+                    host,
+                    "would drop below zero",
+                ));
             }
             self.set_refcount(storage, host, count - 1)?;
             if count == 1 {
@@ -371,10 +376,5 @@ impl Allocator {
             self.free_hint = self.free_hint.min(self.cluster_index(host));
         }
         Ok(())
-    }
-
-    /// Forgets cached refcount blocks (after an external change of refcounts).
-    pub fn clear_cache(&mut self) {
-        self.refblocks.clear();
     }
 }

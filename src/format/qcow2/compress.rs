@@ -15,7 +15,7 @@
 
 use std::ops::RangeInclusive;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress, Status};
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
 use super::header::CompressionType;
@@ -23,11 +23,6 @@ use crate::format::{FormatError, Result};
 
 /// Unit of the sector count in a compressed descriptor.
 const SECTOR_SIZE: u64 = 512;
-
-/// Bytes of history that QEMU's deflate stream may refer back to: QEMU
-/// inflates with `windowBits = -12`, so a stream that reaches further back
-/// than 4 KiB is one that QEMU cannot read.
-const DEFLATE_WINDOW: usize = 1 << 12;
 
 /// zstd's smallest window (`ZSTD_WINDOWLOG_ABSOLUTEMIN`); every frame may
 /// declare at least this much.
@@ -81,23 +76,6 @@ pub fn decode_descriptor(entry: u64, cluster_bits: u32) -> CompressedDescriptor 
     }
 }
 
-/// Encodes the descriptor bits (without the compressed flag) of
-/// `compressed_len` bytes at `host_offset`, as QEMU's
-/// `qcow2_alloc_compressed_cluster_offset` does; `None` if the offset or the
-/// length does not fit the fields.
-pub fn encode_descriptor(host_offset: u64, compressed_len: u64, cluster_bits: u32) -> Option<u64> {
-    let shift = sector_count_shift(cluster_bits);
-    if compressed_len == 0 || host_offset >= 1u64 << shift {
-        return None;
-    }
-    let last_sector = host_offset.checked_add(compressed_len - 1)? / SECTOR_SIZE;
-    let additional = last_sector - host_offset / SECTOR_SIZE;
-    if additional >= 1u64 << (62 - shift) {
-        return None;
-    }
-    Some(host_offset | (additional << shift))
-}
-
 /// Decompresses the data of one compressed cluster into `output`, which must
 /// be the size of a cluster and is filled completely.
 ///
@@ -122,7 +100,12 @@ fn inflate(input: &[u8], output: &mut [u8]) -> Result<()> {
     let mut inflater = Decompress::new(false);
     let status = inflater
         .decompress(input, output, FlushDecompress::Finish)
-        .map_err(|err| FormatError::malformed(format!("corrupt deflate stream: {err}")))?;
+        .map_err(|err| {
+            FormatError::malformed(
+                "compressed cluster",
+                format!("corrupt deflate stream: {err}"),
+            )
+        })?;
     let produced = inflater.total_out();
     if produced == output.len() as u64 {
         return Ok(());
@@ -131,18 +114,22 @@ fn inflate(input: &[u8], output: &mut [u8]) -> Result<()> {
         Status::StreamEnd => "the deflate stream ended",
         Status::Ok | Status::BufError => "the compressed data ran out",
     };
-    Err(FormatError::malformed(format!(
-        "{why} after {produced} of {} bytes of a compressed cluster",
-        output.len()
-    )))
+    Err(FormatError::malformed(
+        "compressed cluster",
+        format!(
+            "{why} after {produced} of {} bytes of a compressed cluster",
+            output.len()
+        ),
+    ))
 }
 
 /// A zstd stream of one or more frames, as QEMU's `qcow2_zstd_decompress`:
 /// decode until the output is full; the last frame must end exactly there,
 /// and any bytes after it are ignored.
 fn zstd_decompress(input: &[u8], output: &mut [u8]) -> Result<()> {
-    let corrupt =
-        |err: std::io::Error| FormatError::malformed(format!("corrupt zstd stream: {err}"));
+    let corrupt = |err: std::io::Error| {
+        FormatError::malformed("compressed cluster", format!("corrupt zstd stream: {err}"))
+    };
     let mut decoder = Decoder::new().map_err(corrupt)?;
     // Bound the window (and so the decoder's buffers) by the cluster: one
     // cluster of data never needs more history than itself, and QEMU's
@@ -158,16 +145,20 @@ fn zstd_decompress(input: &[u8], output: &mut [u8]) -> Result<()> {
         let progress_before = input.pos + output.pos();
         remaining_hint = decoder.run(&mut input, &mut output).map_err(corrupt)?;
         if input.pos + output.pos() == progress_before {
-            return Err(FormatError::malformed(format!(
-                "the zstd stream ended after {} of {capacity} bytes of a compressed cluster",
-                output.pos()
-            )));
+            return Err(FormatError::malformed(
+                "compressed cluster",
+                format!(
+                    "the zstd stream ended after {} of {capacity} bytes of a compressed cluster",
+                    output.pos()
+                ),
+            ));
         }
     }
     if remaining_hint != 0 {
-        return Err(FormatError::malformed(format!(
-            "the zstd stream holds more than the {capacity} bytes of a cluster"
-        )));
+        return Err(FormatError::malformed(
+            "compressed cluster",
+            format!("the zstd stream holds more than the {capacity} bytes of a cluster"),
+        ));
     }
     Ok(())
 }
@@ -178,72 +169,7 @@ fn window_log_for(len: usize) -> u32 {
     bits.max(ZSTD_MIN_WINDOW_LOG)
 }
 
-/// Compresses one cluster as QEMU would store it; `None` if the result would
-/// not be smaller than the input (QEMU then writes the cluster uncompressed).
-pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
-    let compressed = match kind {
-        CompressionType::Deflate => deflate(input)?,
-        CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
-    };
-    (compressed.len() < input.len()).then_some(compressed)
-}
-
-/// Raw deflate that QEMU's 4 KiB-window inflater can read.
-///
-/// The deflate backend offers no window size, so the input is fed in 4 KiB
-/// pieces with a full flush after each: a full flush resets the compressor's
-/// history, so no match reaches back further than the current piece.
-fn deflate(input: &[u8]) -> Option<Vec<u8>> {
-    // Output that reaches the input's size does not shrink; stop there.
-    let mut out = vec![0u8; input.len()];
-    let mut deflater = Compress::new(Compression::default(), false);
-    let pieces = input.len().div_ceil(DEFLATE_WINDOW);
-    for (index, piece) in input.chunks(DEFLATE_WINDOW).enumerate() {
-        let flush = if index + 1 == pieces {
-            FlushCompress::Finish
-        } else {
-            FlushCompress::Full
-        };
-        deflate_piece(&mut deflater, piece, &mut out, flush)?;
-    }
-    out.truncate(usize::try_from(deflater.total_out()).ok()?);
-    Some(out)
-}
-
-/// Feeds all of `piece` to `deflater` and completes `flush`; `None` if `out`
-/// fills up first.
-fn deflate_piece(
-    deflater: &mut Compress,
-    piece: &[u8],
-    out: &mut [u8],
-    flush: FlushCompress,
-) -> Option<()> {
-    let start_in = deflater.total_in();
-    loop {
-        let consumed = usize::try_from(deflater.total_in() - start_in).ok()?;
-        let produced = usize::try_from(deflater.total_out()).ok()?;
-        if produced >= out.len() {
-            return None;
-        }
-        let progress_before = deflater.total_in() + deflater.total_out();
-        let status = deflater
-            .compress(&piece[consumed..], &mut out[produced..], flush)
-            .ok()?;
-        if deflater.total_in() + deflater.total_out() == progress_before {
-            // Neither input taken nor output made: the flush cannot finish.
-            return None;
-        }
-        let all_in = deflater.total_in() - start_in == piece.len() as u64;
-        let room_left = deflater.total_out() < out.len() as u64;
-        match status {
-            Status::StreamEnd => return Some(()),
-            // A flush is complete once it consumed everything and did not
-            // run out of room.
-            _ if flush != FlushCompress::Finish && all_in && room_left => return Some(()),
-            _ => {}
-        }
-    }
-}
-
+#[cfg(test)]
+mod encode;
 #[cfg(test)]
 mod tests;

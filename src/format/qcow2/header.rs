@@ -23,11 +23,6 @@ use super::MAGIC;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
-pub use validate::{
-    MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_L1_BYTES, MAX_L1_ENTRIES, MAX_REFTABLE_BYTES,
-    MAX_SNAPSHOTS, MIN_SNAPSHOT_ENTRY_LEN,
-};
-
 /// Length of a version 2 header, and of the part common to both versions.
 pub const V2_HEADER_LEN: u32 = 72;
 /// Smallest valid version 3 header.
@@ -161,17 +156,20 @@ fn be64(buf: &[u8], at: usize) -> u64 {
 fn stored_string(bytes: &[u8], what: &str) -> Result<String> {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8(bytes[..end].to_vec())
-        .map_err(|_| FormatError::malformed(format!("the {what} is not valid UTF-8")))
+        .map_err(|_| FormatError::malformed("header", format!("the {what} is not valid UTF-8")))
 }
 
 fn cluster_bits_in_range(cluster_bits: u32) -> Result<()> {
     if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
         return Ok(());
     }
-    Err(FormatError::malformed(format!(
-        "cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS} \
+    Err(FormatError::malformed(
+        "header",
+        format!(
+            "cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS} \
          (cluster sizes 512 B to 2 MiB)"
-    )))
+        ),
+    ))
 }
 
 fn version_supported(version: u32) -> Result<()> {
@@ -236,14 +234,20 @@ impl Header {
     pub fn read(storage: &dyn Storage) -> Result<Header> {
         let file_len = storage.len()?;
         if file_len < u64::from(V2_HEADER_LEN) {
-            return Err(FormatError::malformed(format!(
+            return Err(FormatError::malformed(
+                "header",
+                format!(
                 "the file is {file_len} bytes, shorter than a qcow2 header ({V2_HEADER_LEN} bytes)"
-            )));
+            ),
+            ));
         }
         let mut fixed = [0u8; V2_HEADER_LEN as usize];
         storage.read_at(&mut fixed, 0)?;
         if be32(&fixed, 0) != MAGIC {
-            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
+            return Err(FormatError::malformed(
+                "header",
+                "no qcow2 magic at offset 0",
+            ));
         }
         version_supported(be32(&fixed, 4))?;
         let cluster_bits = be32(&fixed, 20);
@@ -259,15 +263,21 @@ impl Header {
     /// Decodes a header from the bytes of cluster 0 (at least one cluster).
     pub fn parse(cluster0: &[u8]) -> Result<Header> {
         if cluster0.len() < V2_HEADER_LEN as usize || be32(cluster0, 0) != MAGIC {
-            return Err(FormatError::malformed("no qcow2 magic at offset 0"));
+            return Err(FormatError::malformed(
+                "header",
+                "no qcow2 magic at offset 0",
+            ));
         }
         let mut header = Header::parse_v2_fields(cluster0)?;
         let cluster_size = 1usize << header.cluster_bits;
         let Some(cluster0) = cluster0.get(..cluster_size) else {
-            return Err(FormatError::malformed(format!(
-                "cluster 0 is truncated: {} bytes of a {cluster_size}-byte cluster",
-                cluster0.len()
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "cluster 0 is truncated: {} bytes of a {cluster_size}-byte cluster",
+                    cluster0.len()
+                ),
+            ));
         };
         let header_length = header.parse_v3_fields(cluster0)?;
         let ext_end = extension_area_end(cluster0, header_length)?;
@@ -309,16 +319,22 @@ impl Header {
         }
         let header_length = be32(cluster0, 100);
         if header_length < V3_MIN_HEADER_LEN || header_length % 8 != 0 {
-            return Err(FormatError::malformed(format!(
+            return Err(FormatError::malformed(
+                "header",
+                format!(
                 "header_length {header_length} is below {V3_MIN_HEADER_LEN} or not a multiple of 8"
-            )));
+            ),
+            ));
         }
         let header_length = header_length as usize;
         if header_length > cluster0.len() {
-            return Err(FormatError::malformed(format!(
-                "header_length {header_length} exceeds the cluster size {}",
-                cluster0.len()
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "header_length {header_length} exceeds the cluster size {}",
+                    cluster0.len()
+                ),
+            ));
         }
         let incompatible = be64(cluster0, 72);
         self.incompatible = Incompatible::from_bits_truncate(incompatible);
@@ -348,10 +364,13 @@ impl Header {
     fn parse_extensions(&mut self, cluster0: &[u8], mut at: usize, end: usize) -> Result<()> {
         while at < end {
             if end - at < 8 {
-                return Err(FormatError::malformed(format!(
-                    "header extension at byte {at} runs past byte {end}, \
+                return Err(FormatError::malformed(
+                    "header",
+                    format!(
+                        "header extension at byte {at} runs past byte {end}, \
                      the end of the header extension area"
-                )));
+                    ),
+                ));
             }
             let kind = be32(cluster0, at);
             let len = be32(cluster0, at + 4) as usize;
@@ -360,11 +379,14 @@ impl Header {
                 return self.check_end_marker(at, len);
             }
             if len > end - data_at {
-                return Err(FormatError::malformed(format!(
-                    "header extension {kind:#010x} ({}) at byte {at} is {len} bytes long \
+                return Err(FormatError::malformed(
+                    "header",
+                    format!(
+                        "header extension {kind:#010x} ({}) at byte {at} is {len} bytes long \
                      and runs past byte {end}, the end of the header extension area",
-                    ext::name(kind)
-                )));
+                        ext::name(kind)
+                    ),
+                ));
             }
             self.parse_extension(kind, &cluster0[data_at..data_at + len])?;
             at = data_at + len.next_multiple_of(8);
@@ -379,11 +401,14 @@ impl Header {
     /// image is refused instead. QEMU never writes such a marker.
     fn check_end_marker(&self, at: usize, len: usize) -> Result<()> {
         if self.version == 2 && at == V2_HEADER_LEN as usize && len != 0 {
-            return Err(FormatError::malformed(format!(
-                "version 2 header carries version 3 feature bits: incompatible feature \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "version 2 header carries version 3 feature bits: incompatible feature \
                  bits {} at byte 72 (version 2 has no feature fields)",
-                describe_bits(len as u64, |_| None)
-            )));
+                    describe_bits(len as u64, |_| None)
+                ),
+            ));
         }
         Ok(())
     }
@@ -392,10 +417,13 @@ impl Header {
         match kind {
             ext::BACKING_FORMAT => {
                 if data.len() > MAX_BACKING_FORMAT_NAME {
-                    return Err(FormatError::malformed(format!(
+                    return Err(FormatError::malformed(
+                        "header",
+                        format!(
                         "backing format extension of {} bytes exceeds {MAX_BACKING_FORMAT_NAME}",
                         data.len()
-                    )));
+                    ),
+                    ));
                 }
                 self.backing_format = Some(stored_string(data, "backing format name")?);
             }
@@ -412,10 +440,13 @@ impl Header {
     fn encryption_extension_error(&self) -> FormatError {
         match self.crypt_method {
             2 => FormatError::Encrypted,
-            method => FormatError::malformed(format!(
-                "full disk encryption header extension present, but crypt_method is \
+            method => FormatError::malformed(
+                "header",
+                format!(
+                    "full disk encryption header extension present, but crypt_method is \
                  {method} (only LUKS, 2, has one)"
-            )),
+                ),
+            ),
         }
     }
 
@@ -430,16 +461,20 @@ impl Header {
         // extension_area_end() already refused offsets past cluster 0.
         let start = offset as usize;
         if start < header_length {
-            return Err(FormatError::malformed(format!(
-                "backing_file_offset {offset} lies inside the {header_length}-byte header"
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!("backing_file_offset {offset} lies inside the {header_length}-byte header"),
+            ));
         }
         if len > MAX_BACKING_FILE_NAME || len > cluster0.len() - start {
-            return Err(FormatError::malformed(format!(
-                "backing_file_size {len} at backing_file_offset {offset} is too long \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "backing_file_size {len} at backing_file_offset {offset} is too long \
                  (at most {MAX_BACKING_FILE_NAME} bytes, ending inside cluster 0 of {} bytes)",
-                cluster0.len()
-            )));
+                    cluster0.len()
+                ),
+            ));
         }
         // As QEMU reads it into a C string: up to the first NUL, any bytes.
         let stored = &cluster0[start..start + len];
@@ -491,10 +526,13 @@ fn extension_area_end(cluster0: &[u8], header_length: usize) -> Result<usize> {
     }
     match usize::try_from(backing_offset) {
         Ok(end) if end <= cluster0.len() => Ok(end.max(header_length)),
-        _ => Err(FormatError::malformed(format!(
-            "backing_file_offset {backing_offset} is outside cluster 0 ({} bytes)",
-            cluster0.len()
-        ))),
+        _ => Err(FormatError::malformed(
+            "header",
+            format!(
+                "backing_file_offset {backing_offset} is outside cluster 0 ({} bytes)",
+                cluster0.len()
+            ),
+        )),
     }
 }
 

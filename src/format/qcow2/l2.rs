@@ -84,9 +84,10 @@ impl L2Entry {
         let copied = word & COPIED != 0;
         let offset = word & OFFSET_MASK;
         if offset & (geometry.cluster_size() - 1) != 0 {
-            return Err(FormatError::malformed(format!(
-                "L2 entry {word:#018x} points to unaligned host offset {offset:#x}"
-            )));
+            return Err(FormatError::malformed(
+                "L2 entry",
+                format!("{word:#018x} points to unaligned host offset {offset:#x}"),
+            ));
         }
         // In an external data file, offset 0 is a real cluster when COPIED.
         let host =
@@ -95,14 +96,10 @@ impl L2Entry {
             let allocated = bitmap as u32;
             let zero = (bitmap >> 32) as u32;
             if allocated & zero != 0 {
-                return Err(FormatError::malformed(format!(
-                    "extended L2 bitmap {bitmap:#018x} marks subclusters both allocated and zero"
-                )));
+                return Err(FormatError::malformed("L2 entry", format!("extended L2 bitmap {bitmap:#018x} marks subclusters both allocated and zero")));
             }
             if host.is_none() && allocated != 0 {
-                return Err(FormatError::malformed(format!(
-                    "extended L2 bitmap {bitmap:#018x} allocates subclusters without a host cluster"
-                )));
+                return Err(FormatError::malformed("L2 entry", format!("extended L2 bitmap {bitmap:#018x} allocates subclusters without a host cluster")));
             }
             return Ok(L2Entry::Subclusters {
                 host,

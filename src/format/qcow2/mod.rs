@@ -13,18 +13,18 @@
 //! exclusively only to apply deferred frees, which guarantees that no request
 //! still uses a mapping to a cluster about to become reusable.
 
-pub mod alloc;
-pub mod bitmaps;
-pub mod cache;
-pub mod compress;
-pub mod create;
-pub mod features;
-pub mod header;
-pub mod l2;
-pub mod refcount;
-pub mod repair;
-pub mod snapshots;
-pub mod types;
+pub(super) mod alloc;
+pub(super) mod bitmaps;
+pub(super) mod cache;
+pub(super) mod compress;
+pub(super) mod create;
+pub(super) mod features;
+pub(super) mod header;
+pub(super) mod l2;
+pub(super) mod refcount;
+pub(super) mod repair;
+pub(super) mod snapshots;
+pub(super) mod types;
 
 mod meta;
 mod populate;
@@ -240,14 +240,18 @@ impl Qcow2 {
     fn load_l2(&self, offset: u64) -> Result<Arc<L2Table>> {
         let cluster_size = self.geometry.cluster_size();
         if offset & (cluster_size - 1) != 0 {
-            return Err(FormatError::malformed(format!(
-                "L1 entry points to an unaligned L2 table at {offset:#x}"
-            )));
+            return Err(FormatError::malformed_at(
+                "L2 table",
+                offset,
+                "is not cluster aligned (an L1 entry points to it)",
+            ));
         }
         if offset + cluster_size > self.host_end.load(Ordering::Acquire) {
-            return Err(FormatError::malformed(format!(
-                "L2 table at {offset:#x} lies past the end of the image file"
-            )));
+            return Err(FormatError::malformed_at(
+                "L2 table",
+                offset,
+                "lies past the end of the image file",
+            ));
         }
         self.l2_cache.get_or_load(offset, || {
             let mut bytes = vec![0u8; cluster_size as usize];
@@ -374,7 +378,10 @@ impl Qcow2 {
             .get(index as usize)
             .copied()
             .ok_or_else(|| {
-                FormatError::malformed(format!("guest offset {guest:#x} is beyond the L1 table"))
+                FormatError::malformed(
+                    "L1 table",
+                    format!("guest offset {guest:#x} lies beyond it"),
+                )
             })?;
         Ok((index, entry & L1_OFFSET_MASK, entry & L1_COPIED != 0))
     }
@@ -400,7 +407,10 @@ fn open_data_file(
         return Ok(None);
     }
     let name = header.data_file.as_deref().ok_or_else(|| {
-        FormatError::malformed("the external data file bit is set but no data file is named")
+        FormatError::malformed(
+            "header",
+            "the external data file bit is set but no data file is named",
+        )
     })?;
     let storage = opener(name, writable).map_err(|source| FormatError::DataFile {
         name: name.to_string(),

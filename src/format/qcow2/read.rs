@@ -70,10 +70,11 @@ impl Qcow2 {
     fn read_host(&self, run: HostRun, buf: &mut [u8]) -> Result<()> {
         let end = run.host + run.len as u64;
         if self.data_file.is_none() && end > self.host_end.load(Ordering::Acquire) {
-            return Err(FormatError::malformed(format!(
-                "data at host offset {:#x} lies past the end of the image file",
-                run.host
-            )));
+            return Err(FormatError::malformed_at(
+                "data cluster",
+                run.host,
+                "lies past the end of the image file",
+            ));
         }
         let out = &mut buf[run.buf_start..run.buf_start + run.len];
         self.data().read_at(out, run.host)?;
@@ -98,10 +99,14 @@ impl Qcow2 {
         if descriptor.host_offset >= host_end
             || descriptor.compressed_len > max_compressed_len(cluster_size)
         {
-            return Err(FormatError::malformed(format!(
-                "compressed cluster at host offset {:#x} ({} bytes) lies outside the image file",
-                descriptor.host_offset, descriptor.compressed_len
-            )));
+            return Err(FormatError::malformed_at(
+                "compressed cluster",
+                descriptor.host_offset,
+                format!(
+                    "({} bytes) lies outside the image file",
+                    descriptor.compressed_len
+                ),
+            ));
         }
         let mut input = vec![0u8; descriptor.compressed_len as usize];
         self.storage.read_at(&mut input, descriptor.host_offset)?;

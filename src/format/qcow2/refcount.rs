@@ -79,9 +79,10 @@ pub fn locate(geometry: &Geometry, cluster: u64) -> (u64, u64) {
 pub fn reftable_entry(geometry: &Geometry, index: u64, entry: u64) -> Result<u64> {
     let offset = entry & !0x1ff;
     if offset & (geometry.cluster_size() - 1) != 0 {
-        return Err(FormatError::malformed(format!(
-            "refcount table entry {index} points to unaligned offset {offset:#x}"
-        )));
+        return Err(FormatError::malformed(
+            "refcount table",
+            format!("entry {index} points to unaligned offset {offset:#x}"),
+        ));
     }
     Ok(offset)
 }

@@ -129,21 +129,26 @@ pub fn table_range(offset: u64, snapshots: &[Snapshot]) -> Range<u64> {
 /// QEMU's open-time checks of the header fields (`qcow2_validate_table`).
 fn validate_table_position(offset: u64, count: u32, cluster_size: u64) -> Result<()> {
     if count > MAX_SNAPSHOTS {
-        return Err(FormatError::malformed(format!(
-            "{count} snapshots in the snapshot table (at most {MAX_SNAPSHOTS})"
-        )));
+        return Err(FormatError::malformed(
+            "snapshot table",
+            format!("{count} snapshots (at most {MAX_SNAPSHOTS})"),
+        ));
     }
     // QEMU checks the offset even when there are no snapshots.
     let minimum_end = offset.checked_add(u64::from(count) * ENTRY_HEADER_SIZE);
     let fits = matches!(minimum_end, Some(end) if end <= i64::MAX as u64);
     if offset % cluster_size != 0 || !fits {
-        return Err(FormatError::malformed(format!(
-            "snapshot table offset {offset:#x} is invalid (not cluster aligned or too large)"
-        )));
+        return Err(FormatError::malformed_at(
+            "snapshot table",
+            offset,
+            "is invalid (not cluster aligned or too large)",
+        ));
     }
     if count > 0 && offset == 0 {
-        return Err(FormatError::malformed(
-            "the snapshot table at offset 0 overlaps the image header",
+        return Err(FormatError::malformed_at(
+            "snapshot table",
+            0,
+            "overlaps the image header",
         ));
     }
     Ok(())
@@ -163,16 +168,20 @@ impl TableReader<'_> {
     fn read(&mut self, len: u64, what: &str, index: u32) -> Result<Vec<u8>> {
         let end = self.pos + len;
         if end > self.file_len {
-            return Err(FormatError::malformed(format!(
-                "snapshot table entry {index}: {what} ({len} bytes at {:#x}) runs past \
-                 the end of the file ({:#x})",
-                self.pos, self.file_len
-            )));
+            return Err(FormatError::malformed(
+                "snapshot table",
+                format!(
+                    "entry {index}: {what} ({len} bytes at {:#x}) runs past the end of the \
+                     file ({:#x})",
+                    self.pos, self.file_len
+                ),
+            ));
         }
         if end - self.start > MAX_TABLE_SIZE {
-            return Err(FormatError::malformed(format!(
-                "snapshot table entry {index}: the table exceeds {MAX_TABLE_SIZE} bytes"
-            )));
+            return Err(FormatError::malformed(
+                "snapshot table",
+                format!("entry {index}: the table exceeds {MAX_TABLE_SIZE} bytes"),
+            ));
         }
         let mut buf = vec![0u8; len as usize];
         self.storage.read_at(&mut buf, self.pos)?;
@@ -211,10 +220,12 @@ fn read_entry(reader: &mut TableReader<'_>, index: u32) -> Result<Snapshot> {
     let fixed = reader.read(ENTRY_HEADER_SIZE, "the entry header", index)?;
     let extra_data_size = be32(&fixed, 36);
     if extra_data_size > MAX_EXTRA_DATA {
-        return Err(FormatError::malformed(format!(
-            "snapshot table entry {index}: {extra_data_size} bytes of extra data \
-             (at most {MAX_EXTRA_DATA})"
-        )));
+        return Err(FormatError::malformed(
+            "snapshot table",
+            format!(
+                "entry {index}: {extra_data_size} bytes of extra data (at most {MAX_EXTRA_DATA})"
+            ),
+        ));
     }
     let extra_data = reader.read(u64::from(extra_data_size), "the extra data", index)?;
     let id = reader.read(u64::from(be16(&fixed, 12)), "the ID string", index)?;
@@ -241,10 +252,10 @@ fn read_entry(reader: &mut TableReader<'_>, index: u32) -> Result<Snapshot> {
 fn validate_l1(snapshot: &Snapshot, index: u32, cluster_size: u64, file_len: u64) -> Result<()> {
     let offset = snapshot.l1_table_offset;
     let what = |problem: String| {
-        Err(FormatError::malformed(format!(
-            "snapshot {index} (id {:?}): {problem}",
-            snapshot.id
-        )))
+        Err(FormatError::malformed(
+            "snapshot table",
+            format!("snapshot {index} (id {:?}): {problem}", snapshot.id),
+        ))
     };
     if snapshot.l1_size > MAX_L1_ENTRIES {
         return what(format!(

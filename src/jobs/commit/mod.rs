@@ -28,6 +28,7 @@ mod active;
 use std::sync::Arc;
 
 use super::command::{CopyMode, OnError};
+use super::content::ContentHook;
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
 use super::registry::{resolve, LiveChain, Refusal, Registry};
 use super::stream::handle_error;
@@ -140,9 +141,17 @@ pub(super) fn start(
     )
 }
 
-/// Before the command returns: the base takes the write lock (says whether
-/// it had to) and the intermediates leave the mount.
-fn prepare(base: &Node, plan: &CommitPlan, live: &LiveChain) -> Result<bool, ChainError> {
+/// What [`prepare`] leaves the job: whether the base had to be made
+/// writable, and the hook that tells the mount of every write into the
+/// base for as long as the job runs.
+struct Prepared {
+    made_writable: bool,
+    base_notices: ContentHook,
+}
+
+/// Before the command returns: the base takes the write lock and the
+/// intermediates leave the mount, their cached pages dropped.
+fn prepare(base: &Node, plan: &CommitPlan, live: &LiveChain) -> Result<Prepared, ChainError> {
     let made_writable = !base.writable();
     if made_writable {
         base.set_writable(true)?;
@@ -154,7 +163,15 @@ fn prepare(base: &Node, plan: &CommitPlan, live: &LiveChain) -> Result<bool, Cha
         }
         return Err(err);
     }
-    Ok(made_writable)
+    // A handle opened on an intermediate before the job may hold its pages:
+    // they go before the command returns, so its reads fail from now on.
+    for &node in &plan.between {
+        live.content().changed(node, 0, 0);
+    }
+    Ok(Prepared {
+        made_writable,
+        base_notices: ContentHook::new(base, live.content()),
+    })
 }
 
 /// Runs the commit on the job's thread until it concludes.
@@ -163,11 +180,12 @@ fn run(
     chain: &Arc<Chain>,
     plan: &CommitPlan,
     live: &LiveChain,
-    prepared: Result<bool, ChainError>,
+    prepared: Result<Prepared, ChainError>,
 ) {
     job.start();
-    let made_writable = match prepared {
-        Ok(made) => made,
+    // Dropped when the job concludes: the base's notices end with it.
+    let (made_writable, _notices) = match prepared {
+        Ok(prepared) => (prepared.made_writable, prepared.base_notices),
         Err(err) => return job.conclude(Outcome::Failed, Some(err.to_string())),
     };
     let Some(base) = chain.node(plan.base).cloned() else {

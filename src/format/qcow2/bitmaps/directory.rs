@@ -110,7 +110,7 @@ impl Extension {
     }
 
     /// The extension's bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(EXTENSION_SIZE);
         out.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
         out.extend_from_slice(&0u32.to_be_bytes());
@@ -317,7 +317,7 @@ pub(super) fn check_in_file(offset: u64, len: u64, file_len: u64, what: &str) ->
 }
 
 pub(super) fn malformed(what: impl Into<String>) -> FormatError {
-    FormatError::malformed(what)
+    FormatError::malformed("bitmaps", what)
 }
 
 pub(super) fn be32(buf: &[u8], at: usize) -> u32 {

@@ -6,6 +6,7 @@ use std::process::Command;
 
 use proptest::prelude::*;
 
+use super::encode::{compress, encode_descriptor};
 use super::*;
 use crate::test_support::require_tool;
 
@@ -246,11 +247,11 @@ fn decompress_to_vec(kind: CompressionType, input: &[u8], len: usize) -> Result<
     decompress(kind, input, &mut output).map(|()| output)
 }
 
-/// The reason of a [`FormatError::Malformed`]; any other outcome fails the
+/// The message of a [`FormatError::Malformed`]; any other outcome fails the
 /// test without printing a cluster of data.
 fn malformed(result: Result<Vec<u8>>) -> String {
     match result {
-        Err(FormatError::Malformed { what }) => what,
+        Err(err @ FormatError::Malformed { .. }) => err.to_string(),
         Err(err) => panic!("expected a malformed stream, got {err}"),
         Ok(_) => panic!("a bad stream was accepted"),
     }

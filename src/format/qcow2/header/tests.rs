@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 
+use super::validate::MAX_L1_ENTRIES;
 use super::*;
 
 /// Length of the file `qemu-img create -f qcow2 img 1M` makes: header,

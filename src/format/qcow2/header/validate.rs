@@ -88,23 +88,27 @@ impl Header {
         ];
         for (field, bits) in v3_only {
             if bits != 0 {
-                return Err(FormatError::malformed(format!(
-                    "version 2 header has {field} {bits:#x}; only version 3 has that field"
-                )));
+                return Err(FormatError::malformed(
+                    "header",
+                    format!(
+                        "version 2 header has {field} {bits:#x}; only version 3 has that field"
+                    ),
+                ));
             }
         }
         if self.refcount_order != 4 {
-            return Err(FormatError::malformed(format!(
-                "version 2 header has refcount_order {}; version 2 refcounts are 16 bits",
-                self.refcount_order
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "version 2 header has refcount_order {}; version 2 refcounts are 16 bits",
+                    self.refcount_order
+                ),
+            ));
         }
         if self.compression_type != CompressionType::Deflate
             || !self.unknown_header_fields.is_empty()
         {
-            return Err(FormatError::malformed(
-                "version 2 header has version 3 fields (compression_type or header fields past byte 112)",
-            ));
+            return Err(FormatError::malformed("header", "version 2 header has version 3 fields (compression_type or header fields past byte 112)"));
         }
         Ok(())
     }
@@ -115,10 +119,12 @@ impl Header {
         let bit = self.incompatible.contains(Incompatible::COMPRESSION_TYPE);
         match (self.compression_type, bit) {
             (CompressionType::Deflate, true) => Err(FormatError::malformed(
+                "header",
                 "incompatible feature bit 3 (compression type) is set, but compression_type \
                  is 0 (deflate); the bit must be clear for deflate",
             )),
             (CompressionType::Zstd, false) => Err(FormatError::malformed(
+                "header",
                 "compression_type is 1 (zstd), but incompatible feature bit 3 \
                  (compression type) is clear",
             )),
@@ -140,21 +146,27 @@ impl Header {
             return Ok(());
         }
         if self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
-            return Err(FormatError::malformed(format!(
-                "extended L2 entries need cluster_bits >= {MIN_EXTENDED_L2_CLUSTER_BITS} \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "extended L2 entries need cluster_bits >= {MIN_EXTENDED_L2_CLUSTER_BITS} \
                  (subclusters of at least 512 bytes), but cluster_bits is {}",
-                self.cluster_bits
-            )));
+                    self.cluster_bits
+                ),
+            ));
         }
         Ok(())
     }
 
     fn check_refcount_order(&self) -> Result<()> {
         if self.refcount_order > MAX_REFCOUNT_ORDER {
-            return Err(FormatError::malformed(format!(
+            return Err(FormatError::malformed(
+                "header",
+                format!(
                 "refcount_order {} is above {MAX_REFCOUNT_ORDER} (refcounts of at most 64 bits)",
                 self.refcount_order
-            )));
+            ),
+            ));
         }
         Ok(())
     }
@@ -173,15 +185,19 @@ impl Header {
         let clusters = u64::from(self.refcount_table_clusters);
         if clusters == 0 {
             return Err(FormatError::malformed(
+                "header",
                 "refcount_table_clusters is 0: the image has no refcount table",
             ));
         }
         let max = MAX_REFTABLE_BYTES / self.cluster_size();
         if clusters > max {
-            return Err(FormatError::malformed(format!(
-                "refcount_table_clusters {clusters} exceeds the limit of {max} clusters \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "refcount_table_clusters {clusters} exceeds the limit of {max} clusters \
                  (an 8 MiB refcount table)"
-            )));
+                ),
+            ));
         }
         self.check_table(
             &Table {
@@ -196,10 +212,13 @@ impl Header {
 
     fn check_snapshot_table(&self, file_len: u64) -> Result<()> {
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(FormatError::malformed(format!(
-                "nb_snapshots {} exceeds the limit of {MAX_SNAPSHOTS}",
-                self.nb_snapshots
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "nb_snapshots {} exceeds the limit of {MAX_SNAPSHOTS}",
+                    self.nb_snapshots
+                ),
+            ));
         }
         // Entries have variable length; the snapshot table reader checks
         // the full length. Here: the fixed part of every entry.
@@ -217,10 +236,13 @@ impl Header {
     fn check_l1_table(&self, file_len: u64) -> Result<()> {
         let entries = u64::from(self.l1_size);
         if entries > MAX_L1_ENTRIES {
-            return Err(FormatError::malformed(format!(
-                "l1_size {entries} exceeds the limit of {MAX_L1_ENTRIES} entries \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "l1_size {entries} exceeds the limit of {MAX_L1_ENTRIES} entries \
                  (a 32 MiB L1 table)"
-            )));
+                ),
+            ));
         }
         self.check_table(
             &Table {
@@ -233,16 +255,22 @@ impl Header {
         )?;
         let needed = self.l1_entries_needed();
         if needed > MAX_L1_INDEX {
-            return Err(FormatError::malformed(format!(
-                "size {} is too big: it needs {needed} L1 entries",
-                self.size
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "size {} is too big: it needs {needed} L1 entries",
+                    self.size
+                ),
+            ));
         }
         if entries < needed {
-            return Err(FormatError::malformed(format!(
-                "l1_size {entries} is too small for size {}, which needs {needed} L1 entries",
-                self.size
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "l1_size {entries} is too small for size {}, which needs {needed} L1 entries",
+                    self.size
+                ),
+            ));
         }
         Ok(())
     }
@@ -275,33 +303,43 @@ impl Header {
         } = *table;
         // QEMU passes offsets on as signed 64-bit values.
         if offset > i64::MAX as u64 {
-            return Err(FormatError::malformed(format!(
-                "{offset_field} {offset:#x} is beyond the largest file offset"
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!("{offset_field} {offset:#x} is beyond the largest file offset"),
+            ));
         }
         if offset % self.cluster_size() != 0 {
-            return Err(FormatError::malformed(format!(
-                "{offset_field} {offset:#x} is not aligned to the cluster size {}",
-                self.cluster_size()
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "{offset_field} {offset:#x} is not aligned to the cluster size {}",
+                    self.cluster_size()
+                ),
+            ));
         }
         if len == 0 {
             return Ok(());
         }
         if offset < self.cluster_size() {
-            return Err(FormatError::malformed(format!(
-                "the {name} at {offset_field} {offset:#x} overlaps the header in cluster 0"
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "the {name} at {offset_field} {offset:#x} overlaps the header in cluster 0"
+                ),
+            ));
         }
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= i64::MAX as u64);
         match end {
             Some(end) if end <= file_len => Ok(()),
-            _ => Err(FormatError::malformed(format!(
-                "the {name} at {offset_field} {offset:#x} ({len} bytes) runs past the end \
+            _ => Err(FormatError::malformed(
+                "header",
+                format!(
+                    "the {name} at {offset_field} {offset:#x} ({len} bytes) runs past the end \
                  of the file ({file_len} bytes)"
-            ))),
+                ),
+            )),
         }
     }
 
@@ -315,10 +353,13 @@ impl Header {
             return Ok(());
         }
         if data.len() != BITMAPS_EXTENSION_LEN {
-            return Err(FormatError::malformed(format!(
-                "bitmaps extension is {} bytes long, not {BITMAPS_EXTENSION_LEN}",
-                data.len()
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "bitmaps extension is {} bytes long, not {BITMAPS_EXTENSION_LEN}",
+                    data.len()
+                ),
+            ));
         }
         let field32 =
             |at: usize| u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
@@ -326,20 +367,25 @@ impl Header {
         let (nb_bitmaps, reserved) = (field32(0), field32(4));
         let (directory_size, directory_offset) = (field64(8), field64(16));
         if reserved != 0 {
-            return Err(FormatError::malformed(format!(
-                "bitmaps extension: reserved field is {reserved:#x}, not zero"
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!("bitmaps extension: reserved field is {reserved:#x}, not zero"),
+            ));
         }
         if nb_bitmaps == 0 || nb_bitmaps > MAX_BITMAPS {
-            return Err(FormatError::malformed(format!(
-                "bitmaps extension: nb_bitmaps {nb_bitmaps} is outside 1..={MAX_BITMAPS}"
-            )));
+            return Err(FormatError::malformed(
+                "header",
+                format!("bitmaps extension: nb_bitmaps {nb_bitmaps} is outside 1..={MAX_BITMAPS}"),
+            ));
         }
         if directory_size > MAX_BITMAP_DIRECTORY_BYTES {
-            return Err(FormatError::malformed(format!(
-                "bitmaps extension: bitmap_directory_size {directory_size} exceeds \
+            return Err(FormatError::malformed(
+                "header",
+                format!(
+                    "bitmaps extension: bitmap_directory_size {directory_size} exceeds \
                  {MAX_BITMAP_DIRECTORY_BYTES}"
-            )));
+                ),
+            ));
         }
         self.check_table(
             &Table {
@@ -358,14 +404,17 @@ impl Header {
         let external = self.incompatible.contains(Incompatible::EXTERNAL_DATA_FILE);
         match &self.data_file {
             None if external => Err(FormatError::malformed(
+                "header",
                 "incompatible feature bit 2 (external data file) is set, but the header has \
                  no external data file name extension",
             )),
             Some(name) if external && name.is_empty() => Err(FormatError::malformed(
+                "header",
                 "the external data file name extension is empty",
             )),
             _ if !external && self.autoclear.contains(Autoclear::DATA_FILE_RAW) => {
                 Err(FormatError::malformed(
+                    "header",
                     "autoclear feature bit 1 (raw external data) is set without incompatible \
                      feature bit 2 (external data file)",
                 ))
@@ -377,18 +426,24 @@ impl Header {
     fn check_backing_names(&self) -> Result<()> {
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_FILE_NAME {
-                return Err(FormatError::malformed(format!(
-                    "backing_file_size {} exceeds {MAX_BACKING_FILE_NAME}",
-                    name.len()
-                )));
+                return Err(FormatError::malformed(
+                    "header",
+                    format!(
+                        "backing_file_size {} exceeds {MAX_BACKING_FILE_NAME}",
+                        name.len()
+                    ),
+                ));
             }
         }
         if let Some(format) = &self.backing_format {
             if format.len() > MAX_BACKING_FORMAT_NAME {
-                return Err(FormatError::malformed(format!(
-                    "backing format name of {} bytes exceeds {MAX_BACKING_FORMAT_NAME}",
-                    format.len()
-                )));
+                return Err(FormatError::malformed(
+                    "header",
+                    format!(
+                        "backing format name of {} bytes exceeds {MAX_BACKING_FORMAT_NAME}",
+                        format.len()
+                    ),
+                ));
             }
         }
         Ok(())

@@ -139,7 +139,7 @@ impl RefcountMap {
 
 /// The error that refuses a repair (and so every write).
 fn refuse(what: String) -> FormatError {
-    FormatError::malformed(format!("cannot repair the dirty image: {what}"))
+    FormatError::malformed("image", format!("cannot repair the dirty image: {what}"))
 }
 
 fn check_aligned(offset: u64, geometry: &Geometry, what: &dyn Fn() -> String) -> Result<()> {

@@ -59,7 +59,7 @@ fn read_table(header: &Header, bytes: Vec<u8>) -> Result<Vec<Snapshot>> {
 
 fn reason(result: Result<Vec<Snapshot>>) -> String {
     match result {
-        Err(FormatError::Malformed { what }) => what,
+        Err(err @ FormatError::Malformed { .. }) => err.to_string(),
         Err(err) => panic!("expected a malformed table, got {err}"),
         Ok(table) => panic!("a bad table was accepted: {table:?}"),
     }

@@ -34,5 +34,3 @@ pub mod fs;
 pub mod jobs;
 pub mod storage;
 pub mod sync;
-#[cfg(test)]
-mod test_support;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 
 use super::{lock, relock, unlock, LockError, LockMode};
-use crate::test_support::require_qemu;
+use crate::storage::test_support::require_qemu;
 
 fn run(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)

@@ -11,8 +11,8 @@ use super::*;
 use crate::format::qcow2::header::Header;
 use crate::format::qcow2::Qcow2;
 use crate::format::OpenOptions;
+use crate::storage::test_support::require_tool;
 use crate::storage::MemStorage;
-use crate::test_support::require_tool;
 
 const CS: u64 = 65536;
 

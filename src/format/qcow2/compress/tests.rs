@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::encode::{compress, encode_descriptor};
 use super::*;
-use crate::test_support::require_tool;
+use crate::storage::test_support::require_tool;
 
 /// A deterministic generator, so a failure can be reproduced.
 struct XorShift(u64);

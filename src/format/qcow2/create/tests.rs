@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use super::*;
+use crate::storage::test_support::require_qemu;
 use crate::storage::FileStorage;
-use crate::test_support::require_qemu;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::format::qcow2::header::Header;
+use crate::storage::test_support::require_qemu;
 use crate::storage::MemStorage;
-use crate::test_support::require_qemu;
 
 fn qemu(tool: &str, args: &[&str], path: &Path) -> String {
     let output = Command::new(tool).args(args).arg(path).output().unwrap();

@@ -1,4 +1,4 @@
-//! What the unit tests share: one gate for the QEMU tools they use as
+//! What the unit tests of every layer share: one gate for the QEMU tools they use as
 //! oracles, with the integration tests' rule (`tests/common/tools.rs`): when
 //! the `CI` environment variable is set to anything but the empty string, a
 //! missing tool fails the test; elsewhere the test prints a loud SKIPPED and

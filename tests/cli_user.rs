@@ -32,7 +32,7 @@ const OTHER: &str = "chainfs-test2";
 fn prepare_host() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        if common::in_ci() {
             panic!("cli_user needs root under CI");
         }
         eprintln!("!!!!!!!! SKIPPED: cli_user needs root to create its users !!!!!!!!");

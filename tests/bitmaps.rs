@@ -12,10 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chainfs::format::NoBacking;
 use chainfs::format::Qcow2;
-use chainfs::format::{NoBacking, OpenOptions};
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
-use common::{path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any};
+use common::{
+    create_qcow2, path_str, qemu_img, qemu_img_check, qemu_io, require_qemu, require_tool, run_any,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -47,16 +49,7 @@ fn have_tools() -> bool {
 fn create(size: &str, options: &str) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        options,
-        path_str(&path),
-        size,
-    ]);
+    create_qcow2(path_str(&path), size, options);
     Image { _dir: dir, path }
 }
 
@@ -69,14 +62,7 @@ fn bitmap(image: &Path, args: &[&str], name: &str) {
 }
 
 fn open(storage: Arc<dyn Storage>, writable: bool) -> Qcow2 {
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    let options = OpenOptions {
-        writable,
-        cache_bytes: 1 << 20,
-    };
-    Qcow2::open(storage, &options, &no_files).unwrap()
+    common::engine::open_qcow2(storage, writable, 1 << 20)
 }
 
 fn open_file(path: &Path) -> Qcow2 {
@@ -304,16 +290,12 @@ fn dirty_bits_from_qemu_and_from_earlier_opens_are_kept() {
     let size = 64 * MIB;
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(
-        &img.path,
-        "qcow2",
-        &["write 1M 64k".into(), "write 50M 1".into()],
-    );
+    qemu_io(&img.path, "qcow2", &["write 1M 64k", "write 50M 1"]);
     let first = [Op::Write(2 * MIB, 4096), Op::Zero(8 * MIB, 2 * MIB)];
     write_through_engine(&img.path, &first);
     let second = [Op::Write(2 * MIB + 65536 * 3, 10), Op::Write(60 * MIB, MIB)];
     write_through_engine(&img.path, &second);
-    qemu_io(&img.path, "qcow2", &["write 33M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 33M 4k"]);
 
     qemu_img_check(&img.path);
     assert_eq!(flags_of(&img.path, "b0"), vec!["auto"]);
@@ -408,7 +390,7 @@ fn a_crash_at_any_point_of_close_leaves_the_old_or_the_new_bitmap() {
     let size = 64 * MIB;
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 7M 4k"]);
     let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
     let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
     let ops = varied_ops(size);
@@ -453,7 +435,7 @@ fn a_crash_while_opening_leaves_the_bitmap_clean_in_use_or_ignored() {
     }
     let img = create("64M", "cluster_size=65536");
     bitmap(&img.path, &["--add"], "b0");
-    qemu_io(&img.path, "qcow2", &["write 7M 4k".into()]);
+    qemu_io(&img.path, "qcow2", &["write 7M 4k"]);
     let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&img.path).unwrap()));
     let image = open(Arc::clone(&storage) as Arc<dyn Storage>, true);
     let opened = storage.op_count();

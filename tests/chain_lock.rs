@@ -2,13 +2,13 @@
 //! files are shared for reading with nobody writing, `force_share` takes
 //! none; and a failed open leaves every image as it was.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use std::process::Command;
 
 use chainfs::chain::{Chain, ChainError, ChainOptions};
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 /// Builds `base.img` <- `top.qcow2` in `d`.
 fn two_node_chain(d: &std::path::Path) {
@@ -32,7 +32,7 @@ fn try_qemu_io(d: &std::path::Path, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn qemu_cannot_write_an_image_a_writable_chain_holds() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -59,7 +59,7 @@ fn qemu_cannot_write_an_image_a_writable_chain_holds() {
 
 #[test]
 fn a_chain_cannot_open_an_image_qemu_is_writing_unless_force_shared() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -69,7 +69,10 @@ fn a_chain_cannot_open_an_image_qemu_is_writing_unless_force_shared() {
     let err = Chain::open(&at(d, "top.qcow2"), &ChainOptions::default()).unwrap_err();
     assert!(matches!(err, ChainError::Lock { .. }), "{err:?}");
     assert_eq!(err.errno(), libc::EAGAIN);
-    assert!(err.to_string().contains(&path_str(d, "top.qcow2")), "{err}");
+    assert!(
+        err.to_string().contains(path_str(&at(d, "top.qcow2"))),
+        "{err}"
+    );
     let options = ChainOptions {
         force_share: true,
         ..ChainOptions::default()
@@ -82,7 +85,7 @@ fn a_chain_cannot_open_an_image_qemu_is_writing_unless_force_shared() {
 
 #[test]
 fn read_only_chains_share_their_images() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -108,7 +111,7 @@ fn read_only_chains_share_their_images() {
 
 #[test]
 fn a_failed_writable_open_leaves_the_top_untouched() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -129,7 +132,7 @@ fn a_failed_writable_open_leaves_the_top_untouched() {
 
 #[test]
 fn a_backing_node_takes_writes_only_while_a_job_lets_it_and_locks_follow() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -164,7 +167,7 @@ fn a_backing_node_takes_writes_only_while_a_job_lets_it_and_locks_follow() {
     );
     assert!(ok, "shared reading again, and the write is there: {stderr}");
     chain.close().unwrap();
-    qemu_img(d, &["check", "mid.qcow2"]);
+    qemu_img_in(d, &["check", "mid.qcow2"]);
 
     let chain = Chain::open(
         &at(d, "top.qcow2"),

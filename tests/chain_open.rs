@@ -1,12 +1,12 @@
 //! Opening chains: backing resolution, formats, names, and the errors that
 //! name the image at fault and the image pointing to it.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use chainfs::chain::{Chain, ChainError, ChainOptions};
 use chainfs::format::Format;
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 #[test]
 fn a_raw_image_is_a_chain_of_one_node() {
@@ -130,7 +130,7 @@ fn nodes_are_found_by_name_active_or_path() {
 
 #[test]
 fn relative_backing_names_resolve_against_the_naming_images_directory() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -168,7 +168,7 @@ fn relative_backing_names_resolve_against_the_naming_images_directory() {
 
 #[test]
 fn a_missing_backing_file_names_it_and_the_image_pointing_to_it() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -176,15 +176,21 @@ fn a_missing_backing_file_names_it_and_the_image_pointing_to_it() {
     let err = Chain::open(&at(dir.path(), "top.qcow2"), &ChainOptions::default()).unwrap_err();
     assert!(matches!(err, ChainError::MissingBacking { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains(&path_str(dir.path(), "gone.img")), "{text}");
-    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert!(
+        text.contains(path_str(&at(dir.path(), "gone.img"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(path_str(&at(dir.path(), "top.qcow2"))),
+        "{text}"
+    );
     assert!(text.contains("No such file"), "{text}");
     assert_eq!(err.errno(), libc::ENOENT);
 }
 
 #[test]
 fn a_backing_file_of_the_wrong_format_names_both_images() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -193,20 +199,26 @@ fn a_backing_file_of_the_wrong_format_names_both_images() {
     let err = Chain::open(&at(dir.path(), "top.qcow2"), &ChainOptions::default()).unwrap_err();
     assert!(matches!(err, ChainError::BackingImage { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains(&path_str(dir.path(), "base.img")), "{text}");
-    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert!(
+        text.contains(path_str(&at(dir.path(), "base.img"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(path_str(&at(dir.path(), "top.qcow2"))),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_backing_loop_is_refused_naming_both_images() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     overlay(d, "a.qcow2", None, "1M");
     overlay(d, "b.qcow2", Some(("a.qcow2", "qcow2")), "1M");
-    qemu_img(
+    qemu_img_in(
         d,
         &[
             "rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
@@ -215,19 +227,19 @@ fn a_backing_loop_is_refused_naming_both_images() {
     let err = Chain::open(&at(d, "a.qcow2"), &ChainOptions::default()).unwrap_err();
     assert!(matches!(err, ChainError::Loop { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains(&path_str(d, "a.qcow2")), "{text}");
-    assert!(text.contains(&path_str(d, "b.qcow2")), "{text}");
+    assert!(text.contains(path_str(&at(d, "a.qcow2"))), "{text}");
+    assert!(text.contains(path_str(&at(d, "b.qcow2"))), "{text}");
     assert_eq!(err.errno(), libc::ELOOP);
 }
 
 #[test]
 fn an_image_backed_by_itself_is_a_loop() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     overlay(dir.path(), "a.qcow2", None, "1M");
-    qemu_img(
+    qemu_img_in(
         dir.path(),
         &[
             "rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2",
@@ -239,7 +251,7 @@ fn an_image_backed_by_itself_is_a_loop() {
 
 #[test]
 fn a_loop_through_a_hard_link_is_caught() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -252,7 +264,7 @@ fn a_loop_through_a_hard_link_is_caught() {
 
 #[test]
 fn without_a_backing_format_the_backing_file_is_probed() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -270,13 +282,13 @@ fn without_a_backing_format_the_backing_file_is_probed() {
     assert_same(
         "probed chain",
         &read_node(&chain, chain.active().id()),
-        &convert_raw(d, "c.qcow2"),
+        &convert_to_raw(&at(d, "c.qcow2")),
     );
 }
 
 #[test]
 fn network_protocols_are_refused_naming_the_image() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -293,12 +305,15 @@ fn network_protocols_are_refused_naming_the_image() {
     );
     let text = err.to_string();
     assert!(text.contains("nbd"), "{text}");
-    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert!(
+        text.contains(path_str(&at(dir.path(), "top.qcow2"))),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_file_protocol_prefix_is_followed() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -313,7 +328,7 @@ fn a_file_protocol_prefix_is_followed() {
 
 #[test]
 fn duplicate_file_names_get_suffixes_below_the_top() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -364,7 +379,7 @@ fn create_image_refuses_bad_cluster_sizes_and_existing_files() {
 
 #[test]
 fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -372,7 +387,7 @@ fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through()
     raw_image(&base, 3 << 20, Some((100_000..300_000, 0x3c)));
     let top = at(dir.path(), "top.qcow2");
     chainfs::chain::create_image(&top, 3 << 20, 65536, Some(("base.img", Format::Raw))).unwrap();
-    let info = qemu_img(dir.path(), &["info", "--output=json", "top.qcow2"]);
+    let info = qemu_img_in(dir.path(), &["info", "--output=json", "top.qcow2"]);
     assert!(
         info.contains("\"backing-filename\": \"base.img\""),
         "{info}"
@@ -381,7 +396,7 @@ fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through()
         info.contains("\"backing-filename-format\": \"raw\""),
         "{info}"
     );
-    qemu_img(dir.path(), &["check", "top.qcow2"]);
+    qemu_img_in(dir.path(), &["check", "top.qcow2"]);
     let chain = open_writable(&top);
     assert_eq!(chain.nodes().len(), 2);
     chain
@@ -395,17 +410,21 @@ fn create_image_makes_an_overlay_that_qemu_accepts_and_the_chain_reads_through()
         &want,
     );
     chain.close().unwrap();
-    qemu_img(dir.path(), &["check", "top.qcow2"]);
-    assert_same("after close", &convert_raw(dir.path(), "top.qcow2"), &want);
+    qemu_img_in(dir.path(), &["check", "top.qcow2"]);
+    assert_same(
+        "after close",
+        &convert_to_raw(&at(dir.path(), "top.qcow2")),
+        &want,
+    );
 }
 
 #[test]
 fn a_missing_external_data_file_keeps_its_errno_and_is_named() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
-    qemu_img(
+    qemu_img_in(
         dir.path(),
         &[
             "create",
@@ -422,7 +441,10 @@ fn a_missing_external_data_file_keeps_its_errno_and_is_named() {
     let err = Chain::open(&at(dir.path(), "top.qcow2"), &ChainOptions::default()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("\"data.raw\""), "{text}");
-    assert!(text.contains(&path_str(dir.path(), "top.qcow2")), "{text}");
+    assert!(
+        text.contains(path_str(&at(dir.path(), "top.qcow2"))),
+        "{text}"
+    );
     assert_eq!(err.errno(), libc::ENOENT, "{text}");
 }
 
@@ -430,7 +452,7 @@ fn a_missing_external_data_file_keeps_its_errno_and_is_named() {
 fn a_backing_name_that_is_not_utf8_is_followed_and_shown_with_replacements() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -459,15 +481,15 @@ fn a_backing_name_that_is_not_utf8_is_followed_and_shown_with_replacements() {
 
 #[test]
 fn a_raw_image_of_odd_length_is_rounded_up_to_a_sector_as_in_qemu() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let path = at(dir.path(), "odd.raw");
     raw_image(&path, 1000, Some((0..1000, 0x3a)));
-    let info = qemu_img(dir.path(), &["info", "--output=json", "odd.raw"]);
+    let info = qemu_img_in(dir.path(), &["info", "--output=json", "odd.raw"]);
     assert!(info.contains("\"virtual-size\": 1024"), "{info}");
-    let converted = convert_raw(dir.path(), "odd.raw");
+    let converted = convert_to_raw(&at(dir.path(), "odd.raw"));
     let chain = open_writable(&path);
     let id = chain.active().id();
     assert_eq!(chain.active().virtual_size(), 1024);
@@ -485,6 +507,6 @@ fn a_raw_image_of_odd_length_is_rounded_up_to_a_sector_as_in_qemu() {
     assert_same(
         "after a tail write",
         &expected,
-        &convert_raw(dir.path(), "odd.raw"),
+        &convert_to_raw(&at(dir.path(), "odd.raw")),
     );
 }

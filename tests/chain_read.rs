@@ -1,12 +1,12 @@
 //! Reading, writing and querying qcow2 chains built by qemu-img and
 //! qemu-io; every node must read as `qemu-img convert -O raw` shows it.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use chainfs::chain::{Chain, ChainOptions};
 use chainfs::format::Allocation;
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
@@ -20,19 +20,19 @@ fn five_node_chain(d: &std::path::Path) {
     overlay(d, "C.qcow2", Some(("B.qcow2", "qcow2")), "4M");
     overlay(d, "D.qcow2", Some(("C.qcow2", "qcow2")), "4M");
     overlay(d, "E.qcow2", Some(("D.qcow2", "qcow2")), "4M");
-    qemu_io(d, "B.qcow2", "qcow2", "write -P 0x42 0 1M");
-    qemu_io(d, "C.qcow2", "qcow2", "write -P 0x43 512k 1M");
-    qemu_io(d, "C.qcow2", "qcow2", "write -P 0x63 3000 5000");
-    qemu_io(d, "D.qcow2", "qcow2", "write -z 1M 128k");
-    qemu_io(d, "D.qcow2", "qcow2", "write -P 0x44 2M 64k");
-    qemu_io(d, "E.qcow2", "qcow2", "write -P 0x45 100k 1000");
-    qemu_io(d, "E.qcow2", "qcow2", "write -P 0x65 4032k 64k");
-    qemu_io(d, "E.qcow2", "qcow2", "discard 2M 64k");
+    qemu_io(&at(d, "B.qcow2"), "qcow2", &["write -P 0x42 0 1M"]);
+    qemu_io(&at(d, "C.qcow2"), "qcow2", &["write -P 0x43 512k 1M"]);
+    qemu_io(&at(d, "C.qcow2"), "qcow2", &["write -P 0x63 3000 5000"]);
+    qemu_io(&at(d, "D.qcow2"), "qcow2", &["write -z 1M 128k"]);
+    qemu_io(&at(d, "D.qcow2"), "qcow2", &["write -P 0x44 2M 64k"]);
+    qemu_io(&at(d, "E.qcow2"), "qcow2", &["write -P 0x45 100k 1000"]);
+    qemu_io(&at(d, "E.qcow2"), "qcow2", &["write -P 0x65 4032k 64k"]);
+    qemu_io(&at(d, "E.qcow2"), "qcow2", &["discard 2M 64k"]);
 }
 
 #[test]
 fn every_node_reads_as_qemu_img_convert_shows_it() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -42,7 +42,7 @@ fn every_node_reads_as_qemu_img_convert_shows_it() {
     let names: Vec<_> = chain.nodes().iter().map(|n| n.name().to_owned()).collect();
     assert_eq!(names, ["A.img", "B.qcow2", "C.qcow2", "D.qcow2", "E.qcow2"]);
     for node in chain.nodes() {
-        let want = convert_raw(d, node.name());
+        let want = convert_to_raw(&at(d, node.name()));
         assert_same(node.name(), &read_node(&chain, node.id()), &want);
     }
     chain.close().unwrap();
@@ -50,7 +50,7 @@ fn every_node_reads_as_qemu_img_convert_shows_it() {
 
 #[test]
 fn unaligned_reads_match_whole_node_reads() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -75,7 +75,7 @@ fn unaligned_reads_match_whole_node_reads() {
 
 #[test]
 fn a_backing_file_shorter_than_its_overlay_reads_as_zeros_past_its_end() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -83,17 +83,17 @@ fn a_backing_file_shorter_than_its_overlay_reads_as_zeros_past_its_end() {
     raw_image(&at(d, "A.img"), 2 << 20, Some((0..(2 << 20), 0x11)));
     overlay(d, "B.qcow2", Some(("A.img", "raw")), "512k");
     overlay(d, "C.qcow2", Some(("B.qcow2", "qcow2")), "2M");
-    qemu_io(d, "C.qcow2", "qcow2", "write -P 0x33 1536k 4k");
+    qemu_io(&at(d, "C.qcow2"), "qcow2", &["write -P 0x33 1536k 4k"]);
     let chain = open(&at(d, "C.qcow2"));
     let got = read_node(&chain, chain.active().id());
     assert!(got[..512 * 1024].iter().all(|&b| b == 0x11));
     assert!(got[512 * 1024..1536 * 1024].iter().all(|&b| b == 0));
-    assert_same("short middle", &got, &convert_raw(d, "C.qcow2"));
+    assert_same("short middle", &got, &convert_to_raw(&at(d, "C.qcow2")));
 }
 
 #[test]
 fn block_status_names_the_node_that_decides_each_run() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -105,8 +105,8 @@ fn block_status_names_the_node_that_decides_each_run() {
     drop(base);
     overlay(d, "B.qcow2", Some(("A.img", "raw")), "1M");
     overlay(d, "C.qcow2", Some(("B.qcow2", "qcow2")), "1M");
-    qemu_io(d, "B.qcow2", "qcow2", "write -P 2 64k 64k");
-    qemu_io(d, "C.qcow2", "qcow2", "write -z 128k 64k");
+    qemu_io(&at(d, "B.qcow2"), "qcow2", &["write -P 2 64k 64k"]);
+    qemu_io(&at(d, "C.qcow2"), "qcow2", &["write -z 128k 64k"]);
     let chain = open(&at(d, "C.qcow2"));
     let [a, b, c] = [0, 1, 2].map(|i| chain.nodes()[i].id());
 
@@ -150,7 +150,7 @@ fn block_status_names_the_node_that_decides_each_run() {
 
 #[test]
 fn past_the_end_of_a_shorter_node_block_status_is_zero() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -171,13 +171,13 @@ fn past_the_end_of_a_shorter_node_block_status_is_zero() {
 
 #[test]
 fn writes_to_the_active_node_copy_on_write_from_the_chain_below() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     five_node_chain(d);
-    let mut want = convert_raw(d, "E.qcow2");
+    let mut want = convert_to_raw(&at(d, "E.qcow2"));
     let chain = open_writable(&at(d, "E.qcow2"));
     let top = chain.active().id();
     let lower = chain.nodes()[2].id();
@@ -194,13 +194,13 @@ fn writes_to_the_active_node_copy_on_write_from_the_chain_below() {
     assert_same("after write", &read_node(&chain, top), &want);
     chain.flush().unwrap();
     chain.close().unwrap();
-    qemu_img(d, &["check", "E.qcow2"]);
-    assert_same("qemu's view", &convert_raw(d, "E.qcow2"), &want);
+    qemu_img_in(d, &["check", "E.qcow2"]);
+    assert_same("qemu's view", &convert_to_raw(&at(d, "E.qcow2")), &want);
 }
 
 #[test]
 fn an_empty_chain_of_qcow2_without_backing_reads_zeros() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -218,7 +218,7 @@ fn an_empty_chain_of_qcow2_without_backing_reads_zeros() {
 
 #[test]
 fn an_external_data_file_is_found_beside_its_image_and_written_through() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -230,7 +230,7 @@ fn an_external_data_file_is_found_beside_its_image_and_written_through() {
         M as usize,
         Some((0..M as usize, 0x11)),
     );
-    qemu_img(
+    qemu_img_in(
         &vm,
         &[
             "create",
@@ -247,16 +247,16 @@ fn an_external_data_file_is_found_beside_its_image_and_written_through() {
             "1M",
         ],
     );
-    qemu_io(&vm, "top.qcow2", "qcow2", "write -P 0x22 64k 64k");
-    let want = convert_raw(&vm, "top.qcow2");
+    qemu_io(&at(&vm, "top.qcow2"), "qcow2", &["write -P 0x22 64k 64k"]);
+    let want = convert_to_raw(&at(&vm, "top.qcow2"));
     // Opened from elsewhere: the data file name is relative to the image.
     let chain = open_writable(&at(&vm, "top.qcow2"));
     let top = chain.active().id();
     assert_same("data file", &read_node(&chain, top), &want);
     chain.write(top, 200 * K, &[0x33; 4096]).unwrap();
     chain.close().unwrap();
-    qemu_img(&vm, &["check", "top.qcow2"]);
-    let got = convert_raw(&vm, "top.qcow2");
+    qemu_img_in(&vm, &["check", "top.qcow2"]);
+    let got = convert_to_raw(&at(&vm, "top.qcow2"));
     assert!(got[(200 * K) as usize..(204 * K) as usize]
         .iter()
         .all(|&b| b == 0x33));

@@ -3,12 +3,12 @@
 //! snapshot). The images stay valid for QEMU, every node shows what it
 //! showed, and the old chain keeps reading through the images it shared.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use chainfs::chain::{Chain, NodeId};
 use chainfs::format::Allocation;
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 const SIZE: u64 = 4 << 20;
 
@@ -21,13 +21,13 @@ fn build(d: &std::path::Path) {
         Some((0..SIZE as usize, 0x11)),
     );
     overlay(d, "b.qcow2", Some(("base.img", "raw")), "4M");
-    qemu_io(d, "b.qcow2", "qcow2", "write -P 0x22 1M 512k");
-    qemu_io(d, "b.qcow2", "qcow2", "write -P 0x22 3M 100k");
+    qemu_io(&at(d, "b.qcow2"), "qcow2", &["write -P 0x22 1M 512k"]);
+    qemu_io(&at(d, "b.qcow2"), "qcow2", &["write -P 0x22 3M 100k"]);
     overlay(d, "c.qcow2", Some(("b.qcow2", "qcow2")), "4M");
-    qemu_io(d, "c.qcow2", "qcow2", "write -P 0x33 2M 300k");
-    qemu_io(d, "c.qcow2", "qcow2", "write -z 3M 64k");
+    qemu_io(&at(d, "c.qcow2"), "qcow2", &["write -P 0x33 2M 300k"]);
+    qemu_io(&at(d, "c.qcow2"), "qcow2", &["write -z 3M 64k"]);
     overlay(d, "d.qcow2", Some(("c.qcow2", "qcow2")), "4M");
-    qemu_io(d, "d.qcow2", "qcow2", "write -P 0x44 3M 4k");
+    qemu_io(&at(d, "d.qcow2"), "qcow2", &["write -P 0x44 3M 4k"]);
 }
 
 /// Copies into `node` everything the nodes between it and `base` hold, as
@@ -57,7 +57,7 @@ fn copy_up(chain: &Chain, node: NodeId, below: NodeId, base: Option<NodeId>) {
 
 #[test]
 fn a_streamed_node_is_rebacked_onto_the_base_and_shows_the_same() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -65,7 +65,7 @@ fn a_streamed_node_is_rebacked_onto_the_base_and_shows_the_same() {
     build(d);
     let before: Vec<Vec<u8>> = ["base.img", "b.qcow2", "c.qcow2", "d.qcow2"]
         .iter()
-        .map(|name| convert_raw(d, name))
+        .map(|name| convert_to_raw(&at(d, name)))
         .collect();
     let chain = open_writable(&at(d, "d.qcow2"));
     let id = |name: &str| chain.find(name).unwrap().id();
@@ -80,8 +80,8 @@ fn a_streamed_node_is_rebacked_onto_the_base_and_shows_the_same() {
     assert_same("old chain, c", &read_node(&chain, below), &before[2]);
     drop(chain);
     streamed.close().unwrap();
-    qemu_img(d, &["check", "d.qcow2"]);
-    let info = qemu_img(d, &["info", "--output=json", "d.qcow2"]);
+    qemu_img_in(d, &["check", "d.qcow2"]);
+    let info = qemu_img_in(d, &["info", "--output=json", "d.qcow2"]);
     assert!(
         info.contains("\"backing-filename\": \"base.img\""),
         "{info}"
@@ -90,19 +90,19 @@ fn a_streamed_node_is_rebacked_onto_the_base_and_shows_the_same() {
         info.contains("\"backing-filename-format\": \"raw\""),
         "{info}"
     );
-    assert_same("qemu sees", &convert_raw(d, "d.qcow2"), &before[3]);
+    assert_same("qemu sees", &convert_to_raw(&at(d, "d.qcow2")), &before[3]);
 }
 
 #[test]
 fn a_node_below_the_top_can_be_streamed_into_and_keeps_relative_names() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let c_before = convert_raw(d, "c.qcow2");
-    let d_before = convert_raw(d, "d.qcow2");
+    let c_before = convert_to_raw(&at(d, "c.qcow2"));
+    let d_before = convert_to_raw(&at(d, "d.qcow2"));
     let chain = open_writable(&at(d, "d.qcow2"));
     let c = chain.find("c.qcow2").unwrap();
     let (c_id, b_id) = (c.id(), chain.find("b.qcow2").unwrap().id());
@@ -120,18 +120,18 @@ fn a_node_below_the_top_can_be_streamed_into_and_keeps_relative_names() {
     );
     drop(chain);
     streamed.close().unwrap();
-    qemu_img(d, &["check", "c.qcow2"]);
-    let chain_info = qemu_img(d, &["info", "--backing-chain", "d.qcow2"]);
+    qemu_img_in(d, &["check", "c.qcow2"]);
+    let chain_info = qemu_img_in(d, &["info", "--backing-chain", "d.qcow2"]);
     assert!(
         !chain_info.contains("b.qcow2") && !chain_info.contains("base.img"),
         "{chain_info}"
     );
-    assert_same("qemu sees c", &convert_raw(d, "c.qcow2"), &c_before);
+    assert_same("qemu sees c", &convert_to_raw(&at(d, "c.qcow2")), &c_before);
 }
 
 #[test]
 fn a_snapshot_becomes_the_active_node_and_the_old_top_stops_taking_writes() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -160,7 +160,7 @@ fn a_snapshot_becomes_the_active_node_and_the_old_top_stops_taking_writes() {
     assert_same("old top unchanged", &read_node(&snapped, old_top), &before);
     drop(chain);
     snapped.close().unwrap();
-    qemu_img(d, &["check", "e.qcow2"]);
-    qemu_img(d, &["check", "d.qcow2"]);
-    assert_same("qemu sees e", &convert_raw(d, "e.qcow2"), &want);
+    qemu_img_in(d, &["check", "e.qcow2"]);
+    qemu_img_in(d, &["check", "d.qcow2"]);
+    assert_same("qemu sees e", &convert_to_raw(&at(d, "e.qcow2")), &want);
 }

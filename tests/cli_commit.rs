@@ -5,52 +5,19 @@
 //! acknowledged write reads back from the top after a remount, and the
 //! commit then runs again to the end.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{
-    chainfs, chainfs_bin, chainfs_processes, qemu_img, require_fuse, s, wait_child, wait_until,
-    MountGuard,
-};
+use common::cli::{chainfs, chainfs_bin, kill_daemon, wait_child, wait_until, MountGuard};
+use common::mount::{command_at, job_at};
+use common::{create_qcow2, path_str, qemu_img, qemu_img_check_allowing_leaks, require_fuse};
 
 const SIZE: usize = 64 << 20;
-
-/// `qemu-img check`: no errors; leaked clusters (exit 3) are allowed.
-fn check_no_errors(image: &Path) {
-    let output = Command::new("qemu-img")
-        .args(["check", s(image)])
-        .output()
-        .unwrap();
-    let code = output.status.code();
-    assert!(
-        code == Some(0) || code == Some(3),
-        "qemu-img check {}: {}{}",
-        image.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn command(mnt: &Path, text: &str) {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .open(mnt.join("ctl/command"))
-        .unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-}
-
-fn job(mnt: &Path) -> serde_json::Value {
-    let jobs: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mnt.join("ctl/status.json")).unwrap()).unwrap();
-    jobs[0].clone()
-}
 
 /// When the daemon is killed.
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +30,7 @@ enum Phase {
 /// base.qcow2 (64 MiB pattern) <- mid.qcow2 (every other MiB) <- top.qcow2.
 fn build(dir: &Path) -> Vec<u8> {
     let base = dir.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
+    create_qcow2(path_str(&base), "64M", "");
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
     let raw = dir.join("pattern.raw");
     std::fs::write(&raw, &model).unwrap();
@@ -74,8 +41,8 @@ fn build(dir: &Path) -> Vec<u8> {
         "raw",
         "-O",
         "qcow2",
-        s(&raw),
-        s(&base),
+        path_str(&raw),
+        path_str(&base),
     ]);
     for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
         qemu_img(&[
@@ -87,7 +54,7 @@ fn build(dir: &Path) -> Vec<u8> {
             backing,
             "-F",
             "qcow2",
-            s(&dir.join(image)),
+            path_str(&dir.join(image)),
         ]);
     }
     let mut io = Command::new("qemu-io");
@@ -111,12 +78,12 @@ fn kill_during_an_active_commit(phase: Phase) {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     let speed = match phase {
         Phase::BeforeReady => " speed=4M",
         _ => "",
     };
-    command(&mnt, &format!("commit top=active base=base.qcow2{speed}"));
+    command_at(&mnt, &format!("commit top=active base=base.qcow2{speed}")).unwrap();
     let active = OpenOptions::new()
         .read(true)
         .write(true)
@@ -132,60 +99,51 @@ fn kill_during_an_active_commit(phase: Phase) {
     match phase {
         Phase::BeforeReady => assert!(
             wait_until(Duration::from_secs(20), || {
-                job(&mnt)["offset"].as_u64().unwrap_or(0) > (4 << 20)
+                job_at(&mnt)["offset"].as_u64().unwrap_or(0) > (4 << 20)
             }),
             "the commit made no progress"
         ),
         Phase::AfterReady | Phase::DuringComplete => assert!(
-            wait_until(Duration::from_secs(30), || job(&mnt)["status"] == "ready"),
+            wait_until(Duration::from_secs(30), || job_at(&mnt)["status"]
+                == "ready"),
             "the commit never became ready"
         ),
     }
     (20..40).for_each(&mut write);
     match phase {
-        Phase::BeforeReady => assert_eq!(job(&mnt)["ready"], false, "{}", job(&mnt)),
-        Phase::AfterReady => assert_eq!(job(&mnt)["status"], "ready"),
-        Phase::DuringComplete => command(&mnt, "complete"),
+        Phase::BeforeReady => assert_eq!(job_at(&mnt)["ready"], false, "{}", job_at(&mnt)),
+        Phase::AfterReady => assert_eq!(job_at(&mnt)["status"], "ready"),
+        Phase::DuringComplete => command_at(&mnt, "complete").unwrap(),
     }
 
     drop(active);
-    let daemons = chainfs_processes(dir.path());
-    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
-    // SAFETY: kill has no memory-safety preconditions; the pid is our daemon's.
-    assert_eq!(unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) }, 0);
-    assert!(wait_until(Duration::from_secs(10), || chainfs_processes(
-        dir.path()
-    )
-    .is_empty()));
-    let _ = Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(&mnt)
-        .output();
+    kill_daemon(dir.path(), &mnt);
     for name in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
-        check_no_errors(&dir.path().join(name));
+        qemu_img_check_allowing_leaks(&dir.path().join(name));
     }
 
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
     assert!(
         std::fs::read(mnt.join("active")).unwrap() == model,
         "{phase:?}: an acknowledged write was lost"
     );
-    command(&mnt, "commit top=active base=base.qcow2");
+    command_at(&mnt, "commit top=active base=base.qcow2").unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || job(&mnt)["status"] == "ready"),
+        wait_until(Duration::from_secs(60), || job_at(&mnt)["status"]
+            == "ready"),
         "the second commit never became ready: {}",
-        job(&mnt)
+        job_at(&mnt)
     );
-    command(&mnt, "complete");
-    assert!(wait_until(Duration::from_secs(60), || job(&mnt)
+    command_at(&mnt, "complete").unwrap();
+    assert!(wait_until(Duration::from_secs(60), || job_at(&mnt)
         .get("outcome")
         .is_some()));
-    assert_eq!(job(&mnt)["outcome"], "completed", "{}", job(&mnt));
-    chainfs(["umount", s(&mnt)]).ok();
+    assert_eq!(job_at(&mnt)["outcome"], "completed", "{}", job_at(&mnt));
+    chainfs(["umount", path_str(&mnt)]).ok();
     let base = dir.path().join("base.qcow2");
-    check_no_errors(&base);
+    qemu_img_check_allowing_leaks(&base);
     let raw = dir.path().join("base.raw");
-    qemu_img(&["convert", "-O", "raw", s(&base), s(&raw)]);
+    qemu_img(&["convert", "-O", "raw", path_str(&base), path_str(&raw)]);
     assert!(
         std::fs::read(&raw).unwrap() == model,
         "{phase:?}: the base differs after the second commit"
@@ -218,14 +176,15 @@ fn status_wait_waits_through_ready_until_complete() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", s(&top), s(&mnt)]).ok();
-    command(&mnt, "commit top=active base=base.qcow2");
+    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
+    command_at(&mnt, "commit top=active base=base.qcow2").unwrap();
     assert!(
-        wait_until(Duration::from_secs(30), || job(&mnt)["status"] == "ready"),
+        wait_until(Duration::from_secs(30), || job_at(&mnt)["status"]
+            == "ready"),
         "the commit never became ready"
     );
     let mut waiting = Command::new(chainfs_bin())
-        .args(["status", "--wait", s(&mnt)])
+        .args(["status", "--wait", path_str(&mnt)])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -236,11 +195,11 @@ fn status_wait_waits_through_ready_until_complete() {
         waiting.try_wait().unwrap().is_none(),
         "--wait returned while ready"
     );
-    command(&mnt, "complete");
+    command_at(&mnt, "complete").unwrap();
     assert_eq!(
         wait_child(&mut waiting, Duration::from_secs(30)),
         Some(Some(0)),
         "--wait exits 0 once the commit completed"
     );
-    chainfs(["umount", s(&mnt)]).ok();
+    chainfs(["umount", path_str(&mnt)]).ok();
 }

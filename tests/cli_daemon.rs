@@ -2,15 +2,14 @@
 //! `--log-file` not one line reaches the caller's stderr, it holds none of
 //! the caller's other descriptors, and a clean unmount logs no warning.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use support::{
-    chainfs, chainfs_bin, chainfs_processes, require_fuse, run, s, small_chain, MountGuard,
-};
+use common::chain::small_chain;
+use common::cli::{chainfs, chainfs_bin, chainfs_processes, run, MountGuard};
+use common::{path_str, require_fuse};
 
 /// What each descriptor of process `pid` points at.
 fn descriptors(pid: u32) -> Vec<String> {
@@ -42,13 +41,13 @@ fn a_daemon_with_a_log_file_keeps_nothing_of_its_caller_and_logs_no_warning() {
         "-c",
         script,
         "sh",
-        s(&held),
-        s(chainfs_bin()),
+        path_str(&held),
+        path_str(chainfs_bin()),
         "mount",
         "--log-file",
-        s(&log),
-        s(&top),
-        s(&mnt),
+        path_str(&log),
+        path_str(&top),
+        path_str(&mnt),
     ]))
     .ok();
     assert_eq!(mount.stderr, "", "the daemon wrote to the caller's stderr");
@@ -61,7 +60,7 @@ fn a_daemon_with_a_log_file_keeps_nothing_of_its_caller_and_logs_no_warning() {
         "the daemon kept the caller's descriptor: {open:?}"
     );
 
-    chainfs(["umount", s(&mnt)]).ok();
+    chainfs(["umount", path_str(&mnt)]).ok();
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("unmounted"), "{text}");
     assert!(

@@ -1,16 +1,13 @@
 //! `chainfs demo DIR` on a fresh directory builds and mounts the five-image
 //! chain, and every command it prints runs as it says, the stream included.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use support::{
-    chainfs, chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_img, require_fuse, run,
-    s, MountGuard,
-};
+use common::cli::{chainfs, chainfs_bin, chainfs_processes, is_mounted, run, MountGuard};
+use common::{path_str, qemu_img, qemu_img_check, require_fuse, require_tool};
 
 /// The printed commands: the indented lines that are not `# comments`.
 fn printed_commands(stdout: &str) -> Vec<String> {
@@ -25,9 +22,9 @@ fn printed_commands(stdout: &str) -> Vec<String> {
 /// Runs a printed command in `bash` (dash reports every failed `echo` as an
 /// "I/O error", bash names the errno), with `chainfs` meaning the binary
 /// under test.
-fn shell(command: &str) -> support::Outcome {
+fn shell(command: &str) -> common::cli::Outcome {
     let command = match command.strip_prefix("chainfs ") {
-        Some(rest) => format!("{} {rest}", s(chainfs_bin())),
+        Some(rest) => format!("{} {rest}", path_str(chainfs_bin())),
         None => command.to_owned(),
     };
     run(Command::new("bash").args(["-c", &command]))
@@ -35,19 +32,19 @@ fn shell(command: &str) -> support::Outcome {
 
 #[test]
 fn demo_builds_the_chain_mounts_it_and_its_commands_run() {
-    if !require_fuse() || !support_qemu() {
+    if !require_fuse() || !require_tool("qemu-img") {
         return;
     }
     let parent = tempfile::tempdir().expect("tempdir");
     let dir = parent.path().join("fresh/demo");
     let mnt = dir.join("mnt");
     let _guard = MountGuard(mnt.clone());
-    let stdout = chainfs(["demo", s(&dir)]).ok().stdout;
+    let stdout = chainfs(["demo", path_str(&dir)]).ok().stdout;
     assert!(is_mounted(&mnt), "demo mounts at DIR/mnt");
     assert_chain_is_the_spec_example(&dir);
     let hexdump = shell(&format!(
         "hexdump -C {} | head -1",
-        s(&mnt.join("file-C.img"))
+        path_str(&mnt.join("file-C.img"))
     ));
     assert!(hexdump.stdout.contains("|layer C was here|"), "{hexdump:?}");
     let top_before = std::fs::read(mnt.join("file-E.img")).expect("read file-E.img");
@@ -74,9 +71,9 @@ fn demo_builds_the_chain_mounts_it_and_its_commands_run() {
     assert!(!is_mounted(&mnt));
     assert!(chainfs_processes(parent.path()).is_empty(), "daemon gone");
     for layer in ['A', 'B', 'C', 'D', 'E'] {
-        check_clean(&dir.join(format!("file-{layer}.img")));
+        qemu_img_check(&dir.join(format!("file-{layer}.img")));
     }
-    let info = qemu_img(&["info", "--output=json", s(&dir.join("file-E.img"))]);
+    let info = qemu_img(&["info", "--output=json", path_str(&dir.join("file-E.img"))]);
     assert!(
         info.contains("\"backing-filename\": \"file-A.img\""),
         "{info}"
@@ -90,7 +87,7 @@ fn assert_chain_is_the_spec_example(dir: &Path) {
         "-U",
         "--backing-chain",
         "--output=json",
-        s(&dir.join("file-E.img")),
+        path_str(&dir.join("file-E.img")),
     ]);
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&info).expect("json");
     let backing: Vec<Option<&str>> = nodes
@@ -117,21 +114,9 @@ fn assert_chain_is_the_spec_example(dir: &Path) {
 fn demo_refuses_a_non_empty_directory_and_touches_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("keep"), b"mine").expect("write");
-    let outcome = chainfs(["demo", s(dir.path())]);
+    let outcome = chainfs(["demo", path_str(dir.path())]);
     let line = outcome.one_line_failure();
     assert!(line.ends_with(": not an empty directory"), "{line}");
     let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
     assert_eq!(names.len(), 1);
-}
-
-/// qemu-img is needed to check the chain (under CI it must be there).
-fn support_qemu() -> bool {
-    let found = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found && std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("qemu-img is required under CI");
-    }
-    found
 }

@@ -4,18 +4,18 @@
 //! SIGINT to a foreground mount and to the daemon unmount cleanly; plain
 //! `fusermount3 -u` and `umount` end the daemon on their own.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{
-    chainfs, chainfs_bin, chainfs_processes, check_clean, is_mounted, qemu_io, require_fuse, s,
-    small_chain, wait_child, wait_until, MountGuard,
+use common::chain::small_chain;
+use common::cli::{
+    chainfs, chainfs_bin, chainfs_processes, is_mounted, wait_child, wait_until, MountGuard,
 };
+use common::{path_str, qemu_img_check, qemu_io, require_fuse};
 
 /// A chain and an empty mount point in a fresh directory.
 struct Setup {
@@ -49,7 +49,7 @@ impl Setup {
         let guard = MountGuard(self.mnt.clone());
         let mut args = vec!["mount"];
         args.extend_from_slice(extra);
-        args.extend([s(&self.top), s(&self.mnt)]);
+        args.extend([path_str(&self.top), path_str(&self.mnt)]);
         chainfs(&args).ok();
         guard
     }
@@ -59,8 +59,8 @@ impl Setup {
     fn assert_released(&self) {
         assert!(self.daemons().is_empty(), "daemon still running");
         assert!(!is_mounted(&self.mnt), "still mounted");
-        check_clean(&self.top);
-        check_clean(&self.base);
+        qemu_img_check(&self.top);
+        qemu_img_check(&self.base);
     }
 }
 
@@ -76,7 +76,7 @@ fn write_through_active(mnt: &Path, byte: u8) {
 
 /// Asserts that the top image holds what `write_through_active` wrote.
 fn assert_written(top: &Path, byte: u8) {
-    qemu_io(top, &format!("read -P {byte:#x} 4M 64K"));
+    qemu_io(top, "qcow2", &[format!("read -P {byte:#x} 4M 64K")]);
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn the_mount_is_ready_when_the_command_returns_and_umount_waits_for_the_daemon()
     write_through_active(&setup.mnt, 0x5c);
     assert_eq!(setup.daemons().len(), 1, "one daemon");
 
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
     // No waiting here either: umount returned, so the daemon is gone.
     setup.assert_released();
     assert_written(&setup.top, 0x5c);
@@ -118,7 +118,7 @@ fn umount_refuses_a_busy_mount_and_succeeds_once_the_file_is_closed() {
     write_through_active(&setup.mnt, 0x3e);
 
     // As umount(8) and fusermount3 -u do: a busy mount stays mounted.
-    let busy = chainfs(["umount", s(&setup.mnt)]);
+    let busy = chainfs(["umount", path_str(&setup.mnt)]);
     assert!(busy.one_line_failure().contains("busy"), "{busy:?}");
     assert!(is_mounted(&setup.mnt));
     assert_eq!(setup.daemons().len(), 1);
@@ -129,7 +129,7 @@ fn umount_refuses_a_busy_mount_and_succeeds_once_the_file_is_closed() {
     assert_eq!(byte, [0xaa]);
 
     drop(reader);
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
     setup.assert_released();
     assert_written(&setup.top, 0x3e);
 }
@@ -143,7 +143,7 @@ fn sigterm_and_sigint_to_a_foreground_mount_unmount_cleanly() {
         let setup = Setup::new();
         let _guard = MountGuard(setup.mnt.clone());
         let mut child = Command::new(chainfs_bin())
-            .args(["mount", "-f", s(&setup.top), s(&setup.mnt)])
+            .args(["mount", "-f", path_str(&setup.top), path_str(&setup.mnt)])
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn chainfs -f");
@@ -225,8 +225,8 @@ fn read_only_mounts_refuse_writes_and_share_the_images() {
         "{err}"
     );
     // Read-only, chainfs holds shared read locks, as QEMU's readers do.
-    support::qemu_img(&["info", s(&setup.top)]);
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    common::qemu_img(&["info", path_str(&setup.top)]);
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
     setup.assert_released();
 }
 
@@ -237,8 +237,8 @@ fn the_daemon_logs_to_the_log_file() {
     }
     let setup = Setup::new();
     let log = setup.dir.path().join("chainfs.log");
-    let _guard = setup.mount(&["--log-file", s(&log)]);
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    let _guard = setup.mount(&["--log-file", path_str(&log)]);
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
     let text = std::fs::read_to_string(&log).expect("log written");
     assert!(text.contains("mounted"), "{text}");
     assert!(text.contains("unmounted"), "{text}");
@@ -251,21 +251,25 @@ fn status_prints_the_ctl_files_and_wait_returns_without_jobs() {
     }
     let setup = Setup::new();
     let _guard = setup.mount(&[]);
-    let text = chainfs(["status", s(&setup.mnt)]).ok().stdout;
+    let text = chainfs(["status", path_str(&setup.mnt)]).ok().stdout;
     let expected = std::fs::read_to_string(setup.mnt.join("ctl/status")).expect("ctl/status");
     assert_eq!(text.trim_end(), expected.trim_end());
-    let json = chainfs(["status", "--json", s(&setup.mnt)]).ok().stdout;
+    let json = chainfs(["status", "--json", path_str(&setup.mnt)])
+        .ok()
+        .stdout;
     assert_eq!(json.trim(), "[]");
-    let waited = chainfs(["status", "--wait", s(&setup.mnt)]).ok().stdout;
+    let waited = chainfs(["status", "--wait", path_str(&setup.mnt)])
+        .ok()
+        .stdout;
     assert_eq!(waited.trim_end(), expected.trim_end());
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
     setup.assert_released();
 }
 
 #[test]
 fn umount_of_what_is_not_a_chainfs_mount_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let outcome = chainfs(["umount", s(dir.path())]);
+    let outcome = chainfs(["umount", path_str(dir.path())]);
     assert!(outcome.one_line_failure().ends_with(": not mounted"));
     let outcome = chainfs(["umount", "/proc"]);
     assert!(outcome.one_line_failure().contains("not a chainfs mount"));

@@ -2,8 +2,7 @@
 //! file and the reason, exits non-zero, leaves nothing mounted and leaves
 //! every image byte-identical, in the background and with `-f`.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -12,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{chainfs, is_mounted, qemu_img, require_fuse, s, small_chain, snapshot, MountGuard};
+use common::chain::small_chain;
+use common::cli::{chainfs, is_mounted, snapshot, MountGuard};
+use common::{path_str, qemu_img, require_fuse, require_tool};
 
 /// A test directory holding a chain and an empty mount point.
 struct Setup {
@@ -49,7 +50,7 @@ fn assert_mount_fails(setup: &Setup, image: &Path, mnt: &Path, expected: &[&str]
         if foreground {
             args.push("-f");
         }
-        args.extend([s(image), s(mnt)]);
+        args.extend([path_str(image), path_str(mnt)]);
         let outcome = chainfs(&args);
         let line = outcome.one_line_failure();
         for fragment in expected {
@@ -92,7 +93,7 @@ fn a_missing_backing_file_names_it_and_the_image_that_points_to_it() {
         "gone.qcow2",
         "-F",
         "qcow2",
-        s(&orphan),
+        path_str(&orphan),
         "16M",
     ]);
     assert_mount_fails(&setup, &orphan, &setup.mnt, &["gone.qcow2", "orphan.qcow2"]);
@@ -112,7 +113,7 @@ fn a_backing_loop_is_refused() {
         "top.qcow2",
         "-F",
         "qcow2",
-        s(&setup.images[0]),
+        path_str(&setup.images[0]),
     ]);
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["loop", "qcow2"]);
 }
@@ -187,10 +188,21 @@ fn a_mount_point_that_is_already_a_chainfs_mount_is_refused() {
     }
     let setup = Setup::new();
     let _guard = MountGuard(setup.mnt.clone());
-    chainfs(["mount", "--read-only", s(setup.top()), s(&setup.mnt)]).ok();
-    let again = chainfs(["mount", "--force-share", s(setup.top()), s(&setup.mnt)]);
+    chainfs([
+        "mount",
+        "--read-only",
+        path_str(setup.top()),
+        path_str(&setup.mnt),
+    ])
+    .ok();
+    let again = chainfs([
+        "mount",
+        "--force-share",
+        path_str(setup.top()),
+        path_str(&setup.mnt),
+    ]);
     assert!(again.one_line_failure().contains("already a mount point"));
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
 }
 
 /// Spawns `qemu-io` on `image`, writable, kept running by an open stdin,
@@ -225,7 +237,7 @@ fn qemu_io_writer(image: &Path) -> Child {
 /// wants to share reading) is refused.
 fn assert_locked(image: &Path) {
     let output = Command::new("qemu-img")
-        .args(["info", s(image)])
+        .args(["info", path_str(image)])
         .output()
         .expect("qemu-img info");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -262,30 +274,36 @@ fn an_image_a_qemu_io_writer_holds_is_refused_and_force_share_mounts_it_read_onl
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["top.qcow2", "lock"]);
 
     let _guard = MountGuard(setup.mnt.clone());
-    chainfs(["mount", "--force-share", s(setup.top()), s(&setup.mnt)]).ok();
+    chainfs([
+        "mount",
+        "--force-share",
+        path_str(setup.top()),
+        path_str(&setup.mnt),
+    ])
+    .ok();
     let active = setup.mnt.join("active");
     let mode = std::fs::metadata(&active)
         .expect("stat active")
         .permissions();
     assert!(mode.readonly(), "--force-share implies --read-only");
-    chainfs(["umount", s(&setup.mnt)]).ok();
+    chainfs(["umount", path_str(&setup.mnt)]).ok();
 }
 
 #[test]
 fn an_image_a_qemu_storage_daemon_exports_writable_is_refused() {
-    if !require_fuse() || !support_tool("qemu-storage-daemon") {
+    if !require_fuse() || !require_tool("qemu-storage-daemon") {
         return;
     }
     let setup = Setup::new();
     let socket = setup.path("nbd.sock");
-    let top = s(setup.top());
+    let top = path_str(setup.top());
     let _daemon = Killer(
         Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!("driver=file,filename={top},node-name=f"))
             .args(["--blockdev", "driver=qcow2,file=f,node-name=q"])
             .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", s(&socket)))
+            .arg(format!("addr.type=unix,addr.path={}", path_str(&socket)))
             .args(["--export", "type=nbd,id=e,node-name=q,writable=on"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -294,21 +312,9 @@ fn an_image_a_qemu_storage_daemon_exports_writable_is_refused() {
     );
     // The daemon opens its block devices before it makes the NBD socket.
     assert!(
-        support::wait_until(Duration::from_secs(20), || socket.exists()),
+        common::cli::wait_until(Duration::from_secs(20), || socket.exists()),
         "qemu-storage-daemon never listened"
     );
     assert_locked(setup.top());
     assert_mount_fails(&setup, setup.top(), &setup.mnt, &["top.qcow2", "lock"]);
-}
-
-/// Whether `tool` runs (under CI it must).
-fn support_tool(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found && std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{tool} is required under CI");
-    }
-    found
 }

@@ -14,17 +14,15 @@
 //! the images) is copied to a directory of its own under `/tmp`, removed
 //! when the test ends.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{
-    chainfs_bin, check_clean, is_mounted, processes_of, qemu_io, require_fuse, run, s, small_chain,
-    MountGuard, Outcome,
-};
+use common::chain::small_chain;
+use common::cli::{chainfs_bin, is_mounted, processes_of, run, MountGuard, Outcome};
+use common::{path_str, qemu_img_check, qemu_io, require_fuse};
 
 const USER: &str = "chainfs-test";
 const OTHER: &str = "chainfs-test2";
@@ -34,7 +32,7 @@ const OTHER: &str = "chainfs-test2";
 fn prepare_host() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        if common::in_ci() {
             panic!("cli_user needs root under CI");
         }
         eprintln!("!!!!!!!! SKIPPED: cli_user needs root to create its users !!!!!!!!");
@@ -99,7 +97,7 @@ impl Setup {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
         std::fs::write(dir.path().join("pattern"), [0x6du8; 65536]).expect("pattern");
-        run(Command::new("chown").args(["-R", USER, s(dir.path())])).ok();
+        run(Command::new("chown").args(["-R", USER, path_str(dir.path())])).ok();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         Setup {
@@ -112,12 +110,12 @@ impl Setup {
     }
 
     fn node(&self, name: &str) -> String {
-        s(&self.mnt.join(name)).to_owned()
+        path_str(&self.mnt.join(name)).to_owned()
     }
 
     /// `chainfs ARGS` as `user`, from the copy the users can reach.
     fn chainfs_as(&self, user: &str, args: &[&str]) -> Outcome {
-        as_user(user, s(&self.bin), args)
+        as_user(user, path_str(&self.bin), args)
     }
 
     /// The daemons of this setup still running.
@@ -133,7 +131,10 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
     }
     let setup = Setup::new();
     setup
-        .chainfs_as(USER, &["mount", s(&setup.images[1]), s(&setup.mnt)])
+        .chainfs_as(
+            USER,
+            &["mount", path_str(&setup.images[1]), path_str(&setup.mnt)],
+        )
         .ok();
     assert!(is_mounted(&setup.mnt));
 
@@ -142,7 +143,7 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
     assert_eq!(head.stdout_bytes, [0xaa; 4]);
     let pattern = setup.dir.path().join("pattern");
     let of = format!("of={}", setup.node("active"));
-    let input = format!("if={}", s(&pattern));
+    let input = format!("if={}", path_str(&pattern));
     as_user(
         USER,
         "dd",
@@ -151,7 +152,7 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
     .ok();
 
     // Nobody else gets in, root included: the mount has no allow_other.
-    let denied = as_user(OTHER, "ls", &[s(&setup.mnt)]);
+    let denied = as_user(OTHER, "ls", &[path_str(&setup.mnt)]);
     assert!(denied.stderr.contains("Permission denied"), "{denied:?}");
     let root = std::fs::read_dir(&setup.mnt)
         .map(drop)
@@ -159,13 +160,15 @@ fn an_ordinary_user_mounts_writes_and_unmounts_and_others_stay_out() {
     assert_eq!(root.raw_os_error(), Some(libc::EACCES));
 
     // umount as the user goes through fusermount3 and waits for the daemon.
-    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    setup
+        .chainfs_as(USER, &["umount", path_str(&setup.mnt)])
+        .ok();
     assert!(!is_mounted(&setup.mnt));
     assert!(setup.daemons().is_empty(), "daemon gone");
     for image in &setup.images {
-        check_clean(image);
+        qemu_img_check(image);
     }
-    qemu_io(&setup.images[1], "read -P 0x6d 4M 64K");
+    qemu_io(&setup.images[1], "qcow2", &["read -P 0x6d 4M 64K"]);
 }
 
 #[test]
@@ -177,10 +180,15 @@ fn allow_other_lets_another_user_read_but_not_write() {
     setup
         .chainfs_as(
             USER,
-            &["mount", "--allow-other", s(&setup.images[1]), s(&setup.mnt)],
+            &[
+                "mount",
+                "--allow-other",
+                path_str(&setup.images[1]),
+                path_str(&setup.mnt),
+            ],
         )
         .ok();
-    as_user(OTHER, "ls", &[s(&setup.mnt)]).ok();
+    as_user(OTHER, "ls", &[path_str(&setup.mnt)]).ok();
     let head = as_user(OTHER, "head", &["-c", "2", &setup.node("top.qcow2")]).ok();
     assert_eq!(head.stdout_bytes, [0xaa; 2]);
     // `active` is 0644 and owned by the user who mounted.
@@ -196,10 +204,12 @@ fn allow_other_lets_another_user_read_but_not_write() {
         ],
     );
     assert!(write.stderr.contains("Permission denied"), "{write:?}");
-    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    setup
+        .chainfs_as(USER, &["umount", path_str(&setup.mnt)])
+        .ok();
     assert!(setup.daemons().is_empty(), "daemon gone");
     for image in &setup.images {
-        check_clean(image);
+        qemu_img_check(image);
     }
 }
 
@@ -215,10 +225,15 @@ fn allow_other_shows_no_one_an_image_that_is_private_on_disk() {
     setup
         .chainfs_as(
             USER,
-            &["mount", "--allow-other", s(&setup.images[1]), s(&setup.mnt)],
+            &[
+                "mount",
+                "--allow-other",
+                path_str(&setup.images[1]),
+                path_str(&setup.mnt),
+            ],
         )
         .ok();
-    as_user(OTHER, "ls", &[s(&setup.mnt)]).ok();
+    as_user(OTHER, "ls", &[path_str(&setup.mnt)]).ok();
     for name in ["base.qcow2", "top.qcow2", "active"] {
         let read = as_user(OTHER, "head", &["-c", "2", &setup.node(name)]);
         assert!(
@@ -229,6 +244,8 @@ fn allow_other_shows_no_one_an_image_that_is_private_on_disk() {
     // The owner still reads them.
     let head = as_user(USER, "head", &["-c", "2", &setup.node("base.qcow2")]).ok();
     assert_eq!(head.stdout_bytes, [0xaa; 2]);
-    setup.chainfs_as(USER, &["umount", s(&setup.mnt)]).ok();
+    setup
+        .chainfs_as(USER, &["umount", path_str(&setup.mnt)])
+        .ok();
     assert!(setup.daemons().is_empty(), "daemon gone");
 }

@@ -9,34 +9,17 @@ use std::process::Command;
 use std::sync::Arc;
 
 use chainfs::format::Qcow2;
-use chainfs::format::{BackingRef, Format, NoBacking, OpenOptions};
-use chainfs::storage::{CrashMode, MemStorage, Storage};
+use chainfs::format::{BackingRef, Format, NoBacking};
+use chainfs::storage::{CrashMode, MemStorage};
 use rand::{Rng, SeedableRng};
+
+mod common;
+use common::require_tool;
 
 const SIZE: usize = 8 << 20;
 
-fn qemu_img_available() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "qemu-img is required in CI"
-    );
-    found
-}
-
 fn open(storage: Arc<MemStorage>, writable: bool) -> Qcow2 {
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    Qcow2::open(
-        storage,
-        &OpenOptions {
-            writable,
-            cache_bytes: 256 << 10,
-        },
-        &no_files,
-    )
-    .unwrap()
+    common::engine::open_qcow2(storage, writable, 256 << 10)
 }
 
 /// What the workload did, in the storage's operation count.
@@ -139,7 +122,7 @@ fn crash_and_verify(storage: &MemStorage, journal: &Journal, point: usize, mode:
 
 #[test]
 fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
-    if !qemu_img_available() {
+    if !require_tool("qemu-img") {
         return;
     }
     let mut crashes = 0;
@@ -190,7 +173,7 @@ fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
 
 #[test]
 fn a_full_disk_fails_writes_with_enospc_and_loses_nothing_acknowledged() {
-    if !qemu_img_available() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -308,7 +291,7 @@ fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<
 
 #[test]
 fn crashes_around_a_refcount_table_move_and_header_rewrites_stay_consistent() {
-    if !qemu_img_available() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,8 @@ use chainfs::format::{
 };
 use chainfs::storage::{CrashMode, FileStorage, MemStorage, Storage};
 use common::{
-    assert_same_bytes, convert_snapshot_to_raw, convert_to_raw, path_str, pattern, qemu_img,
-    qemu_img_check, require_qemu,
+    assert_same_bytes, convert_snapshot_to_raw, convert_to_raw, create_qcow2, path_str, pattern,
+    qemu_img, qemu_img_check, require_qemu,
 };
 
 /// Header byte holding the low incompatible feature bits (byte 79 of the
@@ -114,16 +114,7 @@ fn make_dirty(create_options: &str, prepare: impl FnOnce(&Path) -> bool) -> Dirt
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("dirty.qcow2");
     let options = format!("lazy_refcounts=on{create_options}");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &options,
-        path_str(&image),
-        "16M",
-    ]);
+    create_qcow2(path_str(&image), "16M", &options);
     let has_snapshot = prepare(&image);
     let snapshot = has_snapshot.then(|| convert_snapshot_to_raw(&image, "s1"));
     qemu_io_then_kill(&image, DIRTY_WRITES);
@@ -336,7 +327,7 @@ fn the_corrupt_bit_allows_reads_and_refuses_every_write() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("corrupt.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&image), "4M"]);
+    create_qcow2(path_str(&image), "4M", "");
     common::qemu_io(&image, "qcow2", &["write -P 5 0 1M".to_string()]);
     set_incompatible_bits(&image, CORRUPT);
     assert_corrupt_refuses_writes(&image);

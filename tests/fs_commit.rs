@@ -4,13 +4,13 @@
 //! own tools as the oracles.
 
 mod common;
-mod fs_common;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 /// Waits until `done` holds for job `id` in `status.json`; returns the job.
 fn wait_job(m: &Mounted, id: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
@@ -77,7 +77,7 @@ fn qemu_chain(top: &std::path::Path) -> Vec<String> {
 fn assert_node_files_match_qemu(five: &FiveChain, names: &[&str], views: &[Vec<u8>]) {
     for (name, view) in names.iter().zip(views) {
         assert!(
-            convert_raw(&five.image(name)) == *view,
+            convert_to_raw(&five.image(name)) == *view,
             "{name}: qemu-img convert differs from what the mount showed"
         );
     }
@@ -85,15 +85,11 @@ fn assert_node_files_match_qemu(five: &FiveChain, names: &[&str], views: &[Vec<u
 
 #[test]
 fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_raw(&five.image(n)))
-        .collect();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let before = five.views();
+    let m = five.mount();
     let hidden = File::open(m.path("file-C.img")).unwrap();
     let departing = File::open(m.path("file-D.img")).unwrap();
     // The kernel may cache a backing node's pages; the base's must go.
@@ -174,12 +170,11 @@ fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
 
 #[test]
 fn active_commit_becomes_ready_and_complete_pivots_onto_the_base() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let mut model = convert_raw(&five.top());
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
     let active = open_rw(&m, "active");
     let old_top = open_rw(&m, "file-E.img");
     command(&m, "commit top=active base=file-B.img id=a1").unwrap();
@@ -218,17 +213,16 @@ fn active_commit_becomes_ready_and_complete_pivots_onto_the_base() {
         qemu_chain(&five.image("file-B.img")),
         ["file-B.img", "file-A.img"]
     );
-    assert!(convert_raw(&five.image("file-B.img")) == model);
+    assert!(convert_to_raw(&five.image("file-B.img")) == model);
 }
 
 #[test]
 fn soft_cancel_after_ready_finishes_the_copy_without_a_pivot() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let mut model = convert_raw(&five.top());
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
     let active = open_rw(&m, "active");
     command(&m, "commit top=active base=file-C.img id=s1").unwrap();
     wait_ready(&m, "s1");
@@ -268,17 +262,16 @@ fn soft_cancel_after_ready_finishes_the_copy_without_a_pivot() {
             "file-A.img"
         ]
     );
-    assert!(convert_raw(&five.top()) == model);
+    assert!(convert_to_raw(&five.top()) == model);
 }
 
 #[test]
 fn force_cancel_after_ready_and_cancel_before_ready_abort() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let mut model = convert_raw(&five.top());
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
     let active = open_rw(&m, "active");
     command(&m, "commit top=active base=file-B.img id=f1").unwrap();
     wait_ready(&m, "f1");
@@ -318,16 +311,15 @@ fn force_cancel_after_ready_and_cancel_before_ready_abort() {
         ],
         "every backing pointer as it was"
     );
-    assert!(convert_raw(&five.top()) == model);
+    assert!(convert_to_raw(&five.top()) == model);
 }
 
 #[test]
 fn impossible_commits_are_refused_with_their_errno() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let m = five.mount();
     for (text, errno) in [
         ("commit top=file-B.img base=file-D.img", libc::EINVAL),
         ("commit top=file-C.img base=file-C.img", libc::EINVAL),
@@ -377,18 +369,17 @@ fn impossible_commits_are_refused_with_their_errno() {
 /// through the pivot, and after unmount the new top equals what `active`
 /// showed.
 fn fio_through_ready_and_complete(copy_mode: &str) {
-    if !require_all(&["fio"]) {
+    let Some(five) = FiveChain::gated(&["fio"]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let m = five.mount();
     command(
         &m,
         &format!("commit top=active base=file-B.img id=f copy-mode={copy_mode}"),
     )
     .unwrap();
     let active = m.path("active");
-    let target = format!("--filename={}", s(&active));
+    let target = format!("--filename={}", path_str(&active));
     let fio = std::thread::spawn(move || {
         common::run_any(
             "fio",
@@ -432,7 +423,7 @@ fn fio_through_ready_and_complete(copy_mode: &str) {
     m.unmount();
     common::qemu_img_check(&five.image("file-B.img"));
     assert!(
-        convert_raw(&five.image("file-B.img")) == shown,
+        convert_to_raw(&five.image("file-B.img")) == shown,
         "the new top differs from what active showed"
     );
 }
@@ -488,7 +479,7 @@ fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it
         &["write -P 0xab 0 512k", "write -P 0xcd 2M 1M"],
     );
     io("mid.qcow2", &["write -P 0xef 512k 512k", "discard 2M 1M"]);
-    let top_before = convert_raw(&at("top.qcow2"));
+    let top_before = convert_to_raw(&at("top.qcow2"));
     let m = mount_default(&at("top.qcow2"), dir.path());
     command(&m, "commit top=mid.qcow2 base=base.qcow2 id=c").unwrap();
     let job = wait_outcome(&m, "c");
@@ -546,19 +537,18 @@ fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it
         .unwrap();
     assert_eq!(at_2m["zero"], true, "{map}");
     assert_eq!(at_2m["data"], false, "{map}");
-    let qemu_base = convert_raw(&at("base.qcow2"));
+    let qemu_base = convert_to_raw(&at("base.qcow2"));
     assert!(qemu_base == base, "qemu-img convert of the base differs");
-    assert!(convert_raw(&at("top.qcow2")) == top_before);
+    assert!(convert_to_raw(&at("top.qcow2")) == top_before);
 }
 
 #[test]
 fn complete_is_accepted_in_standby_and_pivots_on_resume() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let model = convert_raw(&five.top());
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let model = convert_to_raw(&five.top());
+    let m = five.mount();
     command(&m, "commit top=active base=file-D.img id=sb").unwrap();
     wait_ready(&m, "sb");
     command(&m, "pause id=sb").unwrap();
@@ -586,5 +576,5 @@ fn complete_is_accepted_in_standby_and_pivots_on_resume() {
     assert!(read_all(&m.path("active")) == model);
     m.unmount();
     common::qemu_img_check(&five.image("file-D.img"));
-    assert!(convert_raw(&five.image("file-D.img")) == model);
+    assert!(convert_to_raw(&five.image("file-D.img")) == model);
 }

@@ -4,69 +4,41 @@
 //! then `resume` finishes once there is room.
 
 mod common;
-mod fs_common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 const SIZE: u64 = 64 * MIB;
 
 /// base.qcow2 (empty, on a tmpfs of 80 MiB that a 60 MiB filler leaves
 /// too little room in) <- mid.qcow2 (64 MiB of data) <- top.qcow2 (active).
-struct FullBase {
-    dir: tempfile::TempDir,
-    _tmpfs: Tmpfs,
-    filler: PathBuf,
-}
+struct FullBase(FullTmpfs);
 
 impl FullBase {
     fn build() -> Option<FullBase> {
-        let dir = tempfile::tempdir().unwrap();
-        let small = dir.path().join("small");
-        let tmpfs = Tmpfs::mount(&small, 80)?;
-        let base = small.join("base.qcow2");
-        let mid = dir.path().join("mid.qcow2");
-        let top = dir.path().join("top.qcow2");
-        common::run_ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", s(&base), "64M"],
-        );
+        let room = FullTmpfs::new()?;
+        let base = room.small().join("base.qcow2");
+        let mid = room.dir.path().join("mid.qcow2");
+        let top = room.dir.path().join("top.qcow2");
+        create_qcow2(path_str(&base), "64M", "");
         for (image, backing) in [(&mid, &base), (&top, &mid)] {
-            common::run_ok(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    s(backing),
-                    "-F",
-                    "qcow2",
-                    s(image),
-                ],
-            );
+            let (image, backing) = (path_str(image), path_str(backing));
+            qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", image,
+            ]);
         }
-        common::run_ok(
-            "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x4c 0 64M", s(&mid)],
-        );
-        let filler = small.join("filler");
-        std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
-        Some(FullBase {
-            dir,
-            _tmpfs: tmpfs,
-            filler,
-        })
+        qemu_io(&mid, "qcow2", &["write -P 0x4c 0 64M"]);
+        room.fill();
+        Some(FullBase(room))
     }
 
     fn image(&self, name: &str) -> PathBuf {
         if name == "base.qcow2" {
-            self.dir.path().join("small").join(name)
+            self.0.dir.path().join("small").join(name)
         } else {
-            self.dir.path().join(name)
+            self.0.dir.path().join(name)
         }
     }
 
@@ -76,43 +48,12 @@ impl FullBase {
         for name in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
             common::qemu_img_check(&self.image(name));
         }
-        let seen: Vec<String> = common::qemu_img_info_chain(&self.image("top.qcow2"))
-            .iter()
-            .map(|n| {
-                n["filename"]
-                    .as_str()
-                    .unwrap()
-                    .rsplit('/')
-                    .next()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let seen = qemu_chain_names(&self.image("top.qcow2"));
         assert_eq!(seen, chain);
         assert!(
-            convert_raw(&self.image("top.qcow2")) == vec![0x4c; SIZE as usize],
+            convert_to_raw(&self.image("top.qcow2")) == vec![0x4c; SIZE as usize],
             "the top's view changed"
         );
-    }
-}
-
-fn job(m: &Mounted) -> serde_json::Value {
-    status_json(m)[0].clone()
-}
-
-fn wait_for(
-    m: &Mounted,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = job(m);
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -133,7 +74,7 @@ fn on_error_report_and_ignore_fail_the_commit_and_keep_every_backing_pointer() {
         let Some(disk) = FullBase::build() else {
             return;
         };
-        let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+        let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
         command(
             &m,
             &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
@@ -167,7 +108,7 @@ fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
         let Some(disk) = FullBase::build() else {
             return;
         };
-        let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+        let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
         command(
             &m,
             &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
@@ -179,7 +120,7 @@ fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
             "{job}"
         );
         assert_eq!(actions(&m)[0], "stop");
-        std::fs::remove_file(&disk.filler).unwrap();
+        std::fs::remove_file(&disk.0.filler).unwrap();
         command(&m, "resume").unwrap();
         let job = wait_for(&m, "commit completes", |j| j.get("outcome").is_some());
         assert_eq!(job["outcome"], "completed", "{policy}: {job}");
@@ -196,14 +137,14 @@ fn an_active_commit_stopped_by_a_full_base_resumes_to_ready_and_pivots() {
     let Some(disk) = FullBase::build() else {
         return;
     };
-    let m = mount_default(&disk.image("top.qcow2"), disk.dir.path());
+    let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
     command(&m, "commit top=active base=base.qcow2 on-error=stop").unwrap();
     let job = wait_for(&m, "commit pauses", |j| j["status"] == "paused");
     assert!(
         job["error"].as_str().unwrap().contains("No space left"),
         "{job}"
     );
-    std::fs::remove_file(&disk.filler).unwrap();
+    std::fs::remove_file(&disk.0.filler).unwrap();
     command(&m, "resume").unwrap();
     wait_for(&m, "commit ready", |j| j["status"] == "ready");
     command(&m, "complete").unwrap();
@@ -212,5 +153,5 @@ fn an_active_commit_stopped_by_a_full_base_resumes_to_ready_and_pivots() {
     assert!(read_all(&m.path("active")) == vec![0x4c; SIZE as usize]);
     m.unmount();
     common::qemu_img_check(&disk.image("base.qcow2"));
-    assert!(convert_raw(&disk.image("base.qcow2")) == vec![0x4c; SIZE as usize]);
+    assert!(convert_to_raw(&disk.image("base.qcow2")) == vec![0x4c; SIZE as usize]);
 }

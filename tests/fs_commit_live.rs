@@ -4,14 +4,14 @@
 //! returns, and the speed limit holds the copy rate.
 
 mod common;
-mod fs_common;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 /// Size of every image of the chain.
 const SIZE: u64 = 32 * MIB;
@@ -29,7 +29,7 @@ fn four_chain(dir: &Path) -> [PathBuf; 4] {
             backing = names[level - 1];
             args.extend(["-b", backing, "-F", "qcow2"]);
         }
-        args.extend([s(path), &size]);
+        args.extend([path_str(path), &size]);
         common::qemu_img(&args);
         if level < 3 {
             let pattern = 0x11 * (level as u64 + 1);
@@ -75,12 +75,10 @@ fn read_at(file: &File, at: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn a_cached_handle_on_the_base_sees_the_merge_as_it_happens() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir, m, .. }) = mounted(&[], |d| four_chain(d)[3].clone()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let [base, ..] = four_chain(dir.path());
-    let m = mount_default(&dir.path().join("top.qcow2"), dir.path());
+    };
+    let base = dir.path().join("base.qcow2");
     // Opened before the job, as a backing node: the kernel caches its pages.
     let cached = File::open(m.path("base.qcow2")).unwrap();
     assert!(read_at(&cached, 0, SIZE).iter().all(|&b| b == 0x11));
@@ -106,17 +104,14 @@ fn a_cached_handle_on_the_base_sees_the_merge_as_it_happens() {
     drop(cached);
     m.unmount();
     common::qemu_img_check(&base);
-    assert!(convert_raw(&base).iter().all(|&b| b == 0x33));
+    assert!(convert_to_raw(&base).iter().all(|&b| b == 0x33));
 }
 
 #[test]
 fn a_hidden_node_read_through_its_cache_fails_once_the_command_returns() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, m, .. }) = mounted(&[], |d| four_chain(d)[3].clone()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    four_chain(dir.path());
-    let m = mount_default(&dir.path().join("top.qcow2"), dir.path());
+    };
     let hidden = File::open(m.path("mid1.qcow2")).unwrap();
     assert!(read_at(&hidden, 0, SIZE).iter().all(|&b| b == 0x22));
     command(&m, "commit top=mid2.qcow2 base=base.qcow2 speed=1M").unwrap();
@@ -136,12 +131,9 @@ fn a_hidden_node_read_through_its_cache_fails_once_the_command_returns() {
 
 #[test]
 fn the_speed_limit_holds_a_commit_to_its_rate() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, m, .. }) = mounted(&[], |d| four_chain(d)[3].clone()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    four_chain(dir.path());
-    let m = mount_default(&dir.path().join("top.qcow2"), dir.path());
+    };
     command(&m, "commit top=mid2.qcow2 base=base.qcow2 speed=4M").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let window = Duration::from_secs(5);

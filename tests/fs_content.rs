@@ -3,23 +3,22 @@
 //! holds.
 
 mod common;
-mod fs_common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::{assert_same_bytes, run_any, run_ok};
-use fs_common::{convert_raw, mount_default, read_all, require_all, s, FiveChain, MIB};
+use common::mount::{mount_default, read_all, FiveChain};
+use common::{assert_same_bytes, create_qcow2, run_any, run_ok};
+use common::{convert_to_raw, path_str, require_all, MIB};
 
 #[test]
 fn every_node_file_equals_qemu_img_convert_of_its_node() {
-    if !require_all(&[]) {
+    let Some(chain) = FiveChain::gated(&[]) else {
         return;
-    }
-    let chain = FiveChain::build();
-    let mounted = mount_default(&chain.top(), chain.dir.path());
+    };
+    let mounted = chain.mount();
     for name in FiveChain::names() {
         let image = chain.image(name);
-        let expected = convert_raw(&image);
+        let expected = convert_to_raw(&image);
         let shown = read_all(&mounted.path(name));
         assert_same_bytes(&shown, &expected, name);
         let output = run_any(
@@ -31,8 +30,8 @@ fn every_node_file_equals_qemu_img_convert_of_its_node() {
                 "raw",
                 "-F",
                 FiveChain::format(name),
-                s(&mounted.path(name)),
-                s(&image),
+                path_str(&mounted.path(name)),
+                path_str(&image),
             ],
         );
         assert!(
@@ -43,17 +42,16 @@ fn every_node_file_equals_qemu_img_convert_of_its_node() {
         );
     }
     let active = read_all(&mounted.path("active"));
-    assert_same_bytes(&active, &convert_raw(&chain.top()), "active");
+    assert_same_bytes(&active, &convert_to_raw(&chain.top()), "active");
     mounted.unmount();
 }
 
 #[test]
 fn du_on_the_mount_shows_what_each_node_image_holds() {
-    if !require_all(&[]) {
+    let Some(chain) = FiveChain::gated(&[]) else {
         return;
-    }
-    let chain = FiveChain::build();
-    let mounted = mount_default(&chain.top(), chain.dir.path());
+    };
+    let mounted = chain.mount();
     for name in FiveChain::names() {
         let shown = std::fs::metadata(mounted.path(name)).unwrap();
         let image = std::fs::metadata(chain.image(name)).unwrap();
@@ -81,7 +79,7 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
     }
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path().join("sparse.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "1G"]);
+    create_qcow2(path_str(&top), "1G", "");
     run_ok(
         "qemu-io",
         &[
@@ -91,7 +89,7 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
             "write -P 0x5a 100M 1M",
             "-c",
             "write -P 0x6b 900M 64k",
-            s(&top),
+            path_str(&top),
         ],
     );
     let mounted = mount_default(&top, dir.path());
@@ -100,11 +98,11 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
         "cp",
         &[
             "--sparse=always",
-            s(&mounted.path("sparse.qcow2")),
-            s(&copy),
+            path_str(&mounted.path("sparse.qcow2")),
+            path_str(&copy),
         ],
     );
-    let du = run_ok("du", &["-k", s(&copy)]);
+    let du = run_ok("du", &["-k", path_str(&copy)]);
     let kib: u64 = String::from_utf8_lossy(&du.stdout)
         .split_whitespace()
         .next()
@@ -114,6 +112,6 @@ fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
         kib < 8 * 1024,
         "the copy of a 1 GiB node holding 1 MiB takes {kib} KiB"
     );
-    assert_same_bytes(&read_all(&copy), &convert_raw(&top), "sparse copy");
+    assert_same_bytes(&read_all(&copy), &convert_to_raw(&top), "sparse copy");
     mounted.unmount();
 }

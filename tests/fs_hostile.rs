@@ -3,8 +3,7 @@
 //! open, a command write the kernel splits starts nothing, and node files
 //! never show others an image its own mode keeps from them.
 
-#[path = "cli_support.rs"]
-mod support;
+mod common;
 
 use std::fs::File;
 use std::io::Write;
@@ -12,7 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 
-use support::{chainfs, chainfs_processes, require_fuse, run, s, small_chain, MountGuard};
+use common::chain::small_chain;
+use common::cli::{chainfs, chainfs_processes, run, MountGuard};
+use common::{path_str, require_fuse};
 
 /// A two-node chain (`base.qcow2` under `top.qcow2`) mounted by the daemon.
 struct Mounted {
@@ -33,7 +34,7 @@ impl Mounted {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
         let guard = MountGuard(mnt.clone());
-        chainfs(["mount", s(&images[1]), s(&mnt)]).ok();
+        chainfs(["mount", path_str(&images[1]), path_str(&mnt)]).ok();
         Mounted {
             dir,
             mnt,
@@ -63,7 +64,7 @@ impl Mounted {
     }
 
     fn unmount(self) {
-        chainfs(["umount", s(&self.mnt)]).ok();
+        chainfs(["umount", path_str(&self.mnt)]).ok();
     }
 }
 
@@ -132,8 +133,8 @@ fn a_command_write_the_kernel_splits_starts_no_job() {
     let id = "j".repeat((2 << 20) - "stream id=\n".len());
     std::fs::write(&big, format!("stream id={id}\n")).expect("write command file");
     let dd = run(Command::new("dd").args([
-        &format!("if={}", s(&big)),
-        &format!("of={}", s(&m.path("ctl/command"))),
+        &format!("if={}", path_str(&big)),
+        &format!("of={}", path_str(&m.path("ctl/command"))),
         "bs=2M",
         "count=1",
     ]));
@@ -145,7 +146,7 @@ fn a_command_write_the_kernel_splits_starts_no_job() {
 
     // A shell reusing the descriptor writes each command at a later
     // offset: each is still one whole command.
-    let command = s(&m.path("ctl/command")).to_owned();
+    let command = path_str(&m.path("ctl/command")).to_owned();
     let script = "exec 3>\"$1\" && echo 'stream id=a speed=64K' >&3 && \
                   echo 'set-speed id=a speed=128K' >&3 && echo 'cancel id=a' >&3";
     run(Command::new("sh").args(["-c", script, "sh", &command])).ok();

@@ -3,13 +3,13 @@
 //! `active` keeps being read and written; QEMU's tools check the result.
 
 mod common;
-mod fs_common;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 /// Waits until every listed job has an outcome; returns the jobs.
 fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
@@ -22,15 +22,6 @@ fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
         assert!(Instant::now() < deadline, "jobs never finished: {jobs:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn names_in(m: &Mounted) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(&m.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Writes `count` 64 KiB patterns through `file` while a job runs;
@@ -47,13 +38,12 @@ fn write_during(file: &File, model: &mut [u8], count: u64) {
 
 #[test]
 fn stream_to_the_base_while_active_is_written_keeps_every_write() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let mut model = convert_raw(&five.top());
-    let d_before = convert_raw(&five.image("file-D.img"));
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let mut model = convert_to_raw(&five.top());
+    let d_before = convert_to_raw(&five.image("file-D.img"));
+    let m = five.mount();
     command(&m, "stream base=file-A.img speed=16M\n").unwrap();
     let listed = status_json(&m);
     assert_eq!(
@@ -106,28 +96,21 @@ fn stream_to_the_base_while_active_is_written_keeps_every_write() {
     drop((active, reader));
     m.unmount();
     common::qemu_img_check(&five.top());
-    let info = String::from_utf8(
-        common::run_ok("qemu-img", &["info", "--backing-chain", s(&five.top())]).stdout,
-    )
-    .unwrap();
+    let info = common::qemu_img(&["info", "--backing-chain", path_str(&five.top())]);
     assert!(
         !info.contains("file-B.img") && !info.contains("file-D.img"),
         "{info}"
     );
-    assert!(convert_raw(&five.top()) == model);
+    assert!(convert_to_raw(&five.top()) == model);
 }
 
 #[test]
 fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_raw(&five.image(n)))
-        .collect();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let before = five.views();
+    let m = five.mount();
     command(&m, "stream node=file-D.img base=file-B.img id=mid").unwrap();
     let mut model = before[4].clone();
     let active = OpenOptions::new()
@@ -166,29 +149,21 @@ fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
     for name in ["file-D.img", "file-E.img"] {
         common::qemu_img_check(&five.image(name));
     }
-    let info = String::from_utf8(
-        common::run_ok(
-            "qemu-img",
-            &["info", "--output=json", s(&five.image("file-D.img"))],
-        )
-        .stdout,
-    )
-    .unwrap();
+    let info = common::qemu_img(&["info", "--output=json", path_str(&five.image("file-D.img"))]);
     assert!(
         info.contains("\"backing-filename\": \"file-B.img\""),
         "{info}"
     );
-    assert!(convert_raw(&five.image("file-D.img")) == before[3]);
-    assert!(convert_raw(&five.top()) == model);
+    assert!(convert_to_raw(&five.image("file-D.img")) == before[3]);
+    assert!(convert_to_raw(&five.top()) == model);
 }
 
 #[test]
 fn malformed_and_impossible_commands_are_refused_with_their_errno_and_logged() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let m = five.mount();
     let existing = five.image("file-A.img");
     let snapshot_existing = format!("snapshot file={}", existing.display());
     let cases = [
@@ -230,12 +205,11 @@ fn malformed_and_impossible_commands_are_refused_with_their_errno_and_logged() {
 
 #[test]
 fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let mut model = convert_raw(&five.top());
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
     let active = OpenOptions::new()
         .read(true)
         .write(true)
@@ -260,39 +234,15 @@ fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow(
     drop(active);
     m.unmount();
     common::qemu_img_check(&copy);
-    let info =
-        String::from_utf8(common::run_ok("qemu-img", &["info", "--output=json", s(&copy)]).stdout)
-            .unwrap();
+    let info = common::qemu_img(&["info", "--output=json", path_str(&copy)]);
     assert!(!info.contains("backing-filename"), "{info}");
-    assert!(convert_raw(&copy) == model);
+    assert!(convert_to_raw(&copy) == model);
 }
 
 /// base.img (64 MiB of data) <- top.qcow2 (empty): a stream copies every
 /// byte it scans, so progress is the copy rate.
 fn full_copy_chain(dir: &std::path::Path) -> std::path::PathBuf {
-    let base = dir.join("base.img");
-    common::run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
-    common::run_ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x2c 0 64M", s(&base)],
-    );
-    let top = dir.join("top.qcow2");
-    common::run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.img",
-            "-F",
-            "raw",
-            s(&top),
-            "64M",
-        ],
-    );
-    top
+    common::chain::base_and_overlay(dir, "base.img", "64M", &["write -P 0x2c 0 64M"])
 }
 
 /// Bytes per second of progress over `window`.
@@ -305,12 +255,9 @@ fn measured_rate(m: &Mounted, window: Duration) -> f64 {
 
 #[test]
 fn the_speed_limit_holds_the_rate_and_set_speed_changes_it_mid_job() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], full_copy_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = full_copy_chain(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     command(&m, "stream speed=4M").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let rate = measured_rate(&m, Duration::from_secs(5));
@@ -357,20 +304,16 @@ fn the_speed_limit_holds_the_rate_and_set_speed_changes_it_mid_job() {
     assert_eq!(names_in(&m), ["active", "ctl", "top.qcow2"]);
     m.unmount();
     common::qemu_img_check(&top);
-    assert!(convert_raw(&top) == before);
+    assert!(convert_to_raw(&top) == before);
 }
 
 #[test]
 fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is_busy() {
-    if !require_all(&[]) {
+    let Some(five) = FiveChain::gated(&[]) else {
         return;
-    }
-    let five = FiveChain::build();
-    let before: Vec<Vec<u8>> = FiveChain::names()
-        .iter()
-        .map(|n| convert_raw(&five.image(n)))
-        .collect();
-    let m = mount_default(&five.top(), five.dir.path());
+    };
+    let before = five.views();
+    let m = five.mount();
     command(
         &m,
         "stream node=file-C.img base=file-A.img id=low speed=32M",
@@ -397,12 +340,9 @@ fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is
     m.unmount();
     for (i, name) in [(2, "file-C.img"), (4, "file-E.img")] {
         common::qemu_img_check(&five.image(name));
-        assert!(convert_raw(&five.image(name)) == before[i], "{name}");
+        assert!(convert_to_raw(&five.image(name)) == before[i], "{name}");
     }
-    let chain = String::from_utf8(
-        common::run_ok("qemu-img", &["info", "--backing-chain", s(&five.top())]).stdout,
-    )
-    .unwrap();
+    let chain = common::qemu_img(&["info", "--backing-chain", path_str(&five.top())]);
     assert!(
         !chain.contains("file-B.img") && !chain.contains("file-D.img"),
         "{chain}"
@@ -411,19 +351,16 @@ fn streams_on_disjoint_parts_of_the_chain_run_together_and_an_overlapping_one_is
 
 #[test]
 fn fio_verifies_while_a_stream_runs_and_qemu_agrees_after_unmount() {
-    if !require_all(&["fio"]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&["fio"], full_copy_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = full_copy_chain(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     command(&m, "stream speed=16M").unwrap();
     let active = m.path("active");
     let output = common::run_any(
         "fio",
         &[
             "--name=verify",
-            &format!("--filename={}", s(&active)),
+            &format!("--filename={}", path_str(&active)),
             "--rw=randwrite",
             "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
             "--numjobs=4",
@@ -454,7 +391,7 @@ fn fio_verifies_while_a_stream_runs_and_qemu_agrees_after_unmount() {
     m.unmount();
     common::qemu_img_check(&top);
     assert!(
-        convert_raw(&top) == shown,
+        convert_to_raw(&top) == shown,
         "the top image differs from what active showed"
     );
 }

@@ -3,125 +3,41 @@
 //! lost, and a failed stream leaves the backing pointer as it was.
 
 mod common;
-mod fs_common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 const SIZE: u64 = 64 * MIB;
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {
-        // SAFETY: geteuid has no preconditions and touches no memory.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(!common::in_ci(), "the full-disk tests need root under CI");
-            eprintln!("!!!!!!!! SKIPPED: mounting a tmpfs needs root; this test checked NOTHING");
-            return None;
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        let size = format!("size={megabytes}M");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &size, "tmpfs", s(dir)])
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount tmpfs");
-        Some(Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").args(["-l", s(&self.0)]).status();
-    }
-}
-
-fn job(m: &Mounted) -> serde_json::Value {
-    let jobs: serde_json::Value =
-        serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap();
-    jobs[0].clone()
-}
-
-fn wait_for(
-    m: &Mounted,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = job(m);
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn events_named(m: &Mounted, name: &str) -> Vec<serde_json::Value> {
-    events(m)
-        .into_iter()
-        .filter(|e| e["event"] == name)
-        .collect()
-}
-
 /// base.img (64 MiB of data, on the real disk) <- top.qcow2 on a tmpfs of
 /// 80 MiB that a 60 MiB filler leaves too little room in.
-struct FullDisk {
-    dir: tempfile::TempDir,
-    _tmpfs: Tmpfs,
-    filler: PathBuf,
-}
+struct FullDisk(FullTmpfs);
 
 impl FullDisk {
     fn build() -> Option<FullDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let small = dir.path().join("small");
-        let tmpfs = Tmpfs::mount(&small, 80)?;
-        let base = dir.path().join("base.img");
-        common::run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
-        common::run_ok(
-            "qemu-io",
-            &["-f", "raw", "-c", "write -P 0x3b 0 64M", s(&base)],
-        );
-        let top = small.join("top.qcow2");
-        common::run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(&base),
-                "-F",
-                "raw",
-                s(&top),
-                "64M",
-            ],
-        );
-        let filler = small.join("filler");
-        std::fs::write(&filler, vec![1u8; 60 << 20]).unwrap();
-        Some(FullDisk {
-            dir,
-            _tmpfs: tmpfs,
-            filler,
-        })
+        let room = FullTmpfs::new()?;
+        let base = room.dir.path().join("base.img");
+        qemu_img(&["create", "-q", "-f", "raw", path_str(&base), "64M"]);
+        qemu_io(&base, "raw", &["write -P 0x3b 0 64M"]);
+        let top = room.small().join("top.qcow2");
+        let (base, top) = (path_str(&base), path_str(&top));
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "64M",
+        ]);
+        room.fill();
+        Some(FullDisk(room))
     }
 
     fn top(&self) -> PathBuf {
-        self.dir.path().join("small/top.qcow2")
+        self.0.dir.path().join("small/top.qcow2")
     }
 
     fn mount(&self) -> Mounted {
-        mount_default(&self.top(), self.dir.path())
+        mount_default(&self.top(), self.0.dir.path())
     }
 
     /// Mounts, writes 4 KiB through `active` (acknowledged before the disk
@@ -141,14 +57,11 @@ impl FullDisk {
     /// with the acknowledged write.
     fn check(&self, streamed: bool) {
         common::qemu_img_check(&self.top());
-        let info = String::from_utf8(
-            common::run_ok("qemu-img", &["info", "-U", "--output=json", s(&self.top())]).stdout,
-        )
-        .unwrap();
+        let info = common::qemu_img(&["info", "-U", "--output=json", path_str(&self.top())]);
         assert_eq!(!info.contains("backing-filename"), streamed, "{info}");
         let mut want = vec![0x3b; SIZE as usize];
         want[1 << 20..(1 << 20) + 4096].fill(0x99);
-        assert!(convert_raw(&self.top()) == want, "content changed");
+        assert!(convert_to_raw(&self.top()) == want, "content changed");
     }
 }
 
@@ -197,7 +110,7 @@ fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
             events_named(&m, "BLOCK_JOB_ERROR")[0]["data"]["action"],
             "stop"
         );
-        std::fs::remove_file(&disk.filler).unwrap();
+        std::fs::remove_file(&disk.0.filler).unwrap();
         command(&m, "resume").unwrap();
         let job = wait_for(&m, "stream completes", |j| j.get("outcome").is_some());
         assert_eq!(job["outcome"], "completed", "{policy}: {job}");

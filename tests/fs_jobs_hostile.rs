@@ -6,14 +6,14 @@
 //! would hang fails instead, after detaching the mount.
 
 mod common;
-mod fs_common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fs_common::*;
+use common::mount::*;
+use common::*;
 
 /// How long a command may take before the test calls it hung.
 const HANG: Duration = Duration::from_secs(30);
@@ -35,7 +35,7 @@ fn bounded_command(m: Mounted, text: &str) -> (Mounted, Result<(), i32>) {
         Err(_) => {
             abort_connection(device);
             let _ = std::process::Command::new("umount")
-                .args(["-l", s(&m.mnt)])
+                .args(["-l", path_str(&m.mnt)])
                 .status();
             std::mem::forget(m);
             panic!("{text:?} did not return within {HANG:?}: the daemon hangs");
@@ -50,7 +50,7 @@ fn abort_connection(device: u64) {
     let abort = connections.join(format!("{}/abort", libc::minor(device)));
     if !abort.exists() {
         let _ = std::process::Command::new("mount")
-            .args(["-t", "fusectl", "none", s(connections)])
+            .args(["-t", "fusectl", "none", path_str(connections)])
             .status();
     }
     if let Err(error) = std::fs::write(&abort, "1") {
@@ -58,45 +58,9 @@ fn abort_connection(device: u64) {
     }
 }
 
-/// The first job, once `done` holds for it (bounded).
-fn wait_job(
-    m: &Mounted,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = status_json(m)[0].clone();
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn qemu_img(args: &[&str]) {
-    common::run_ok("qemu-img", args);
-}
-
 /// base.qcow2 (64 MiB, `write` applied) <- top.qcow2, in `dir`.
 fn chain(dir: &Path, write: &str) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
-    common::run_ok("qemu-io", &["-f", "qcow2", "-c", write, s(&base)]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    top
+    common::chain::base_and_overlay(dir, "base.qcow2", "64M", &[write])
 }
 
 fn last_event(m: &Mounted) -> serde_json::Value {
@@ -105,21 +69,19 @@ fn last_event(m: &Mounted) -> serde_json::Value {
 
 #[test]
 fn a_pause_after_the_last_checkpoint_returns_and_the_stream_completes() {
-    if !require_all(&[]) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     // Only the last MiB holds data: the scan reaches the end at once, then
     // the speed limit holds the job after its last pause point.
-    let top = chain(dir.path(), "write -P 0x99 63M 1M");
-    let m = mount_default(&top, dir.path());
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], |d| chain(d, "write -P 0x99 63M 1M"))
+    else {
+        return;
+    };
     command(&m, "stream speed=64K").unwrap();
-    wait_job(&m, "the scan reaches the end", |job| {
+    wait_for(&m, "the scan reaches the end", |job| {
         job["offset"] == job["len"]
     });
     let (m, paused) = bounded_command(m, "pause");
     assert_eq!(paused, Ok(()));
-    let job = wait_job(&m, "the stream concludes", |job| {
+    let job = wait_for(&m, "the stream concludes", |job| {
         job.get("outcome").is_some()
     });
     assert_eq!(job["outcome"], "completed", "{job}");
@@ -133,14 +95,11 @@ fn a_pause_after_the_last_checkpoint_returns_and_the_stream_completes() {
 
 #[test]
 fn cancel_of_a_paused_stream_concludes_it_and_frees_its_nodes() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir, top, m }) = mounted(&[], |d| chain(d, "write -P 0x11 0 64M")) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = chain(dir.path(), "write -P 0x11 0 64M");
-    let m = mount_default(&top, dir.path());
+    };
     command(&m, "stream speed=1M").unwrap();
-    wait_job(&m, "the stream runs", |job| job["status"] == "running");
+    wait_for(&m, "the stream runs", |job| job["status"] == "running");
     // Issue 8: resume only in paused and standby.
     assert_eq!(command(&m, "resume"), Err(libc::EBUSY));
     assert_eq!(last_event(&m)["event"], "COMMAND_REJECTED");
@@ -149,7 +108,7 @@ fn cancel_of_a_paused_stream_concludes_it_and_frees_its_nodes() {
     assert_eq!(status_json(&m)[0]["status"], "paused");
     let (m, cancelled) = bounded_command(m, "cancel");
     assert_eq!(cancelled, Ok(()));
-    let job = wait_job(&m, "the cancelled stream concludes", |job| {
+    let job = wait_for(&m, "the cancelled stream concludes", |job| {
         job["status"] == "concluded"
     });
     assert_eq!(job["outcome"], "cancelled", "{job}");
@@ -166,9 +125,9 @@ fn cancel_of_a_paused_stream_concludes_it_and_frees_its_nodes() {
     );
     command(&m, "dismiss").unwrap();
     let snapshot = dir.path().join("snap.qcow2");
-    command(&m, &format!("snapshot file={}", s(&snapshot))).unwrap();
+    command(&m, &format!("snapshot file={}", path_str(&snapshot))).unwrap();
     command(&m, "stream node=snap.qcow2 base=top.qcow2").unwrap();
-    wait_job(&m, "the second stream", |job| job.get("outcome").is_some());
+    wait_for(&m, "the second stream", |job| job.get("outcome").is_some());
     m.unmount();
     common::qemu_img_check(&top);
     common::qemu_img_check(&snapshot);
@@ -176,12 +135,9 @@ fn cancel_of_a_paused_stream_concludes_it_and_frees_its_nodes() {
 
 #[test]
 fn a_snapshot_inside_the_mount_is_einval_however_it_is_named() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir, m, .. }) = mounted(&[], |d| chain(d, "write -P 0x22 0 1M")) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = chain(dir.path(), "write -P 0x22 0 1M");
-    let m = mount_default(&top, dir.path());
+    };
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&m.mnt, &link).unwrap();
     let mut m = m;
@@ -192,7 +148,7 @@ fn a_snapshot_inside_the_mount_is_einval_however_it_is_named() {
         // Relative to the active image's directory, which holds `mnt`.
         PathBuf::from("mnt/in.qcow2"),
     ] {
-        let (back, result) = bounded_command(m, &format!("snapshot file={}", s(&target)));
+        let (back, result) = bounded_command(m, &format!("snapshot file={}", path_str(&target)));
         m = back;
         assert_eq!(result, Err(libc::EINVAL), "{}", target.display());
         assert_eq!(last_event(&m)["data"]["errno"], "EINVAL");
@@ -203,12 +159,14 @@ fn a_snapshot_inside_the_mount_is_einval_however_it_is_named() {
         let bind = dir.path().join("bind");
         std::fs::create_dir(&bind).unwrap();
         let bound = std::process::Command::new("mount")
-            .args(["--bind", s(&m.mnt), s(&bind)])
+            .args(["--bind", path_str(&m.mnt), path_str(&bind)])
             .status()
             .unwrap();
         assert!(bound.success(), "mount --bind");
-        let (back, result) =
-            bounded_command(m, &format!("snapshot file={}", s(&bind.join("in.qcow2"))));
+        let (back, result) = bounded_command(
+            m,
+            &format!("snapshot file={}", path_str(&bind.join("in.qcow2"))),
+        );
         m = back;
         let _ = std::process::Command::new("umount").arg(&bind).status();
         assert_eq!(result, Err(libc::EINVAL), "through a bind mount");
@@ -217,7 +175,7 @@ fn a_snapshot_inside_the_mount_is_einval_however_it_is_named() {
     assert_eq!(m.path("active").metadata().unwrap().len(), 64 << 20);
     command(
         &m,
-        &format!("snapshot file={}", s(&dir.path().join("out.qcow2"))),
+        &format!("snapshot file={}", path_str(&dir.path().join("out.qcow2"))),
     )
     .unwrap();
     m.unmount();
@@ -244,7 +202,10 @@ fn a_relative_snapshot_target_is_relative_to_the_active_image() {
     for file in ["sub/snap.qcow2", "up.qcow2"] {
         let path = canonical.join(file);
         assert!(path.exists(), "{} was not created", path.display());
-        assert!(chain.contains(&format!("path={:?}", s(&path))), "{chain}");
+        assert!(
+            chain.contains(&format!("path={:?}", path_str(&path))),
+            "{chain}"
+        );
     }
     m.unmount();
     common::qemu_img_check(&canonical.join("up.qcow2"));

@@ -3,7 +3,6 @@
 //! `active` and the active node's file; and 1 MiB requests arriving whole.
 
 mod common;
-mod fs_common;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -11,38 +10,16 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use chainfs::fs::MountOptions;
-use common::{qemu_img_check, run_any, run_ok};
-use fs_common::{errno_of, mount, mount_default, read_all, require_all, s, Mounted, MIB};
+use common::chain::base_and_overlay;
+use common::mount::{errno_of, mount, mounted, read_all, Fixture};
+use common::{path_str, require_all, MIB};
+use common::{qemu_img_check, run_any};
 
 const SIZE: u64 = 16 * MIB;
 
 /// base.qcow2 (data in its first MiB) <- top.qcow2; returns the top.
 fn small_chain(dir: &Path) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", s(&base), "16M"],
-    );
-    run_ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 0 1M", s(&base)],
-    );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
-    top
+    base_and_overlay(dir, "base.qcow2", "16M", &["write -P 0x11 0 1M"])
 }
 
 fn open_rw(path: &Path) -> std::io::Result<File> {
@@ -55,12 +32,9 @@ fn read_text(path: &Path) -> String {
 
 #[test]
 fn writes_beyond_what_a_block_device_allows_are_refused_with_spec_errnos() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], small_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = small_chain(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     // A backing node's file: EROFS, root included.
     assert_eq!(
         errno_of(open_rw(&m.path("base.qcow2")), "open base rw"),
@@ -99,9 +73,9 @@ fn writes_beyond_what_a_block_device_allows_are_refused_with_spec_errnos() {
         errno_of(std::fs::create_dir(m.path("d")), "mkdir"),
         libc::EPERM
     );
-    let touch = run_any("touch", &[s(&m.path("another"))]);
+    let touch = run_any("touch", &[path_str(&m.path("another"))]);
     assert!(!touch.status.success());
-    let truncate = run_any("truncate", &["-s", "1M", s(&m.path("top.qcow2"))]);
+    let truncate = run_any("truncate", &["-s", "1M", path_str(&m.path("top.qcow2"))]);
     assert!(String::from_utf8_lossy(&truncate.stderr).contains("not permitted"));
     drop(active);
     m.unmount();
@@ -131,7 +105,10 @@ fn a_read_only_mount_refuses_every_write_and_logs_refused_commands() {
     let command = m.path("ctl/command");
     // The shell's echo fails (dash words every write error as "I/O
     // error", so the errno is checked with a plain write).
-    let echo = run_any("sh", &["-c", &format!("echo stream > {}", s(&command))]);
+    let echo = run_any(
+        "sh",
+        &["-c", &format!("echo stream > {}", path_str(&command))],
+    );
     assert!(!echo.status.success());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -151,12 +128,9 @@ fn a_read_only_mount_refuses_every_write_and_logs_refused_commands() {
 
 #[test]
 fn an_unknown_command_is_einval_and_shows_in_events_and_status() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, m, .. }) = mounted(&[], small_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = small_chain(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     let mut command = OpenOptions::new()
         .write(true)
         .truncate(true)
@@ -188,12 +162,9 @@ fn an_unknown_command_is_einval_and_shows_in_events_and_status() {
 
 #[test]
 fn writes_through_active_and_the_active_node_file_are_seen_at_once_both_ways() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], small_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = small_chain(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     let active = open_rw(&m.path("active")).unwrap();
     let node = open_rw(&m.path("top.qcow2")).unwrap();
     let mut buf = vec![0; 4096];
@@ -228,12 +199,9 @@ fn aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
 
 #[test]
 fn one_mib_reads_and_writes_arrive_as_one_mib_requests() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, m, .. }) = mounted(&[], small_chain) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = small_chain(dir.path());
-    let m: Mounted = mount_default(&top, dir.path());
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -3,7 +3,6 @@
 //! still holds a file open (detached lazily, closed when the reader is done).
 
 mod common;
-mod fs_common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -11,12 +10,13 @@ use std::time::Duration;
 
 use chainfs::fs::{FsError, Mount, MountOptions};
 use chainfs::jobs::Jobs;
+use common::mount::{mounted, Fixture};
+use common::{create_qcow2, path_str, require_all, MIB};
 use common::{qemu_img_check, run_ok};
-use fs_common::{mount_default, require_all, s, MIB};
 
 fn image(dir: &Path) -> PathBuf {
     let top = dir.join("disk.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "8M"]);
+    create_qcow2(path_str(&top), "8M", "");
     top
 }
 
@@ -25,17 +25,14 @@ fn is_mounted(mnt: &Path) -> bool {
     let mnt = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
     mounts
         .lines()
-        .any(|line| line.split(' ').nth(1) == Some(s(&mnt)))
+        .any(|line| line.split(' ').nth(1) == Some(path_str(&mnt)))
 }
 
 #[test]
 fn an_outside_umount_ends_the_mount_and_closes_the_images() {
-    if !require_all(&["umount"]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&["umount"], image) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = image(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     assert!(
         is_mounted(&m.mnt),
         "the mount is live when Mount::new returns"
@@ -46,7 +43,7 @@ fn an_outside_umount_ends_the_mount_and_closes_the_images() {
         .unwrap()
         .write_all_at(&[9; 4096], MIB)
         .unwrap();
-    run_ok("umount", &[s(&m.mnt)]);
+    run_ok("umount", &[path_str(&m.mnt)]);
     let mnt = m.mnt.clone();
     m.join();
     assert!(!is_mounted(&mnt));
@@ -55,12 +52,9 @@ fn an_outside_umount_ends_the_mount_and_closes_the_images() {
 
 #[test]
 fn unmounting_while_a_reader_holds_a_file_detaches_and_closes_after_it() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], image) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = image(dir.path());
-    let m = mount_default(&top, dir.path());
+    };
     let held = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -103,7 +97,7 @@ fn a_bad_mount_point_is_refused_by_name_and_releases_the_images() {
         let error = Mount::new(open(), &mnt, &MountOptions::default()).unwrap_err();
         assert!(matches!(error, FsError::Mountpoint { .. }), "{error}");
         assert_eq!(error.errno(), errno, "{error}");
-        assert!(error.to_string().contains(s(&mnt)), "{error}");
+        assert!(error.to_string().contains(path_str(&mnt)), "{error}");
     }
     // Every failed attempt released the image: it opens writable again.
     drop(open());

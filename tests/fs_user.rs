@@ -11,14 +11,14 @@
 //! under `/tmp`, so that it works wherever root put the checkout.
 
 mod common;
-mod fs_common;
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::{qemu_img_check, run_ok};
-use fs_common::{mount_default, require_all, s, MIB};
+use common::mount::mount_default;
+use common::qemu_img_check;
+use common::{create_qcow2, path_str, require_all, MIB};
 
 /// Set in the re-run child: do the work instead of spawning.
 const AS_USER: &str = "CHAINFS_TEST_AS_USER";
@@ -26,7 +26,7 @@ const NOBODY: &str = "65534";
 
 fn mount_read_write_unmount(dir: &Path) {
     let top = dir.join("user.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&top), "8M"]);
+    create_qcow2(path_str(&top), "8M", "");
     let m = mount_default(&top, dir);
     let active = std::fs::OpenOptions::new()
         .read(true)

@@ -4,52 +4,27 @@
 //! mount showed.
 
 mod common;
-mod fs_common;
 
 use std::path::{Path, PathBuf};
 
+use common::chain::overlay_with;
+use common::mount::{mount_default, mounted, read_all, Fixture};
 use common::{assert_same_bytes, pattern, qemu_img_check, run_any, run_ok};
-use fs_common::{convert_raw, mount_default, read_all, require_all, s};
+use common::{convert_to_raw, path_str, qemu_img_in, qemu_io, require_all};
 
 /// base.qcow2 (64 KiB clusters, data in places) <- top.qcow2 (4 KiB
 /// clusters, so mixed-size writes hit partial clusters and COW).
 fn chain(dir: &Path, size: &str) -> PathBuf {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), size]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x42 0 8M",
-            "-c",
-            "write -P 0x43 70M 3M",
-            s(&base),
-        ],
-    );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
-    top
+    qemu_img_in(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", size]);
+    let writes = ["write -P 0x42 0 8M", "write -P 0x43 70M 3M"];
+    qemu_io(&dir.join("base.qcow2"), "qcow2", &writes);
+    let backing = Some(("base.qcow2", "qcow2"));
+    overlay_with(dir, "top.qcow2", backing, size, "cluster_size=4096");
+    dir.join("top.qcow2")
 }
 
 fn fio(active: &Path, direct: bool, offset: &str) {
-    let filename = format!("--filename={}", s(active));
+    let filename = format!("--filename={}", path_str(active));
     let direct = format!("--direct={}", u8::from(direct));
     let offset = format!("--offset={offset}");
     let output = run_any(
@@ -92,19 +67,16 @@ fn fio(active: &Path, direct: bool, offset: &str) {
 
 #[test]
 fn fio_random_writes_from_four_jobs_verify_and_qemu_agrees_after_unmount() {
-    if !require_all(&["fio"]) {
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&["fio"], |d| chain(d, "128M")) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = chain(dir.path(), "128M");
-    let m = mount_default(&top, dir.path());
+    };
     let active = m.path("active");
     fio(&active, true, "0");
     fio(&active, false, "48M");
     let shown = read_all(&active);
     m.unmount();
     qemu_img_check(&top);
-    assert_same_bytes(&convert_raw(&top), &shown, "top after fio vs active");
+    assert_same_bytes(&convert_to_raw(&top), &shown, "top after fio vs active");
 }
 
 /// Files to copy into the ext4 image: small, medium, and one spanning many
@@ -126,7 +98,7 @@ fn source_files(dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn e2fsck_clean(image: &Path) {
-    let output = run_any("e2fsck", &["-fn", s(image)]);
+    let output = run_any("e2fsck", &["-fn", path_str(image)]);
     assert!(
         output.status.success(),
         "e2fsck -fn {}:\n{}\n{}",
@@ -141,8 +113,8 @@ fn files_read_back(image: &Path, files: &[(String, PathBuf)], out: &Path) {
     for (name, source) in files {
         let dumped = out.join(format!("dump-{name}"));
         let _ = std::fs::remove_file(&dumped);
-        let request = format!("dump {name} {}", s(&dumped));
-        run_ok("debugfs", &["-R", &request, s(image)]);
+        let request = format!("dump {name} {}", path_str(&dumped));
+        run_ok("debugfs", &["-R", &request, path_str(image)]);
         assert_same_bytes(&read_all(&dumped), &read_all(source), name);
     }
 }
@@ -157,10 +129,10 @@ fn ext4_on_active_is_clean_before_and_after_a_remount() {
     let files = source_files(dir.path());
     let m = mount_default(&top, dir.path());
     let active = m.path("active");
-    run_ok("mkfs.ext4", &["-q", "-F", s(&active)]);
+    run_ok("mkfs.ext4", &["-q", "-F", path_str(&active)]);
     for (name, source) in &files {
-        let request = format!("write {} {name}", s(source));
-        run_ok("debugfs", &["-w", "-R", &request, s(&active)]);
+        let request = format!("write {} {name}", path_str(source));
+        run_ok("debugfs", &["-w", "-R", &request, path_str(&active)]);
     }
     e2fsck_clean(&active);
     files_read_back(&active, &files, dir.path());

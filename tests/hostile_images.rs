@@ -6,11 +6,10 @@
 //! already refuses. The other `Image::open` cases, which need the engine to
 //! call `validate`, and the table-level cases live in `hostile_tables.rs`.
 
-#[macro_use]
-mod hostile;
+mod common;
 
-use hostile::field::*;
-use hostile::*;
+use common::hostile::field::*;
+use common::hostile::*;
 
 fn refused_by_header(fixture: &Fixture, expected: &str) {
     assert_refused(header_result(fixture), expected);
@@ -46,13 +45,13 @@ mod header {
         huge_nb_snapshots => with32(NB_SNAPSHOTS, u32::MAX), "nb_snapshots 4294967295 exceeds";
         unknown_incompatible_bit => unknown_feature(40, None), "unknown incompatible feature bits: bit 40";
         unknown_incompatible_bit_named_by_the_image => unknown_feature(5, Some("foo")), "bit 5 (\"foo\")";
-        overlong_backing_name => crate::hostile::overlong_backing_name(), "backing_file_size 2000";
+        overlong_backing_name => crate::common::hostile::overlong_backing_name(), "backing_file_size 2000";
         backing_name_offset_outside_cluster_0 => with64(BACKING_FILE_OFFSET, 0x1_0001), "backing_file_offset 65537 is outside cluster 0";
         backing_name_offset_inside_the_header => backing_inside_header(), "backing_file_offset 16 lies inside";
         extension_past_cluster_0 => with32(FIRST_EXTENSION + 4, 0x10_0000), "runs past byte 65536";
         header_length_below_104 => with32(HEADER_LENGTH, 100), "header_length 100";
         header_length_not_a_multiple_of_8 => with32(HEADER_LENGTH, 108), "header_length 108";
-        extended_l2_on_v2 => crate::hostile::extended_l2_on_v2(), "version 2 header carries version 3 feature bits";
+        extended_l2_on_v2 => crate::common::hostile::extended_l2_on_v2(), "version 2 header carries version 3 feature bits";
         compression_type_7 => compression_type(7), "compression_type 7";
         zstd_without_its_feature_bit => compression_type(1), "compression_type is 1 (zstd), but incompatible feature bit 3";
         refcount_order_7 => with32(REFCOUNT_ORDER, 7), "refcount_order 7";
@@ -84,13 +83,13 @@ mod open {
         version_4 => with32(VERSION, 4), "qcow2 version 4";
         cluster_bits_8 => with32(CLUSTER_BITS, 8), "cluster_bits 8";
         cluster_bits_22 => with32(CLUSTER_BITS, 22), "cluster_bits 22";
-        overlong_backing_name => crate::hostile::overlong_backing_name(), "backing_file_size 2000";
+        overlong_backing_name => crate::common::hostile::overlong_backing_name(), "backing_file_size 2000";
         backing_name_offset_outside_cluster_0 => with64(BACKING_FILE_OFFSET, 0x1_0001), "outside cluster 0";
         backing_name_offset_inside_the_header => backing_inside_header(), "inside the 112-byte header";
         extension_past_cluster_0 => with32(FIRST_EXTENSION + 4, 0x10_0000), "runs past";
         header_length_below_104 => with32(HEADER_LENGTH, 100), "header_length 100";
         header_length_not_a_multiple_of_8 => with32(HEADER_LENGTH, 108), "header_length 108";
-        extended_l2_on_v2 => crate::hostile::extended_l2_on_v2(), "version 2 header";
+        extended_l2_on_v2 => crate::common::hostile::extended_l2_on_v2(), "version 2 header";
         compression_type_7 => compression_type(7), "compression_type 7";
     }
 

@@ -9,13 +9,12 @@
 //! error naming the table and the offset, never panic or read zeros past the
 //! end of the file.
 
-#[macro_use]
-mod hostile;
+mod common;
 
 use chainfs::format::{Image, NoBacking};
 
-use hostile::field::*;
-use hostile::*;
+use common::hostile::field::*;
+use common::hostile::*;
 
 fn refused_by_open(fixture: &Fixture, expected: &str) {
     assert_refused(open_image(fixture, false), expected);
@@ -75,7 +74,7 @@ mod tables {
         } else {
             "write -P 1 0 64k"
         };
-        if !qemu_io(&fixture, write) {
+        if !fill(&fixture, write) {
             return None;
         }
         let l1_entry_at = get64(&fixture, L1_TABLE_OFFSET);

@@ -2,8 +2,6 @@
 //! the read matrix, plus its human output and its errors.
 
 mod common;
-#[path = "cli_support.rs"]
-mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -250,7 +248,7 @@ fn a_fifo_is_refused_without_blocking_naming_it_and_its_image() {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run chainfs: {e}"));
         // Generous: only a hang reaches it.
-        let code = support::wait_child(&mut child, Duration::from_secs(60));
+        let code = common::cli::wait_child(&mut child, Duration::from_secs(60));
         assert_eq!(
             code,
             Some(Some(1)),

@@ -2,8 +2,7 @@
 //! errno; streams on disjoint parts of a chain run together; a live
 //! snapshot pivots the active node; verbs follow QEMU's verb table.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +10,8 @@ use std::time::{Duration, Instant};
 use chainfs::jobs::command::parse;
 use chainfs::jobs::job::{EventSink, Outcome};
 use chainfs::jobs::registry::{LiveChain, Registry};
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 #[derive(Default)]
 struct Events(Mutex<Vec<(String, serde_json::Value)>>);
@@ -31,10 +31,9 @@ fn build(d: &std::path::Path, count: usize) {
         let name = format!("n{i}.qcow2");
         overlay(d, &name, Some((&backing, format)), "8M");
         qemu_io(
-            d,
-            &name,
+            &at(d, &name),
             "qcow2",
-            &format!("write -P {} {}M 1M", 0x10 + i, i % 8),
+            &[format!("write -P {} {}M 1M", 0x10 + i, i % 8)],
         );
     }
 }
@@ -61,7 +60,7 @@ fn wait_all(registry: &Registry) {
 
 #[test]
 fn refusals_carry_their_errno() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -89,7 +88,7 @@ fn refusals_carry_their_errno() {
 
 #[test]
 fn streams_on_disjoint_parts_run_together_and_an_overlapping_one_is_busy() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -97,14 +96,14 @@ fn streams_on_disjoint_parts_run_together_and_an_overlapping_one_is_busy() {
     build(d, 7);
     let before: Vec<Vec<u8>> = (0..7)
         .map(|i| {
-            convert_raw(
+            convert_to_raw(&at(
                 d,
                 &if i == 0 {
                     "n0.img".to_string()
                 } else {
                     format!("n{i}.qcow2")
                 },
-            )
+            ))
         })
         .collect();
     let (registry, events) = registry(d, "n6.qcow2");
@@ -174,20 +173,20 @@ fn streams_on_disjoint_parts_run_together_and_an_overlapping_one_is_busy() {
     drop(chain);
     drop(registry);
     for i in [2, 4, 6] {
-        qemu_img(d, &["check", &format!("n{i}.qcow2")]);
+        qemu_img_in(d, &["check", &format!("n{i}.qcow2")]);
     }
-    assert_same("qemu n6", &convert_raw(d, "n6.qcow2"), &before[6]);
+    assert_same("qemu n6", &convert_to_raw(&at(d, "n6.qcow2")), &before[6]);
 }
 
 #[test]
 fn a_snapshot_pivots_the_active_node_and_a_stream_then_makes_a_live_copy() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d, 3);
-    let before = convert_raw(d, "n2.qcow2");
+    let before = convert_to_raw(&at(d, "n2.qcow2"));
     let (registry, _) = registry(d, "n2.qcow2");
     let copy = at(d, "copy.qcow2");
     run(&registry, &format!("snapshot file={}", copy.display())).unwrap();
@@ -204,8 +203,8 @@ fn a_snapshot_pivots_the_active_node_and_a_stream_then_makes_a_live_copy() {
     registry.shutdown();
     drop(chain);
     drop(registry);
-    qemu_img(d, &["check", "copy.qcow2"]);
-    let info = qemu_img(d, &["info", "--output=json", "copy.qcow2"]);
+    qemu_img_in(d, &["check", "copy.qcow2"]);
+    let info = qemu_img_in(d, &["info", "--output=json", "copy.qcow2"]);
     assert!(!info.contains("backing-filename"), "{info}");
-    assert_same("qemu copy", &convert_raw(d, "copy.qcow2"), &before);
+    assert_same("qemu copy", &convert_to_raw(&at(d, "copy.qcow2")), &before);
 }

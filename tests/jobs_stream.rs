@@ -3,8 +3,7 @@
 //! events, obeys pause, cancel and the speed limit, and leaves images that
 //! qemu-img accepts with the new backing chain.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -14,7 +13,8 @@ use chainfs::jobs::command::OnError;
 use chainfs::jobs::job::{EventSink, Job, JobSpec, JobType, Outcome};
 use chainfs::jobs::state::JobStatus;
 use chainfs::jobs::stream::{self, StreamPlan};
-use helpers::*;
+use common::chain::*;
+use common::*;
 
 const SIZE: u64 = 8 << 20;
 
@@ -46,12 +46,12 @@ fn build(d: &std::path::Path) {
         Some((0..SIZE as usize, 0x11)),
     );
     overlay(d, "b.qcow2", Some(("base.img", "raw")), "8M");
-    qemu_io(d, "b.qcow2", "qcow2", "write -P 0x22 1M 2M");
+    qemu_io(&at(d, "b.qcow2"), "qcow2", &["write -P 0x22 1M 2M"]);
     overlay(d, "c.qcow2", Some(("b.qcow2", "qcow2")), "8M");
-    qemu_io(d, "c.qcow2", "qcow2", "write -P 0x33 2M 1M");
-    qemu_io(d, "c.qcow2", "qcow2", "write -z 5M 1M");
+    qemu_io(&at(d, "c.qcow2"), "qcow2", &["write -P 0x33 2M 1M"]);
+    qemu_io(&at(d, "c.qcow2"), "qcow2", &["write -z 5M 1M"]);
     overlay(d, "d.qcow2", Some(("c.qcow2", "qcow2")), "8M");
-    qemu_io(d, "d.qcow2", "qcow2", "write -P 0x44 2500k 8k");
+    qemu_io(&at(d, "d.qcow2"), "qcow2", &["write -P 0x44 2500k 8k"]);
 }
 
 struct Running {
@@ -120,13 +120,13 @@ fn finish(running: Running) -> (Arc<Chain>, Arc<Job>, Arc<Events>) {
 
 #[test]
 fn streaming_the_whole_chain_leaves_the_active_node_alone_and_unchanged() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let before = convert_raw(d, "d.qcow2");
+    let before = convert_to_raw(&at(d, "d.qcow2"));
     let (chain, job, events) = finish(start(open_writable(&at(d, "d.qcow2")), "d.qcow2", None, 0));
     let info = job.info();
     assert_eq!(info.outcome, Some(Outcome::Completed), "{:?}", info.error);
@@ -140,21 +140,21 @@ fn streaming_the_whole_chain_leaves_the_active_node_alone_and_unchanged() {
     );
     assert_same("active", &read_node(&chain, chain.active().id()), &before);
     Arc::try_unwrap(chain).unwrap().close().unwrap();
-    qemu_img(d, &["check", "d.qcow2"]);
-    let info = qemu_img(d, &["info", "--output=json", "d.qcow2"]);
+    qemu_img_in(d, &["check", "d.qcow2"]);
+    let info = qemu_img_in(d, &["info", "--output=json", "d.qcow2"]);
     assert!(!info.contains("backing-filename"), "{info}");
-    assert_same("qemu", &convert_raw(d, "d.qcow2"), &before);
+    assert_same("qemu", &convert_to_raw(&at(d, "d.qcow2")), &before);
 }
 
 #[test]
 fn streaming_to_a_base_keeps_zero_clusters_zero_and_every_guest_write() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let mut want = convert_raw(d, "d.qcow2");
+    let mut want = convert_to_raw(&at(d, "d.qcow2"));
     let running = start(
         open_writable(&at(d, "d.qcow2")),
         "d.qcow2",
@@ -176,19 +176,19 @@ fn streaming_to_a_base_keeps_zero_clusters_zero_and_every_guest_write() {
     assert_eq!(names, ["base.img", "d.qcow2"]);
     assert_same("active", &read_node(&chain, top), &want);
     Arc::try_unwrap(chain).unwrap().close().unwrap();
-    qemu_img(d, &["check", "d.qcow2"]);
-    assert_same("qemu", &convert_raw(d, "d.qcow2"), &want);
+    qemu_img_in(d, &["check", "d.qcow2"]);
+    assert_same("qemu", &convert_to_raw(&at(d, "d.qcow2")), &want);
 }
 
 #[test]
 fn pause_holds_the_offset_cancel_changes_nothing_and_a_second_stream_finishes() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let before = convert_raw(d, "d.qcow2");
+    let before = convert_to_raw(&at(d, "d.qcow2"));
     let running = start(open_writable(&at(d, "d.qcow2")), "d.qcow2", None, 1 << 20);
     std::thread::sleep(Duration::from_millis(1500));
     running.job.pause().unwrap();
@@ -212,13 +212,13 @@ fn pause_holds_the_offset_cancel_changes_nothing_and_a_second_stream_finishes() 
     assert_eq!(job.info().outcome, Some(Outcome::Completed));
     assert_eq!(again.nodes().len(), 1);
     Arc::try_unwrap(again).unwrap().close().unwrap();
-    qemu_img(d, &["check", "d.qcow2"]);
-    assert_same("qemu", &convert_raw(d, "d.qcow2"), &before);
+    qemu_img_in(d, &["check", "d.qcow2"]);
+    assert_same("qemu", &convert_to_raw(&at(d, "d.qcow2")), &before);
 }
 
 #[test]
 fn the_speed_limit_holds_the_copy_rate() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();

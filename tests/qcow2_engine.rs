@@ -3,7 +3,6 @@
 //! the engine `qemu-img check` is clean and the content equals a model.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use chainfs::format::Qcow2;
@@ -11,57 +10,10 @@ use chainfs::format::{BackingReader, NoBacking, OpenOptions, Result as FormatRes
 use chainfs::storage::{FileStorage, Storage};
 use rand::{Rng, SeedableRng};
 
-fn tool_available(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found && std::env::var_os("CI").is_some() {
-        panic!("{tool} is required in CI but was not found");
-    }
-    if !found {
-        eprintln!("SKIPPING: {tool} not installed");
-    }
-    found
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn convert_to_raw(image: &Path) -> Vec<u8> {
-    let raw = image.with_extension("converted.raw");
-    run(
-        "qemu-img",
-        &["convert", "-U", "-O", "raw", p(image), p(&raw)],
-    );
-    let bytes = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    bytes
-}
-
-fn check_clean(image: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", p(image)])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {report}{}",
-        image.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!report.contains("\"leaks\""), "leaks: {report}");
-}
+mod common;
+use common::{
+    convert_to_raw, create_qcow2, path_str, qemu_img_check, qemu_io, require_tool, run_ok,
+};
 
 fn open(image: &Path, writable: bool) -> Qcow2 {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(image, writable).unwrap());
@@ -103,30 +55,8 @@ struct Fixture {
 fn fixture(create_opts: &str, size: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            create_opts,
-            p(&image),
-            size,
-        ],
-    );
+    create_qcow2(path_str(&image), size, create_opts);
     Fixture { _dir: dir, image }
-}
-
-fn qemu_io(image: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(p(image));
-    run("qemu-io", &args);
 }
 
 const PATTERN_WRITES: &[&str] = &[
@@ -139,7 +69,7 @@ const PATTERN_WRITES: &[&str] = &[
 
 #[test]
 fn reads_equal_qemu_img_convert_for_each_layout() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in [
@@ -152,7 +82,7 @@ fn reads_equal_qemu_img_convert_for_each_layout() {
         "extended_l2=on,cluster_size=16k",
     ] {
         let f = fixture(opts, "8M");
-        qemu_io(&f.image, PATTERN_WRITES);
+        qemu_io(&f.image, "qcow2", PATTERN_WRITES);
         let image = open(&f.image, false);
         for chunk in [4096, 65536 + 512, 1 << 20] {
             assert!(
@@ -178,7 +108,7 @@ impl BackingReader for Model {
 
 #[test]
 fn random_writes_and_zeroes_leave_a_clean_image_equal_to_the_model() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in [
@@ -216,7 +146,7 @@ fn random_writes_and_zeroes_leave_a_clean_image_equal_to_the_model() {
             );
             image.close().unwrap();
         }
-        check_clean(&f.image);
+        qemu_img_check(&f.image);
         assert!(
             convert_to_raw(&f.image) == model,
             "{opts}: qemu-img sees other data"
@@ -226,7 +156,7 @@ fn random_writes_and_zeroes_leave_a_clean_image_equal_to_the_model() {
 
 #[test]
 fn partial_writes_complete_clusters_from_the_backing_view() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in ["cluster_size=64k", "extended_l2=on", "compat=0.10"] {
@@ -245,19 +175,19 @@ fn partial_writes_complete_clusters_from_the_backing_view() {
         }
         assert!(out == model.0, "{opts}: view differs");
         image.close().unwrap();
-        check_clean(&f.image);
+        qemu_img_check(&f.image);
     }
 }
 
 #[test]
 fn writes_over_an_internal_snapshot_copy_shared_clusters_first() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in ["cluster_size=64k", "extended_l2=on", "cluster_size=512"] {
         let f = fixture(opts, "4M");
-        qemu_io(&f.image, &["write -P 0x5a 0 4M"]);
-        run("qemu-img", &["snapshot", "-c", "s1", p(&f.image)]);
+        qemu_io(&f.image, "qcow2", &["write -P 0x5a 0 4M"]);
+        run_ok("qemu-img", &["snapshot", "-c", "s1", path_str(&f.image)]);
         let mut model = convert_to_raw(&f.image);
         {
             let image = open(&f.image, true);
@@ -269,13 +199,13 @@ fn writes_over_an_internal_snapshot_copy_shared_clusters_first() {
             model[2 << 20..(2 << 20) + (1 << 19)].fill(0);
             image.close().unwrap();
         }
-        check_clean(&f.image);
+        qemu_img_check(&f.image);
         assert!(
             convert_to_raw(&f.image) == model,
             "{opts}: active layer differs"
         );
         let snap = f.image.with_extension("snap.raw");
-        run(
+        run_ok(
             "qemu-img",
             &[
                 "convert",
@@ -283,8 +213,8 @@ fn writes_over_an_internal_snapshot_copy_shared_clusters_first() {
                 "snapshot.name=s1",
                 "-O",
                 "raw",
-                p(&f.image),
-                p(&snap),
+                path_str(&f.image),
+                path_str(&snap),
             ],
         );
         assert!(
@@ -296,19 +226,16 @@ fn writes_over_an_internal_snapshot_copy_shared_clusters_first() {
 
 #[test]
 fn external_data_files_read_and_write_with_and_without_raw_mode() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for raw in ["off", "on"] {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("img.qcow2");
         let data = dir.path().join("img.data");
-        let opts = format!("data_file={},data_file_raw={raw}", p(&data));
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, p(&image), "4M"],
-        );
-        qemu_io(&image, PATTERN_WRITES[..3].as_ref());
+        let opts = format!("data_file={},data_file_raw={raw}", path_str(&data));
+        create_qcow2(path_str(&image), "4M", &opts);
+        qemu_io(&image, "qcow2", PATTERN_WRITES[..3].as_ref());
         let mut model = convert_to_raw(&image);
         {
             let engine = open(&image, true);
@@ -322,7 +249,7 @@ fn external_data_files_read_and_write_with_and_without_raw_mode() {
             model[..65536].fill(0);
             engine.close().unwrap();
         }
-        check_clean(&image);
+        qemu_img_check(&image);
         assert!(
             convert_to_raw(&image) == model,
             "data_file_raw={raw}: differs"
@@ -338,7 +265,7 @@ fn external_data_files_read_and_write_with_and_without_raw_mode() {
 
 #[test]
 fn concurrent_writers_and_readers_keep_the_image_consistent() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in [
@@ -385,7 +312,7 @@ fn concurrent_writers_and_readers_keep_the_image_consistent() {
         });
         image.close().unwrap();
         drop(image);
-        check_clean(&f.image);
+        qemu_img_check(&f.image);
         assert!(
             convert_to_raw(&f.image) == models.concat(),
             "{opts}: differs"
@@ -395,7 +322,7 @@ fn concurrent_writers_and_readers_keep_the_image_consistent() {
 
 #[test]
 fn compressed_clusters_read_and_are_copied_before_a_write() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for (kind, cluster) in [
@@ -410,7 +337,7 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
         let mut model: Vec<u8> = (0..6u32 << 20).map(|i| ((i / 1000) % 7) as u8).collect();
         std::fs::write(&raw, &model).unwrap();
         let opts = format!("compression_type={kind},cluster_size={cluster}");
-        run(
+        run_ok(
             "qemu-img",
             &[
                 "convert",
@@ -421,8 +348,8 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
                 "qcow2",
                 "-o",
                 &opts,
-                p(&raw),
-                p(&image),
+                path_str(&raw),
+                path_str(&image),
             ],
         );
         {
@@ -440,7 +367,7 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
             );
             engine.close().unwrap();
         }
-        check_clean(&image);
+        qemu_img_check(&image);
         assert!(
             convert_to_raw(&image) == model,
             "{opts}: qemu-img sees other data"
@@ -450,7 +377,7 @@ fn compressed_clusters_read_and_are_copied_before_a_write() {
 
 #[test]
 fn populate_fills_only_what_the_image_lacks_and_never_reverts_a_write() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     for opts in [
@@ -498,17 +425,17 @@ fn populate_fills_only_what_the_image_lacks_and_never_reverts_a_write() {
         assert!(out == model, "{opts}: populate overwrote or lost data");
         image.close().unwrap();
         drop(image);
-        check_clean(&f.image);
+        qemu_img_check(&f.image);
     }
 }
 
 #[test]
 fn an_image_switches_between_read_only_and_writable_in_place() {
-    if !tool_available("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     let f = fixture("cluster_size=4096", "1M");
-    qemu_io(&f.image, &["write -P 0x21 0 100k"]);
+    qemu_io(&f.image, "qcow2", &["write -P 0x21 0 100k"]);
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&f.image, true).unwrap());
     let no_files = |_: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> { unreachable!() };
     let options = OpenOptions {
@@ -533,7 +460,7 @@ fn an_image_switches_between_read_only_and_writable_in_place() {
         image.write(0, &[1], &NoBacking).is_err(),
         "disabled image took a write"
     );
-    check_clean(&f.image);
+    qemu_img_check(&f.image);
     let raw = convert_to_raw(&f.image);
     assert!(raw[4096..8192] == [0x42; 4096][..] && raw[200_000..200_010] == [0x43; 10][..]);
 

@@ -6,9 +6,6 @@
 //! of host file, so a dozen MiB of writes moves it.
 
 mod common;
-mod fs_common;
-#[path = "cli_support.rs"]
-mod support;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chainfs::format::Qcow2;
-use chainfs::format::{BackingRef, Format, NoBacking, OpenOptions};
+use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{FileStorage, Storage};
 use common::{
-    assert_same_bytes, convert_to_raw, path_str, pattern, qemu_img, qemu_img_check, require_qemu,
-    MIB,
+    assert_same_bytes, convert_to_raw, create_qcow2, path_str, pattern, qemu_img, qemu_img_check,
+    require_qemu, MIB,
 };
 
 const SIZE: u64 = 32 * MIB;
@@ -30,16 +27,7 @@ const SIZE: u64 = 32 * MIB;
 fn create(dir: &Path, bitmap: bool) -> std::path::PathBuf {
     let image = dir.join("img.qcow2");
     let size = SIZE.to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        path_str(&image),
-        &size,
-    ]);
+    create_qcow2(path_str(&image), &size, "cluster_size=512");
     if bitmap {
         qemu_img(&["bitmap", "--add", path_str(&image), "b0"]);
     }
@@ -48,14 +36,7 @@ fn create(dir: &Path, bitmap: bool) -> std::path::PathBuf {
 
 fn open(image: &Path, writable: bool) -> Qcow2 {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(image, true).unwrap());
-    let no_files = |name: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> {
-        panic!("unexpected data file {name}")
-    };
-    let options = OpenOptions {
-        writable,
-        cache_bytes: 1 << 20,
-    };
-    Qcow2::open(storage, &options, &no_files).unwrap()
+    common::engine::open_qcow2(storage, writable, 1 << 20)
 }
 
 /// `refcount_table_offset` as the file's header says now.
@@ -176,13 +157,13 @@ fn switching_writable_off_and_on_after_moves_keeps_the_new_table() {
 /// step rewrites the header without a backing file.
 #[test]
 fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
-    if !fs_common::require_all(&[]) {
+    if !common::require_all(&[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "32M"]);
+    create_qcow2(path_str(&base), "32M", "");
     common::qemu_io(&base, "qcow2", &["write -P 0x99 20M 1M".to_string()]);
     qemu_img(&[
         "create",
@@ -199,7 +180,7 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
     ]);
     let mut model = convert_to_raw(&top);
     let before = reftable_offset(&top);
-    let m = fs_common::mount_default(&top, dir.path());
+    let m = common::mount::mount_default(&top, dir.path());
     let active = std::fs::OpenOptions::new()
         .write(true)
         .open(m.path("active"))
@@ -216,13 +197,13 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
         before,
         "the refcount table did not move"
     );
-    fs_common::command(&m, "stream\n").unwrap();
-    let done = support::wait_until(Duration::from_secs(120), || {
-        let jobs = fs_common::status_json(&m);
+    common::mount::command(&m, "stream\n").unwrap();
+    let done = common::cli::wait_until(Duration::from_secs(120), || {
+        let jobs = common::mount::status_json(&m);
         jobs.as_array()
             .is_some_and(|jobs| jobs.iter().all(|job| job.get("outcome").is_some()))
     });
-    let jobs = fs_common::status_json(&m);
+    let jobs = common::mount::status_json(&m);
     assert!(done && jobs[0]["outcome"] == "completed", "{jobs}");
     m.unmount();
     let info = qemu_img(&["info", "--output=json", path_str(&top)]);

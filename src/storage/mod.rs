@@ -7,6 +7,9 @@
 pub mod file;
 pub mod lock;
 pub mod mem;
+// In the lowest layer so that the unit tests of every layer may use it.
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::fmt;
 use std::io;

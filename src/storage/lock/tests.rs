@@ -9,25 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 
 use super::{lock, relock, unlock, LockError, LockMode};
-
-/// Whether `qemu-img` and `qemu-io` can be run. Without them the QEMU tests
-/// are skipped, except under CI, where their absence is a failure.
-fn have_qemu() -> bool {
-    let found = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success())
-    });
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img and qemu-io are required when CI is set"
-        );
-        eprintln!("skipping: qemu-img or qemu-io not found");
-    }
-    found
-}
+use crate::storage::test_support::require_qemu;
 
 fn run(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
@@ -166,7 +148,7 @@ fn expect_conflict(result: Result<(), LockError>, path: &Path, message: &str) {
 
 #[test]
 fn write_and_read_locks_take_the_bytes_qemu_takes() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -190,7 +172,7 @@ fn write_and_read_locks_take_the_bytes_qemu_takes() {
 
 #[test]
 fn qemu_can_neither_write_nor_open_an_image_chainfs_writes() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -214,7 +196,7 @@ fn qemu_can_neither_write_nor_open_an_image_chainfs_writes() {
 
 #[test]
 fn qemu_can_read_but_not_write_a_backing_image_chainfs_reads() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -235,7 +217,7 @@ fn qemu_can_read_but_not_write_a_backing_image_chainfs_reads() {
 
 #[test]
 fn chainfs_refuses_an_image_a_qemu_process_is_writing() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

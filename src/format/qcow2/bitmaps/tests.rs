@@ -11,6 +11,7 @@ use super::*;
 use crate::format::qcow2::header::Header;
 use crate::format::qcow2::Qcow2;
 use crate::format::OpenOptions;
+use crate::storage::test_support::require_tool;
 use crate::storage::MemStorage;
 
 const CS: u64 = 65536;
@@ -252,17 +253,6 @@ proptest! {
     }
 }
 
-/// Whether qemu-img can run; without it the image tests are skipped, except
-/// under CI where they must run.
-fn have_qemu() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "qemu-img is required when CI is set"
-    );
-    found
-}
-
 /// A 64 MiB image with enabled bitmap `b0`, as file bytes.
 fn image_with_bitmap() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
@@ -305,7 +295,7 @@ type FileDamage = fn(&mut [u8], usize, usize);
 
 #[test]
 fn damaged_bitmaps_refuse_writing_but_not_reading() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let clean = image_with_bitmap();
@@ -333,7 +323,7 @@ fn damaged_bitmaps_refuse_writing_but_not_reading() {
 
 #[test]
 fn a_cleared_autoclear_bit_means_no_bitmaps_to_keep() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let mut bytes = image_with_bitmap();

@@ -8,17 +8,7 @@ use proptest::prelude::*;
 
 use super::encode::{compress, encode_descriptor};
 use super::*;
-
-/// Whether `tool` can run; without it the QEMU tests are skipped, except
-/// under CI where they must run.
-fn have_tool(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "{tool} is required when CI is set"
-    );
-    found
-}
+use crate::storage::test_support::require_tool;
 
 /// A deterministic generator, so a failure can be reproduced.
 struct XorShift(u64);
@@ -100,7 +90,7 @@ fn compressed_entries(image: &[u8]) -> (u32, CompressionType, Vec<(u64, u64)>) {
 /// Converts `raw` with `qemu-img convert -c` and checks every compressed
 /// cluster against the source.
 fn check_qemu_compressed(compression: &str, cluster_size: usize, clusters: usize) {
-    if !have_tool("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -5,23 +5,12 @@ use std::path::Path;
 use std::process::Command;
 
 use super::*;
+use crate::storage::test_support::require_qemu;
 use crate::storage::FileStorage;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-
-/// Whether the QEMU tools can run; without them the QEMU tests are skipped,
-/// except under CI where they must run.
-fn have_qemu() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "qemu-img and qemu-io are required when CI is set"
-    );
-    found
-}
 
 fn options(size: u64, cluster_bits: u32) -> CreateOptions {
     CreateOptions {
@@ -249,7 +238,7 @@ fn assert_qemu_io_works(path: &Path) {
 /// Creates, then checks with QEMU, every size and backing variant for one
 /// cluster geometry and each refcount width.
 fn check_matrix(cluster_bits: u32, extended_l2: bool) {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -333,7 +322,7 @@ fn qemu_accepts_images_with_2_mib_clusters_and_subclusters() {
 
 #[test]
 fn qemu_accepts_the_largest_l1_table_with_every_refcount_width() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -351,7 +340,7 @@ fn qemu_accepts_the_largest_l1_table_with_every_refcount_width() {
 
 #[test]
 fn qemu_img_refuses_what_create_refuses() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -368,7 +357,7 @@ fn qemu_img_refuses_what_create_refuses() {
 
 #[test]
 fn small_images_match_qemu_img_byte_for_byte() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

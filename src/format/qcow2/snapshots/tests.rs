@@ -8,19 +8,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::format::qcow2::header::Header;
+use crate::storage::test_support::require_qemu;
 use crate::storage::MemStorage;
-
-/// Whether the QEMU tools can run; without them the QEMU tests are skipped,
-/// except under CI where they must run.
-fn have_qemu() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "qemu-img and qemu-io are required when CI is set"
-    );
-    found
-}
 
 fn qemu(tool: &str, args: &[&str], path: &Path) -> String {
     let output = Command::new(tool).args(args).arg(path).output().unwrap();
@@ -78,7 +67,7 @@ fn reason(result: Result<Vec<Snapshot>>) -> String {
 
 #[test]
 fn one_qemu_snapshot_reads_back() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -101,7 +90,7 @@ fn one_qemu_snapshot_reads_back() {
 
 #[test]
 fn several_qemu_snapshots_agree_with_qemu_img_info() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -145,7 +134,7 @@ fn no_snapshots_is_an_empty_table() {
 
 /// A qemu-made image with one snapshot, and the offset of its entry.
 fn one_snapshot() -> Option<(Header, Vec<u8>, usize)> {
-    if !have_qemu() {
+    if !require_qemu() {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,6 @@
-//! Helpers for the command-line tests (`tests/cli_*.rs` include this file
-//! with `#[path]`): running the `chainfs` binary with a timeout, telling
-//! whether something is mounted, finding a mount's daemon, and cleaning up a
-//! mount a failed test left behind.
-#![allow(dead_code)]
+//! Running the `chainfs` binary with a timeout, telling whether something
+//! is mounted, finding a mount's daemon, and cleaning up a mount a failed
+//! test left behind.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -157,24 +155,6 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
     }
 }
 
-/// Whether FUSE mounts can be tested here: `/dev/fuse` and `fusermount3`.
-/// Without them a test is skipped, except under CI, where that fails.
-pub fn require_fuse() -> bool {
-    let device = Path::new("/dev/fuse").exists();
-    let helper = Command::new("fusermount3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if device && helper {
-        return true;
-    }
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("/dev/fuse and fusermount3 are required under CI");
-    }
-    eprintln!("!!!!!!!! SKIPPED: no /dev/fuse or fusermount3; this test checked NOTHING !!!!!!!!");
-    false
-}
-
 /// The mount points in this namespace's mount table.
 pub fn mount_points() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -272,75 +252,21 @@ pub fn snapshot(paths: &[PathBuf]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Runs `qemu-img ARGS`, panicking with its stderr on failure.
-pub fn qemu_img(args: &[&str]) -> String {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("run qemu-img");
-    assert!(
-        output.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `qemu-io -f qcow2 -c COMMAND IMAGE`.
-pub fn qemu_io(image: &Path, command: &str) -> String {
-    let output = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", command])
-        .arg(image)
-        .output()
-        .expect("run qemu-io");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success() && !stdout.contains("failed"),
-        "qemu-io {command}: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// A two-image chain in `dir`: `base.qcow2` (0xaa at 0..1M) under
-/// `top.qcow2` (0xbb at 512K..1.5M), 16 MiB each. Returns both, base first.
-pub fn small_chain(dir: &Path) -> [PathBuf; 2] {
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "16M",
-    ]);
-    qemu_io(&base, "write -P 0xaa 0 1M");
-    qemu_io(&top, "write -P 0xbb 512K 1M");
-    [base, top]
-}
-
-/// A path as `&str` (test paths are UTF-8).
-pub fn s(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
-/// Asserts `qemu-img check` finds nothing wrong (no errors, no leaks).
-pub fn check_clean(image: &Path) {
-    let output = Command::new("qemu-img")
-        .args(["check", s(image)])
-        .output()
-        .expect("qemu-img check");
-    assert!(
-        output.status.success(),
-        "qemu-img check {}: {}{}",
-        image.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+/// Kills the one daemon whose command line mentions `marker` (a test's
+/// temporary directory) with SIGKILL, waits until it is gone, and takes its
+/// dead mount at `mnt` down lazily: a crash, for the tests of what it
+/// leaves behind.
+pub fn kill_daemon(marker: &Path, mnt: &Path) {
+    let daemons = chainfs_processes(marker);
+    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our daemon's.
+    assert_eq!(unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) }, 0);
+    assert!(wait_until(Duration::from_secs(10), || chainfs_processes(
+        marker
+    )
+    .is_empty()));
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mnt)
+        .output();
 }

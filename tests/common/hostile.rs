@@ -6,18 +6,17 @@
 //! clusters): header in cluster 0, refcount table at 0x10000, refcount
 //! block at 0x20000, L1 table (one entry) at 0x30000.
 
-#![allow(dead_code)] // each test crate uses a different subset
-
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use chainfs::format::Qcow2Header as Header;
 use chainfs::format::{Format, FormatError, Image, OpenOptions as ImageOptions};
 use chainfs::storage::{FileStorage, Storage};
+
+use super::tools::{path_str, qemu_img, qemu_io, require_tool};
 
 /// A hostile image in its own temporary directory.
 pub struct Fixture {
@@ -26,52 +25,30 @@ pub struct Fixture {
     pub path: PathBuf,
 }
 
-/// Whether `tool` runs; without it the test is skipped, except under CI.
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found && std::env::var_os("CI").is_some() {
-        panic!("{tool} is required under CI");
-    }
-    if !found {
-        eprintln!("skipping: {tool} not found");
-    }
-    found
-}
-
-fn run(tool: &str, args: &[&str]) {
-    let output = Command::new(tool).args(args).output().expect("tool runs");
-    assert!(
-        output.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// A fresh 1 MiB qcow2 image made with `qemu-img create` and `options`
 /// (`-o` values), or `None` when qemu-img is missing.
 pub fn qemu_image(options: &str) -> Option<Fixture> {
-    if !have("qemu-img") {
+    if !require_tool("qemu-img") {
         return None;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("hostile.qcow2");
-    let path_text = path.to_str().expect("UTF-8 temp path");
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     if !options.is_empty() {
         args.extend(["-o", options]);
     }
-    args.extend([path_text, "1M"]);
-    run("qemu-img", &args);
+    args.extend([path_str(&path), "1M"]);
+    qemu_img(&args);
     Some(Fixture { _dir: dir, path })
 }
 
-/// Runs `qemu-io -c COMMAND` on the fixture.
-pub fn qemu_io(fixture: &Fixture, command: &str) -> bool {
-    if !have("qemu-io") {
+/// Runs `qemu-io -c COMMAND` on the fixture; false (after the gate's
+/// verdict) when qemu-io is missing.
+pub fn fill(fixture: &Fixture, command: &str) -> bool {
+    if !require_tool("qemu-io") {
         return false;
     }
-    let path = fixture.path.to_str().expect("UTF-8 temp path");
-    run("qemu-io", &["-f", "qcow2", "-c", command, path]);
+    qemu_io(&fixture.path, "qcow2", &[command]);
     true
 }
 
@@ -149,27 +126,24 @@ pub fn truncated(len: u64) -> Option<Fixture> {
 
 /// A LUKS-encrypted image made by qemu-img itself.
 pub fn encrypted() -> Option<Fixture> {
-    if !have("qemu-img") {
+    if !require_tool("qemu-img") {
         return None;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("encrypted.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=s0,data=x",
-            "-o",
-            // A short key-derivation time keeps the test fast.
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            path.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=x",
+        "-o",
+        // A short key-derivation time keeps the test fast.
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        path_str(&path),
+        "1M",
+    ]);
     Some(Fixture { _dir: dir, path })
 }
 
@@ -262,6 +236,8 @@ pub fn names_offset(text: &str, offset: u64) -> bool {
 
 /// Declares, for each `name => builder, "expected text"`, a test that the
 /// image is refused with that text by `$check`.
+// Unused in the test files that build no hostile images.
+#[allow(unused_macros)]
 macro_rules! hostile_cases {
     ($check:path; $($name:ident => $build:expr, $expected:expr;)*) => {
         $(
@@ -273,6 +249,9 @@ macro_rules! hostile_cases {
         )*
     };
 }
+
+#[allow(unused_imports)]
+pub(crate) use hostile_cases;
 
 /// Path of the image, for messages.
 pub fn path(fixture: &Fixture) -> &Path {

@@ -1,39 +1,19 @@
-//! Helpers for the tests that mount for real: mount a chain in-process,
-//! serve it on a thread, unmount and join; build the five-deep chain of
-//! SPEC's example with QEMU's own tools.
-
-#![allow(dead_code)]
+//! Mounting for real: mount a chain in-process, serve it on a thread,
+//! unmount and join; the `mounted()` fixture for the usual gate, temporary
+//! directory, chain and mount; the five-deep chain of SPEC's example built
+//! with QEMU's own tools; and talking to a mount's `ctl/` files.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use chainfs::chain::{Chain, ChainOptions};
 use chainfs::fs::{FsError, Mount, MountOptions, RequestStats, Unmounter};
 use chainfs::jobs::Jobs;
 
-use crate::common::{in_ci, path_str, require_qemu, require_tool, run_ok_in};
-
-/// One mebibyte.
-pub const MIB: u64 = 1 << 20;
-
-/// Whether this machine can mount FUSE file systems; under CI it must.
-pub fn require_fuse() -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    if in_ci() {
-        panic!("/dev/fuse is required under CI");
-    }
-    eprintln!("!!!!!!!! SKIPPED: no /dev/fuse; this test checked NOTHING !!!!!!!!");
-    false
-}
-
-/// FUSE, qemu-img and qemu-io, and every extra tool a test names.
-pub fn require_all(tools: &[&str]) -> bool {
-    require_fuse() && require_qemu() && tools.iter().all(|tool| require_tool(tool))
-}
+use super::tools::{convert_to_raw, in_ci, path_str, qemu_img_in, qemu_io, require_all};
 
 /// A chain mounted in this process and served on a thread.
 pub struct Mounted {
@@ -97,14 +77,9 @@ impl Mounted {
 
     /// Unmounts, waits until the images are closed, and asserts that the
     /// mount ended cleanly.
-    pub fn unmount(mut self) {
+    pub fn unmount(self) {
         self.unmounter.unmount();
-        let thread = self.thread.take().expect("mounted");
-        match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("mount at {} ended with {e}", self.mnt.display()),
-            Err(_) => panic!("mount thread at {} panicked", self.mnt.display()),
-        }
+        self.join();
     }
 }
 
@@ -116,6 +91,33 @@ impl Drop for Mounted {
             let _ = thread.join();
         }
     }
+}
+
+/// A test's own chain, mounted: what [`mounted`] returns. Bind it as
+/// `Fixture { dir, top, m }` (the mount last), so that the mount ends
+/// before the directory holding its images is removed.
+pub struct Fixture {
+    /// The temporary directory holding the images and the mount point.
+    pub dir: tempfile::TempDir,
+    /// The chain's active image.
+    pub top: PathBuf,
+    /// The mount, at `<dir>/mnt`.
+    pub m: Mounted,
+}
+
+/// The preamble of the mount tests: the gate (FUSE, qemu-img, qemu-io and
+/// every tool in `tools`), a temporary directory, the chain `build` makes
+/// in it (returning its active image), and that chain mounted at
+/// `<dir>/mnt` with default options. `None` when the gate says to skip
+/// (it has said so loudly).
+pub fn mounted(tools: &[&str], build: impl FnOnce(&Path) -> PathBuf) -> Option<Fixture> {
+    if !require_all(tools) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = build(dir.path());
+    let m = mount_default(&top, dir.path());
+    Some(Fixture { dir, top, m })
 }
 
 /// Reads the whole file at `path`.
@@ -155,7 +157,7 @@ pub struct FiveChain {
 }
 
 /// Virtual size of the qcow2 layers.
-pub const FIVE_SIZE: u64 = 64 * MIB;
+pub const FIVE_SIZE: u64 = 64 * super::MIB;
 
 impl FiveChain {
     /// Builds the chain.
@@ -197,16 +199,11 @@ impl FiveChain {
     }
 
     fn qemu_img(&self, args: &[&str]) {
-        run_ok_in(Some(self.dir.path()), "qemu-img", args);
+        qemu_img_in(self.dir.path(), args);
     }
 
     fn qemu_io(&self, image: &str, format: &str, commands: &[&str]) {
-        let mut args = vec!["-f", format];
-        for command in commands {
-            args.extend(["-c", command]);
-        }
-        args.push(image);
-        run_ok_in(Some(self.dir.path()), "qemu-io", &args);
+        qemu_io(&self.image(image), format, commands);
     }
 
     fn build_a_b(&self) {
@@ -331,16 +328,26 @@ impl FiveChain {
     pub fn top(&self) -> PathBuf {
         self.image("file-E.img")
     }
-}
 
-/// `qemu-img convert -U -O raw` of `image` alone (no other images).
-pub fn convert_raw(image: &Path) -> Vec<u8> {
-    crate::common::convert_to_raw(image)
-}
+    /// The gate (FUSE, qemu-img, qemu-io and every tool in `tools`), then
+    /// [`FiveChain::build`]: how every test on SPEC's chain starts. `None`
+    /// when the gate says to skip.
+    pub fn gated(tools: &[&str]) -> Option<FiveChain> {
+        require_all(tools).then(FiveChain::build)
+    }
 
-/// `path` as `&str`.
-pub fn s(path: &Path) -> &str {
-    path_str(path)
+    /// Every node's guest content as QEMU reads it, base first.
+    pub fn views(&self) -> Vec<Vec<u8>> {
+        FiveChain::names()
+            .iter()
+            .map(|n| convert_to_raw(&self.image(n)))
+            .collect()
+    }
+
+    /// Mounts the active image at `<dir>/mnt` with default options.
+    pub fn mount(&self) -> Mounted {
+        mount_default(&self.top(), self.dir.path())
+    }
 }
 
 /// Writes one command to `ctl/command`; returns the errno of a refusal.
@@ -361,7 +368,12 @@ pub fn command_at(mnt: &Path, text: &str) -> Result<(), i32> {
 
 /// `ctl/status.json`, parsed.
 pub fn status_json(m: &Mounted) -> serde_json::Value {
-    serde_json::from_slice(&read_all(&m.path("ctl/status.json"))).unwrap()
+    status_json_at(&m.mnt)
+}
+
+/// [`status_json`] by mount point, for a mount of the binary.
+pub fn status_json_at(mnt: &Path) -> serde_json::Value {
+    serde_json::from_slice(&read_all(&mnt.join("ctl/status.json"))).unwrap()
 }
 
 /// Every event in `ctl/events`, oldest first.
@@ -390,7 +402,7 @@ impl Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let size = format!("size={megabytes}M");
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &size, "tmpfs", s(dir)])
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs", path_str(dir)])
             .status()
             .unwrap();
         assert!(status.success(), "mount tmpfs");
@@ -398,10 +410,91 @@ impl Tmpfs {
     }
 }
 
+/// A temporary directory whose `small/` is a tmpfs of 80 MiB that a
+/// 60 MiB filler leaves too little room in: where the full-disk tests put
+/// the image that fills up.
+pub struct FullTmpfs {
+    /// The temporary directory.
+    pub dir: tempfile::TempDir,
+    _tmpfs: Tmpfs,
+    /// The filler; removing it frees the room.
+    pub filler: PathBuf,
+}
+
+impl FullTmpfs {
+    /// Mounts and fills the tmpfs; `None` (after saying so) when not root.
+    pub fn new() -> Option<FullTmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let tmpfs = Tmpfs::mount(&dir.path().join("small"), 80)?;
+        let filler = dir.path().join("small/filler");
+        Some(FullTmpfs {
+            dir,
+            _tmpfs: tmpfs,
+            filler,
+        })
+    }
+
+    /// Writes the filler; call it once the images are in place.
+    pub fn fill(&self) {
+        std::fs::write(&self.filler, vec![1u8; 60 << 20]).unwrap();
+    }
+
+    /// `<dir>/small`, the tmpfs.
+    pub fn small(&self) -> PathBuf {
+        self.dir.path().join("small")
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
-            .args(["-l", s(&self.0)])
+            .args(["-l", path_str(&self.0)])
             .status();
     }
+}
+
+/// The first job in `ctl/status.json`.
+pub fn job(m: &Mounted) -> serde_json::Value {
+    job_at(&m.mnt)
+}
+
+/// [`job`] by mount point, for a mount of the binary.
+pub fn job_at(mnt: &Path) -> serde_json::Value {
+    status_json_at(mnt)[0].clone()
+}
+
+/// The first job, once `done` holds for it; panics naming `what` if that
+/// takes more than a minute.
+pub fn wait_for(
+    m: &Mounted,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = job(m);
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{what}: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The events in `ctl/events` called `name`, oldest first.
+pub fn events_named(m: &Mounted, name: &str) -> Vec<serde_json::Value> {
+    events(m)
+        .into_iter()
+        .filter(|e| e["event"] == name)
+        .collect()
+}
+
+/// The names in the mount's root, sorted.
+pub fn names_in(m: &Mounted) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }

@@ -1,14 +1,14 @@
 //! Deep chains: 1,000 nodes open and read correctly, without per-depth
 //! slowdown for data in the top; past the depth limit, a clear error.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chainfs::chain::{open::MAX_DEPTH, Chain, ChainError, ChainOptions};
-use helpers::*;
+use common::chain::{assert_same, at, open, qemu_io_alone, raw_image, read_node, tempdir};
+use common::{path_str, qemu_img_in, require_qemu};
 
 const M: usize = 1024 * 1024;
 
@@ -45,7 +45,7 @@ fn build(d: &Path, nodes: usize, size: usize, cluster: &str) {
     raw_image(&at(d, "base.img"), size, Some((0..M.min(size), 0x11)));
     let size = size.to_string();
     let create = |file: &str, backing: &str, format: &str| {
-        qemu_img(
+        qemu_img_in(
             d,
             &[
                 "create",
@@ -84,7 +84,7 @@ fn expect(chain: &Chain, index: usize, want: &[u8]) {
 
 #[test]
 fn a_thousand_node_chain_opens_and_reads_every_layer() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     allow_open_files();
@@ -136,7 +136,7 @@ fn time_top_reads(chain: &Chain, rounds: usize) -> Duration {
 
 #[test]
 fn data_in_the_top_reads_as_fast_at_any_depth() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     allow_open_files();
@@ -162,7 +162,7 @@ fn data_in_the_top_reads_as_fast_at_any_depth() {
 
 #[test]
 fn a_chain_deeper_than_the_limit_is_refused_naming_the_image() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
@@ -175,12 +175,12 @@ fn a_chain_deeper_than_the_limit_is_refused_naming_the_image() {
     assert!(matches!(err, ChainError::TooDeep { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains(&MAX_DEPTH.to_string()), "{text}");
-    assert!(text.contains(&path_str(d, &name(1))), "{text}");
+    assert!(text.contains(path_str(&at(d, &name(1)))), "{text}");
 }
 
 #[test]
 fn running_out_of_descriptors_is_reported_as_such_naming_the_limit() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();

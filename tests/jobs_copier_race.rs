@@ -9,8 +9,7 @@
 //! job running long enough for many of them, and lets the reader run
 //! ahead of the writer while the writer sleeps.
 
-#[path = "chain_helpers.rs"]
-mod helpers;
+mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,7 +20,8 @@ use chainfs::jobs::command::{parse, OnError};
 use chainfs::jobs::job::{EventSink, Job, JobSpec, JobType, Outcome};
 use chainfs::jobs::registry::{LiveChain, Registry};
 use chainfs::jobs::stream::{self, StreamPlan};
-use helpers::*;
+use common::chain::{assert_same, at, open_writable, overlay, read_node, tempdir};
+use common::{convert_to_raw, qemu_img_in, require_qemu};
 
 const SIZE: u64 = 32 << 20;
 /// At least this many writes race each job.
@@ -52,13 +52,17 @@ impl Rng {
 /// <- top.qcow2 (a few clusters), so every chunk has something to copy.
 fn build(d: &std::path::Path) {
     overlay(d, "base.qcow2", None, "32M");
-    qemu_io(d, "base.qcow2", "qcow2", "write -P 0x11 0 32M");
+    common::qemu_io(&at(d, "base.qcow2"), "qcow2", &["write -P 0x11 0 32M"]);
     overlay(d, "mid.qcow2", Some(("base.qcow2", "qcow2")), "32M");
     for mib in (0..32).step_by(2) {
-        qemu_io(d, "mid.qcow2", "qcow2", &format!("write -P 0x22 {mib}M 1M"));
+        common::qemu_io(
+            &at(d, "mid.qcow2"),
+            "qcow2",
+            &[&format!("write -P 0x22 {mib}M 1M")],
+        );
     }
     overlay(d, "top.qcow2", Some(("mid.qcow2", "qcow2")), "32M");
-    qemu_io(d, "top.qcow2", "qcow2", "write -P 0x33 3M 192k");
+    common::qemu_io(&at(d, "top.qcow2"), "qcow2", &["write -P 0x33 3M 192k"]);
 }
 
 /// Writes small patterns near `cursor()` (up to 4 MiB ahead of it) until
@@ -88,13 +92,13 @@ fn hammer(
 
 #[test]
 fn guest_writes_racing_a_stream_all_read_back() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let mut want = convert_raw(d, "top.qcow2");
+    let mut want = convert_to_raw(&at(d, "top.qcow2"));
     let chain = Arc::new(open_writable(&at(d, "top.qcow2")));
     let top = chain.active().id();
     let plan = StreamPlan {
@@ -149,8 +153,8 @@ fn guest_writes_racing_a_stream_all_read_back() {
     assert_same("top after the stream", &read_node(&chain, top), &want);
     drop(live);
     Arc::try_unwrap(chain).ok().unwrap().close().unwrap();
-    qemu_img(d, &["check", "top.qcow2"]);
-    assert_same("qemu", &convert_raw(d, "top.qcow2"), &want);
+    qemu_img_in(d, &["check", "top.qcow2"]);
+    assert_same("qemu", &convert_to_raw(&at(d, "top.qcow2")), &want);
 }
 
 fn command(registry: &Registry, text: &str) {
@@ -170,13 +174,13 @@ fn wait_for(registry: &Registry, what: &str, done: impl Fn(&chainfs::jobs::job::
 
 #[test]
 fn guest_writes_racing_an_active_commit_all_reach_the_base() {
-    if !have_qemu() {
+    if !require_qemu() {
         return;
     }
     let dir = tempdir();
     let d = dir.path();
     build(d);
-    let mut want = convert_raw(d, "top.qcow2");
+    let mut want = convert_to_raw(&at(d, "top.qcow2"));
     let events = Arc::new(Events::default());
     let live = Arc::new(LiveChain::new(
         open_writable(&at(d, "top.qcow2")),
@@ -220,6 +224,6 @@ fn guest_writes_racing_an_active_commit_all_reach_the_base() {
         .ok()
         .unwrap();
     chain.close().unwrap();
-    qemu_img(d, &["check", "base.qcow2"]);
-    assert_same("qemu", &convert_raw(d, "base.qcow2"), &want);
+    qemu_img_in(d, &["check", "base.qcow2"]);
+    assert_same("qemu", &convert_to_raw(&at(d, "base.qcow2")), &want);
 }

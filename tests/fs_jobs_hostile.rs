@@ -182,6 +182,42 @@ fn a_snapshot_inside_the_mount_is_einval_however_it_is_named() {
     common::qemu_img_check(&dir.path().join("out.qcow2"));
 }
 
+/// A bind mount of a directory inside the mount, with a single thread
+/// serving requests: deciding that the target is inside must not look at
+/// the bind mount, or the one thread would wait for itself.
+#[test]
+fn a_bind_mount_of_the_mount_is_refused_without_asking_the_mount() {
+    if !require_all(&[]) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: a bind mount needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path(), "write -P 0x22 0 1M");
+    let options = chainfs::fs::MountOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let mut m = mount(&top, &dir.path().join("mnt"), &options);
+    let bind = dir.path().join("bind");
+    std::fs::create_dir(&bind).unwrap();
+    let bound = std::process::Command::new("mount")
+        .args(["--bind", path_str(&m.path("ctl")), path_str(&bind)])
+        .status()
+        .unwrap();
+    assert!(bound.success(), "mount --bind");
+    for target in [bind.join("in.qcow2"), bind.join("sub/../in.qcow2")] {
+        let (back, result) = bounded_command(m, &format!("snapshot file={}", path_str(&target)));
+        m = back;
+        assert_eq!(result, Err(libc::EINVAL), "{}", target.display());
+    }
+    let _ = std::process::Command::new("umount").arg(&bind).status();
+    m.unmount();
+}
+
 #[test]
 fn a_relative_snapshot_target_is_relative_to_the_active_image() {
     if !require_all(&[]) {

@@ -9,12 +9,14 @@
 //! * No target may be inside the mount itself (EINVAL): opening a file in
 //!   its own mount while it holds the chain's lock would make the daemon
 //!   wait for itself. The parent directory is resolved symlink by symlink
-//!   without ever looking inside the mount point (a look there is a request
-//!   to this daemon), and its device is then compared with the mount's, so
-//!   that another path to the mount (a bind mount) is caught too.
+//!   without ever looking inside any place the mount's file system is
+//!   reachable at (a look there is a request to this daemon): its mount
+//!   point, and every bind mount of it or of a directory in it, which the
+//!   mount table lists with the mount's device.
 
+use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::JobError;
@@ -46,7 +48,7 @@ pub fn place(file: &Path, chain: &Chain, mount: Option<&MountSpot>) -> Result<Pa
     };
     let parent = match mount {
         Some(mount) => outside_mount(parent, mount)?,
-        None => canonical_or_lexical(parent, None).map_err(|e| invalid(parent, &e))?,
+        None => canonical_or_lexical(parent, &[]).map_err(|e| invalid(parent, &e))?,
     };
     Ok(parent.join(name))
 }
@@ -81,17 +83,58 @@ pub fn outside_mount(dir: &Path, mount: &MountSpot) -> Result<PathBuf, JobError>
             mount.point.display()
         ))
     };
-    let canonical = match canonical_or_lexical(dir, Some(&mount.point)) {
-        Ok(canonical) => canonical,
-        Err(Walk::Inside) => return Err(inside()),
-        Err(error) => return Err(invalid(dir, &error)),
+    let mut points = vec![mount.point.clone()];
+    if let (Some(device), Ok(table)) = (
+        mount.device,
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) {
+        points.extend(points_on_device(&table, device));
+    }
+    match canonical_or_lexical(dir, &points) {
+        Ok(canonical) => Ok(canonical),
+        Err(Walk::Inside) => Err(inside()),
+        Err(error) => Err(invalid(dir, &error)),
+    }
+}
+
+/// The mount points in `table` (`/proc/self/mountinfo`) of file systems on
+/// `device`: where the mount's files are reachable, by its own mount point
+/// or by bind mounts.
+fn points_on_device(table: &str, device: u64) -> Vec<PathBuf> {
+    let on_device = |line: &str| -> Option<PathBuf> {
+        // Fields: mount id, parent id, major:minor, root, mount point, …
+        let mut fields = line.split(' ');
+        let (major, minor) = fields.nth(2)?.split_once(':')?;
+        let point = fields.nth(1)?;
+        let found = libc::makedev(major.parse().ok()?, minor.parse().ok()?);
+        (found == device).then(|| PathBuf::from(OsString::from_vec(unescape(point))))
     };
-    if let (Some(device), Ok(metadata)) = (mount.device, std::fs::metadata(&canonical)) {
-        if metadata.dev() == device {
-            return Err(inside());
+    table.lines().filter_map(on_device).collect()
+}
+
+/// A mount table field with its octal escapes (`\040` for a space)
+/// decoded.
+fn unescape(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
         }
     }
-    Ok(canonical)
+    out
 }
 
 /// Why a walk stopped.
@@ -113,10 +156,10 @@ fn invalid(path: &Path, error: &Walk) -> JobError {
 /// `dir` (absolute) with every symlink resolved and `.`/`..` folded, as
 /// `realpath` makes it, except that a part that does not exist is kept as
 /// written (creating the target will then say so), and that the walk stops
-/// with [`Walk::Inside`] on reaching `mount_point` instead of looking in
-/// (so a path that passes through the mount point is refused even if it
+/// with [`Walk::Inside`] on reaching one of `mount_points` instead of
+/// looking in (so a path that passes through one is refused even if it
 /// climbs back out with `..`).
-fn canonical_or_lexical(dir: &Path, mount_point: Option<&Path>) -> Result<PathBuf, Walk> {
+fn canonical_or_lexical(dir: &Path, mount_points: &[PathBuf]) -> Result<PathBuf, Walk> {
     let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
     let mut resolved = PathBuf::from("/");
     let mut symlinks = 0;
@@ -127,14 +170,19 @@ fn canonical_or_lexical(dir: &Path, mount_point: Option<&Path>) -> Result<PathBu
         let owned: Vec<Component> = path.components().collect();
         for (index, component) in owned.iter().enumerate() {
             match component {
-                Component::RootDir | Component::Prefix(_) => resolved = PathBuf::from("/"),
+                Component::RootDir | Component::Prefix(_) => {
+                    resolved = PathBuf::from("/");
+                    if mount_points.contains(&resolved) {
+                        return Err(Walk::Inside);
+                    }
+                }
                 Component::CurDir => {}
                 Component::ParentDir => {
                     resolved.pop();
                 }
                 Component::Normal(name) => {
                     let next = resolved.join(name);
-                    if mount_point.is_some_and(|point| next == point) {
+                    if mount_points.contains(&next) {
                         return Err(Walk::Inside);
                     }
                     if missing {
@@ -231,7 +279,25 @@ mod tests {
     }
 
     #[test]
+    fn the_mount_table_gives_every_mount_point_of_the_device() {
+        let table = "\
+36 1 0:59 / /mnt/chain rw,nosuid - fuse chainfs rw
+37 1 8:1 / /data rw - ext4 /dev/sda1 rw
+38 1 0:59 /ctl /srv/bind\\040here rw - fuse chainfs rw
+bad line
+";
+        assert_eq!(
+            points_on_device(table, libc::makedev(0, 59)),
+            [PathBuf::from("/mnt/chain"), PathBuf::from("/srv/bind here")]
+        );
+        assert!(points_on_device(table, libc::makedev(9, 9)).is_empty());
+        assert_eq!(unescape("a\\134b\\011"), b"a\\b\t");
+        assert_eq!(unescape("trailing\\04"), b"trailing\\04");
+    }
+
+    #[test]
     fn the_mount_device_catches_another_path_to_the_mount() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
         let device = std::fs::metadata(&root).unwrap().dev();

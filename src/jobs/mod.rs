@@ -38,8 +38,11 @@ use crate::sync::{lock, Arc, Mutex};
 /// The mounted chain and everything that acts on it.
 ///
 /// Lock order: the registry's locks, then a job's; the live chain's and the
-/// event log's locks are each taken alone. No lock is held across image I/O
-/// except a job's own chunk.
+/// event log's locks are each taken alone. Image I/O happens under no lock
+/// of this layer, with one exception: a change of the chain's shape (a
+/// snapshot creating and syncing its image, a stream or commit writing a
+/// header at its end) holds the live chain's write lock, so requests that
+/// take the chain meanwhile wait for that one change.
 pub struct Jobs {
     /// The chain as it stands now, shared with the job threads.
     live: Arc<LiveChain>,

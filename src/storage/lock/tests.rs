@@ -110,7 +110,7 @@ fn locked_bytes(path: &Path) -> BTreeSet<u64> {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-    let table = std::fs::read_to_string("/proc/locks").expect("read /proc/locks");
+    let table = read_proc_locks();
     let mut bytes = BTreeSet::new();
     for line in table.lines().filter(|line| line.contains("OFDLCK")) {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -122,6 +122,19 @@ fn locked_bytes(path: &Path) -> BTreeSet<u64> {
         bytes.extend(start..=end);
     }
     bytes
+}
+
+/// `/proc/locks` in one `read`: the kernel walks the lock list once per
+/// read call, so a table read in several calls (as `read_to_string` does)
+/// can miss lines when another test thread takes or drops locks between
+/// two of them.
+fn read_proc_locks() -> String {
+    use std::io::Read;
+    let mut file = File::open("/proc/locks").expect("open /proc/locks");
+    let mut buf = vec![0u8; 8 << 20];
+    let len = file.read(&mut buf).expect("read /proc/locks");
+    assert!(len < buf.len(), "/proc/locks did not fit one read");
+    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 fn set(bytes: &[u64]) -> BTreeSet<u64> {

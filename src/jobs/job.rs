@@ -417,15 +417,8 @@ impl Job {
         }
         state.ready = true;
         self.transition(&mut state, JobStatus::Ready);
-        let data = json!({
-            "type": self.kind.name(),
-            "device": self.node,
-            "id": self.id,
-            "len": state.len,
-            "offset": state.offset,
-            "speed": state.limit.speed(),
-        });
-        self.events.push("BLOCK_JOB_READY", data);
+        self.events
+            .push("BLOCK_JOB_READY", self.block_job_data(&state));
     }
 
     /// Job thread, for jobs that track writes: `pending` bytes are about
@@ -601,19 +594,25 @@ impl Job {
             Outcome::Cancelled => "BLOCK_JOB_CANCELLED",
             _ => "BLOCK_JOB_COMPLETED",
         };
-        let mut data = json!({
+        let mut data = self.block_job_data(&state);
+        if let (Some(error), Outcome::Failed) = (&state.error, outcome) {
+            data["error"] = json!(error);
+        }
+        self.events.push(event, data);
+        self.transition(&mut state, JobStatus::Concluded);
+    }
+
+    /// The fields QMP's `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED` and
+    /// `BLOCK_JOB_CANCELLED` share.
+    fn block_job_data(&self, state: &State) -> serde_json::Value {
+        json!({
             "type": self.kind.name(),
             "device": self.node,
             "id": self.id,
             "len": state.len,
             "offset": state.offset,
             "speed": state.limit.speed(),
-        });
-        if let (Some(error), Outcome::Failed) = (&state.error, outcome) {
-            data["error"] = json!(error);
-        }
-        self.events.push(event, data);
-        self.transition(&mut state, JobStatus::Concluded);
+        })
     }
 
     /// Reports an I/O error the job met, as QMP's `BLOCK_JOB_ERROR`.

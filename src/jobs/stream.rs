@@ -111,11 +111,24 @@ fn copy_all(job: &Job, chain: &Chain, plan: &StreamPlan) -> Result<(), Stop> {
         dest: plan.node,
         overwrite: false,
     };
+    scan_all(job, chain, &copy, size, plan.on_error)
+}
+
+/// Runs `copy` over the whole of a node of `size` bytes, chunk by chunk,
+/// pausing and stopping at the job's checkpoints and applying `on_error`
+/// (stream, intermediate commit).
+pub(super) fn scan_all(
+    job: &Job,
+    chain: &Chain,
+    copy: &Copier,
+    size: u64,
+    on_error: OnError,
+) -> Result<(), Stop> {
     copy.run(
         chain,
         linear(size),
         || job.checkpoint().map(|()| true),
-        |_, len, result| progress(job, plan.on_error, len, result),
+        |_, len, result| progress(job, on_error, len, result),
     )?;
     Ok(())
 }

@@ -29,10 +29,10 @@ use std::sync::Arc;
 
 use super::command::{CopyMode, OnError};
 use super::content::ContentHook;
-use super::copier::{linear, Copier};
+use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
 use super::registry::{resolve, LiveChain, Registry};
-use super::stream::{handle_error, progress};
+use super::stream::{handle_error, scan_all};
 use super::JobError;
 use crate::chain::{Chain, ChainError, Node, NodeId};
 
@@ -240,13 +240,7 @@ fn intermediate(
 /// Walks the whole top, chunk by chunk, applying `on-error`.
 fn copy_all(job: &Job, chain: &Chain, plan: &CommitPlan) -> Result<(), Stop> {
     let size = chain.node(plan.top).map_or(0, |n| n.virtual_size());
-    plan.copy().run(
-        chain,
-        linear(size),
-        || job.checkpoint().map(|()| true),
-        |_, len, result| progress(job, plan.on_error, len, result),
-    )?;
-    Ok(())
+    scan_all(job, chain, &plan.copy(), size, plan.on_error)
 }
 
 /// The end of an intermediate commit: the merge is made durable, then the

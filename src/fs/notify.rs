@@ -37,13 +37,42 @@ pub fn spawn(notifier: Notifier, model: Weak<FsModel>) -> crate::jobs::registry:
                 invalidate(&notifier, &model, &old, &new);
             }
         });
-    if let Err(err) = spawned {
-        log::error!("cannot start the kernel notification thread: {err}");
+    let thread = spawned
+        .map_err(|err| log::error!("cannot start the kernel notification thread: {err}"))
+        .ok();
+    let notices = Notices {
+        sender: Some(sender),
+        thread,
+    };
+    Box::new(move |old: &Arc<Chain>, new: &Arc<Chain>| notices.send(old, new))
+}
+
+/// The watcher's end of the notifying thread. Dropping it (when the jobs
+/// close the chain) ends the thread and waits for it: changes still queued
+/// hold versions of the chain, which must all be gone before it can close.
+struct Notices {
+    sender: Option<mpsc::Sender<Change>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Notices {
+    fn send(&self, old: &Arc<Chain>, new: &Arc<Chain>) {
+        if let Some(sender) = &self.sender {
+            // The receiver is gone only when the mount is; nothing to tell.
+            let _ = sender.send((Arc::clone(old), Arc::clone(new)));
+        }
     }
-    Box::new(move |old: &Arc<Chain>, new: &Arc<Chain>| {
-        // The receiver is gone only when the mount is; nothing to tell.
-        let _ = sender.send((Arc::clone(old), Arc::clone(new)));
-    })
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the kernel notification thread panicked");
+            }
+        }
+    }
 }
 
 /// The watcher of in-place content changes (a commit writing into its

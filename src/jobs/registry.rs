@@ -115,6 +115,9 @@ impl LiveChain {
 
     /// Takes the chain back for closing, if nothing else holds it.
     pub fn into_chain(self) -> Result<Chain, Arc<Chain>> {
+        // A watcher may still hold versions of the chain (a change not yet
+        // told to the kernel); dropping it lets it finish and let go.
+        drop(self.watchers);
         let chain = self.chain.into_inner().unwrap_or_else(|p| p.into_inner());
         Arc::try_unwrap(chain)
     }

@@ -16,21 +16,38 @@
 #         the base, l2's child rebacked) and an active commit (everything
 #         into the base, ready, then complete/job-complete), chainfs's
 #         `commit` against qemu-storage-daemon's block-commit; RUNS runs.
+#
+# Where: BENCH_DIR (default /dev/shm, a tmpfs: the figures then measure the
+# two programs, not the disk). BENCH_FS=xfs makes an XFS filesystem with
+# reflink in a loop file under BENCH_DIR and works there, where jobs can
+# share extents instead of copying them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
-work=$(mktemp -d /var/tmp/chainfs-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/dev/shm}/chainfs-bench.XXXXXX")
+xfs_image=
+if [ "${BENCH_FS:-}" = xfs ]; then
+    xfs_image=$work.xfs
+    truncate -s $(( $(numfmt --from=iec "$SIZE") * 8 + (1 << 30) )) "$xfs_image"
+    mkfs.xfs -q -m reflink=1 "$xfs_image"
+    mount -o loop "$xfs_image" "$work"
+fi
 qsd_pid=
 cleanup() {
     [ -n "$qsd_pid" ] && kill "$qsd_pid" 2>/dev/null && wait "$qsd_pid" 2>/dev/null
     for m in "$work"/mnt "$work"/export; do
         mountpoint -q "$m" 2>/dev/null && umount -l "$m"
     done
+    if [ -n "$xfs_image" ]; then
+        umount "$work" && rm -f "$xfs_image"
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
+echo "bench: $(nproc) cores, $(uname -r), work in $(df --output=fstype "$work" | tail -1) at $work, SIZE=$SIZE"
+
 cargo build --release -q
 chainfs=$PWD/target/release/chainfs
 

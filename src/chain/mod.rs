@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// How a range is held (re-exported for the layers above).
-pub use crate::format::{Allocation, Format};
+pub use crate::format::{Allocation, Format, HostRange};
 pub use create::create_image;
 pub use error::ChainError;
 pub use node::{Node, NodeId};
@@ -181,6 +181,49 @@ impl Chain {
         Ok(filled)
     }
 
+    /// Where `node` itself keeps its guest bytes from `offset` (at most
+    /// `len`) as they are, for [`Chain::copy_into`]: `None` when the first
+    /// of them is not plain data in `node`.
+    pub fn host_range(
+        &self,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<HostRange>, ChainError> {
+        let level = self.level(node)?;
+        let node = &self.nodes[level];
+        node.image()
+            .host_range(offset, len)
+            .map_err(|e| node.error(e))
+    }
+
+    /// Puts the bytes of `source` at guest `offset` of `dest` without
+    /// reading them, where `dest`'s format allows: into what it does not
+    /// hold (as [`Chain::populate`]), and with `overwrite` over what a raw
+    /// `dest` holds too. Returns the bytes placed, from `offset`; the caller
+    /// writes the rest with [`Chain::populate`] or [`Chain::write`].
+    pub fn copy_into(
+        &self,
+        dest: NodeId,
+        offset: u64,
+        source: &HostRange,
+        overwrite: bool,
+    ) -> Result<u64, ChainError> {
+        let level = self.writable_level(dest, offset, source.len)?;
+        let node = &self.nodes[level];
+        let image = node.image();
+        let placed = if overwrite && image.format() == Format::Raw {
+            image.overwrite_from(offset, source)
+        } else {
+            image.populate_from(offset, source)
+        }
+        .map_err(|e| node.error(e))?;
+        if placed > 0 {
+            node.written(offset, placed);
+        }
+        Ok(placed)
+    }
+
     /// Makes `offset..offset + len` of `node` read as zeros (same rules as
     /// [`Chain::write`]).
     pub fn zero_range(&self, node: NodeId, offset: u64, len: u64) -> Result<(), ChainError> {
@@ -225,6 +268,13 @@ impl Chain {
         }
         query::status_chain(&self.nodes, level, bottom, offset, len)
             .map_err(|e| self.level_error(e))
+    }
+
+    /// Starts writing what `node` holds dirty to the device, without
+    /// waiting (see [`crate::format::Image::start_writeback`]).
+    pub fn start_writeback(&self, node: NodeId) -> Result<(), ChainError> {
+        let node = &self.nodes[self.level(node)?];
+        node.image().start_writeback().map_err(|e| node.error(e))
     }
 
     /// Makes every completed write durable, metadata included.

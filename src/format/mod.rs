@@ -97,6 +97,19 @@ pub struct Extent {
     pub allocation: Allocation,
 }
 
+/// Guest bytes that an image keeps as they are, in one run of one host
+/// file: what a copy can move without reading them
+/// ([`Storage::copy_from`]).
+#[derive(Clone, Debug)]
+pub struct HostRange {
+    /// The file holding the bytes (the image's, or its data file).
+    pub storage: Arc<dyn Storage>,
+    /// Where the run starts in it.
+    pub offset: u64,
+    /// Its length; never zero.
+    pub len: u64,
+}
+
 /// Where an image's backing file is, as its header says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackingRef {
@@ -278,6 +291,48 @@ impl Image {
         match self {
             Image::Raw(_) => Ok(0),
             Image::Qcow2(qcow2) => qcow2.populate(offset, len, data, backing),
+        }
+    }
+
+    /// Where this image keeps the guest bytes from `offset` (at most `len`)
+    /// as they are: `None` when the first of them is not plain data (not
+    /// held, zeros, compressed). The run may be shorter than `len`.
+    pub fn host_range(&self, offset: u64, len: u64) -> Result<Option<HostRange>> {
+        match self {
+            Image::Raw(raw) => raw.host_range(offset, len).map(Some),
+            Image::Qcow2(qcow2) => qcow2.host_range(offset, len),
+        }
+    }
+
+    /// [`Image::populate`] with the bytes of `source` (guest `offset`
+    /// onwards, `source.len` of them), moved without reading them where
+    /// the image can: whole unallocated clusters from a cluster-aligned
+    /// `offset`. Returns the bytes filled, from `offset`; the caller fills
+    /// the rest another way.
+    pub fn populate_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
+        match self {
+            Image::Raw(_) => Ok(0),
+            Image::Qcow2(qcow2) => qcow2.populate_from(offset, source),
+        }
+    }
+
+    /// Overwrites guest `offset..offset + source.len` with the bytes of
+    /// `source` where the image keeps guest bytes in place (raw); returns
+    /// the bytes written, from `offset` (0: the caller writes them).
+    pub fn overwrite_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
+        match self {
+            Image::Raw(raw) => raw.overwrite_from(offset, source).map(|()| source.len),
+            Image::Qcow2(_) => Ok(0),
+        }
+    }
+
+    /// Starts writing what this image holds dirty to the device, without
+    /// waiting: a bulk copy that ends in a flush overlaps its writeback
+    /// with its copying instead of waiting for all of it at the end.
+    pub fn start_writeback(&self) -> Result<()> {
+        match self {
+            Image::Raw(raw) => raw.start_writeback(),
+            Image::Qcow2(qcow2) => qcow2.start_writeback(),
         }
     }
 

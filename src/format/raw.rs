@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{Allocation, Extent, FormatError, Result};
+use super::{Allocation, Extent, FormatError, HostRange, Result};
 use crate::storage::{file::write_zeros, Storage};
 
 /// The sector QEMU rounds a raw file's size up to.
@@ -82,6 +82,26 @@ impl Raw {
         Ok(self.storage.write_at(data, offset)?)
     }
 
+    /// Guest bytes are host bytes: the range is the file's own, cut at the
+    /// end of the image.
+    pub fn host_range(&self, offset: u64, len: u64) -> Result<HostRange> {
+        self.check_bounds(offset, 1)?;
+        Ok(HostRange {
+            storage: Arc::clone(&self.storage),
+            offset,
+            len: len.min(self.size - offset),
+        })
+    }
+
+    /// Writes the bytes of `source` in place at guest `offset`.
+    pub fn overwrite_from(&self, offset: u64, source: &HostRange) -> Result<()> {
+        self.check_bounds(offset, source.len)?;
+        let from = source.storage.as_ref();
+        Ok(self
+            .storage
+            .copy_from(from, source.offset, source.len, offset)?)
+    }
+
     /// Punches a hole, which reads as zeros. Past the end of the file
     /// everything already reads as zeros: nothing is written there.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -94,6 +114,12 @@ impl Raw {
             Ok(()) => Ok(()),
             Err(_) => Ok(write_zeros(self.storage.as_ref(), offset, len)?),
         }
+    }
+
+    /// Starts the writeback of what was written (see
+    /// [`Image::start_writeback`](super::Image::start_writeback)).
+    pub fn start_writeback(&self) -> Result<()> {
+        Ok(self.storage.start_writeback()?)
     }
 
     /// Makes completed writes durable.

@@ -19,11 +19,21 @@
 //! * when the caller stops early, every chunk read but not written is
 //!   handed back ([`Ended::Stopped`]), so an active commit marks it dirty
 //!   again.
+//!
+//! Data that a node keeps as it is in a host file (raw, or uncompressed
+//! qcow2 clusters) is not read at all: the writer has the kernel copy it
+//! ([`Chain::copy_into`], `copy_file_range`), which moves it once instead
+//! of twice through user space, and on XFS or btrfs shares its extents.
+//! The mapping is taken without holding the source's clusters: a source
+//! below the active node never changes, and an active source's changes
+//! are tracked and copied again, so a copy that raced a free is
+//! overwritten before the job can be `ready`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
 
-use crate::chain::{Allocation, Chain, ChainError, NodeId};
+use crate::chain::{Allocation, Chain, ChainError, HostRange, NodeId};
 
 /// Bytes per chunk: QEMU's block-copy uses up to 1 MiB per request.
 pub(super) const CHUNK: u64 = 1 << 20;
@@ -54,11 +64,37 @@ pub(super) struct Copier {
 }
 
 /// One run of a chunk, as the view holds it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Segment {
     offset: u64,
     len: u64,
     allocation: Allocation,
+    /// For data kept as it is in a host file: where, so that the writer
+    /// has the host copy it (its bytes are then not read into the buffer).
+    source: Option<HostRange>,
+}
+
+impl Segment {
+    /// Whether `next` continues this segment as one write (or one copy).
+    fn continued_by(&self, next: &Segment) -> bool {
+        let adjacent = self.offset + self.len == next.offset && self.allocation == next.allocation;
+        adjacent
+            && match (&self.source, &next.source) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    Arc::ptr_eq(&a.storage, &b.storage) && a.offset + a.len == b.offset
+                }
+                _ => false,
+            }
+    }
+
+    /// Appends `next`, which [`Segment::continued_by`] accepted.
+    fn extend(&mut self, next: &Segment) {
+        self.len += next.len;
+        if let (Some(a), Some(b)) = (&mut self.source, &next.source) {
+            a.len += b.len;
+        }
+    }
 }
 
 /// A chunk read and waiting to be written.
@@ -100,33 +136,40 @@ impl Copier {
         len: u64,
         buf: &mut [u8],
     ) -> Result<Vec<Segment>, CopyFailure> {
-        let mut segments = Vec::new();
+        let mut segments: Vec<Segment> = Vec::new();
         let mut done = 0;
         while done < len {
             let at = offset + done;
             let extent = chain
                 .block_status(self.view, self.base, at, len - done)
                 .map_err(|e| ("read", e))?;
-            let run = extent.len.max(1).min(len - done);
+            let mut run = extent.len.max(1).min(len - done);
+            let mut source = None;
             if extent.allocation == Allocation::Data {
-                // done + run <= len <= CHUNK: fits in usize.
-                let slice = &mut buf[done as usize..(done + run) as usize];
-                chain.read(self.view, at, slice).map_err(|e| ("read", e))?;
+                source = match extent.node {
+                    Some(holder) => chain.host_range(holder, at, run).map_err(|e| ("read", e))?,
+                    None => None,
+                };
+                match &source {
+                    // The host copies it when it is written.
+                    Some(range) => run = range.len,
+                    None => {
+                        // done + run <= len <= CHUNK: fits in usize.
+                        let slice = &mut buf[done as usize..(done + run) as usize];
+                        chain.read(self.view, at, slice).map_err(|e| ("read", e))?;
+                    }
+                }
             }
+            let segment = Segment {
+                offset: at,
+                len: run,
+                allocation: extent.allocation,
+                source,
+            };
             // Neighbouring runs of the same kind go out as one write.
             match segments.last_mut() {
-                Some(Segment {
-                    offset: last,
-                    len: last_len,
-                    allocation,
-                }) if *allocation == extent.allocation && *last + *last_len == at => {
-                    *last_len += run;
-                }
-                _ => segments.push(Segment {
-                    offset: at,
-                    len: run,
-                    allocation: extent.allocation,
-                }),
+                Some(last) if last.continued_by(&segment) => last.extend(&segment),
+                _ => segments.push(segment),
             }
             done += run;
         }
@@ -140,10 +183,29 @@ impl Copier {
         chain: &Chain,
         offset: u64,
         segments: &[Segment],
-        buf: &[u8],
+        buf: &mut [u8],
     ) -> Result<u64, CopyFailure> {
         let mut copied = 0;
         for segment in segments {
+            let mut segment = segment.clone();
+            if let Some(source) = segment.source.take() {
+                let placed = chain
+                    .copy_into(self.dest, segment.offset, &source, self.overwrite)
+                    .map_err(|e| ("write", e))?;
+                copied += placed;
+                if placed == segment.len {
+                    continue;
+                }
+                // What the host could not place (the destination holds part
+                // of it, a partial cluster) is read and written as bytes.
+                segment.offset += placed;
+                segment.len -= placed;
+                let start = (segment.offset - offset) as usize;
+                let slice = &mut buf[start..start + segment.len as usize];
+                chain
+                    .read(self.view, segment.offset, slice)
+                    .map_err(|e| ("read", e))?;
+            }
             let start = (segment.offset - offset) as usize;
             let data = &buf[start..start + segment.len as usize];
             copied += match (segment.allocation, self.overwrite) {
@@ -178,6 +240,11 @@ impl Copier {
                     segment.len
                 }
             };
+        }
+        if copied > 0 {
+            // Every job makes its destination durable before it ends: the
+            // device writes this chunk while the next ones are copied.
+            chain.start_writeback(self.dest).map_err(|e| ("write", e))?;
         }
         Ok(copied)
     }
@@ -259,7 +326,7 @@ impl Copier {
                     read,
                     mut buf,
                 } = chunk;
-                let mut result = read.and_then(|s| self.write(chain, offset, &s, &buf));
+                let mut result = read.and_then(|s| self.write(chain, offset, &s, &mut buf));
                 loop {
                     match after(offset, len, result) {
                         Ok(Next::Go) => break,

@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::copy::{copy_in_kernel, copy_through_buffer};
 use super::Storage;
 
 /// A host file opened for chainfs.
@@ -164,6 +165,50 @@ impl Storage for FileStorage {
             Some(hole) => Ok(hole),
             None => self.len(),
         }
+    }
+
+    fn start_writeback(&self) -> io::Result<()> {
+        // SAFETY: sync_file_range on a descriptor we own; it touches no
+        // memory of ours. Length 0 means through the end of the file.
+        let result = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if result == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Not on this kind of file: the later sync does it all.
+            Some(libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP) => Ok(()),
+            _ => Err(err),
+        }
+    }
+
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn copy_from(
+        &self,
+        source: &dyn Storage,
+        source_offset: u64,
+        len: u64,
+        offset: u64,
+    ) -> io::Result<()> {
+        let in_kernel = match source.host_file() {
+            Some(file) => copy_in_kernel(file, source_offset, len, &self.file, offset)?,
+            None => 0,
+        };
+        if in_kernel == len {
+            return Ok(());
+        }
+        copy_through_buffer(
+            source,
+            source_offset + in_kernel,
+            len - in_kernel,
+            self,
+            offset + in_kernel,
+        )
     }
 }
 

@@ -4,6 +4,7 @@
 //! put [`mem::MemStorage`] under a real qcow2 image and drop whatever was not
 //! yet synced.
 
+pub mod copy;
 pub mod file;
 pub mod lock;
 pub mod mem;
@@ -57,4 +58,30 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The first offset at or after `offset` that is a hole, or the end of
     /// the file (`lseek(SEEK_HOLE)`).
     fn seek_hole(&self, offset: u64) -> io::Result<u64>;
+
+    /// Starts writing every dirty byte to the device without waiting for
+    /// it, so that a later [`Storage::sync`] finds less to wait for; no
+    /// promise of durability. Storage without a device does nothing.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The host file behind this storage, if it is one, so that a copy
+    /// between two of them can happen in the kernel.
+    fn host_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
+    /// Writes the `len` bytes that `source` holds at `source_offset` to
+    /// `offset`, as `read_at` then `write_at` would. Between two host files
+    /// the kernel moves them ([`copy::copy_in_kernel`]).
+    fn copy_from(
+        &self,
+        source: &dyn Storage,
+        source_offset: u64,
+        len: u64,
+        offset: u64,
+    ) -> io::Result<()> {
+        copy::copy_through_buffer(source, source_offset, len, self, offset)
+    }
 }

@@ -7,7 +7,11 @@
 //! * Clusters are *reserved* in batches: their refcounts are set to 1 and
 //!   synced before any L2 entry may point to them. A crash leaks reserved
 //!   clusters that were never used; it never leaves an L2 entry pointing to a
-//!   cluster with refcount 0.
+//!   cluster with refcount 0. Each sync also writes back every dirty data
+//!   page of the file, so batches double while an image keeps allocating
+//!   (a stream or commit filling it): the syncs, and the data they wait
+//!   for, grow with the log of what is written, not with its size. A crash
+//!   leaks at most one batch, as holes past the data.
 //! * A cluster is *freed* only after the L2 or L1 entry that referenced it has
 //!   been rewritten and synced ([`Allocator::free_later`], then
 //!   [`Allocator::apply_frees`] after a sync).
@@ -43,6 +47,19 @@ pub struct Allocator {
     pending_frees: Vec<u64>,
     /// Cluster index below which no free cluster is known.
     free_hint: u64,
+    /// Clusters the next refill reserves.
+    batch: u64,
+}
+
+/// Bytes the first refill reserves, and the most a refill grows to.
+const FIRST_BATCH: u64 = 8 << 20;
+const LARGEST_BATCH: u64 = 128 << 20;
+
+/// The clusters of `bytes`, at least two, at most `limit` (the reserve
+/// holds eight bytes a cluster, and a refill reads every refcount it
+/// reserves).
+fn clusters_of(geometry: &Geometry, bytes: u64, limit: u64) -> u64 {
+    (bytes / geometry.cluster_size()).clamp(2, limit)
 }
 
 impl Allocator {
@@ -70,6 +87,7 @@ impl Allocator {
             reserve: VecDeque::new(),
             pending_frees: Vec::new(),
             free_hint: 0,
+            batch: clusters_of(&geometry, FIRST_BATCH, 512),
         })
     }
 
@@ -270,7 +288,8 @@ impl Allocator {
     /// Reserves at least `want` free clusters: refcount 1, synced.
     fn refill(&mut self, storage: &dyn Storage, want: u64) -> Result<()> {
         let cluster_size = self.geometry.cluster_size();
-        let batch = want.max(((8 << 20) / cluster_size).clamp(2, 512));
+        let batch = want.max(self.batch);
+        self.batch = (self.batch * 2).min(clusters_of(&self.geometry, LARGEST_BATCH, 8192));
         let mut found = 0;
         let mut cluster = self.free_hint.max(1);
         // Refcount changes go to disk once per refcount block, not once per
@@ -369,12 +388,15 @@ impl Allocator {
         Ok(freed)
     }
 
-    /// Returns every reserved, unused cluster (on close: no leaks).
-    pub fn release_reserve(&mut self, storage: &dyn Storage) -> Result<()> {
-        while let Some(host) = self.reserve.pop_front() {
+    /// Returns every reserved, unused cluster (on close: no leaks), and
+    /// the offsets it returned. Batches start small again.
+    pub fn release_reserve(&mut self, storage: &dyn Storage) -> Result<Vec<u64>> {
+        let released: Vec<u64> = self.reserve.drain(..).collect();
+        for &host in &released {
             self.set_refcount(storage, host, 0)?;
             self.free_hint = self.free_hint.min(self.cluster_index(host));
         }
-        Ok(())
+        self.batch = clusters_of(&self.geometry, FIRST_BATCH, 512);
+        Ok(released)
     }
 }

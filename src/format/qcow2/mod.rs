@@ -268,6 +268,15 @@ impl Qcow2 {
         }
     }
 
+    /// Starts the writeback of what was written, data file included (see
+    /// [`Image::start_writeback`](crate::format::Image::start_writeback)).
+    pub fn start_writeback(&self) -> Result<()> {
+        if let Some(data_file) = &self.data_file {
+            data_file.start_writeback()?;
+        }
+        Ok(self.storage.start_writeback()?)
+    }
+
     /// Makes every completed write durable, then applies deferred frees.
     pub fn flush(&self) -> Result<()> {
         if !self.writable.load(Ordering::Acquire) {
@@ -307,8 +316,32 @@ impl Qcow2 {
         let mut meta = sync::lock(&self.meta);
         self.sync_and_free(&mut meta)?;
         self.store_bitmaps(&mut meta)?;
-        meta.allocator.release_reserve(self.storage.as_ref())?;
+        let released = meta.allocator.release_reserve(self.storage.as_ref())?;
         self.storage.sync()?;
+        self.trim_released_tail(&released)
+    }
+
+    /// Shortens the file by the reserved clusters just released at its end,
+    /// so a clean close leaves no unused tail. Their refcounts are zero on
+    /// disk already: a crash before the truncation leaves a longer file, not
+    /// a wrong one. With an external data file, host offsets point into
+    /// that file: this one is left as it is.
+    fn trim_released_tail(&self, released: &[u64]) -> Result<()> {
+        if self.data_file.is_some() {
+            return Ok(());
+        }
+        let len = self.storage.len()?;
+        let mut end = len;
+        for &host in released.iter().rev() {
+            if host + self.geometry.cluster_size() != end {
+                break;
+            }
+            end = host;
+        }
+        if end < len {
+            self.storage.set_len(end)?;
+            self.storage.sync()?;
+        }
         Ok(())
     }
 

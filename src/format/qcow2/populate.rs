@@ -6,8 +6,25 @@
 use super::l2::{L2Entry, L2Table, Piece};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
-use crate::format::{BackingReader, Result};
+use crate::format::{BackingReader, HostRange, Result};
 use crate::sync::{self, Arc};
+
+/// What the fast path fills clusters with.
+enum Fill<'a> {
+    /// Bytes in memory.
+    Bytes(&'a [u8]),
+    /// Bytes of a host file, which the host copies.
+    Copy(&'a HostRange),
+}
+
+impl Fill<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Fill::Bytes(data) => data.len() as u64,
+            Fill::Copy(source) => source.len,
+        }
+    }
+}
 
 impl Qcow2 {
     /// Writes `data` (zeros when `None`) into every part of
@@ -28,8 +45,9 @@ impl Qcow2 {
         let mut pos = offset;
         while pos < offset + len {
             if let Some(data) = data {
-                let slice = &data[(pos - offset) as usize..];
-                let batched = self.populate_whole_clusters(&mut meta, pos, slice)?;
+                let slice = Fill::Bytes(&data[(pos - offset) as usize..]);
+                // One cluster goes the general way, which is as fast.
+                let batched = self.populate_whole_clusters(&mut meta, pos, slice, 2)?;
                 if batched > 0 {
                     written += batched;
                     pos += batched;
@@ -50,12 +68,45 @@ impl Qcow2 {
         Ok(written)
     }
 
+    /// [`Qcow2::populate`] with the bytes of `source`, moved by the host
+    /// ([`Storage::copy_from`](crate::storage::Storage::copy_from)) into
+    /// whole unallocated clusters from a cluster-aligned `offset`; stops at
+    /// the first cluster that is not one. Returns the bytes filled.
+    pub fn populate_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
+        self.check_writable()?;
+        self.check_bounds(offset, source.len)?;
+        let mut meta = sync::lock(&self.meta);
+        let mut filled = 0;
+        while filled < source.len {
+            let rest = HostRange {
+                storage: Arc::clone(&source.storage),
+                offset: source.offset + filled,
+                len: source.len - filled,
+            };
+            let batched =
+                self.populate_whole_clusters(&mut meta, offset + filled, Fill::Copy(&rest), 1)?;
+            if batched == 0 {
+                break;
+            }
+            filled += batched;
+        }
+        self.bound_pending_frees(&mut meta)?;
+        Ok(filled)
+    }
+
     /// The fast path for the common case of a stream: consecutive whole
     /// clusters that are unallocated, in one L2 table, no subclusters, no
-    /// external data file. Their data goes out in one write per run of
-    /// contiguous host clusters and their L2 entries in one write, data
-    /// first. Returns the bytes filled (0: the fast path does not apply).
-    fn populate_whole_clusters(&self, meta: &mut Meta, guest: u64, data: &[u8]) -> Result<u64> {
+    /// external data file; at least `fewest` of them. Their data goes out
+    /// in one write (or copy) per run of contiguous host clusters and their
+    /// L2 entries in one write, data first. Returns the bytes filled (0: the
+    /// fast path does not apply).
+    fn populate_whole_clusters(
+        &self,
+        meta: &mut Meta,
+        guest: u64,
+        fill: Fill,
+        fewest: u64,
+    ) -> Result<u64> {
         let cluster_size = self.geometry.cluster_size();
         let eligible = !self.geometry.extended_l2
             && self.data_file.is_none()
@@ -65,20 +116,20 @@ impl Qcow2 {
         }
         let table_room = self.geometry.l2_entries() - self.geometry.l2_index(guest);
         let mut count = 0;
-        while count < table_room && (count + 1) * cluster_size <= data.len() as u64 {
+        while count < table_room && (count + 1) * cluster_size <= fill.len() {
             if self.l2_entry(guest + count * cluster_size)? != L2Entry::Unallocated {
                 break;
             }
             count += 1;
         }
-        if count < 2 {
+        if count < fewest.max(1) {
             return Ok(0);
         }
         let (l2_offset, table) = self.writable_l2(meta, guest)?;
         let mut hosts = Vec::with_capacity(count as usize);
         let published = self
             .allocate_clusters(meta, count, &mut hosts)
-            .and_then(|()| self.write_host_runs(&hosts, data))
+            .and_then(|()| self.write_host_runs(&hosts, &fill))
             .and_then(|()| self.set_l2_entries(l2_offset, &table, guest, &hosts));
         if let Err(err) = published {
             for host in hosts.into_iter().rev() {
@@ -103,9 +154,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes cluster `i` of `data` to `hosts[i]`, one write per run of
+    /// Writes cluster `i` of `fill` to `hosts[i]`, one write per run of
     /// contiguous host clusters.
-    fn write_host_runs(&self, hosts: &[HostOffset], data: &[u8]) -> Result<()> {
+    fn write_host_runs(&self, hosts: &[HostOffset], fill: &Fill) -> Result<()> {
         let cluster_size = self.geometry.cluster_size() as usize;
         let mut first = 0;
         while first < hosts.len() {
@@ -114,8 +165,16 @@ impl Qcow2 {
             {
                 last += 1;
             }
-            let bytes = &data[first * cluster_size..(last + 1) * cluster_size];
-            self.storage.write_at(bytes, hosts[first].0)?;
+            let (start, end) = (first * cluster_size, (last + 1) * cluster_size);
+            match fill {
+                Fill::Bytes(data) => self.storage.write_at(&data[start..end], hosts[first].0)?,
+                Fill::Copy(source) => self.storage.copy_from(
+                    source.storage.as_ref(),
+                    source.offset + start as u64,
+                    (end - start) as u64,
+                    hosts[first].0,
+                )?,
+            }
             first = last + 1;
         }
         Ok(())

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::compress::{decode_descriptor, decompress};
 use super::l2::{L2Entry, Piece};
 use super::Qcow2;
-use crate::format::{Allocation, BackingReader, Extent, FormatError, Result};
+use crate::format::{Allocation, BackingReader, Extent, FormatError, HostRange, Result};
 use crate::sync::{self, Arc};
 
 /// Largest compressed stream accepted for one cluster: QEMU never writes
@@ -68,17 +68,57 @@ impl Qcow2 {
     }
 
     fn read_host(&self, run: HostRun, buf: &mut [u8]) -> Result<()> {
-        let end = run.host + run.len as u64;
-        if self.data_file.is_none() && end > self.host_end.load(Ordering::Acquire) {
-            return Err(FormatError::malformed_at(
-                "data cluster",
-                run.host,
-                "lies past the end of the image file",
-            ));
-        }
+        self.check_host_run(run.host, run.len as u64)?;
         let out = &mut buf[run.buf_start..run.buf_start + run.len];
         self.data().read_at(out, run.host)?;
         Ok(())
+    }
+
+    /// Refuses a data run that a hostile L2 entry puts past the end of the
+    /// image file.
+    fn check_host_run(&self, host: u64, len: u64) -> Result<()> {
+        if self.data_file.is_none() && host + len > self.host_end.load(Ordering::Acquire) {
+            return Err(FormatError::malformed_at(
+                "data cluster",
+                host,
+                "lies past the end of the image file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The longest run of plain data (uncompressed, contiguous on the
+    /// host) from guest `offset`, at most `len` bytes; `None` when the
+    /// first byte is not plain data. The mapping is not held: a copy of it
+    /// races frees of the clusters as a read that drops its barrier would,
+    /// so it serves only copies whose source cannot change (nodes below
+    /// the active one) or whose changes are tracked and copied again.
+    pub fn host_range(&self, offset: u64, len: u64) -> Result<Option<HostRange>> {
+        self.check_bounds(offset, len)?;
+        let _inflight = sync::read(&self.inflight);
+        let mut start: Option<u64> = None;
+        let mut run = 0;
+        while run < len {
+            let guest = offset + run;
+            let entry = self.l2_entry(guest)?;
+            let (piece, piece_len) = entry.run_at(&self.geometry, guest, len - run);
+            match (piece, start) {
+                (Piece::Data(host), None) => start = Some(host.0),
+                (Piece::Data(host), Some(first)) if host.0 == first + run => {}
+                _ => break,
+            }
+            run += piece_len;
+        }
+        let Some(host) = start else {
+            return Ok(None);
+        };
+        self.check_host_run(host, run)?;
+        let storage = Arc::clone(self.data_file.as_ref().unwrap_or(&self.storage));
+        Ok(Some(HostRange {
+            storage,
+            offset: host,
+            len: run,
+        }))
     }
 
     /// Copies the part of a compressed cluster at guest `offset` into `out`.

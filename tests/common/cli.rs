@@ -270,3 +270,40 @@ pub fn kill_daemon(marker: &Path, mnt: &Path) {
         .arg(mnt)
         .output();
 }
+
+/// The directories `/bin/sh` searches when it has no PATH, first first:
+/// mount(8) runs its helpers with PATH removed from the environment, so
+/// `mount.fuse3` finds `chainfs` only in one of these.
+pub const SH_DEFAULT_PATH_FIRST: &str = "/usr/local/sbin";
+
+/// Runs `script` with `sh -eu` in a private mount namespace (`unshare -m`)
+/// in which `chainfs` at the head of sh's default PATH is the binary under
+/// test, as if it were installed, so that `mount -t fuse.chainfs` and fstab
+/// lines run it through `mount.fuse3`. Nothing it mounts is seen outside
+/// the namespace; if the script fails, `mnt` is unmounted lazily so the
+/// daemon exits. Daemons it starts are `processes_of(Path::new("chainfs"),
+/// marker)`: sh runs the helper by that name.
+pub fn run_installed(dir: &Path, mnt: &Path, script: &str) -> Outcome {
+    let bin = dir.join("installed-bin");
+    std::fs::create_dir_all(&bin).expect("mkdir installed-bin");
+    // A symlink, not a copy: a file just written cannot be executed while
+    // a child another test thread forks still holds the writer's descriptor.
+    let link = bin.join("chainfs");
+    if !link.exists() {
+        std::os::unix::fs::symlink(chainfs_bin(), &link).expect("symlink chainfs");
+    }
+    let prologue = format!(
+        "trap 'umount -l {mnt} 2>/dev/null || true' EXIT\n\
+         mount --bind {bin} {first}\n\
+         found=$(env -i /bin/sh -c 'command -v chainfs')\n\
+         [ \"$found\" = {first}/chainfs ] || {{ echo \"sh without PATH runs $found\" >&2; exit 1; }}\n",
+        mnt = mnt.display(),
+        bin = bin.display(),
+        first = SH_DEFAULT_PATH_FIRST,
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "--propagation", "private", "sh", "-euc"])
+        .arg(prologue + script);
+    run(&mut command)
+}

@@ -168,18 +168,26 @@ fn the_helper_form_takes_every_generic_option_and_maps_the_mounts_own() {
          nosuid,exec,noexec,ro,threads=2,cache_size=4M,log_file={}",
         log.display()
     );
-    // As mount.fuse3 runs it: source, mount point, then -o.
-    chainfs([path_str(&setup.top), path_str(&setup.mnt), "-o", &options]).ok();
-    let err = std::fs::OpenOptions::new()
-        .write(true)
-        .open(setup.mnt.join("active"))
-        .expect_err("ro");
-    assert!(
-        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
-        "{err}"
-    );
-    chainfs(["umount", path_str(&setup.mnt)]).ok();
-    setup.assert_released();
+    let (top, mnt) = (path_str(&setup.top), path_str(&setup.mnt));
+    // As mount.fuse3 runs it (source, mount point, then -o), and as
+    // `chainfs mount -o` takes the same.
+    let forms: [&[&str]; 2] = [
+        &[top, mnt, "-o", &options],
+        &["mount", "-o", "ro", "-o", "threads=2", top, mnt],
+    ];
+    for args in forms {
+        chainfs(args).ok();
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .open(setup.mnt.join("active"))
+            .expect_err("ro");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+            "{args:?}: {err}"
+        );
+        chainfs(["umount", mnt]).ok();
+        setup.assert_released();
+    }
     let text = std::fs::read_to_string(&log).expect("log_file=");
     assert!(text.contains("mounted"), "{text}");
 }

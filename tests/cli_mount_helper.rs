@@ -5,66 +5,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use common::cli::{chainfs, is_mounted, run_installed, ChainDir, MountGuard, Outcome};
+use common::{path_str, qemu_io, require_all};
 
-use common::chain::small_chain;
-use common::cli::{
-    chainfs, is_mounted, processes_of, run_installed, wait_until, MountGuard, Outcome,
-};
-use common::{path_str, qemu_img_check, qemu_io, require_all};
-
-/// A chain and an empty mount point in a fresh directory.
-struct Setup {
-    dir: tempfile::TempDir,
-    base: PathBuf,
-    top: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let [base, top] = small_chain(dir.path());
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mkdir mnt");
-        Setup {
-            dir,
-            base,
-            top,
-            mnt,
-        }
-    }
-
-    /// `run_installed` with this setup's paths substituted for `TOP`,
-    /// `MNT` and `DIR` in `script`.
-    fn run_installed(&self, script: &str) -> Outcome {
-        let script = script
-            .replace("TOP", path_str(&self.top))
-            .replace("MNT", path_str(&self.mnt))
-            .replace("DIR", path_str(self.dir.path()));
-        run_installed(self.dir.path(), &self.mnt, &script)
-    }
-
-    /// Daemons run by `mount.fuse3` (by the name `chainfs`) or directly
-    /// (by the test's copy of the binary) for this setup.
-    fn daemons(&self) -> Vec<u32> {
-        let mut pids = processes_of(Path::new("chainfs"), self.dir.path());
-        pids.extend(common::cli::chainfs_processes(self.dir.path()));
-        pids
-    }
-
-    /// After an unmount: the daemon exits on its own, and both images are
-    /// clean and unlocked (qemu-img check without -U).
-    fn assert_released(&self) {
-        assert!(
-            wait_until(Duration::from_secs(30), || self.daemons().is_empty()),
-            "the daemon did not exit after umount"
-        );
-        assert!(!is_mounted(&self.mnt), "still mounted");
-        qemu_img_check(&self.top);
-        qemu_img_check(&self.base);
-    }
+/// `run_installed` for `chain`, with its paths substituted for `TOP`, `MNT`
+/// and `DIR` in `script`.
+fn run_installed_on(chain: &ChainDir, script: &str) -> Outcome {
+    let script = script
+        .replace("TOP", path_str(&chain.top))
+        .replace("MNT", path_str(&chain.mnt))
+        .replace("DIR", path_str(chain.dir.path()));
+    run_installed(chain.dir.path(), &chain.mnt, &script)
 }
 
 /// FUSE, QEMU's tools, and what `mount -t fuse.chainfs` goes through.
@@ -77,16 +28,16 @@ fn mount_t_fuse_chainfs_runs_chainfs_read_only_and_plain_umount_ends_the_daemon(
     if !require_helper_tools() {
         return;
     }
-    let setup = Setup::new();
-    let out = setup
-        .run_installed(
-            "mount -t fuse.chainfs TOP MNT -o ro\n\
+    let setup = ChainDir::new();
+    let out = run_installed_on(
+        &setup,
+        "mount -t fuse.chainfs TOP MNT -o ro\n\
              ls MNT\n\
              if echo x 2>/dev/null > MNT/active; then echo WROTE; fi\n\
              head -c 2 MNT/base.qcow2 | od -An -tx1\n\
              umount MNT\n",
-        )
-        .ok();
+    )
+    .ok();
     assert!(
         out.stdout
             .starts_with("active\nbase.qcow2\nctl\ntop.qcow2\n"),
@@ -97,7 +48,7 @@ fn mount_t_fuse_chainfs_runs_chainfs_read_only_and_plain_umount_ends_the_daemon(
         "ro mount took a write: {out:#?}"
     );
     assert!(out.stdout.contains(" aa aa"), "{out:#?}");
-    setup.assert_released();
+    setup.wait_released();
 }
 
 #[test]
@@ -105,20 +56,20 @@ fn an_fstab_line_mounts_with_generic_options_and_umount_flushes_the_writes() {
     if !require_helper_tools() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     // The line as a user would write it, with what systemd and mount(8)
     // pass along; `mount -T` reads it instead of /etc/fstab.
-    let out = setup
-        .run_installed(
-            "echo 'TOP MNT fuse.chainfs defaults,nofail,_netdev,x-systemd.automount,threads=2,\
+    let out = run_installed_on(
+        &setup,
+        "echo 'TOP MNT fuse.chainfs defaults,nofail,_netdev,x-systemd.automount,threads=2,\
              log_file=DIR/chainfs.log 0 0' > DIR/fstab\n\
              mount -T DIR/fstab MNT\n\
              dd if=/dev/zero bs=64k count=1 2>/dev/null | tr '\\0' '\\147' \
              | dd of=MNT/active bs=64k seek=64 conv=notrunc 2>/dev/null\n\
              umount MNT\n",
-        )
-        .ok();
-    setup.assert_released();
+    )
+    .ok();
+    setup.wait_released();
     qemu_io(&setup.top, "qcow2", &["read -P 0x67 4M 64K"]);
     let log = std::fs::read_to_string(setup.dir.path().join("chainfs.log")).expect("log_file");
     assert!(log.contains("unmounted"), "{log}\n{out:#?}");
@@ -129,7 +80,7 @@ fn an_unknown_option_is_refused_by_name_and_nothing_is_mounted() {
     if !require_all(&[]) {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = MountGuard(setup.mnt.clone());
     let forms: [&[&str]; 2] = [
         &[
@@ -160,7 +111,7 @@ fn the_helper_form_takes_every_generic_option_and_maps_the_mounts_own() {
     if !require_all(&[]) {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = MountGuard(setup.mnt.clone());
     let log = setup.dir.path().join("helper.log");
     let options = format!(
@@ -186,7 +137,7 @@ fn the_helper_form_takes_every_generic_option_and_maps_the_mounts_own() {
             "{args:?}: {err}"
         );
         chainfs(["umount", mnt]).ok();
-        setup.assert_released();
+        setup.wait_released();
     }
     let text = std::fs::read_to_string(&log).expect("log_file=");
     assert!(text.contains("mounted"), "{text}");

@@ -31,7 +31,8 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// Besides its subcommands it takes the mount helper's form, `chainfs
 /// [OPTIONS] IMAGE MOUNTPOINT`, which is `chainfs mount`: fuse3's
-/// `mount.fuse3` runs it so for `mount -t fuse.chainfs` and fstab lines.
+/// `mount.fuse3` runs it in that form for `mount -t fuse.chainfs` and
+/// fstab lines.
 #[derive(Debug, Parser)]
 #[command(
     name = "chainfs",

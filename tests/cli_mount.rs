@@ -7,62 +7,12 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::chain::small_chain;
-use common::cli::{
-    chainfs, chainfs_bin, chainfs_processes, is_mounted, wait_child, wait_until, MountGuard,
-};
-use common::{path_str, qemu_img_check, qemu_io, require_fuse};
-
-/// A chain and an empty mount point in a fresh directory.
-struct Setup {
-    dir: tempfile::TempDir,
-    base: PathBuf,
-    top: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let [base, top] = small_chain(dir.path());
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mkdir mnt");
-        Setup {
-            dir,
-            base,
-            top,
-            mnt,
-        }
-    }
-
-    /// The daemons started for this setup.
-    fn daemons(&self) -> Vec<u32> {
-        chainfs_processes(self.dir.path())
-    }
-
-    /// Mounts in the background with `extra` options.
-    fn mount(&self, extra: &[&str]) -> MountGuard {
-        let guard = MountGuard(self.mnt.clone());
-        let mut args = vec!["mount"];
-        args.extend_from_slice(extra);
-        args.extend([path_str(&self.top), path_str(&self.mnt)]);
-        chainfs(&args).ok();
-        guard
-    }
-
-    /// After the mount went away: the daemon is gone, nothing is mounted,
-    /// and both images are clean and unlocked (qemu-img check without -U).
-    fn assert_released(&self) {
-        assert!(self.daemons().is_empty(), "daemon still running");
-        assert!(!is_mounted(&self.mnt), "still mounted");
-        qemu_img_check(&self.top);
-        qemu_img_check(&self.base);
-    }
-}
+use common::cli::{chainfs, chainfs_bin, is_mounted, wait_child, wait_until, ChainDir, MountGuard};
+use common::{path_str, qemu_io, require_fuse};
 
 /// Writes `byte` × 64 KiB at 4 MiB through `active`.
 fn write_through_active(mnt: &Path, byte: u8) {
@@ -84,7 +34,7 @@ fn the_mount_is_ready_when_the_command_returns_and_umount_waits_for_the_daemon()
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = setup.mount(&[]);
     // No waiting: the very next look must see the node files.
     let mut names: Vec<String> = std::fs::read_dir(&setup.mnt)
@@ -112,7 +62,7 @@ fn umount_refuses_a_busy_mount_and_succeeds_once_the_file_is_closed() {
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = setup.mount(&[]);
     let mut reader = std::fs::File::open(setup.mnt.join("base.qcow2")).expect("open node");
     write_through_active(&setup.mnt, 0x3e);
@@ -140,7 +90,7 @@ fn sigterm_and_sigint_to_a_foreground_mount_unmount_cleanly() {
         return;
     }
     for (signal, byte) in [(libc::SIGTERM, 0x11), (libc::SIGINT, 0x22)] {
-        let setup = Setup::new();
+        let setup = ChainDir::new();
         let _guard = MountGuard(setup.mnt.clone());
         let mut child = Command::new(chainfs_bin())
             .args(["mount", "-f", path_str(&setup.top), path_str(&setup.mnt)])
@@ -167,7 +117,7 @@ fn sigterm_to_the_daemon_unmounts_cleanly() {
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = setup.mount(&[]);
     write_through_active(&setup.mnt, 0x77);
     let daemons = setup.daemons();
@@ -189,7 +139,7 @@ fn plain_fusermount3_and_umount_end_the_daemon_on_its_own() {
         return;
     }
     for tool in [["fusermount3", "-u"], ["umount", "--"]] {
-        let setup = Setup::new();
+        let setup = ChainDir::new();
         let _guard = setup.mount(&[]);
         write_through_active(&setup.mnt, 0x42);
         let status = Command::new(tool[0])
@@ -212,7 +162,7 @@ fn read_only_mounts_refuse_writes_and_share_the_images() {
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = setup.mount(&["--read-only", "--threads", "2", "--cache-size", "4M"]);
     let err = std::fs::OpenOptions::new()
         .write(true)
@@ -235,7 +185,7 @@ fn the_daemon_logs_to_the_log_file() {
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let log = setup.dir.path().join("chainfs.log");
     let _guard = setup.mount(&["--log-file", path_str(&log)]);
     chainfs(["umount", path_str(&setup.mnt)]).ok();
@@ -249,7 +199,7 @@ fn status_prints_the_ctl_files_and_wait_returns_without_jobs() {
     if !require_fuse() {
         return;
     }
-    let setup = Setup::new();
+    let setup = ChainDir::new();
     let _guard = setup.mount(&[]);
     let text = chainfs(["status", path_str(&setup.mnt)]).ok().stdout;
     let expected = std::fs::read_to_string(setup.mnt.join("ctl/status")).expect("ctl/status");

@@ -51,6 +51,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         threads: None,
         cache_size: None,
         log_file: None,
+        options: Vec::new(),
         image: args.dir.join(image_name(LAYERS.len() - 1)),
         mountpoint: mount_point.clone(),
     })?;

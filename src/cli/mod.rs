@@ -7,9 +7,12 @@
 
 mod daemon;
 pub mod demo;
+mod docs;
 pub mod info;
 mod limits;
+mod manual;
 pub mod mount;
+pub mod mount_options;
 mod preflight;
 mod procfs;
 mod signals;
@@ -25,12 +28,32 @@ use clap::{Args, Parser, Subcommand};
 
 /// `chainfs`: a FUSE filesystem that shows every node of a QEMU disk-image
 /// chain as a flat raw file.
+///
+/// Besides its subcommands it takes the mount helper's form, `chainfs
+/// [OPTIONS] IMAGE MOUNTPOINT`, which is `chainfs mount`: fuse3's
+/// `mount.fuse3` runs it in that form for `mount -t fuse.chainfs` and
+/// fstab lines.
 #[derive(Debug, Parser)]
-#[command(name = "chainfs", version, about, long_about = None)]
+#[command(
+    name = "chainfs",
+    version,
+    about,
+    long_about = manual::LONG_ABOUT,
+    after_long_help = manual::AFTER_LONG_HELP,
+    // The two forms, as clap would write them; said here so that the man
+    // page's synopsis shows them too rather than every flag of the first.
+    override_usage = "chainfs [OPTIONS] <IMAGE> <MOUNTPOINT>\n       chainfs <COMMAND>",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    arg_required_else_help = true
+)]
 pub struct Cli {
-    /// The subcommand to run.
+    /// The subcommand to run; none for the mount helper's form.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// The mount helper's form: what `chainfs mount` takes.
+    #[command(flatten)]
+    pub helper: Option<MountArgs>,
 }
 
 /// The subcommands of SPEC §2.
@@ -47,6 +70,12 @@ pub enum Command {
     Status(StatusArgs),
     /// Create and mount a five-image demo chain in DIR.
     Demo(DemoArgs),
+    /// Print a completion script for SHELL, generated from this command
+    /// line.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), generated from this command line.
+    #[command(hide = true)]
+    Man,
 }
 
 /// Options of `chainfs mount`.
@@ -74,6 +103,12 @@ pub struct MountArgs {
     /// Write the daemon's log to PATH.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// Mount options, comma-separated, as mount(8) and fstab pass them: ro,
+    /// rw, allow_other, force_share, threads=N, cache_size=SIZE,
+    /// log_file=PATH; generic ones (defaults, nofail, noauto, user, _netdev,
+    /// x-systemd.*, dev, suid, exec and their no forms) are ignored.
+    #[arg(short = 'o', value_name = "OPTIONS", value_parser = mount_options::parse_list)]
+    pub options: Vec<mount_options::OptionList>,
     /// The active (top) image of the chain.
     pub image: PathBuf,
     /// An empty directory to mount on.
@@ -117,6 +152,13 @@ pub struct DemoArgs {
     pub dir: PathBuf,
 }
 
+/// Options of `chainfs completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to write the script for.
+    pub shell: clap_complete::Shell,
+}
+
 /// Why a subcommand failed.
 #[derive(Debug)]
 pub enum CliError {
@@ -151,13 +193,38 @@ impl std::error::Error for CliError {}
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    match dispatch(cli.command) {
+    let command = match (cli.command, cli.helper) {
+        (Some(command), _) => command,
+        (None, Some(args)) => {
+            refuse_mistyped_command(&args.image);
+            Command::Mount(args)
+        }
+        // arg_required_else_help: clap printed the help already.
+        (None, None) => return ExitCode::from(2),
+    };
+    match dispatch(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, so scripts can show it as is.
             eprintln!("chainfs: {}", one_line(&err.to_string()));
             ExitCode::from(err.exit_code())
         }
+    }
+}
+
+/// In the helper's form a mistyped subcommand (`chainfs stauts /mnt`)
+/// would be taken for an image to mount; a bare name that names no file is
+/// reported as the unknown subcommand it most likely is (exit 2).
+fn refuse_mistyped_command(image: &Path) {
+    if image.components().count() == 1 && !image.exists() {
+        use clap::CommandFactory;
+        let message = format!(
+            "unrecognized subcommand '{}' (and no image of that name)",
+            image.display()
+        );
+        Cli::command()
+            .error(clap::error::ErrorKind::InvalidSubcommand, message)
+            .exit();
     }
 }
 
@@ -210,7 +277,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         }
         Command::Mount(args) => {
             limits::raise_open_file_limit();
-            mount::run(&args)
+            mount::run(&mount_options::apply(args))
         }
         Command::Umount(args) => {
             init_logging();
@@ -225,6 +292,8 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             limits::raise_open_file_limit();
             demo::run(&args)
         }
+        Command::Completions(args) => docs::print_completions(args.shell),
+        Command::Man => docs::print_man_page(),
     }
 }
 
@@ -263,7 +332,7 @@ mod tests {
     fn cache_size_takes_binary_suffixes() {
         let cli = Cli::try_parse_from(["chainfs", "mount", "--cache-size", "64M", "a", "b"]);
         match cli.map(|c| c.command) {
-            Ok(Command::Mount(args)) => assert_eq!(args.cache_size, Some(64 << 20)),
+            Ok(Some(Command::Mount(args))) => assert_eq!(args.cache_size, Some(64 << 20)),
             other => panic!("{other:?}"),
         }
     }
@@ -272,6 +341,72 @@ mod tests {
     fn zero_threads_is_a_usage_error() {
         let cli = Cli::try_parse_from(["chainfs", "mount", "--threads", "0", "a", "b"]);
         assert!(cli.is_err());
+    }
+
+    /// The mount arguments `args` parse to, `-o` folded in.
+    fn mount_args(args: &[&str]) -> MountArgs {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string());
+        match cli.map(|cli| (cli.command, cli.helper)) {
+            Ok((Some(Command::Mount(args)), None)) | Ok((None, Some(args))) => {
+                mount_options::apply(args)
+            }
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_mount_helpers_form_is_mount() {
+        // As mount.fuse3 runs it for `mount -t fuse.chainfs top.qcow2 /mnt`.
+        let args = mount_args(&["chainfs", "/i/top.qcow2", "/mnt", "-o", "ro,dev,suid"]);
+        assert_eq!(args.image, Path::new("/i/top.qcow2"));
+        assert_eq!(args.mountpoint, Path::new("/mnt"));
+        assert!(args.read_only);
+        let args = mount_args(&["chainfs", "-o", "allow_other", "top.qcow2", "/mnt"]);
+        assert!(args.allow_other && !args.read_only);
+    }
+
+    #[test]
+    fn o_options_set_their_flags_and_override_them() {
+        let args = mount_args(&[
+            "chainfs",
+            "mount",
+            "--threads",
+            "5",
+            "-o",
+            "threads=3,cache_size=1M,force_share",
+            "-o",
+            "log_file=/tmp/l",
+            "a",
+            "b",
+        ]);
+        assert_eq!(args.threads, Some(3));
+        assert_eq!(args.cache_size, Some(1 << 20));
+        assert!(args.force_share);
+        assert_eq!(args.log_file.as_deref(), Some(Path::new("/tmp/l")));
+        // rw undoes an earlier ro, not the flag.
+        assert!(!mount_args(&["chainfs", "a", "b", "-o", "ro", "-o", "rw"]).read_only);
+        assert!(mount_args(&["chainfs", "mount", "--read-only", "-o", "rw", "a", "b"]).read_only);
+    }
+
+    #[test]
+    fn an_unknown_o_option_is_a_usage_error_naming_it() {
+        let err = Cli::try_parse_from(["chainfs", "a", "b", "-o", "ro,bogus"]).expect_err("bogus");
+        assert!(err.to_string().contains("`bogus`"), "{err}");
+    }
+
+    #[test]
+    fn subcommands_are_not_taken_for_the_helpers_form() {
+        let cli = Cli::try_parse_from(["chainfs", "umount", "/mnt"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    command: Some(Command::Umount(_)),
+                    helper: None
+                })
+            ),
+            "{cli:?}"
+        );
     }
 
     #[test]

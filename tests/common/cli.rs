@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::chain::small_chain;
+use super::tools::{path_str, qemu_img_check};
+
 /// How long any one command may take before the test gives up on it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -269,4 +272,107 @@ pub fn kill_daemon(marker: &Path, mnt: &Path) {
         .args(["-u", "-z"])
         .arg(mnt)
         .output();
+}
+
+/// The directories `/bin/sh` searches when it has no PATH, first first:
+/// mount(8) runs its helpers with PATH removed from the environment, so
+/// `mount.fuse3` finds `chainfs` only in one of these.
+pub const SH_DEFAULT_PATH_FIRST: &str = "/usr/local/sbin";
+
+/// Runs `script` with `sh -eu` in a private mount namespace (`unshare -m`)
+/// in which `chainfs` at the head of sh's default PATH is the binary under
+/// test, as if it were installed, so that `mount -t fuse.chainfs` and fstab
+/// lines run it through `mount.fuse3`. Nothing it mounts is seen outside
+/// the namespace; if the script fails, `mnt` is unmounted lazily so the
+/// daemon exits. Daemons it starts are `processes_of(Path::new("chainfs"),
+/// marker)`: sh runs the helper by that name.
+pub fn run_installed(dir: &Path, mnt: &Path, script: &str) -> Outcome {
+    let bin = dir.join("installed-bin");
+    std::fs::create_dir_all(&bin).expect("mkdir installed-bin");
+    // A symlink, not a copy: a file just written cannot be executed while
+    // a child another test thread forks still holds the writer's descriptor.
+    let link = bin.join("chainfs");
+    if !link.exists() {
+        std::os::unix::fs::symlink(chainfs_bin(), &link).expect("symlink chainfs");
+    }
+    let prologue = format!(
+        "trap 'umount -l {mnt} 2>/dev/null || true' EXIT\n\
+         mount --bind {bin} {first}\n\
+         found=$(env -i /bin/sh -c 'command -v chainfs')\n\
+         [ \"$found\" = {first}/chainfs ] || {{ echo \"sh without PATH runs $found\" >&2; exit 1; }}\n",
+        mnt = mnt.display(),
+        bin = bin.display(),
+        first = SH_DEFAULT_PATH_FIRST,
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "--propagation", "private", "sh", "-euc"])
+        .arg(prologue + script);
+    run(&mut command)
+}
+
+/// A small chain (`small_chain`: base.qcow2 <- top.qcow2) and an empty
+/// mount point in a fresh directory: what the tests of the binary mount.
+pub struct ChainDir {
+    /// The directory; its path marks the daemons started for it.
+    pub dir: tempfile::TempDir,
+    /// The base image.
+    pub base: PathBuf,
+    /// The top (active) image.
+    pub top: PathBuf,
+    /// The empty mount point.
+    pub mnt: PathBuf,
+}
+
+impl ChainDir {
+    /// Creates the chain and the mount point.
+    pub fn new() -> ChainDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [base, top] = small_chain(dir.path());
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        ChainDir {
+            dir,
+            base,
+            top,
+            mnt,
+        }
+    }
+
+    /// The daemons started for this chain: by the test's copy of the
+    /// binary, or by the name `chainfs`, as `mount.fuse3` runs it.
+    pub fn daemons(&self) -> Vec<u32> {
+        let mut pids = chainfs_processes(self.dir.path());
+        pids.extend(processes_of(Path::new("chainfs"), self.dir.path()));
+        pids
+    }
+
+    /// `chainfs mount EXTRA… TOP MNT`, in the background.
+    pub fn mount(&self, extra: &[&str]) -> MountGuard {
+        let guard = MountGuard(self.mnt.clone());
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.extend([path_str(&self.top), path_str(&self.mnt)]);
+        chainfs(&args).ok();
+        guard
+    }
+
+    /// After the mount went away: the daemon is gone, nothing is mounted,
+    /// and both images are clean and unlocked (qemu-img check without -U).
+    pub fn assert_released(&self) {
+        assert!(self.daemons().is_empty(), "daemon still running");
+        assert!(!is_mounted(&self.mnt), "still mounted");
+        qemu_img_check(&self.top);
+        qemu_img_check(&self.base);
+    }
+
+    /// After a plain unmount, which the daemon learns of and finishes on
+    /// its own: waits for it to exit, then `assert_released`.
+    pub fn wait_released(&self) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self.daemons().is_empty()),
+            "the daemon did not exit after the unmount"
+        );
+        self.assert_released();
+    }
 }

@@ -1,31 +1,58 @@
 #!/usr/bin/env bash
 # chainfs against qemu-storage-daemon on the same images, in the same run,
 # reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
-# export), fio, qemu-utils, and a release build of chainfs.
+# export, loop mounts), fio, qemu-utils, and builds chainfs in release.
 #
-#   contrib/bench.sh [reads|stream|commit|all]   SIZE=1G RUNTIME=10 RUNS=3 by default
+#   contrib/bench.sh [reads|writes|alloc|jobs|load|all]...
 #
-# reads:  sequential 1 MiB and random 4 KiB reads (fio, 1 and 4 jobs,
-#         O_DIRECT) through a node file, against qemu-storage-daemon's FUSE
-#         export of the same fully allocated qcow2 image.
-# stream: a four-deep chain, each layer holding a disjoint quarter, streamed
-#         into the top: chainfs's `stream` against qemu-storage-daemon's
-#         block-stream over QMP; fio's random 4 KiB write IOPS on the active
-#         layer while each stream runs.
-# commit: the same four-deep chain: an intermediate commit (l2 and l1 into
-#         the base, l2's child rebacked) and an active commit (everything
-#         into the base, ready, then complete/job-complete), chainfs's
-#         `commit` against qemu-storage-daemon's block-commit; RUNS runs.
+# Every figure is measured RUNS times, chainfs and qsd one after the other
+# within each repetition (so a machine that slows down slows both); the
+# table shows the medians of each side and the median of the per-repetition
+# ratios, where a ratio above 1 always means chainfs is the better.
 #
-# Where: BENCH_DIR (default /dev/shm, a tmpfs: the figures then measure the
-# two programs, not the disk). BENCH_FS=xfs makes an XFS filesystem with
-# reflink in a loop file under BENCH_DIR and works there, where jobs can
-# share extents instead of copying them.
+# reads : a fully allocated qcow2 of SIZE, read through chainfs's node file
+#         and through qsd's FUSE export: sequential 1 MiB and random 4 KiB,
+#         1 and 4 fio jobs, O_DIRECT and buffered.
+# writes: the same image writable: sequential 1 MiB and random 4 KiB
+#         writes, O_DIRECT, 1 and 4 jobs.
+# alloc : writes into an empty overlay that each allocate a new 64 KiB
+#         cluster (64 KiB writes, and 4 KiB writes at cluster starts),
+#         1 and 4 jobs, O_DIRECT, a fresh overlay each time.
+# jobs  : a four-deep chain of SIZE, each layer a disjoint quarter:
+#         stream without base and onto the bottom node, intermediate commit
+#         (two layers into the base) and active commit (to ready, then
+#         complete), against qsd's block-stream / block-commit.
+# load  : the same jobs at speed=LOAD_SPEED while fio reads 4 KiB at
+#         random from the top for LOAD_SECONDS: the read IOPS kept, as a
+#         share of the same reads with no job (qsd read through NBD, since
+#         its FUSE export cannot share the chain with a job), and the
+#         write IOPS on the active layer during an unlimited stream.
+# The peak RSS of each daemon is recorded after the reads and the jobs.
+#
+# Settings (environment): SIZE=1G RUNTIME=10 (seconds per fio run) RUNS=3
+# LOAD_SPEED=256M LOAD_SECONDS=2; BENCH_DIR (default /dev/shm, a tmpfs:
+# the figures then measure the two programs, not the disk); BENCH_FS=xfs
+# makes an XFS filesystem with reflink in a loop file under BENCH_DIR and
+# works there, where jobs share extents instead of copying them;
+# BENCH_OUT (default ./bench-result.json) receives every measurement and
+# the medians as JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
+RUNS=${RUNS:-3}
+LOAD_SPEED=${LOAD_SPEED:-256M}
+LOAD_SECONDS=${LOAD_SECONDS:-2}
+out=${BENCH_OUT:-$PWD/bench-result.json}
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(all)
+for section in "${sections[@]}"; do
+    case $section in
+        reads|writes|alloc|jobs|load|all) ;;
+        *) echo "usage: $0 [reads|writes|alloc|jobs|load|all]..." >&2; exit 2 ;;
+    esac
+done
+
 work=$(mktemp -d "${BENCH_DIR:-/dev/shm}/chainfs-bench.XXXXXX")
 xfs_image=
 if [ "${BENCH_FS:-}" = xfs ]; then
@@ -46,72 +73,67 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-echo "bench: $(nproc) cores, $(uname -r), work in $(df --output=fstype "$work" | tail -1) at $work, SIZE=$SIZE"
+fstype=$(df --output=fstype "$work" | tail -1 | tr -d ' ')
+machine="$(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB, $(uname -r), $fstype, qemu $(qemu-img --version | head -1 | awk '{ print $3 }'), fio $(fio --version)"
+echo "bench: $machine; SIZE=$SIZE RUNTIME=$RUNTIME RUNS=$RUNS"
 
 cargo build --release -q
 chainfs=$PWD/target/release/chainfs
+mnt=$work/mnt
+export_point=$work/export
+results=$work/results.jsonl
+: > "$results"
+run=0
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
+# record FIGURE UNIT BETTER CHAINFS QSD: one measurement of both sides;
+# BETTER is `higher` (throughput) or `lower` (time, memory).
+record() {
+    echo "{\"figure\": \"$1\", \"unit\": \"$2\", \"better\": \"$3\", \"run\": $run, \"chainfs\": $4, \"qsd\": $5}" >> "$results"
+    printf '  run %s  %-52s %12s | %12s %s\n' "$run" "$1" "$4" "$5" "$2"
+}
 
-# fio_value FILE JOBS RW BS -> bandwidth in MiB/s (bs=1M) or IOPS (else)
+# fio_json ARGS...: fio's JSON for one group of jobs.
+fio_json() {
+    fio --name=b --group_reporting --output-format=json "$@" 2>/dev/null
+}
+
+# fio_value JSON: MiB/s when the block size is 1 MiB, else IOPS, of the
+# side (read or write) that moved data.
 fio_value() {
-    local file=$1 jobs=$2 rw=$3 bs=$4
-    local out
-    out=$(fio --name=b --filename="$file" --rw="$rw" --bs="$bs" --numjobs="$jobs" \
-        --direct=1 --ioengine=psync --time_based --runtime="$RUNTIME" \
-        --group_reporting --output-format=json --size="$SIZE" 2>/dev/null)
     python3 -c '
 import json, sys
-job = json.loads(sys.argv[1])["jobs"][0]
+text = sys.stdin.read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
 side = job["read"] if job["read"]["io_bytes"] else job["write"]
-print(round(side["bw"] / 1024, 1) if sys.argv[2] == "1M" else round(side["iops"]))
-' "$out" "$bs"
+bs = job["job options"].get("bs", "4k")
+print(round(side["bw"] / 1024, 1) if bs == "1M" else round(side["iops"]))
+'
 }
 
-# fio_nbd SOCKET EXPORT -> random 4 KiB write IOPS through an NBD export
+# fio_file FILE JOBS RW BS DIRECT [EXTRA...] -> MiB/s or IOPS, time based.
+fio_file() {
+    local file=$1 jobs=$2 rw=$3 bs=$4 direct=$5
+    shift 5
+    fio_json --filename="$file" --rw="$rw" --bs="$bs" --numjobs="$jobs" \
+        --direct="$direct" --ioengine=psync --time_based --runtime="$RUNTIME" \
+        --size="$SIZE" "$@" | fio_value
+}
+
+# fio_nbd SOCKET EXPORT RW SECONDS -> 4 KiB IOPS through an NBD export.
 fio_nbd() {
-    local out
-    out=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///$2?socket=$1" --rw=randwrite \
-        --bs=4k --numjobs=1 --time_based --runtime="$RUNTIME" --size="$SIZE" \
-        --output-format=json 2>/dev/null)
-    # The nbd engine says "connected" before its JSON.
-    python3 -c 'import json, sys; t = sys.argv[1]; print(round(json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"]))' "$out"
+    fio_json --ioengine=nbd --uri="nbd+unix:///$2?socket=$1" --rw="$3" --bs=4k \
+        --numjobs=1 --time_based --runtime="$4" --size="$SIZE" | fio_value
 }
 
-# qmp SOCKET JSON... : sends each command, prints the replies; with
-# WAIT_EVENT set, waits for that event and prints the seconds it took.
-qmp() {
-    python3 - "$@" <<'PY'
-import json, os, socket, sys, time
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
-f = sock.makefile("rw")
-def read():
-    return json.loads(f.readline())
-read()
-for cmd in ["{\"execute\": \"qmp_capabilities\"}"] + sys.argv[2:]:
-    f.write(cmd + "\n"); f.flush()
-    start = time.time()
-    while True:
-        msg = read()
-        if "return" in msg or "error" in msg:
-            if "error" in msg:
-                sys.exit("QMP error: %s" % msg["error"])
-            break
-wait = os.environ.get("WAIT_EVENT")
-if wait:
-    while True:
-        msg = read()
-        if msg.get("event") == wait:
-            if msg.get("data", {}).get("error"):
-                sys.exit("job failed: %s" % msg["data"]["error"])
-            print("%.3f" % (time.time() - start))
-            break
-PY
-}
+# peak_rss PID -> the process's peak resident set in MiB.
+peak_rss() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+
+# The pid of the chainfs daemon serving $mnt.
+chainfs_pid() { pgrep -f "chainfs mount .* $mnt\$" | head -1; }
 
 start_qsd() {
-    local socket=$1; shift
+    local socket=$work/qmp.sock
+    rm -f "$socket"
     qemu-storage-daemon --chardev socket,id=qmp,path="$socket",server=on,wait=off \
         --monitor chardev=qmp "$@" &
     qsd_pid=$!
@@ -121,45 +143,127 @@ start_qsd() {
 
 stop_qsd() { kill "$qsd_pid"; wait "$qsd_pid" 2>/dev/null || true; qsd_pid=; }
 
-bench_reads() {
-    local img=$work/full.qcow2
-    qemu-img create -q -f qcow2 "$img" "$SIZE"
-    qemu-io -c "write -P 0x5a 0 $SIZE" "$img" >/dev/null
-    cat "$img" >/dev/null   # warm the host page cache for both alike
-    mkdir -p "$work/mnt"
-    "$chainfs" mount --read-only "$img" "$work/mnt"
-    local c_seq1 c_seq4 c_rnd1 c_rnd4
-    c_seq1=$(fio_value "$work/mnt/full.qcow2" 1 read 1M)
-    c_seq4=$(fio_value "$work/mnt/full.qcow2" 4 read 1M)
-    c_rnd1=$(fio_value "$work/mnt/full.qcow2" 1 randread 4k)
-    c_rnd4=$(fio_value "$work/mnt/full.qcow2" 4 randread 4k)
-    "$chainfs" umount "$work/mnt"
-    touch "$work/export"
-    start_qsd "$work/qmp.sock" \
-        --blockdev driver=file,node-name=file0,filename="$img" \
+# qsd_export IMAGE WRITABLE: qsd with IMAGE (qcow2) exported over FUSE at
+# $export_point.
+qsd_export() {
+    touch "$export_point"
+    start_qsd --blockdev driver=file,node-name=file0,filename="$1" \
         --blockdev driver=qcow2,node-name=fmt0,file=file0 \
-        --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$work/export",writable=off
-    sleep 0.5
-    local q_seq1 q_seq4 q_rnd1 q_rnd4
-    q_seq1=$(fio_value "$work/export" 1 read 1M)
-    q_seq4=$(fio_value "$work/export" 4 read 1M)
-    q_rnd1=$(fio_value "$work/export" 1 randread 4k)
-    q_rnd4=$(fio_value "$work/export" 4 randread 4k)
-    stop_qsd
-    echo "reads of a $SIZE fully allocated qcow2 (fio O_DIRECT, ${RUNTIME}s each): chainfs | qemu-storage-daemon | ratio"
-    echo "  sequential 1M, 1 job : $c_seq1 MiB/s | $q_seq1 MiB/s | $(ratio "$c_seq1" "$q_seq1")"
-    echo "  sequential 1M, 4 jobs: $c_seq4 MiB/s | $q_seq4 MiB/s | $(ratio "$c_seq4" "$q_seq4")"
-    echo "  random 4K, 1 job     : $c_rnd1 IOPS | $q_rnd1 IOPS | $(ratio "$c_rnd1" "$q_rnd1")"
-    echo "  random 4K, 4 jobs    : $c_rnd4 IOPS | $q_rnd4 IOPS | $(ratio "$c_rnd4" "$q_rnd4")"
+        --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$export_point",writable="$2"
+    for _ in $(seq 100); do mountpoint -q "$export_point" && return; sleep 0.05; done
+    echo "qemu-storage-daemon's export did not appear" >&2; exit 1
+}
+
+# full_image PATH: a qcow2 of SIZE with every cluster allocated.
+full_image() {
+    qemu-img create -q -f qcow2 "$1" "$SIZE"
+    qemu-io -c "write -P 0x5a 0 $SIZE" "$1" >/dev/null
+    cat "$1" >/dev/null   # in the host page cache for both alike
+}
+
+bench_reads() {
+    echo "reads of a $SIZE fully allocated qcow2 (fio, ${RUNTIME}s each)"
+    local img=$work/full.qcow2 spec name jobs rw bs direct c q c_rss q_rss
+    full_image "$img"
+    local specs=("1 read 1M 1" "4 read 1M 1" "1 randread 4k 1" "4 randread 4k 1"
+        "1 read 1M 0" "1 randread 4k 0")
+    for run in $(seq "$RUNS"); do
+        declare -A cf=()
+        mkdir -p "$mnt"
+        "$chainfs" mount --read-only "$img" "$mnt"
+        for spec in "${specs[@]}"; do
+            read -r jobs rw bs direct <<< "$spec"
+            cf[$spec]=$(fio_file "$mnt/full.qcow2" "$jobs" "$rw" "$bs" "$direct")
+        done
+        c_rss=$(peak_rss "$(chainfs_pid)")
+        "$chainfs" umount "$mnt"
+        qsd_export "$img" off
+        for spec in "${specs[@]}"; do
+            read -r jobs rw bs direct <<< "$spec"
+            q=$(fio_file "$export_point" "$jobs" "$rw" "$bs" "$direct")
+            name="$rw $bs, $jobs job(s), $([ "$direct" = 1 ] && echo O_DIRECT || echo buffered)"
+            record "read: $name" "$([ "$bs" = 1M ] && echo MiB/s || echo IOPS)" higher "${cf[$spec]}" "$q"
+        done
+        q_rss=$(peak_rss "$qsd_pid")
+        stop_qsd
+        record "peak RSS after the reads" MiB lower "$c_rss" "$q_rss"
+        unset cf
+    done
+}
+
+bench_writes() {
+    echo "writes into a $SIZE fully allocated qcow2 (fio O_DIRECT, ${RUNTIME}s each)"
+    local img=$work/full.qcow2 spec jobs rw bs c q
+    full_image "$img"
+    local specs=("1 write 1M" "1 randwrite 4k" "4 randwrite 4k")
+    for run in $(seq "$RUNS"); do
+        declare -A cf=()
+        mkdir -p "$mnt"
+        "$chainfs" mount "$img" "$mnt"
+        for spec in "${specs[@]}"; do
+            read -r jobs rw bs <<< "$spec"
+            cf[$spec]=$(fio_file "$mnt/active" "$jobs" "$rw" "$bs" 1)
+        done
+        "$chainfs" umount "$mnt"
+        qemu-img check -q "$img"
+        qsd_export "$img" on
+        for spec in "${specs[@]}"; do
+            read -r jobs rw bs <<< "$spec"
+            q=$(fio_file "$export_point" "$jobs" "$rw" "$bs" 1)
+            record "write: $rw $bs, $jobs job(s), O_DIRECT" "$([ "$bs" = 1M ] && echo MiB/s || echo IOPS)" higher "${cf[$spec]}" "$q"
+        done
+        stop_qsd
+        qemu-img check -q "$img"
+        unset cf
+    done
+}
+
+# fio_alloc FILE JOBS BS -> IOPS of writes that each allocate a cluster:
+# each job writes its own share of the image once, one write per 64 KiB
+# cluster: 64 KiB writes at random, 4 KiB writes at each cluster's start.
+fio_alloc() {
+    local file=$1 jobs=$2 bs=$3 size pattern=randwrite
+    size=$(( $(numfmt --from=iec "$SIZE") / jobs ))
+    [ "$bs" = 4k ] && pattern=write:60k
+    fio_json --filename="$file" --rw="$pattern" --bs="$bs" --numjobs="$jobs" \
+        --size="$size" --offset_increment="$size" --direct=1 --ioengine=psync | fio_value
+}
+
+# empty_overlay DIR: base.qcow2 (empty) <- top.qcow2 (empty), 64 KiB clusters.
+empty_overlay() {
+    rm -rf "$1"; mkdir -p "$1"
+    qemu-img create -q -f qcow2 "$1/base.qcow2" "$SIZE"
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$1/top.qcow2" "$SIZE"
+}
+
+bench_alloc() {
+    echo "allocating writes into an empty $SIZE overlay (fio O_DIRECT, one write per new cluster)"
+    local spec jobs bs c q
+    for run in $(seq "$RUNS"); do
+        for spec in "1 64k" "4 64k" "1 4k" "4 4k"; do
+            read -r jobs bs <<< "$spec"
+            empty_overlay "$work/a"
+            mkdir -p "$mnt"
+            "$chainfs" mount "$work/a/top.qcow2" "$mnt"
+            c=$(fio_alloc "$mnt/active" "$jobs" "$bs")
+            "$chainfs" umount "$mnt"
+            qemu-img check -q "$work/a/top.qcow2"
+            empty_overlay "$work/a"
+            qsd_export "$work/a/top.qcow2" on
+            q=$(fio_alloc "$export_point" "$jobs" "$bs")
+            stop_qsd
+            qemu-img check -q "$work/a/top.qcow2"
+            record "allocating write: $bs, $jobs job(s)" IOPS higher "$c" "$q"
+        done
+    done
 }
 
 # make_quarters DIR: base.qcow2 <- l1 <- l2 <- top, each a disjoint quarter.
 make_quarters() {
-    local dir=$1 quarter
+    local dir=$1 quarter prev=base.qcow2 i=0 layer
     quarter=$(( $(numfmt --from=iec "$SIZE") / 4 ))
-    mkdir -p "$dir"
+    rm -rf "$dir"; mkdir -p "$dir"
     qemu-img create -q -f qcow2 "$dir/base.qcow2" "$SIZE"
-    local prev=base.qcow2 i=0
     for layer in base.qcow2 l1.qcow2 l2.qcow2 top.qcow2; do
         if [ "$layer" != base.qcow2 ]; then
             qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/$layer" "$SIZE"
@@ -170,52 +274,22 @@ make_quarters() {
     cat "$dir"/*.qcow2 >/dev/null
 }
 
-bench_stream() {
-    make_quarters "$work/c"
-    make_quarters "$work/q"
-    mkdir -p "$work/mnt"
-    local start end c_secs q_secs fio_pid
-    "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
-    start=$(date +%s.%N)
-    echo "stream base=base.qcow2" > "$work/mnt/ctl/command"
-    # Random 4K writes on the active layer while the stream runs.
-    fio_value "$work/mnt/active" 1 randwrite 4k > "$work/c.iops" &
-    fio_pid=$!
-    # Timed to within 10 ms, as qsd's is timed by its completion event.
-    until grep -q '"outcome"' "$work/mnt/ctl/status.json"; do sleep 0.01; done
-    end=$(date +%s.%N)
-    grep -q '"outcome": "completed"' "$work/mnt/ctl/status.json"
-    wait "$fio_pid"
-    "$chainfs" umount "$work/mnt"
-    c_secs=$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')
-    qemu-img check -q "$work/c/top.qcow2"
+# The four jobs: name, chainfs command, qsd QMP command (JSON), whether
+# it needs `complete`, and the image qemu-img check must pass after it.
+job_names=("stream, no base" "stream onto the bottom node" "commit, intermediate" "commit, active")
+job_chainfs=("stream" "stream base=base.qcow2" "commit top=l2.qcow2 base=base.qcow2" "commit top=active base=base.qcow2")
+job_qsd=('"block-stream", "arguments": {"job-id": "j", "device": "top"'
+    '"block-stream", "arguments": {"job-id": "j", "device": "top", "base-node": "base"'
+    '"block-commit", "arguments": {"job-id": "j", "device": "top", "top-node": "l2", "base-node": "base"'
+    '"block-commit", "arguments": {"job-id": "j", "device": "top", "base-node": "base"')
+job_complete=("" "" "" complete)
+job_checked=(top top base base)
 
-    # qemu-storage-daemon's writable FUSE export takes the resize permission,
-    # which block-stream refuses to share (QEMU 10.0: "Permission conflict
-    # ... 'resize'"), so the writes during its stream go through its NBD
-    # export instead.
-    start_qsd "$work/qmp.sock" \
-        --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename="$work/q/top.qcow2" \
-        --nbd-server addr.type=unix,addr.path="$work/nbd.sock" \
-        --export type=nbd,id=exp0,node-name=top,name=top,writable=on
-    sleep 0.5
-    fio_nbd "$work/nbd.sock" top > "$work/q.iops" &
-    fio_pid=$!
-    q_secs=$(WAIT_EVENT=BLOCK_JOB_COMPLETED qmp "$work/qmp.sock" \
-        '{"execute": "block-stream", "arguments": {"job-id": "s", "device": "top", "base": "'"$work/q/base.qcow2"'"}}')
-    wait "$fio_pid"
-    stop_qsd
-    qemu-img check -q "$work/q/top.qcow2"
-    echo "stream of a four-deep $SIZE chain (each layer a disjoint quarter) into the top: chainfs | qemu-storage-daemon | ratio"
-    echo "  time               : ${c_secs}s | ${q_secs}s | $(ratio "$q_secs" "$c_secs") (qsd/chainfs: >1 means chainfs is faster)"
-    echo "  4K write IOPS on the active layer during the stream (fio, ${RUNTIME}s; chainfs through its FUSE file, qsd through NBD): $(cat "$work/c.iops") | $(cat "$work/q.iops") | $(ratio "$(cat "$work/c.iops")" "$(cat "$work/q.iops")")"
-}
-
-# chainfs_job MNT COMMAND [complete]: runs COMMAND, completes the job once
-# it is ready if asked, and prints the seconds until it concluded (status
-# polled every 10 ms, as qsd's is timed by its events).
+# chainfs_job COMMAND [complete]: runs COMMAND on $mnt, completes it once
+# ready if asked, and prints the seconds until it concluded (status polled
+# every 10 ms, as qsd's is timed by its events).
 chainfs_job() {
-    local mnt=$1 text=$2 complete=${3:-} start end
+    local text=$1 complete=${2:-} start end
     start=$(date +%s.%N)
     echo "$text" > "$mnt/ctl/command"
     if [ -n "$complete" ]; then
@@ -228,11 +302,11 @@ chainfs_job() {
     awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
 }
 
-# qsd_commit SOCKET ARGS [complete]: block-commit with ARGS (JSON members),
+# qsd_job COMMAND [complete]: the QMP command (the inside of its JSON),
 # job-complete on BLOCK_JOB_READY if asked; prints the seconds until
 # BLOCK_JOB_COMPLETED.
-qsd_commit() {
-    python3 - "$@" <<'PY'
+qsd_job() {
+    python3 - "$work/qmp.sock" "$@" <<'PY'
 import json, socket, sys, time
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(sys.argv[1])
@@ -242,14 +316,14 @@ def send(cmd):
 json.loads(f.readline())
 send({"execute": "qmp_capabilities"})
 start = time.time()
-send({"execute": "block-commit", "arguments": json.loads("{" + sys.argv[2] + "}")})
+send(json.loads('{"execute": ' + sys.argv[2] + "}}"))
 while True:
     msg = json.loads(f.readline())
     if "error" in msg:
         sys.exit("QMP error: %s" % msg["error"])
     event = msg.get("event")
-    if event == "BLOCK_JOB_READY" and len(sys.argv) > 3:
-        send({"execute": "job-complete", "arguments": {"id": "c"}})
+    if event == "BLOCK_JOB_READY" and len(sys.argv) > 3 and sys.argv[3]:
+        send({"execute": "job-complete", "arguments": {"id": "j"}})
     elif event == "BLOCK_JOB_COMPLETED":
         if msg.get("data", {}).get("error"):
             sys.exit("job failed: %s" % msg["data"]["error"])
@@ -258,57 +332,143 @@ while True:
 PY
 }
 
-# start_qsd_chain DIR: qemu-storage-daemon with the four-deep chain of DIR
-# as named nodes base <- l1 <- l2 <- top.
+# start_qsd_chain DIR [EXTRA...]: qsd with the four-deep chain of DIR as
+# named nodes base <- l1 <- l2 <- top.
 start_qsd_chain() {
-    local dir=$1 prev= args=()
+    local dir=$1 prev= args=() node
+    shift
     for node in base l1 l2 top; do
         local spec="driver=qcow2,node-name=$node,file.driver=file,file.filename=$dir/$node.qcow2"
         if [ -n "$prev" ]; then spec="$spec,backing=$prev"; fi
         args+=(--blockdev "$spec")
         prev=$node
     done
-    start_qsd "$work/qmp.sock" "${args[@]}"
+    start_qsd "${args[@]}" "$@"
 }
 
-bench_commit() {
-    local runs=${RUNS:-3} run kind c q c_sum=0 q_sum=0
-    echo "commit of a four-deep $SIZE chain (each layer a disjoint quarter): chainfs | qemu-storage-daemon | ratio (qsd/chainfs: >1 means chainfs is faster)"
-    for kind in intermediate active; do
-        c_sum=0; q_sum=0
-        for run in $(seq "$runs"); do
-            rm -rf "$work/c" "$work/q"
+bench_jobs() {
+    echo "jobs on a four-deep $SIZE chain (each layer a disjoint quarter), in seconds"
+    local i c q c_rss q_rss
+    for run in $(seq "$RUNS"); do
+        for i in "${!job_names[@]}"; do
             make_quarters "$work/c"
+            mkdir -p "$mnt"
+            "$chainfs" mount "$work/c/top.qcow2" "$mnt"
+            c=$(chainfs_job "${job_chainfs[$i]}" "${job_complete[$i]}")
+            c_rss=$(peak_rss "$(chainfs_pid)")
+            "$chainfs" umount "$mnt"
+            qemu-img check -q "$work/c/${job_checked[$i]}.qcow2"
             make_quarters "$work/q"
-            mkdir -p "$work/mnt"
-            "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
-            if [ "$kind" = intermediate ]; then
-                c=$(chainfs_job "$work/mnt" "commit top=l2.qcow2 base=base.qcow2")
-            else
-                c=$(chainfs_job "$work/mnt" "commit top=active base=base.qcow2" complete)
-            fi
-            "$chainfs" umount "$work/mnt"
-            qemu-img check -q "$work/c/base.qcow2"
             start_qsd_chain "$work/q"
-            if [ "$kind" = intermediate ]; then
-                q=$(qsd_commit "$work/qmp.sock" '"job-id": "c", "device": "top", "top-node": "l2", "base-node": "base"')
-            else
-                q=$(qsd_commit "$work/qmp.sock" '"job-id": "c", "device": "top", "base-node": "base"' complete)
-            fi
+            q=$(qsd_job "${job_qsd[$i]}" "${job_complete[$i]}")
+            q_rss=$(peak_rss "$qsd_pid")
             stop_qsd
-            qemu-img check -q "$work/q/base.qcow2"
-            echo "  $kind, run $run: ${c}s | ${q}s | $(ratio "$q" "$c")"
-            c_sum=$(awk -v a="$c_sum" -v b="$c" 'BEGIN { print a + b }')
-            q_sum=$(awk -v a="$q_sum" -v b="$q" 'BEGIN { print a + b }')
+            qemu-img check -q "$work/q/${job_checked[$i]}.qcow2"
+            record "${job_names[$i]}" s lower "$c" "$q"
         done
-        echo "  $kind, total of $runs: ${c_sum}s | ${q_sum}s | $(ratio "$q_sum" "$c_sum")"
+        record "peak RSS after a job" MiB lower "$c_rss" "$q_rss"
     done
 }
 
-case $what in
-    reads) bench_reads ;;
-    stream) bench_stream ;;
-    commit) bench_commit ;;
-    all) bench_reads; bench_stream; bench_commit ;;
-    *) echo "usage: $0 [reads|stream|commit|all]" >&2; exit 2 ;;
-esac
+# fio_reads_during FILE SECONDS -> random 4 KiB read IOPS on FILE.
+fio_reads_during() {
+    fio_json --filename="$1" --rw=randread --bs=4k --numjobs=1 --direct=1 \
+        --ioengine=psync --time_based --runtime="$2" --size="$SIZE" | fio_value
+}
+
+bench_load() {
+    echo "reads kept during jobs at speed=$LOAD_SPEED (4 KiB random reads of the top for ${LOAD_SECONDS}s, % of the same reads with no job)"
+    local i idle busy c q speed fio_pid
+    speed=$(numfmt --from=iec "$LOAD_SPEED")
+    for run in $(seq "$RUNS"); do
+        for i in "${!job_names[@]}"; do
+            make_quarters "$work/c"
+            mkdir -p "$mnt"
+            "$chainfs" mount "$work/c/top.qcow2" "$mnt"
+            idle=$(fio_reads_during "$mnt/top.qcow2" "$LOAD_SECONDS")
+            fio_reads_during "$mnt/top.qcow2" "$LOAD_SECONDS" > "$work/busy" &
+            fio_pid=$!
+            chainfs_job "${job_chainfs[$i]} speed=$LOAD_SPEED" "${job_complete[$i]}" > /dev/null
+            wait "$fio_pid"
+            busy=$(cat "$work/busy")
+            c=$(awk -v b="$busy" -v i="$idle" 'BEGIN { printf "%.1f", 100 * b / i }')
+            "$chainfs" umount "$mnt"
+            make_quarters "$work/q"
+            start_qsd_chain "$work/q" \
+                --nbd-server addr.type=unix,addr.path="$work/nbd.sock" \
+                --export type=nbd,id=exp0,node-name=top,name=top,writable=on
+            sleep 0.3
+            idle=$(fio_nbd "$work/nbd.sock" top randread "$LOAD_SECONDS")
+            fio_nbd "$work/nbd.sock" top randread "$LOAD_SECONDS" > "$work/busy" &
+            fio_pid=$!
+            qsd_job "${job_qsd[$i]}, \"speed\": $speed" "${job_complete[$i]}" > /dev/null
+            wait "$fio_pid"
+            busy=$(cat "$work/busy")
+            q=$(awk -v b="$busy" -v i="$idle" 'BEGIN { printf "%.1f", 100 * b / i }')
+            stop_qsd
+            record "reads kept during ${job_names[$i]}" % higher "$c" "$q"
+        done
+        # Writes on the active layer while an unlimited stream runs.
+        make_quarters "$work/c"
+        "$chainfs" mount "$work/c/top.qcow2" "$mnt"
+        echo "stream base=base.qcow2" > "$mnt/ctl/command"
+        c=$(fio_file "$mnt/active" 1 randwrite 4k 1)
+        "$chainfs" umount "$mnt"
+        qemu-img check -q "$work/c/top.qcow2"
+        make_quarters "$work/q"
+        start_qsd_chain "$work/q" \
+            --nbd-server addr.type=unix,addr.path="$work/nbd.sock" \
+            --export type=nbd,id=exp0,node-name=top,name=top,writable=on
+        sleep 0.3
+        fio_nbd "$work/nbd.sock" top randwrite "$RUNTIME" > "$work/busy" &
+        fio_pid=$!
+        qsd_job "${job_qsd[1]}" > /dev/null
+        wait "$fio_pid"
+        stop_qsd
+        qemu-img check -q "$work/q/top.qcow2"
+        record "4K random write IOPS on the active layer during a stream" IOPS higher "$c" "$(cat "$work/busy")"
+    done
+}
+
+for section in "${sections[@]}"; do
+    case $section in
+        reads) bench_reads ;;
+        writes) bench_writes ;;
+        alloc) bench_alloc ;;
+        jobs) bench_jobs ;;
+        load) bench_load ;;
+        all) bench_reads; bench_writes; bench_alloc; bench_jobs; bench_load ;;
+    esac
+done
+
+python3 - "$results" "$out" "$machine" "$SIZE" "$RUNTIME" "$RUNS" <<'PY'
+import json, statistics, sys
+results, out, machine, size, runtime, runs = sys.argv[1:]
+rows = [json.loads(line) for line in open(results)]
+figures = {}
+for row in rows:
+    figures.setdefault(row["figure"], []).append(row)
+table = []
+print()
+print("%-62s %12s %12s %7s" % ("median of %s runs" % runs, "chainfs", "qsd", "ratio"))
+for name, runs_of in figures.items():
+    def ratio(r):
+        c, q = r["chainfs"], r["qsd"]
+        if r["better"] == "higher":
+            return c / q if q else 0.0
+        return q / c if c else 0.0
+    entry = {
+        "figure": name,
+        "unit": runs_of[0]["unit"],
+        "better": runs_of[0]["better"],
+        "chainfs": statistics.median(r["chainfs"] for r in runs_of),
+        "qsd": statistics.median(r["qsd"] for r in runs_of),
+        "ratio": round(statistics.median(ratio(r) for r in runs_of), 2),
+        "runs": len(runs_of),
+    }
+    table.append(entry)
+    print("%-62s %12g %12g %6.2fx  %s" % (name, entry["chainfs"], entry["qsd"], entry["ratio"], entry["unit"]))
+json.dump({"machine": machine, "size": size, "runtime_s": int(runtime), "figures": table,
+           "measurements": rows}, open(out, "w"), indent=1)
+print("\nresults: %s (ratio > 1: chainfs is the better)" % out)
+PY

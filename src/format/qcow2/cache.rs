@@ -1,7 +1,8 @@
 //! A bounded cache of metadata tables shared by many threads.
 //!
-//! Tables are immutable once cached (`Arc<T>`); a writer replaces a table
-//! whole. The cache is split into shards so that threads looking up
+//! A cached table (`Arc<T>`) changes only as its type allows: refcount
+//! blocks and extended L2 tables are replaced whole, standard L2 entries
+//! are single words stored in place (see `L2Table`). The cache is split into shards so that threads looking up
 //! different tables do not contend on one lock.
 //!
 //! Lock order: a shard lock is a leaf — nothing else is locked while one is

@@ -13,6 +13,8 @@
 //! Extended entries add a 64-bit bitmap: bit `i` says subcluster `i` is
 //! allocated, bit `32 + i` that it reads as zeros.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::types::{Geometry, HostOffset, SUBCLUSTERS_PER_CLUSTER};
 use crate::format::{FormatError, Result};
 
@@ -245,12 +247,29 @@ impl L2Entry {
     }
 }
 
-/// One L2 table as raw big-endian words decoded to host order. Shared
-/// read-only between threads; writers replace it whole (copy on write).
-#[derive(Clone, Debug)]
+/// One L2 table as raw big-endian words decoded to host order, shared
+/// between threads. A standard entry is one word, which a writer changes in
+/// place ([`L2Table::store`]) while readers go on using the table: each
+/// reads whole words. An extended entry is two words that a reader must see
+/// change together, so its table is replaced whole (copy on write).
+#[derive(Debug)]
 pub struct L2Table {
-    words: Vec<u64>,
+    words: Vec<AtomicU64>,
     extended: bool,
+}
+
+impl Clone for L2Table {
+    fn clone(&self) -> L2Table {
+        let words = self
+            .words
+            .iter()
+            .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
+            .collect();
+        L2Table {
+            words,
+            extended: self.extended,
+        }
+    }
 }
 
 impl L2Table {
@@ -259,6 +278,7 @@ impl L2Table {
         let words = bytes
             .chunks_exact(8)
             .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .map(AtomicU64::new)
             .collect();
         L2Table { words, extended }
     }
@@ -272,32 +292,59 @@ impl L2Table {
     fn raw(&self, index: u64) -> (u64, u64) {
         if self.extended {
             let at = index as usize * 2;
-            (self.words[at], self.words[at + 1])
+            let word = self.words[at].load(Ordering::Acquire);
+            (word, self.words[at + 1].load(Ordering::Acquire))
         } else {
-            (self.words[index as usize], 0)
+            (self.words[index as usize].load(Ordering::Acquire), 0)
         }
     }
 
-    /// Replaces the entry at `index` and returns its on-disk bytes and their
-    /// offset within the table, for writing through.
-    pub fn set(&mut self, index: u64, entry: &L2Entry) -> (u64, Vec<u8>) {
+    /// The on-disk bytes of `entry` at `index`, and their offset within
+    /// the table, for writing through.
+    pub fn encoded(&self, index: u64, entry: &L2Entry) -> (u64, Vec<u8>) {
         let (word, bitmap) = entry.encode();
         if self.extended {
-            let at = index as usize * 2;
-            self.words[at] = word;
-            self.words[at + 1] = bitmap;
             let mut bytes = word.to_be_bytes().to_vec();
             bytes.extend_from_slice(&bitmap.to_be_bytes());
             (index * 16, bytes)
         } else {
-            self.words[index as usize] = word;
             (index * 8, word.to_be_bytes().to_vec())
         }
     }
 
+    /// Replaces the entry at `index` in a table no other thread sees, and
+    /// returns what [`L2Table::encoded`] does.
+    pub fn set(&mut self, index: u64, entry: &L2Entry) -> (u64, Vec<u8>) {
+        let (word, bitmap) = entry.encode();
+        if self.extended {
+            let at = index as usize * 2;
+            *self.words[at].get_mut() = word;
+            *self.words[at + 1].get_mut() = bitmap;
+        } else {
+            *self.words[index as usize].get_mut() = word;
+        }
+        self.encoded(index, entry)
+    }
+
+    /// Whether [`L2Table::store`] may change this table in place.
+    pub fn in_place(&self) -> bool {
+        !self.extended
+    }
+
+    /// Replaces the standard entry at `index` where readers see it. The
+    /// caller wrote it to disk first and holds the metadata lock.
+    pub fn store(&self, index: u64, entry: &L2Entry) {
+        debug_assert!(self.in_place(), "an extended entry is two words");
+        let (word, _) = entry.encode();
+        self.words[index as usize].store(word, Ordering::Release);
+    }
+
     /// The whole table as on-disk bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.words.iter().flat_map(|w| w.to_be_bytes()).collect()
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_be_bytes())
+            .collect()
     }
 }
 

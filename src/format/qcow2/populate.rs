@@ -189,19 +189,12 @@ impl Qcow2 {
         first: u64,
         hosts: &[HostOffset],
     ) -> Result<()> {
-        let mut updated = (**table).clone();
+        let entries: Vec<L2Entry> = hosts
+            .iter()
+            .map(|&host| L2Entry::Data { host, copied: true })
+            .collect();
         let index = self.geometry.l2_index(first);
-        let mut bytes = Vec::with_capacity(hosts.len() * self.geometry.l2_entry_size() as usize);
-        let mut start = None;
-        for (i, &host) in hosts.iter().enumerate() {
-            let (at, entry) = updated.set(index + i as u64, &L2Entry::Data { host, copied: true });
-            start.get_or_insert(at);
-            bytes.extend_from_slice(&entry);
-        }
-        let start = start.unwrap_or(0);
-        self.storage.write_at(&bytes, l2_offset + start)?;
-        self.l2_cache.insert(l2_offset, Arc::new(updated));
-        Ok(())
+        self.publish_l2_entries(l2_offset, table, index, &entries)
     }
 
     /// Fills one unallocated run inside one cluster.

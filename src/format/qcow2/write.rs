@@ -181,14 +181,17 @@ impl Qcow2 {
         backing: &dyn BackingReader,
     ) -> Result<L2Entry> {
         let cluster_size = self.geometry.cluster_size() as usize;
-        let start = self.geometry.cluster_start(guest);
-        let in_cluster = (guest - start) as usize;
-        let mut cluster = vec![0u8; cluster_size];
-        if data.len() < cluster_size {
+        if data.len() == cluster_size {
+            // The guest's bytes are the whole cluster: nothing to merge.
+            self.data().write_at(data, target.0)?;
+        } else {
+            let start = self.geometry.cluster_start(guest);
+            let in_cluster = (guest - start) as usize;
+            let mut cluster = vec![0u8; cluster_size];
             self.read_view(old, start, &mut cluster, backing)?;
+            cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+            self.data().write_at(&cluster, target.0)?;
         }
-        cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
-        self.data().write_at(&cluster, target.0)?;
         Ok(L2Entry::Data {
             host: target,
             copied: true,
@@ -281,10 +284,45 @@ impl Qcow2 {
         index: u64,
         entry: &L2Entry,
     ) -> Result<()> {
-        let mut updated = (**table).clone();
-        let (at, bytes) = updated.set(index, entry);
-        self.storage.write_at(&bytes, l2_offset + at)?;
-        self.l2_cache.insert(l2_offset, Arc::new(updated));
+        self.publish_l2_entries(l2_offset, table, index, std::slice::from_ref(entry))
+    }
+
+    /// Replaces the consecutive entries from `first` of the L2 table at
+    /// `l2_offset`: their bytes go to disk in one write, then readers see
+    /// them, in place where the table allows it (no copy of the table per
+    /// allocating write), else in a new version of the table. The caller
+    /// holds the metadata lock, so no other writer changes the table
+    /// meanwhile; the table goes back into the cache in case a miss
+    /// replaced it there while the data was written.
+    pub(super) fn publish_l2_entries(
+        &self,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        first: u64,
+        entries: &[L2Entry],
+    ) -> Result<()> {
+        let mut bytes = Vec::with_capacity(entries.len() * self.geometry.l2_entry_size() as usize);
+        let mut start = None;
+        for (i, entry) in (first..).zip(entries) {
+            let (at, encoded) = table.encoded(i, entry);
+            start.get_or_insert(at);
+            bytes.extend_from_slice(&encoded);
+        }
+        self.storage
+            .write_at(&bytes, l2_offset + start.unwrap_or(0))?;
+        let published = if table.in_place() {
+            for (i, entry) in (first..).zip(entries) {
+                table.store(i, entry);
+            }
+            Arc::clone(table)
+        } else {
+            let mut updated = (**table).clone();
+            for (i, entry) in (first..).zip(entries) {
+                updated.set(i, entry);
+            }
+            Arc::new(updated)
+        };
+        self.l2_cache.insert(l2_offset, published);
         Ok(())
     }
 

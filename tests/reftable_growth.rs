@@ -16,8 +16,8 @@ use chainfs::format::Qcow2;
 use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{FileStorage, Storage};
 use common::{
-    assert_same_bytes, convert_to_raw, create_qcow2, path_str, pattern, qemu_img, qemu_img_check,
-    require_qemu, MIB,
+    assert_same_bytes, convert_to_raw, create_overlay, create_qcow2, path_str, pattern, qemu_img,
+    qemu_img_check, require_qemu, MIB,
 };
 
 const SIZE: u64 = 32 * MIB;
@@ -165,19 +165,7 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
     let top = dir.path().join("top.qcow2");
     create_qcow2(path_str(&base), "32M", "");
     common::qemu_io(&base, "qcow2", &["write -P 0x99 20M 1M".to_string()]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
+    create_overlay(&top, ("base.qcow2", "qcow2"), None, "cluster_size=512");
     let mut model = convert_to_raw(&top);
     let before = reftable_offset(&top);
     let m = common::mount::mount_default(&top, dir.path());

@@ -75,8 +75,11 @@ fn on_error_report_fails_the_job_with_enospc_and_keeps_the_backing_pointer() {
     let m = disk.start("report");
     let job = wait_for(&m, "stream fails", |j| j.get("outcome").is_some());
     assert_eq!(job["outcome"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("No space left"), "{job}");
+    // The message names the image, what chainfs was doing there and where.
     assert!(
-        job["error"].as_str().unwrap().contains("No space left"),
+        error.contains("top.qcow2: cannot ") && error.contains(" at 0x"),
         "{job}"
     );
     let errors = events_named(&m, "BLOCK_JOB_ERROR");

@@ -6,6 +6,7 @@
 use super::l2::{L2Entry, L2Table, Piece};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
+use crate::format::error::IoContext;
 use crate::format::{BackingReader, Result};
 use crate::sync::{self, Arc};
 
@@ -115,7 +116,9 @@ impl Qcow2 {
                 last += 1;
             }
             let bytes = &data[first * cluster_size..(last + 1) * cluster_size];
-            self.storage.write_at(bytes, hosts[first].0)?;
+            self.storage
+                .write_at(bytes, hosts[first].0)
+                .io_at("write copied data", hosts[first].0)?;
             first = last + 1;
         }
         Ok(())
@@ -140,7 +143,9 @@ impl Qcow2 {
             bytes.extend_from_slice(&entry);
         }
         let start = start.unwrap_or(0);
-        self.storage.write_at(&bytes, l2_offset + start)?;
+        self.storage
+            .write_at(&bytes, l2_offset + start)
+            .io_at("write an L2 table", l2_offset + start)?;
         self.l2_cache.insert(l2_offset, Arc::new(updated));
         Ok(())
     }

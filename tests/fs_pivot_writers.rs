@@ -18,6 +18,39 @@ const FIRST: u64 = MIB;
 /// writer on the top's own file.
 const ACTIVE_WRITERS: u64 = 4;
 
+/// SPEC's five-deep chain mounted, with every writer past its first round
+/// of slots. Bound in field order, the writers stop (when dropped) before
+/// the mount ends, and the mount ends before the images go.
+struct Busy {
+    five: FiveChain,
+    /// The top's content before any writer started, as QEMU reads it.
+    before: Vec<u8>,
+    m: Mounted,
+    /// Writers 0 to 3, on `active`.
+    writers: RegionWriters,
+    /// Writer 4, on the top's own file (`file-E.img`).
+    own: RegionWriters,
+}
+
+impl Busy {
+    fn start() -> Option<Busy> {
+        let five = FiveChain::gated(&[])?;
+        let before = convert_to_raw(&five.top());
+        let m = five.mount();
+        let writers = RegionWriters::start(&m.path("active"), FIRST, 0, ACTIVE_WRITERS);
+        let own = RegionWriters::start(&m.path("file-E.img"), FIRST, ACTIVE_WRITERS, 1);
+        writers.wait_for_more(SLOTS);
+        own.wait_for_more(SLOTS);
+        Some(Busy {
+            five,
+            before,
+            m,
+            writers,
+            own,
+        })
+    }
+}
+
 /// `before` with every accepted write of `logs` applied.
 fn model(before: &[u8], logs: &[Log]) -> Vec<u8> {
     let mut image = before.to_vec();
@@ -43,16 +76,17 @@ fn assert_all_accepted(logs: &[Log], what: &str) {
 
 #[test]
 fn a_snapshot_while_four_threads_write_active_loses_no_write_and_refuses_the_old_tops_handle() {
-    let Some(five) = FiveChain::gated(&[]) else {
+    let Some(Busy {
+        five,
+        before,
+        m,
+        writers,
+        own: old,
+    }) = Busy::start()
+    else {
         return;
     };
-    let before = convert_to_raw(&five.top());
     let copy = five.dir.path().join("copy.qcow2");
-    let m = five.mount();
-    let writers = RegionWriters::start(&m.path("active"), FIRST, 0, ACTIVE_WRITERS);
-    let old = RegionWriters::start(&m.path("file-E.img"), FIRST, ACTIVE_WRITERS, 1);
-    writers.wait_for_more(SLOTS);
-    old.wait_for_more(SLOTS);
 
     command(&m, &format!("snapshot file={}", copy.display())).unwrap();
     // Writes the old-top writer starts from here on begin after the pivot;
@@ -124,17 +158,18 @@ fn a_snapshot_while_four_threads_write_active_loses_no_write_and_refuses_the_old
 
 #[test]
 fn a_streams_final_pivot_while_four_threads_write_active_loses_no_write() {
-    let Some(five) = FiveChain::gated(&[]) else {
+    // The top stays the active node through a stream: the handle on its
+    // own file keeps taking writes across the pivot.
+    let Some(Busy {
+        five,
+        before,
+        m,
+        writers,
+        own,
+    }) = Busy::start()
+    else {
         return;
     };
-    let before = convert_to_raw(&five.top());
-    let m = five.mount();
-    let writers = RegionWriters::start(&m.path("active"), FIRST, 0, ACTIVE_WRITERS);
-    // The top stays the active node through a stream: a handle on its own
-    // file keeps taking writes across the pivot.
-    let own = RegionWriters::start(&m.path("file-E.img"), FIRST, ACTIVE_WRITERS, 1);
-    writers.wait_for_more(SLOTS);
-    own.wait_for_more(SLOTS);
 
     command(&m, "stream").unwrap();
     let job = wait_for(&m, "the stream", |job| job.get("outcome").is_some());

@@ -149,14 +149,23 @@ impl RegionWriters {
     }
 
     /// Stops the writers and returns what each did, in writer order.
-    pub fn stop(self) -> Vec<Log> {
+    pub fn stop(mut self) -> Vec<Log> {
         self.stop.store(true, Ordering::Release);
         let join = |w: Writer| {
             w.thread
                 .join()
                 .unwrap_or_else(|_| panic!("a writer panicked"))
         };
-        self.writers.into_iter().map(join).collect()
+        let writers = std::mem::take(&mut self.writers);
+        writers.into_iter().map(join).collect()
+    }
+}
+
+impl Drop for RegionWriters {
+    fn drop(&mut self) {
+        // A failed test must not leave threads writing to a mount that is
+        // going away.
+        self.stop.store(true, Ordering::Release);
     }
 }
 

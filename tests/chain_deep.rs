@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chainfs::chain::{open::MAX_DEPTH, Chain, ChainError, ChainOptions};
 use common::chain::{assert_same, at, open, qemu_io_alone, raw_image, read_node, tempdir};
-use common::{path_str, qemu_img_in, require_qemu};
+use common::{create_overlay, path_str, require_qemu};
 
 const M: usize = 1024 * 1024;
 
@@ -44,25 +44,9 @@ fn name(i: usize) -> String {
 fn build(d: &Path, nodes: usize, size: usize, cluster: &str) {
     raw_image(&at(d, "base.img"), size, Some((0..M.min(size), 0x11)));
     let size = size.to_string();
+    let options = format!("cluster_size={cluster}");
     let create = |file: &str, backing: &str, format: &str| {
-        qemu_img_in(
-            d,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("cluster_size={cluster}"),
-                "-u",
-                "-b",
-                backing,
-                "-F",
-                format,
-                file,
-                &size,
-            ],
-        );
+        create_overlay(&at(d, file), (backing, format), Some(&size), &options);
     };
     create(&name(1), "base.img", "raw");
     create("template.qcow2", &name(0), "qcow2");

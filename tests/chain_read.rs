@@ -230,23 +230,9 @@ fn an_external_data_file_is_found_beside_its_image_and_written_through() {
         M as usize,
         Some((0..M as usize, 0x11)),
     );
-    qemu_img_in(
-        &vm,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=data.raw",
-            "-b",
-            "base.img",
-            "-F",
-            "raw",
-            "top.qcow2",
-            "1M",
-        ],
-    );
+    // The data file's name is relative: qemu-img makes it beside the image.
+    let top = at(&vm, "top.qcow2");
+    create_overlay(&top, ("base.img", "raw"), Some("1M"), "data_file=data.raw");
     qemu_io(&at(&vm, "top.qcow2"), "qcow2", &["write -P 0x22 64k 64k"]);
     let want = convert_to_raw(&at(&vm, "top.qcow2"));
     // Opened from elsewhere: the data file name is relative to the image.

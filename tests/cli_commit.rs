@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use common::cli::{chainfs, chainfs_bin, kill_daemon, wait_child, wait_until, MountGuard};
 use common::mount::{command_at, job_at};
-use common::{create_qcow2, path_str, qemu_img, qemu_img_check_allowing_leaks, require_fuse};
+use common::{create_overlay, create_qcow2, path_str, qemu_img};
+use common::{qemu_img_check_allowing_leaks, require_fuse};
 
 const SIZE: usize = 64 << 20;
 
@@ -45,17 +46,7 @@ fn build(dir: &Path) -> Vec<u8> {
         path_str(&base),
     ]);
     for (image, backing) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            path_str(&dir.join(image)),
-        ]);
+        create_overlay(&dir.join(image), (backing, "qcow2"), None, "");
     }
     let mut io = Command::new("qemu-io");
     io.args(["-f", "qcow2"]);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::chain::small_chain;
 use common::cli::{chainfs, is_mounted, snapshot, MountGuard};
-use common::{path_str, qemu_img, require_fuse, require_tool};
+use common::{create_overlay, path_str, qemu_img, require_fuse, require_tool};
 
 /// A test directory holding a chain and an empty mount point.
 struct Setup {
@@ -83,19 +83,7 @@ fn a_missing_backing_file_names_it_and_the_image_that_points_to_it() {
     }
     let setup = Setup::new();
     let orphan = setup.path("orphan.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "gone.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&orphan),
-        "16M",
-    ]);
+    create_overlay(&orphan, ("gone.qcow2", "qcow2"), Some("16M"), "");
     assert_mount_fails(&setup, &orphan, &setup.mnt, &["gone.qcow2", "orphan.qcow2"]);
 }
 

@@ -5,73 +5,12 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
-
-/// Waits until `done` holds for job `id` in `status.json`; returns the job.
-fn wait_job(m: &Mounted, id: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let jobs = status_json(m);
-        let job = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|job| job["id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} never got there: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until job `id` has an outcome; returns the job.
-fn wait_outcome(m: &Mounted, id: &str) -> serde_json::Value {
-    wait_job(m, id, |job| job.get("outcome").is_some())
-}
-
-/// Waits until job `id` is ready.
-fn wait_ready(m: &Mounted, id: &str) -> serde_json::Value {
-    wait_job(m, id, |job| {
-        job["status"] == "ready" || job.get("outcome").is_some()
-    })
-}
-
-/// The names in the mount's root, sorted.
-fn names_in(m: &Mounted) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(&m.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// The names of the events logged so far.
-fn event_names(m: &Mounted) -> Vec<String> {
-    events(m)
-        .iter()
-        .map(|e| e["event"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// The backing files of `top`'s chain as `qemu-img info` sees it, top first.
-fn qemu_chain(top: &std::path::Path) -> Vec<String> {
-    common::qemu_img_info_chain(top)
-        .iter()
-        .map(|node| {
-            let name = node["filename"].as_str().unwrap();
-            name.rsplit('/').next().unwrap().to_string()
-        })
-        .collect()
-}
 
 /// Every node file of the mount equals `qemu-img convert` of its image.
 fn assert_node_files_match_qemu(five: &FiveChain, names: &[&str], views: &[Vec<u8>]) {
@@ -143,7 +82,7 @@ fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
         common::qemu_img_check(&five.image(name));
     }
     assert_eq!(
-        qemu_chain(&five.top()),
+        qemu_chain_names(&five.top()),
         ["file-E.img", "file-B.img", "file-A.img"]
     );
     assert_node_files_match_qemu(
@@ -151,21 +90,6 @@ fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
         &["file-A.img", "file-B.img", "file-E.img"],
         &[before[0].clone(), before[3].clone(), before[4].clone()],
     );
-}
-
-/// `active` and the active node's file opened for reading and writing.
-fn open_rw(m: &Mounted, name: &str) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path(name))
-        .unwrap()
-}
-
-/// Writes `data` at `offset` through `file` and into `model`.
-fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
-    file.write_all_at(data, offset).unwrap();
-    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
 }
 
 #[test]
@@ -210,7 +134,7 @@ fn active_commit_becomes_ready_and_complete_pivots_onto_the_base() {
     common::qemu_img_check(&five.image("file-B.img"));
     common::qemu_img_check(&five.top());
     assert_eq!(
-        qemu_chain(&five.image("file-B.img")),
+        qemu_chain_names(&five.image("file-B.img")),
         ["file-B.img", "file-A.img"]
     );
     assert!(convert_to_raw(&five.image("file-B.img")) == model);
@@ -253,7 +177,7 @@ fn soft_cancel_after_ready_finishes_the_copy_without_a_pivot() {
     common::qemu_img_check(&five.image("file-C.img"));
     common::qemu_img_check(&five.top());
     assert_eq!(
-        qemu_chain(&five.top()),
+        qemu_chain_names(&five.top()),
         [
             "file-E.img",
             "file-D.img",
@@ -301,7 +225,7 @@ fn force_cancel_after_ready_and_cancel_before_ready_abort() {
     common::qemu_img_check(&five.image("file-B.img"));
     common::qemu_img_check(&five.top());
     assert_eq!(
-        qemu_chain(&five.top()),
+        qemu_chain_names(&five.top()),
         [
             "file-E.img",
             "file-D.img",
@@ -379,29 +303,9 @@ fn fio_through_ready_and_complete(copy_mode: &str) {
     )
     .unwrap();
     let active = m.path("active");
-    let target = format!("--filename={}", path_str(&active));
     let fio = std::thread::spawn(move || {
-        common::run_any(
-            "fio",
-            &[
-                "--name=verify",
-                &target,
-                "--rw=randwrite",
-                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-                "--numjobs=4",
-                "--size=12M",
-                "--offset_increment=16M",
-                "--ioengine=psync",
-                "--direct=1",
-                "--rate=3m",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--randrepeat=0",
-                "--group_reporting",
-                "--verify_state_save=0",
-            ],
-        )
+        let extra = ["--offset_increment=16M", "--direct=1", "--rate=3m"];
+        common::fio_verify(&active, &extra)
     });
     let job = wait_ready(&m, "f");
     assert_eq!(job["status"], "ready", "{job}");
@@ -438,49 +342,31 @@ fn fio_verifies_across_an_active_commit_with_blocking_writes() {
     fio_through_ready_and_complete("write-blocking");
 }
 
+/// qemu-iotests 040's layout, base <- mid <- top (4 MiB, qcow2): base and
+/// mid write at different offsets, and mid discards some of base's data.
+fn qemu_iotests_040_chain(dir: &std::path::Path) -> std::path::PathBuf {
+    let at = |name: &str| dir.join(name);
+    create_qcow2(path_str(&at("base.qcow2")), "4M", "");
+    create_overlay(&at("mid.qcow2"), ("base.qcow2", "qcow2"), None, "");
+    create_overlay(&at("top.qcow2"), ("mid.qcow2", "qcow2"), None, "");
+    let base_writes = ["write -P 0xab 0 512k", "write -P 0xcd 2M 1M"];
+    qemu_io(&at("base.qcow2"), "qcow2", &base_writes);
+    qemu_io(
+        &at("mid.qcow2"),
+        "qcow2",
+        &["write -P 0xef 512k 512k", "discard 2M 1M"],
+    );
+    at("top.qcow2")
+}
+
 #[test]
 fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir, top, m }) = mounted(&[], qemu_iotests_040_chain) else {
         return;
-    }
-    // qemu-iotests 040's layout: base and mid write at different offsets.
-    let dir = tempfile::tempdir().unwrap();
-    let at = |name: &str| dir.path().join(name);
-    let qemu_img = |args: &[&str]| common::run_ok_in(Some(dir.path()), "qemu-img", args);
-    qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "mid.qcow2",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
-    let io = |image: &str, commands: &[&str]| {
-        let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
-        common::qemu_io(&at(image), "qcow2", &commands);
     };
-    io(
-        "base.qcow2",
-        &["write -P 0xab 0 512k", "write -P 0xcd 2M 1M"],
-    );
-    io("mid.qcow2", &["write -P 0xef 512k 512k", "discard 2M 1M"]);
-    let top_before = convert_to_raw(&at("top.qcow2"));
-    let m = mount_default(&at("top.qcow2"), dir.path());
+    let at = |name: &str| dir.path().join(name);
+    // Read while mounted (-U): chainfs has written nothing yet.
+    let top_before = convert_to_raw(&top);
     command(&m, "commit top=mid.qcow2 base=base.qcow2 id=c").unwrap();
     let job = wait_outcome(&m, "c");
     assert_eq!(job["outcome"], "completed", "{job}");
@@ -504,18 +390,7 @@ fn patterns_of_base_and_mid_both_land_in_the_base_and_a_discard_in_mid_zeroes_it
     m.unmount();
     common::qemu_img_check(&at("base.qcow2"));
     common::qemu_img_check(&at("top.qcow2"));
-    let chain: Vec<String> = common::qemu_img_info_chain(&at("top.qcow2"))
-        .iter()
-        .map(|n| {
-            n["filename"]
-                .as_str()
-                .unwrap()
-                .rsplit('/')
-                .next()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let chain = qemu_chain_names(&at("top.qcow2"));
     assert_eq!(chain, ["top.qcow2", "base.qcow2"]);
     // Whole clusters became zeros in the base, not written zero bytes.
     let map = common::qemu_img(&[

@@ -17,21 +17,30 @@ const SIZE: u64 = 64 * MIB;
 struct FullBase(FullTmpfs);
 
 impl FullBase {
+    /// The gate, then the chain on its full tmpfs; `None` when the gate
+    /// or the tmpfs says to skip.
     fn build() -> Option<FullBase> {
+        if !require_all(&[]) {
+            return None;
+        }
         let room = FullTmpfs::new()?;
         let base = room.small().join("base.qcow2");
         let mid = room.dir.path().join("mid.qcow2");
         let top = room.dir.path().join("top.qcow2");
         create_qcow2(path_str(&base), "64M", "");
         for (image, backing) in [(&mid, &base), (&top, &mid)] {
-            let (image, backing) = (path_str(image), path_str(backing));
-            qemu_img(&[
-                "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", image,
-            ]);
+            create_overlay(image, (path_str(backing), "qcow2"), None, "");
         }
         qemu_io(&mid, "qcow2", &["write -P 0x4c 0 64M"]);
         room.fill();
         Some(FullBase(room))
+    }
+
+    /// Mounts the chain and starts `commit ARGS`.
+    fn start(&self, args: &str) -> Mounted {
+        let m = mount_default(&self.image("top.qcow2"), self.0.dir.path());
+        command(&m, &format!("commit {args}")).unwrap();
+        m
     }
 
     fn image(&self, name: &str) -> PathBuf {
@@ -67,19 +76,11 @@ fn actions(m: &Mounted) -> Vec<String> {
 
 #[test]
 fn on_error_report_and_ignore_fail_the_commit_and_keep_every_backing_pointer() {
-    if !require_all(&[]) {
-        return;
-    }
     for policy in ["report", "ignore"] {
         let Some(disk) = FullBase::build() else {
             return;
         };
-        let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
-        command(
-            &m,
-            &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
-        )
-        .unwrap();
+        let m = disk.start(&format!("top=mid.qcow2 base=base.qcow2 on-error={policy}"));
         let job = wait_for(&m, "commit ends", |j| j.get("outcome").is_some());
         assert_eq!(job["outcome"], "failed", "{policy}: {job}");
         assert!(
@@ -101,19 +102,11 @@ fn on_error_report_and_ignore_fail_the_commit_and_keep_every_backing_pointer() {
 
 #[test]
 fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
-    if !require_all(&[]) {
-        return;
-    }
     for policy in ["stop", "enospc"] {
         let Some(disk) = FullBase::build() else {
             return;
         };
-        let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
-        command(
-            &m,
-            &format!("commit top=mid.qcow2 base=base.qcow2 on-error={policy}"),
-        )
-        .unwrap();
+        let m = disk.start(&format!("top=mid.qcow2 base=base.qcow2 on-error={policy}"));
         let job = wait_for(&m, "commit pauses", |j| j["status"] == "paused");
         assert!(
             job["error"].as_str().unwrap().contains("No space left"),
@@ -131,14 +124,10 @@ fn on_error_stop_and_enospc_pause_and_resume_finishes_once_space_is_freed() {
 
 #[test]
 fn an_active_commit_stopped_by_a_full_base_resumes_to_ready_and_pivots() {
-    if !require_all(&[]) {
-        return;
-    }
     let Some(disk) = FullBase::build() else {
         return;
     };
-    let m = mount_default(&disk.image("top.qcow2"), disk.0.dir.path());
-    command(&m, "commit top=active base=base.qcow2 on-error=stop").unwrap();
+    let m = disk.start("top=active base=base.qcow2 on-error=stop");
     let job = wait_for(&m, "commit pauses", |j| j["status"] == "paused");
     assert!(
         job["error"].as_str().unwrap().contains("No space left"),

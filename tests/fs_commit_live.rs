@@ -8,7 +8,7 @@ mod common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
@@ -21,16 +21,12 @@ const SIZE: u64 = 32 * MIB;
 fn four_chain(dir: &Path) -> [PathBuf; 4] {
     let names = ["base.qcow2", "mid1.qcow2", "mid2.qcow2", "top.qcow2"];
     let paths = names.map(|n| dir.join(n));
+    let size = SIZE.to_string();
     for (level, path) in paths.iter().enumerate() {
-        let size = SIZE.to_string();
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        let backing;
-        if level > 0 {
-            backing = names[level - 1];
-            args.extend(["-b", backing, "-F", "qcow2"]);
+        match level.checked_sub(1) {
+            None => create_qcow2(path_str(path), &size, ""),
+            Some(below) => create_overlay(path, (names[below], "qcow2"), Some(&size), ""),
         }
-        args.extend([path_str(path), &size]);
-        common::qemu_img(&args);
         if level < 3 {
             let pattern = 0x11 * (level as u64 + 1);
             common::qemu_io(path, "qcow2", &[format!("write -P {pattern} 0 {SIZE}")]);
@@ -46,24 +42,14 @@ fn offset(m: &Mounted) -> u64 {
 
 /// Waits until the job's offset reaches `at`.
 fn wait_offset(m: &Mounted, at: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while offset(m) < at {
-        assert!(Instant::now() < deadline, "the commit never reached {at}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let reached = |job: &serde_json::Value| job["offset"].as_u64() >= Some(at);
+    wait_for(m, &format!("the commit never reached {at}"), reached);
 }
 
 /// Waits until the job has an outcome and returns it.
-fn wait_outcome(m: &Mounted) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let job = status_json(m)[0].clone();
-        if let Some(outcome) = job.get("outcome") {
-            return outcome.as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the commit never ended: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn outcome(m: &Mounted) -> String {
+    let job = &wait_jobs(m)[0];
+    job["outcome"].as_str().unwrap_or_default().to_string()
 }
 
 /// Reads `len` bytes at `at` through `file`.
@@ -96,7 +82,7 @@ fn a_cached_handle_on_the_base_sees_the_merge_as_it_happens() {
     );
     command(&m, "set-speed speed=0").unwrap();
     command(&m, "resume").unwrap();
-    assert_eq!(wait_outcome(&m), "completed");
+    assert_eq!(outcome(&m), "completed");
     assert!(
         read_at(&cached, 0, SIZE).iter().all(|&b| b == 0x33),
         "the base's file does not show the whole merge"
@@ -124,7 +110,7 @@ fn a_hidden_node_read_through_its_cache_fails_once_the_command_returns() {
         );
     }
     command(&m, "cancel").unwrap();
-    assert_eq!(wait_outcome(&m), "cancelled");
+    assert_eq!(outcome(&m), "cancelled");
     drop(hidden);
     m.unmount();
 }
@@ -146,6 +132,6 @@ fn the_speed_limit_holds_a_commit_to_its_rate() {
         "{rate:.0} B/s against {limit} B/s"
     );
     command(&m, "cancel").unwrap();
-    assert_eq!(wait_outcome(&m), "cancelled");
+    assert_eq!(outcome(&m), "cancelled");
     m.unmount();
 }

@@ -5,10 +5,11 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
-use common::mount::{mount_default, read_all, FiveChain};
-use common::{assert_same_bytes, create_qcow2, run_any, run_ok};
-use common::{convert_to_raw, path_str, require_all, MIB};
+use common::mount::{mounted, read_all, FiveChain, Fixture};
+use common::{assert_same_bytes, create_qcow2, qemu_io, run_any, run_ok};
+use common::{convert_to_raw, path_str, MIB};
 
 #[test]
 fn every_node_file_equals_qemu_img_convert_of_its_node() {
@@ -72,27 +73,28 @@ fn du_on_the_mount_shows_what_each_node_image_holds() {
     mounted.unmount();
 }
 
+/// `sparse.qcow2`, 1 GiB holding 1 MiB and 64 KiB of data far apart.
+fn sparse_node(dir: &Path) -> PathBuf {
+    let top = dir.join("sparse.qcow2");
+    create_qcow2(path_str(&top), "1G", "");
+    qemu_io(
+        &top,
+        "qcow2",
+        &["write -P 0x5a 100M 1M", "write -P 0x6b 900M 64k"],
+    );
+    top
+}
+
 #[test]
 fn cp_sparse_copies_only_the_data_of_a_mostly_empty_node() {
-    if !require_all(&["cp", "du"]) {
+    let Some(Fixture {
+        dir,
+        top,
+        m: mounted,
+    }) = mounted(&["cp", "du"], sparse_node)
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let top = dir.path().join("sparse.qcow2");
-    create_qcow2(path_str(&top), "1G", "");
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x5a 100M 1M",
-            "-c",
-            "write -P 0x6b 900M 64k",
-            path_str(&top),
-        ],
-    );
-    let mounted = mount_default(&top, dir.path());
+    };
     let copy = dir.path().join("copy.raw");
     run_ok(
         "cp",

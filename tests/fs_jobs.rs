@@ -4,34 +4,19 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
-
-/// Waits until every listed job has an outcome; returns the jobs.
-fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let jobs = status_json(m).as_array().unwrap().clone();
-        if jobs.iter().all(|job| job.get("outcome").is_some()) {
-            return jobs;
-        }
-        assert!(Instant::now() < deadline, "jobs never finished: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Writes `count` 64 KiB patterns through `file` while a job runs;
 /// records them in `model`.
 fn write_during(file: &File, model: &mut [u8], count: u64) {
     for i in 0..count {
         let offset = (i * 7_340_033) % (FIVE_SIZE - 65536);
-        let data = vec![0x70 + (i % 16) as u8; 65536];
-        file.write_all_at(&data, offset).unwrap();
-        model[offset as usize..offset as usize + 65536].copy_from_slice(&data);
+        write_model(file, model, offset, &[0x70 + (i % 16) as u8; 65536]);
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -52,11 +37,7 @@ fn stream_to_the_base_while_active_is_written_keeps_every_write() {
     );
     assert!(read_all(&m.path("ctl/status"))
         .starts_with(b"stream0: stream node=file-E.img base=file-A.img"));
-    let active = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("active"))
-        .unwrap();
+    let active = open_rw(&m, "active");
     let reader = File::open(m.path("file-D.img")).unwrap();
     write_during(&active, &mut model, 60);
     let jobs = wait_jobs(&m);
@@ -78,10 +59,7 @@ fn stream_to_the_base_while_active_is_written_keeps_every_write() {
     );
     let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
     assert!(chain.starts_with("file-A.img <- file-E.img\n"), "{chain}");
-    let seen: Vec<String> = events(&m)
-        .iter()
-        .map(|e| e["event"].as_str().unwrap().to_string())
-        .collect();
+    let seen = event_names(&m);
     for event in ["JOB_STATUS_CHANGE", "CHAIN_CHANGED", "BLOCK_JOB_COMPLETED"] {
         assert!(
             seen.iter().any(|e| e == event),
@@ -113,11 +91,7 @@ fn stream_into_an_intermediate_node_leaves_what_every_node_shows() {
     let m = five.mount();
     command(&m, "stream node=file-D.img base=file-B.img id=mid").unwrap();
     let mut model = before[4].clone();
-    let active = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("active"))
-        .unwrap();
+    let active = open_rw(&m, "active");
     write_during(&active, &mut model, 20);
     let jobs = wait_jobs(&m);
     assert_eq!(jobs[0]["outcome"], "completed", "{jobs:?}");
@@ -210,11 +184,7 @@ fn a_live_snapshot_then_a_stream_makes_a_standalone_copy_and_old_handles_follow(
     };
     let mut model = convert_to_raw(&five.top());
     let m = five.mount();
-    let active = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("active"))
-        .unwrap();
+    let active = open_rw(&m, "active");
     let copy = five.dir.path().join("copy.qcow2");
     command(&m, &format!("snapshot file={}", copy.display())).unwrap();
     assert!(names_in(&m).contains(&"copy.qcow2".to_string()));
@@ -356,26 +326,7 @@ fn fio_verifies_while_a_stream_runs_and_qemu_agrees_after_unmount() {
     };
     command(&m, "stream speed=16M").unwrap();
     let active = m.path("active");
-    let output = common::run_any(
-        "fio",
-        &[
-            "--name=verify",
-            &format!("--filename={}", path_str(&active)),
-            "--rw=randwrite",
-            "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-            "--numjobs=4",
-            "--size=12M",
-            "--offset_increment=16M",
-            "--ioengine=psync",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--group_reporting",
-            "--verify_state_save=0",
-        ],
-    );
+    let output = common::fio_verify(&active, &["--offset_increment=16M", "--direct=1"]);
     assert!(
         output.status.success(),
         "fio failed during the stream:\n{}",

@@ -220,14 +220,14 @@ fn a_bind_mount_of_the_mount_is_refused_without_asking_the_mount() {
 
 #[test]
 fn a_relative_snapshot_target_is_relative_to_the_active_image() {
-    if !require_all(&[]) {
+    let Some(Fixture { dir, top: _, m }) = mounted(&[], |dir| {
+        let images = dir.join("images");
+        std::fs::create_dir_all(images.join("sub")).unwrap();
+        chain(&images, "write -P 0x33 0 1M")
+    }) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let images = dir.path().join("images");
-    std::fs::create_dir_all(images.join("sub")).unwrap();
-    let top = chain(&images, "write -P 0x33 0 1M");
-    let m = mount_default(&top, dir.path());
     // `sub` exists only beside the image: resolved anywhere else, the
     // command fails (ENOENT) and creates nothing.
     command(&m, "snapshot file=sub/snap.qcow2").unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::chain::overlay_with;
 use common::mount::{mount_default, mounted, read_all, Fixture};
-use common::{assert_same_bytes, pattern, qemu_img_check, run_any, run_ok};
+use common::{assert_same_bytes, fio_verify, pattern, qemu_img_check, run_any, run_ok};
 use common::{convert_to_raw, path_str, qemu_img_in, qemu_io, require_all};
 
 /// base.qcow2 (64 KiB clusters, data in places) <- top.qcow2 (4 KiB
@@ -24,31 +24,9 @@ fn chain(dir: &Path, size: &str) -> PathBuf {
 }
 
 fn fio(active: &Path, direct: bool, offset: &str) {
-    let filename = format!("--filename={}", path_str(active));
     let direct = format!("--direct={}", u8::from(direct));
     let offset = format!("--offset={offset}");
-    let output = run_any(
-        "fio",
-        &[
-            "--name=verify",
-            &filename,
-            "--rw=randwrite",
-            "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-            "--numjobs=4",
-            &offset,
-            "--size=12M",
-            "--offset_increment=12M",
-            "--ioengine=psync",
-            &direct,
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--group_reporting",
-            // No verify-state files left in the working directory.
-            "--verify_state_save=0",
-        ],
-    );
+    let output = fio_verify(active, &[&offset, "--offset_increment=12M", &direct]);
     assert!(
         output.status.success(),
         "fio {direct} failed:\n{}\n{}",

@@ -224,19 +224,7 @@ fn a_fifo_is_refused_without_blocking_naming_it_and_its_image() {
     let fifo = dir.path().join("pipe.raw");
     common::run_ok("mkfifo", &[common::path_str(&fifo)]);
     let top = dir.path().join("top.qcow2");
-    common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "pipe.raw",
-        "-F",
-        "raw",
-        common::path_str(&top),
-        "1M",
-    ]);
+    common::create_overlay(&top, ("pipe.raw", "raw"), Some("1M"), "");
     for (image, named) in [
         (&top, vec!["pipe.raw", "top.qcow2"]),
         (&fifo, vec!["pipe.raw"]),

@@ -10,14 +10,14 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chainfs::format::Qcow2;
 use chainfs::format::{BackingRef, Format, NoBacking};
 use chainfs::storage::{FileStorage, Storage};
+use common::mount::{command, mounted, open_rw, wait_jobs, Fixture};
 use common::{
-    assert_same_bytes, convert_to_raw, create_qcow2, path_str, pattern, qemu_img, qemu_img_check,
-    require_qemu, MIB,
+    assert_same_bytes, convert_to_raw, create_overlay, create_qcow2, path_str, pattern, qemu_img,
+    qemu_img_check, require_qemu, MIB,
 };
 
 const SIZE: u64 = 32 * MIB;
@@ -157,34 +157,21 @@ fn switching_writable_off_and_on_after_moves_keeps_the_new_table() {
 /// step rewrites the header without a backing file.
 #[test]
 fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
-    if !common::require_all(&[]) {
+    // What QEMU sees before the mount opens the chain.
+    let (mut model, mut before) = (Vec::new(), 0);
+    let Some(Fixture { dir: _dir, top, m }) = mounted(&[], |dir| {
+        let base = dir.join("base.qcow2");
+        let top = dir.join("top.qcow2");
+        create_qcow2(path_str(&base), "32M", "");
+        common::qemu_io(&base, "qcow2", &["write -P 0x99 20M 1M"]);
+        create_overlay(&top, ("base.qcow2", "qcow2"), None, "cluster_size=512");
+        model = convert_to_raw(&top);
+        before = reftable_offset(&top);
+        top
+    }) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2");
-    let top = dir.path().join("top.qcow2");
-    create_qcow2(path_str(&base), "32M", "");
-    common::qemu_io(&base, "qcow2", &["write -P 0x99 20M 1M".to_string()]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
-    let mut model = convert_to_raw(&top);
-    let before = reftable_offset(&top);
-    let m = common::mount::mount_default(&top, dir.path());
-    let active = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.path("active"))
-        .unwrap();
+    };
+    let active = open_rw(&m, "active");
     for at in (0..12 * MIB).step_by(MIB as usize) {
         let data = pattern(7, at, MIB as usize);
         active.write_all_at(&data, at).unwrap();
@@ -197,14 +184,9 @@ fn a_stream_after_writes_moved_the_refcount_table_leaves_a_clean_image() {
         before,
         "the refcount table did not move"
     );
-    common::mount::command(&m, "stream\n").unwrap();
-    let done = common::cli::wait_until(Duration::from_secs(120), || {
-        let jobs = common::mount::status_json(&m);
-        jobs.as_array()
-            .is_some_and(|jobs| jobs.iter().all(|job| job.get("outcome").is_some()))
-    });
-    let jobs = common::mount::status_json(&m);
-    assert!(done && jobs[0]["outcome"] == "completed", "{jobs}");
+    command(&m, "stream\n").unwrap();
+    let jobs = wait_jobs(&m);
+    assert!(jobs[0]["outcome"] == "completed", "{jobs:?}");
     m.unmount();
     let info = qemu_img(&["info", "--output=json", path_str(&top)]);
     assert!(!info.contains("backing-filename"), "still backed: {info}");

@@ -12,9 +12,20 @@ pub type Result<T, E = FormatError> = std::result::Result<T, E>;
 /// the path of the image.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    /// The host file failed; the errno is kept for the writer.
-    #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
+    /// The image file (or its data file) failed while chainfs did
+    /// `operation` at `offset` in it; the OS error is kept whole, so its
+    /// errno (ENOSPC, EIO, ...) reaches the writer.
+    #[error("cannot {operation}{}: {source}", At(*offset))]
+    Io {
+        /// What was being done: `read guest data`, `write an L2 table`,
+        /// `sync the image`, ...
+        operation: &'static str,
+        /// Where in the file, when the operation has one place.
+        offset: Option<u64>,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
     /// The external data file the image names could not be opened; the
     /// OS error is kept whole, so its errno reaches the writer.
     #[error("cannot open external data file {name:?}: {source}")]
@@ -101,7 +112,7 @@ impl FormatError {
     /// The errno that a filesystem request failing with this error returns.
     pub fn errno(&self) -> i32 {
         match self {
-            FormatError::Io(err) | FormatError::DataFile { source: err, .. } => {
+            FormatError::Io { source: err, .. } | FormatError::DataFile { source: err, .. } => {
                 err.raw_os_error().unwrap_or(libc::EIO)
             }
             FormatError::Malformed { .. } | FormatError::Corrupt => libc::EIO,
@@ -111,6 +122,33 @@ impl FormatError {
             FormatError::ReadOnly => libc::EROFS,
             FormatError::OutOfBounds { .. } => libc::ENOSPC,
         }
+    }
+}
+
+/// Names what a storage call was doing when it failed, making a
+/// [`FormatError::Io`] of its `io::Error`.
+pub(crate) trait IoContext<T> {
+    /// The call was `operation` at `offset` in the file.
+    fn io_at(self, operation: &'static str, offset: u64) -> Result<T>;
+    /// The call was `operation` on the file as a whole (sync, length).
+    fn io(self, operation: &'static str) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn io_at(self, operation: &'static str, offset: u64) -> Result<T> {
+        self.map_err(|source| FormatError::Io {
+            operation,
+            offset: Some(offset),
+            source,
+        })
+    }
+
+    fn io(self, operation: &'static str) -> Result<T> {
+        self.map_err(|source| FormatError::Io {
+            operation,
+            offset: None,
+            source,
+        })
     }
 }
 
@@ -140,6 +178,26 @@ mod tests {
             assert_eq!(error.errno(), errno);
             assert!(error.to_string().contains("\"data.raw\""), "{error}");
         }
+    }
+
+    #[test]
+    fn an_io_error_names_the_operation_and_offset_and_keeps_its_errno() {
+        for errno in [libc::ENOSPC, libc::EIO] {
+            let failed: io::Result<()> = Err(io::Error::from_raw_os_error(errno));
+            let error = failed.io_at("write guest data", 0x5_0000).unwrap_err();
+            assert_eq!(error.errno(), errno);
+            let text = error.to_string();
+            assert!(
+                text.starts_with("cannot write guest data at 0x50000: "),
+                "{text}"
+            );
+        }
+        let failed: io::Result<()> = Err(io::Error::from_raw_os_error(libc::EIO));
+        let error = failed.io("sync the image").unwrap_err();
+        assert!(
+            error.to_string().starts_with("cannot sync the image: "),
+            "{error}"
+        );
     }
 
     #[test]

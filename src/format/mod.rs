@@ -27,6 +27,7 @@ pub use qcow2::repair::{repair as repair_qcow2, RepairReport};
 pub use qcow2::types::Geometry as Qcow2Geometry;
 pub use qcow2::Qcow2;
 
+use crate::format::error::IoContext;
 use crate::storage::Storage;
 
 /// An on-disk image format.
@@ -68,7 +69,9 @@ impl fmt::Display for Format {
 /// qcow2 by its magic, anything else raw.
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
     let mut magic = [0u8; 4];
-    storage.read_at(&mut magic, 0)?;
+    storage
+        .read_at(&mut magic, 0)
+        .io_at("read the format magic", 0)?;
     Ok(if magic == qcow2::MAGIC.to_be_bytes() {
         Format::Qcow2
     } else {

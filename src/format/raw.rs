@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::{Allocation, Extent, FormatError, HostRange, Result};
+use crate::format::error::IoContext;
 use crate::storage::{file::write_zeros, Storage};
 
 /// The sector QEMU rounds a raw file's size up to.
@@ -25,7 +26,7 @@ pub struct Raw {
 impl Raw {
     /// Opens a raw image on `storage`.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
-        let len = storage.len()?;
+        let len = storage.len().io("measure the image file")?;
         // A file length fits in an off_t: rounding it up cannot overflow.
         let size = len.div_ceil(SECTOR) * SECTOR;
         Ok(Raw { storage, size })
@@ -38,7 +39,7 @@ impl Raw {
 
     /// Bytes of host storage the file occupies.
     pub fn allocated_bytes(&self) -> Result<u64> {
-        Ok(self.storage.allocated_bytes()?)
+        self.storage.allocated_bytes().io("measure the image file")
     }
 
     fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
@@ -56,14 +57,21 @@ impl Raw {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.check_bounds(offset, len)?;
         let end = offset + len;
-        let data = self.storage.seek_data(offset)?.unwrap_or(end);
+        let data = self
+            .storage
+            .seek_data(offset)
+            .io_at("look for data", offset)?
+            .unwrap_or(end);
         if data > offset {
             return Ok(Extent {
                 len: data.min(end) - offset,
                 allocation: Allocation::Zero,
             });
         }
-        let hole = self.storage.seek_hole(offset)?;
+        let hole = self
+            .storage
+            .seek_hole(offset)
+            .io_at("look for a hole", offset)?;
         Ok(Extent {
             len: hole.clamp(offset + 1, end) - offset,
             allocation: Allocation::Data,
@@ -73,13 +81,17 @@ impl Raw {
     /// Reads guest bytes; a raw image holds every byte of its range.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_bounds(offset, buf.len() as u64)?;
-        Ok(self.storage.read_at(buf, offset)?)
+        self.storage
+            .read_at(buf, offset)
+            .io_at("read guest data", offset)
     }
 
     /// Writes guest bytes in place.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_bounds(offset, data.len() as u64)?;
-        Ok(self.storage.write_at(data, offset)?)
+        self.storage
+            .write_at(data, offset)
+            .io_at("write guest data", offset)
     }
 
     /// Guest bytes are host bytes: the range is the file's own, cut at the
@@ -97,33 +109,38 @@ impl Raw {
     pub fn overwrite_from(&self, offset: u64, source: &HostRange) -> Result<()> {
         self.check_bounds(offset, source.len)?;
         let from = source.storage.as_ref();
-        Ok(self
-            .storage
-            .copy_from(from, source.offset, source.len, offset)?)
+        self.storage
+            .copy_from(from, source.offset, source.len, offset)
+            .io_at("copy guest data", offset)
     }
 
     /// Punches a hole, which reads as zeros. Past the end of the file
     /// everything already reads as zeros: nothing is written there.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         self.check_bounds(offset, len)?;
-        let len = len.min(self.storage.len()?.saturating_sub(offset));
+        let len = len.min(
+            self.storage
+                .len()
+                .io("measure the image file")?
+                .saturating_sub(offset),
+        );
         if len == 0 {
             return Ok(());
         }
         match self.storage.punch_hole(offset, len) {
             Ok(()) => Ok(()),
-            Err(_) => Ok(write_zeros(self.storage.as_ref(), offset, len)?),
+            Err(_) => write_zeros(self.storage.as_ref(), offset, len).io_at("write zeros", offset),
         }
     }
 
     /// Starts the writeback of what was written (see
     /// [`Image::start_writeback`](super::Image::start_writeback)).
     pub fn start_writeback(&self) -> Result<()> {
-        Ok(self.storage.start_writeback()?)
+        self.storage.start_writeback().io("start the writeback")
     }
 
     /// Makes completed writes durable.
     pub fn flush(&self) -> Result<()> {
-        Ok(self.storage.sync()?)
+        self.storage.sync().io("sync the image")
     }
 }

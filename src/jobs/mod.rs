@@ -37,8 +37,9 @@ use crate::sync::{lock, Arc, Mutex};
 
 /// The mounted chain and everything that acts on it.
 ///
-/// Lock order: the registry's locks, then a job's; the live chain's and the
-/// event log's locks are each taken alone. Image I/O happens under no lock
+/// Lock order: the registry's locks, then a job's; the write gate before
+/// the live chain's lock (a pivot drains guest writes, then changes the
+/// chain); the event log's lock alone. Image I/O happens under no lock
 /// of this layer, with one exception: a change of the chain's shape (a
 /// snapshot creating and syncing its image, a stream or commit writing a
 /// header at its end) holds the live chain's write lock, so requests that

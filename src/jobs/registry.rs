@@ -379,6 +379,11 @@ impl Registry {
         if let Some(job) = busy {
             return Err(JobError::Busy(format!("job {job} uses the active node")));
         }
+        // A guest write in flight picked the old top before the pivot; the
+        // old top must take it before it stops taking writes, or the write
+        // fails with EROFS through `active` (or lands in a read-only
+        // backing file). Later writes wait, then pick the new top.
+        let _drained = self.live.drain();
         Ok(self.live.change(&|chain| chain.with_new_top(file))?)
     }
 

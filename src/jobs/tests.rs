@@ -210,3 +210,37 @@ fn a_newline_in_a_refusal_or_a_node_name_stays_on_its_line() {
     assert_eq!(status.lines().count(), 2, "{status}");
     jobs.close().unwrap();
 }
+
+#[test]
+fn a_snapshot_waits_for_a_guest_write_in_flight_on_the_old_top() {
+    let (dir, jobs) = raw_jobs(false);
+    // A guest write that picked its target before the snapshot: it holds
+    // the write gate and the chain as it was, with the old top active.
+    let gate = jobs.write_gate();
+    let chain = jobs.chain();
+    let old_top = chain.active().id();
+    let file = dir.path().join("snap.qcow2");
+    let command = format!("snapshot file={}\n", file.display());
+    std::thread::scope(|scope| {
+        let snapshot = scope.spawn(|| jobs.command(&command));
+        // Give a snapshot that does not wait time to finish, so that the
+        // write below would meet a read-only old top (a bounded wait, no
+        // assertion on time).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !snapshot.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        chain
+            .write(old_top, 0, b"in flight")
+            .expect("the old top takes the write in flight");
+        drop(gate);
+        snapshot.join().unwrap().unwrap();
+    });
+    let now = jobs.chain();
+    assert_ne!(now.active().id(), old_top);
+    let mut head = [0u8; 9];
+    now.read(now.active().id(), 0, &mut head).unwrap();
+    assert_eq!(&head, b"in flight");
+    drop((chain, now));
+    jobs.close().unwrap();
+}

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use chainfs::chain::{Chain, ChainOptions, NodeId};
 
 use super::assert_same_bytes;
-use super::tools::{path_str, qemu_img, qemu_img_in, qemu_io, run_ok_in};
+use super::tools::run_ok_in;
+use super::tools::{create_overlay, create_qcow2, path_str, qemu_img, qemu_img_in, qemu_io};
 
 /// One image of a [`TempChain`].
 #[derive(Clone, Debug)]
@@ -113,17 +114,9 @@ impl TempChain {
         let backing = self.top_layer().clone();
         let backing_name = file_name(&backing.path);
         let path = self.dir().join(name);
-        let mut args = vec!["create", "-q", "-f", "qcow2", "-b", &backing_name];
-        args.extend_from_slice(&["-F", backing.format]);
-        if !options.is_empty() {
-            args.extend_from_slice(&["-o", options]);
-        }
-        args.push(path_str(&path));
         let size = size.map(|s| s.to_string());
-        if let Some(size) = &size {
-            args.push(size);
-        }
-        self.qemu_img_here(&args);
+        let backing = (backing_name.as_str(), backing.format);
+        create_overlay(&path, backing, size.as_deref(), options);
         self.layers.push(Layer {
             path,
             format: "qcow2",
@@ -222,15 +215,10 @@ pub fn overlay_with(
     size: &str,
     options: &str,
 ) {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some((file, format)) = backing {
-        args.extend(["-u", "-b", file, "-F", format]);
+    match backing {
+        Some(backing) => create_overlay(&dir.join(name), backing, Some(size), options),
+        None => create_qcow2(path_str(&dir.join(name)), size, options),
     }
-    if !options.is_empty() {
-        args.extend(["-o", options]);
-    }
-    args.extend([name, size]);
-    qemu_img_in(dir, &args);
 }
 
 /// Runs one `qemu-io` command on the qcow2 image `image` alone, without

@@ -197,15 +197,25 @@ pub fn overlong_backing_name() -> Option<Fixture> {
 
 /// Runs `Header::read` and `validate` on the image, as `Qcow2::open` will.
 pub fn header_result(fixture: &Fixture) -> Result<Header, FormatError> {
-    let storage = FileStorage::open(&fixture.path, false)?;
+    let storage = FileStorage::open(&fixture.path, false).map_err(io_error("open"))?;
     let header = Header::read(&storage)?;
-    header.validate(storage.len()?)?;
+    header.validate(storage.len().map_err(io_error("measure"))?)?;
     Ok(header)
+}
+
+/// A failed `operation` on the fixture's file, as the format layer says it.
+fn io_error(operation: &'static str) -> impl Fn(io::Error) -> FormatError {
+    move |source| FormatError::Io {
+        operation,
+        offset: None,
+        source,
+    }
 }
 
 /// Opens the image through the format layer, read-only unless `writable`.
 pub fn open_image(fixture: &Fixture, writable: bool) -> Result<Image, FormatError> {
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&fixture.path, writable)?);
+    let file = FileStorage::open(&fixture.path, writable).map_err(io_error("open"))?;
+    let storage: Arc<dyn Storage> = Arc::new(file);
     let options = ImageOptions {
         writable,
         ..ImageOptions::default()

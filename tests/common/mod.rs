@@ -9,6 +9,7 @@
 //! * [`cli`]: running the `chainfs` binary and watching its mounts;
 //! * [`engine`]: the qcow2 engine opened directly on a storage;
 //! * [`hostile`]: qcow2 images patched to be hostile;
+//! * [`writers`]: threads writing their own regions while a job runs;
 //! * here: byte patterns and comparing bytes.
 //!
 //! QEMU is the reference: images are made and filled by QEMU's own tools, and
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod hostile;
 pub mod mount;
 pub mod tools;
+pub mod writers;
 
 // Shorter paths for the helpers most test files use; a binary that uses
 // none of them would otherwise warn.

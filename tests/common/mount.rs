@@ -13,7 +13,8 @@ use chainfs::chain::{Chain, ChainOptions};
 use chainfs::fs::{FsError, Mount, MountOptions, RequestStats, Unmounter};
 use chainfs::jobs::Jobs;
 
-use super::tools::{convert_to_raw, in_ci, path_str, qemu_img_in, qemu_io, require_all};
+use super::tools::require_all;
+use super::tools::{convert_to_raw, create_overlay, in_ci, path_str, qemu_img_in, qemu_io};
 
 /// A chain mounted in this process and served on a thread.
 pub struct Mounted {
@@ -217,20 +218,8 @@ impl FiveChain {
                 "write -P 0xa3 40M 8M",
             ],
         );
-        self.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "file-A.img",
-            "-F",
-            "raw",
-            "file-B.img",
-            "64M",
-        ]);
+        let b = self.image("file-B.img");
+        create_overlay(&b, ("file-A.img", "raw"), Some("64M"), "cluster_size=4096");
         self.qemu_io(
             "file-B.img",
             "qcow2",
@@ -278,19 +267,8 @@ impl FiveChain {
     }
 
     fn build_d_e(&self) {
-        self.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1048576",
-            "-b",
-            "file-C.img",
-            "-F",
-            "qcow2",
-            "file-D.img",
-        ]);
+        let d = self.image("file-D.img");
+        create_overlay(&d, ("file-C.img", "qcow2"), None, "cluster_size=1048576");
         self.qemu_io(
             "file-D.img",
             "qcow2",
@@ -301,17 +279,7 @@ impl FiveChain {
                 "write -P 0xd3 60M 3M",
             ],
         );
-        self.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "file-D.img",
-            "-F",
-            "qcow2",
-            "file-E.img",
-        ]);
+        create_overlay(&self.top(), ("file-D.img", "qcow2"), None, "");
         self.qemu_io(
             "file-E.img",
             "qcow2",
@@ -463,6 +431,25 @@ pub fn job_at(mnt: &Path) -> serde_json::Value {
     status_json_at(mnt)[0].clone()
 }
 
+/// Polls `ctl/status.json` until `found` picks something out of it;
+/// panics with `what` and the last status after `timeout`.
+fn poll_status<T>(
+    m: &Mounted,
+    timeout: Duration,
+    what: &str,
+    found: impl Fn(&serde_json::Value) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = status_json(m);
+        if let Some(value) = found(&status) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The first job, once `done` holds for it; panics naming `what` if that
 /// takes more than a minute.
 pub fn wait_for(
@@ -470,15 +457,72 @@ pub fn wait_for(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = job(m);
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "{what}: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let first = |status: &serde_json::Value| Some(status[0].clone()).filter(|job| done(job));
+    poll_status(m, Duration::from_secs(60), what, first)
+}
+
+/// Job `id` in `ctl/status.json`, once `done` holds for it; panics naming
+/// the job if that takes more than two minutes.
+pub fn wait_job(
+    m: &Mounted,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let what = format!("job {id} never got there");
+    poll_status(m, Duration::from_secs(120), &what, |status| {
+        let job = status
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|job| job["id"] == id))
+            .unwrap_or_else(|| panic!("no job {id}: {status}"));
+        Some(job.clone()).filter(|job| done(job))
+    })
+}
+
+/// Job `id` once it has an outcome.
+pub fn wait_outcome(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| job.get("outcome").is_some())
+}
+
+/// Job `id` once it is ready (or ended without getting there).
+pub fn wait_ready(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| {
+        job["status"] == "ready" || job.get("outcome").is_some()
+    })
+}
+
+/// Every listed job, once each has an outcome; panics after two minutes.
+pub fn wait_jobs(m: &Mounted) -> Vec<serde_json::Value> {
+    poll_status(
+        m,
+        Duration::from_secs(120),
+        "jobs never finished",
+        |status| {
+            let jobs = status.as_array().cloned().unwrap_or_default();
+            let done = jobs.iter().all(|job| job.get("outcome").is_some());
+            done.then_some(jobs)
+        },
+    )
+}
+
+/// The names of the events logged so far, oldest first.
+pub fn event_names(m: &Mounted) -> Vec<String> {
+    let name = |e: &serde_json::Value| e["event"].as_str().unwrap_or_default().to_string();
+    events(m).iter().map(name).collect()
+}
+
+/// File `name` of the mount opened for reading and writing.
+pub fn open_rw(m: &Mounted, name: &str) -> File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path(name))
+        .unwrap_or_else(|e| panic!("open {name} read-write: {e}"))
+}
+
+/// Writes `data` at `offset` through `file` and into `model`.
+pub fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
+    file.write_all_at(data, offset).unwrap();
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
 }
 
 /// The events in `ctl/events` called `name`, oldest first.

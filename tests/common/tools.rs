@@ -110,6 +110,25 @@ pub fn create_qcow2(path: &str, size: &str, options: &str) {
     qemu_img(&args);
 }
 
+/// A qcow2 overlay `image` on `backing`, given as (the name the overlay
+/// stores, its format): `qemu-img create -q -f qcow2 [-o options] -b NAME
+/// -F FORMAT image [size]`, in the image's directory when its path is
+/// absolute. With a `size` the backing file is not opened (`-u`), so it
+/// may be missing, a loop or a FIFO; without one the overlay takes the
+/// backing file's size.
+pub fn create_overlay(image: &Path, backing: (&str, &str), size: Option<&str>, options: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    if size.is_some() {
+        args.push("-u");
+    }
+    args.extend(["-b", backing.0, "-F", backing.1, path_str(image)]);
+    args.extend(size);
+    run_ok_in(image_dir(image), "qemu-img", &args);
+}
+
 /// `qemu_img` in directory `dir`, for relative image names.
 pub fn qemu_img_in(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&run_ok_in(Some(dir), "qemu-img", args).stdout).into_owned()
@@ -136,6 +155,31 @@ pub fn qemu_io<S: AsRef<str>>(image: &Path, format: &str, commands: &[S]) -> Str
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Runs fio's verifying random-write job on `file`: four jobs of 12 MiB
+/// each, mixed block sizes, crc32c verified after writing; `extra` adds or
+/// sets options (`--offset_increment`, `--direct`, `--rate`, ...).
+pub fn fio_verify(file: &Path, extra: &[&str]) -> Output {
+    let filename = format!("--filename={}", path_str(file));
+    let mut args = vec![
+        "--name=verify",
+        &filename,
+        "--rw=randwrite",
+        "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
+        "--numjobs=4",
+        "--size=12M",
+        "--ioengine=psync",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--randrepeat=0",
+        "--group_reporting",
+        // No verify-state files left in the working directory.
+        "--verify_state_save=0",
+    ];
+    args.extend_from_slice(extra);
+    run_any("fio", &args)
 }
 
 /// Where to run a QEMU tool on `image`: its directory when its path is

@@ -30,6 +30,7 @@ use lru::LruCache;
 use super::header::write_reftable_fields;
 use super::refcount::{locate, reftable_entry, Refblock};
 use super::types::{Geometry, HostOffset};
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
@@ -72,7 +73,9 @@ impl Allocator {
         cache_bytes: u64,
     ) -> Result<Allocator> {
         let mut bytes = vec![0u8; clusters as usize * geometry.cluster_size() as usize];
-        storage.read_at(&mut bytes, offset)?;
+        storage
+            .read_at(&mut bytes, offset)
+            .io_at("read the refcount table", offset)?;
         let reftable = bytes
             .chunks_exact(8)
             .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
@@ -113,7 +116,7 @@ impl Allocator {
     fn load_refblock(&mut self, storage: &dyn Storage, offset: u64) -> Result<&mut Refblock> {
         if !self.refblocks.contains(&offset) {
             let cluster_size = self.geometry.cluster_size();
-            if offset + cluster_size > storage.len()? {
+            if offset + cluster_size > storage.len().io("measure the image file")? {
                 return Err(FormatError::malformed_at(
                     "refcount block",
                     offset,
@@ -121,7 +124,9 @@ impl Allocator {
                 ));
             }
             let mut bytes = vec![0u8; cluster_size as usize];
-            storage.read_at(&mut bytes, offset)?;
+            storage
+                .read_at(&mut bytes, offset)
+                .io_at("read a refcount block", offset)?;
             self.refblocks
                 .put(offset, Refblock::from_bytes(bytes, &self.geometry));
         }
@@ -155,7 +160,9 @@ impl Allocator {
         let refblock = self.load_refblock(storage, block)?;
         let changed = refblock.set(index, value);
         let bytes = refblock.bytes()[changed.clone()].to_vec();
-        storage.write_at(&bytes, block + changed.start as u64)?;
+        storage
+            .write_at(&bytes, block + changed.start as u64)
+            .io_at("write refcounts", block + changed.start as u64)?;
         Ok(())
     }
 
@@ -181,9 +188,11 @@ impl Allocator {
         let offset = slot * per_block * self.geometry.cluster_size();
         let mut refblock = Refblock::empty(&self.geometry);
         refblock.set(0, 1);
-        storage.write_at(refblock.bytes(), offset)?;
+        storage
+            .write_at(refblock.bytes(), offset)
+            .io_at("write a refcount block", offset)?;
         // The block must be on disk before the table points to it.
-        storage.sync()?;
+        storage.sync().io("sync the image")?;
         self.write_reftable_entry(storage, slot, offset)?;
         self.refblocks.put(offset, refblock);
         Ok(offset)
@@ -191,7 +200,12 @@ impl Allocator {
 
     fn write_reftable_entry(&mut self, storage: &dyn Storage, slot: u64, value: u64) -> Result<()> {
         self.reftable[slot as usize] = value;
-        storage.write_at(&value.to_be_bytes(), self.reftable_offset + slot * 8)?;
+        storage
+            .write_at(&value.to_be_bytes(), self.reftable_offset + slot * 8)
+            .io_at(
+                "write a refcount table entry",
+                self.reftable_offset + slot * 8,
+            )?;
         Ok(())
     }
 
@@ -233,7 +247,9 @@ impl Allocator {
                 refblock.set(cluster - range.start, 1);
             }
             let offset = (first_free_cluster + block) * cluster_size;
-            storage.write_at(refblock.bytes(), offset)?;
+            storage
+                .write_at(refblock.bytes(), offset)
+                .io_at("write a refcount block", offset)?;
             self.refblocks.put(offset, refblock);
         }
         let mut table = self.reftable.clone();
@@ -243,14 +259,16 @@ impl Allocator {
         }
         let table_offset = table_start * cluster_size;
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        storage.write_at(&bytes, table_offset)?;
+        storage
+            .write_at(&bytes, table_offset)
+            .io_at("write the refcount table", table_offset)?;
         // The new blocks and table must be on disk before the header names them.
-        storage.sync()?;
+        storage.sync().io("sync the image")?;
         // Only the two fields the allocator owns; whole-header writes take
         // them from reftable_location() (see meta.rs), never from a copy.
         write_reftable_fields(storage, table_offset, table_clusters_u32)?;
         // Durable before the old table's clusters can be freed and reused.
-        storage.sync()?;
+        storage.sync().io("sync the image")?;
         let old_offset = self.reftable_offset;
         let old_clusters = u64::from(self.reftable_clusters);
         self.reftable = table;
@@ -331,11 +349,11 @@ impl Allocator {
         // point there: an entry past the end of the file is corruption to
         // QEMU even if the data write that would have extended it was lost.
         let end = self.reserved_end();
-        if end > storage.len()? {
-            storage.set_len(end)?;
+        if end > storage.len().io("measure the image file")? {
+            storage.set_len(end).io_at("extend the image file", end)?;
         }
         // Refcounts must be on disk before any L2 entry points to these clusters.
-        storage.sync()?;
+        storage.sync().io("sync the image")?;
         Ok(())
     }
 
@@ -351,7 +369,9 @@ impl Allocator {
         };
         let block = self.refblock_offset(slot)?;
         let bytes = self.load_refblock(storage, block)?.bytes()[range.clone()].to_vec();
-        storage.write_at(&bytes, block + range.start as u64)?;
+        storage
+            .write_at(&bytes, block + range.start as u64)
+            .io_at("write refcounts", block + range.start as u64)?;
         Ok(())
     }
 

@@ -56,6 +56,7 @@ use super::features::Autoclear;
 use super::meta::Meta;
 use super::types::{Geometry, HostOffset};
 use super::Qcow2;
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 use crate::sync::{self, Mutex};
@@ -135,11 +136,13 @@ impl Bitmaps {
             cluster: geometry.cluster_size(),
             // QEMU sizes bitmaps by the disk in whole sectors.
             disk: header.size & !511,
-            file: storage.len()?,
+            file: storage.len().io("measure the image file")?,
         };
         let extension = Extension::parse(data, sizes.cluster, sizes.file)?;
         let mut bytes = vec![0u8; extension.directory_size as usize];
-        storage.read_at(&mut bytes, extension.directory_offset)?;
+        storage
+            .read_at(&mut bytes, extension.directory_offset)
+            .io_at("read the bitmap directory", extension.directory_offset)?;
         let mut directory = parse_directory(&bytes, extension.nb_bitmaps)?;
         let tracked = load_tracked(storage, &directory, sizes)?;
         if tracked.is_empty() {
@@ -233,10 +236,12 @@ impl Bitmaps {
         }
         let bytes = serialize_directory(&directory);
         let offset = new.allocate_run(storage, allocator, bytes.len() as u64, cs)?;
-        storage.write_at(&bytes, offset)?;
+        storage
+            .write_at(&bytes, offset)
+            .io_at("write the bitmap directory", offset)?;
         // Data, tables and directory must be on disk before the header
         // names them, or a crash would publish garbage as a clean bitmap.
-        storage.sync()?;
+        storage.sync().io("sync the image")?;
         let extension = Extension {
             nb_bitmaps: directory.len() as u32,
             directory_size: bytes.len() as u64,
@@ -376,7 +381,9 @@ fn read_table(storage: &dyn Storage, entry: &DirEntry, sizes: Sizes) -> Result<V
     let len = u64::from(entry.table_size) * 8;
     check_in_file(entry.table_offset, len, sizes.file, "a bitmap table")?;
     let mut bytes = vec![0u8; len as usize];
-    storage.read_at(&mut bytes, entry.table_offset)?;
+    storage
+        .read_at(&mut bytes, entry.table_offset)
+        .io_at("read a bitmap table", entry.table_offset)?;
     bytes
         .chunks_exact(8)
         .map(|raw| TableEntry::decode(be64(raw, 0), sizes.cluster))
@@ -430,7 +437,9 @@ impl Tracked {
             TableEntry::Ones => set_bits(&mut bits, 0, valid),
             TableEntry::Data(host) => {
                 check_in_file(host.0, sizes.cluster, sizes.file, "a bitmap data cluster")?;
-                storage.read_at(&mut bits, host.0)?;
+                storage
+                    .read_at(&mut bits, host.0)
+                    .io_at("read bitmap data", host.0)?;
                 clear_bits_from(&mut bits, valid);
                 self.clusters.push(host.0);
             }
@@ -483,14 +492,18 @@ impl Tracked {
                 Chunk::Bits(bits) if full && bits.iter().all(|&b| b == 0xff) => TableEntry::Ones,
                 Chunk::Bits(bits) => {
                     let host = new.allocate(storage, allocator)?;
-                    storage.write_at(bits, host)?;
+                    storage
+                        .write_at(bits, host)
+                        .io_at("write bitmap data", host)?;
                     TableEntry::Data(HostOffset(host))
                 }
             };
             table.extend_from_slice(&entry.encode().to_be_bytes());
         }
         let offset = new.allocate_run(storage, allocator, table.len() as u64, cluster_size)?;
-        storage.write_at(&table, offset)?;
+        storage
+            .write_at(&table, offset)
+            .io_at("write a bitmap table", offset)?;
         let mut entry = directory[self.entry].clone();
         entry.table_offset = offset;
         entry.table_size = self.chunks.len() as u32;
@@ -522,9 +535,11 @@ fn mark_in_use(
     meta.write_header(storage, |header| {
         header.autoclear.remove(Autoclear::BITMAPS)
     })?;
-    storage.write_at(&serialize_directory(directory), extension.directory_offset)?;
+    storage
+        .write_at(&serialize_directory(directory), extension.directory_offset)
+        .io_at("write the bitmap directory", extension.directory_offset)?;
     // The directory must be whole on disk before the bit vouches for it.
-    storage.sync()?;
+    storage.sync().io("sync the image")?;
     // in_use must be durable (write_header syncs) before the first guest
     // write that the bitmaps on disk do not show.
     meta.write_header(storage, |header| {

@@ -19,6 +19,7 @@
 use super::features::{Autoclear, Compatible, Incompatible};
 use super::header::{CompressionType, FeatureName, Header, MAX_BACKING_FILE_NAME};
 use super::types::Geometry;
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
@@ -129,20 +130,26 @@ pub fn create(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
     let cluster0 = header(options, size, &geometry, &layout).serialize()?;
     let cluster_size = geometry.cluster_size();
 
-    storage.set_len(0)?;
-    storage.write_at(&reftable(&geometry, &layout), cluster_size)?;
-    storage.write_at(
-        &refblocks(&geometry, &layout),
-        layout.first_refblock() * cluster_size,
-    )?;
+    storage.set_len(0).io_at("empty the new image", 0)?;
+    storage
+        .write_at(&reftable(&geometry, &layout), cluster_size)
+        .io_at("write the refcount table", cluster_size)?;
+    let refblocks_at = layout.first_refblock() * cluster_size;
+    storage
+        .write_at(&refblocks(&geometry, &layout), refblocks_at)
+        .io_at("write the refcount blocks", refblocks_at)?;
     // The L1 table is all zeros: extending the emptied file provides them.
-    storage.set_len(layout.total_clusters() * cluster_size)?;
+    storage
+        .set_len(layout.total_clusters() * cluster_size)
+        .io_at("size the new image", layout.total_clusters() * cluster_size)?;
     // The header goes last, after the rest is durable: a crash before it
     // leaves a file without the qcow2 magic, never a qcow2 image that points
     // at tables that are not there.
-    storage.sync()?;
-    storage.write_at(&cluster0, 0)?;
-    storage.sync()?;
+    storage.sync().io("sync the new image")?;
+    storage
+        .write_at(&cluster0, 0)
+        .io_at("write the header", 0)?;
+    storage.sync().io("sync the new image")?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ mod tests;
 use super::features::{describe_bits, Autoclear, Compatible, FeatureKind, Incompatible};
 use super::types::Geometry;
 use super::MAGIC;
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
@@ -232,7 +233,7 @@ impl Header {
     /// Reads and decodes the header of the image in `storage`. The caller
     /// then calls [`Header::validate`] with the file length.
     pub fn read(storage: &dyn Storage) -> Result<Header> {
-        let file_len = storage.len()?;
+        let file_len = storage.len().io("measure the image file")?;
         if file_len < u64::from(V2_HEADER_LEN) {
             return Err(FormatError::malformed(
                 "header",
@@ -242,7 +243,7 @@ impl Header {
             ));
         }
         let mut fixed = [0u8; V2_HEADER_LEN as usize];
-        storage.read_at(&mut fixed, 0)?;
+        storage.read_at(&mut fixed, 0).io_at("read the header", 0)?;
         if be32(&fixed, 0) != MAGIC {
             return Err(FormatError::malformed(
                 "header",
@@ -256,7 +257,9 @@ impl Header {
         // most 2 MiB; bytes past the end of a short file read as zeros, as
         // QEMU reads them.
         let mut cluster0 = vec![0u8; 1 << cluster_bits];
-        storage.read_at(&mut cluster0, 0)?;
+        storage
+            .read_at(&mut cluster0, 0)
+            .io_at("read the header cluster", 0)?;
         Header::parse(&cluster0)
     }
 
@@ -512,7 +515,9 @@ const REFTABLE_FIELDS_OFFSET: u64 = 48;
 pub fn write_reftable_fields(storage: &dyn Storage, offset: u64, clusters: u32) -> Result<()> {
     let mut fields = offset.to_be_bytes().to_vec();
     fields.extend_from_slice(&clusters.to_be_bytes());
-    storage.write_at(&fields, REFTABLE_FIELDS_OFFSET)?;
+    storage
+        .write_at(&fields, REFTABLE_FIELDS_OFFSET)
+        .io_at("write the header", REFTABLE_FIELDS_OFFSET)?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 
 use super::alloc::Allocator;
 use super::header::Header;
+use crate::format::error::IoContext;
 use crate::format::Result;
 use crate::storage::Storage;
 
@@ -60,8 +61,8 @@ impl Meta {
         next.refcount_table_offset = offset;
         next.refcount_table_clusters = clusters;
         let bytes = next.serialize()?;
-        storage.write_at(&bytes, 0)?;
-        storage.sync()?;
+        storage.write_at(&bytes, 0).io_at("write the header", 0)?;
+        storage.sync().io("sync the image")?;
         self.header = next;
         Ok(())
     }

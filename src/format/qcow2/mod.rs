@@ -48,6 +48,7 @@ use self::l2::{L2Entry, L2Table, L1_COPIED, L1_OFFSET_MASK};
 use self::meta::Meta;
 use self::types::Geometry;
 use super::{BackingRef, FileOpener, Format, FormatError, OpenOptions, Result};
+use crate::format::error::IoContext;
 use crate::storage::Storage;
 use crate::sync::{self, Arc, Mutex, RwLock};
 
@@ -91,7 +92,7 @@ impl Qcow2 {
         options: &OpenOptions,
         opener: FileOpener<'_>,
     ) -> Result<Qcow2> {
-        let file_len = storage.len()?;
+        let file_len = storage.len().io("measure the image file")?;
         let mut header = Header::read(storage.as_ref())?;
         header.validate(file_len)?;
         let geometry = header.geometry();
@@ -105,7 +106,7 @@ impl Qcow2 {
             repair::repair(storage.as_ref(), &mut header, &geometry)?;
         }
         // The repair may have grown the file.
-        let file_len = storage.len()?;
+        let file_len = storage.len().io("measure the image file")?;
         let l1 = read_l1(storage.as_ref(), &header)?;
         let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(
@@ -203,10 +204,14 @@ impl Qcow2 {
     /// Bytes of host storage used by the image file and its data file.
     pub fn allocated_bytes(&self) -> Result<u64> {
         let data = match &self.data_file {
-            Some(file) => file.allocated_bytes()?,
+            Some(file) => file.allocated_bytes().io("measure the data file")?,
             None => 0,
         };
-        Ok(self.storage.allocated_bytes()? + data)
+        Ok(self
+            .storage
+            .allocated_bytes()
+            .io("measure the image file")?
+            + data)
     }
 
     /// Where guest data lives: the external data file or the image itself.
@@ -255,7 +260,9 @@ impl Qcow2 {
         }
         self.l2_cache.get_or_load(offset, || {
             let mut bytes = vec![0u8; cluster_size as usize];
-            self.storage.read_at(&mut bytes, offset)?;
+            self.storage
+                .read_at(&mut bytes, offset)
+                .io_at("read an L2 table", offset)?;
             Ok(L2Table::from_bytes(&bytes, self.geometry.extended_l2))
         })
     }
@@ -272,9 +279,13 @@ impl Qcow2 {
     /// [`Image::start_writeback`](crate::format::Image::start_writeback)).
     pub fn start_writeback(&self) -> Result<()> {
         if let Some(data_file) = &self.data_file {
-            data_file.start_writeback()?;
+            data_file
+                .start_writeback()
+                .io("start the writeback of the data file")?;
         }
-        Ok(self.storage.start_writeback()?)
+        self.storage
+            .start_writeback()
+            .io("start the writeback of the image")
     }
 
     /// Makes every completed write durable, then applies deferred frees.
@@ -290,9 +301,9 @@ impl Qcow2 {
     /// metadata no longer holds.
     fn sync_and_free(&self, meta: &mut Meta) -> Result<()> {
         if let Some(data_file) = &self.data_file {
-            data_file.sync()?;
+            data_file.sync().io("sync the data file")?;
         }
-        self.storage.sync()?;
+        self.storage.sync().io("sync the image")?;
         if meta.allocator.pending_frees() == 0 {
             return Ok(());
         }
@@ -303,7 +314,8 @@ impl Qcow2 {
             self.l2_cache.remove(host);
             // The space is free: give it back to the host filesystem.
             self.storage
-                .punch_hole(host, self.geometry.cluster_size())?;
+                .punch_hole(host, self.geometry.cluster_size())
+                .io_at("free a cluster", host)?;
         }
         Ok(())
     }
@@ -317,7 +329,7 @@ impl Qcow2 {
         self.sync_and_free(&mut meta)?;
         self.store_bitmaps(&mut meta)?;
         let released = meta.allocator.release_reserve(self.storage.as_ref())?;
-        self.storage.sync()?;
+        self.storage.sync().io("sync the image")?;
         self.trim_released_tail(&released)
     }
 
@@ -330,7 +342,7 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Ok(());
         }
-        let len = self.storage.len()?;
+        let len = self.storage.len().io("read the image's length")?;
         let mut end = len;
         for &host in released.iter().rev() {
             if host + self.geometry.cluster_size() != end {
@@ -339,8 +351,10 @@ impl Qcow2 {
             end = host;
         }
         if end < len {
-            self.storage.set_len(end)?;
-            self.storage.sync()?;
+            self.storage
+                .set_len(end)
+                .io_at("trim the unused end of the image", end)?;
+            self.storage.sync().io("sync the image")?;
         }
         Ok(())
     }
@@ -398,8 +412,10 @@ impl Qcow2 {
 
     /// Writes L1 entry `index`, through to disk first.
     fn set_l1_entry(&self, index: u64, value: u64) -> Result<()> {
+        let at = self.l1_offset + index * 8;
         self.storage
-            .write_at(&value.to_be_bytes(), self.l1_offset + index * 8)?;
+            .write_at(&value.to_be_bytes(), at)
+            .io_at("write an L1 entry", at)?;
         sync::write(&self.l1)[index as usize] = value;
         Ok(())
     }
@@ -454,7 +470,9 @@ fn open_data_file(
 
 fn read_l1(storage: &dyn Storage, header: &Header) -> Result<Vec<u64>> {
     let mut bytes = vec![0u8; header.l1_size as usize * 8];
-    storage.read_at(&mut bytes, header.l1_table_offset)?;
+    storage
+        .read_at(&mut bytes, header.l1_table_offset)
+        .io_at("read the L1 table", header.l1_table_offset)?;
     Ok(bytes
         .chunks_exact(8)
         .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))

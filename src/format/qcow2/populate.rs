@@ -6,6 +6,7 @@
 use super::l2::{L2Entry, L2Table, Piece};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
+use crate::format::error::IoContext;
 use crate::format::{BackingReader, HostRange, Result};
 use crate::sync::{self, Arc};
 
@@ -167,14 +168,15 @@ impl Qcow2 {
             }
             let (start, end) = (first * cluster_size, (last + 1) * cluster_size);
             match fill {
-                Fill::Bytes(data) => self.storage.write_at(&data[start..end], hosts[first].0)?,
+                Fill::Bytes(data) => self.storage.write_at(&data[start..end], hosts[first].0),
                 Fill::Copy(source) => self.storage.copy_from(
                     source.storage.as_ref(),
                     source.offset + start as u64,
                     (end - start) as u64,
                     hosts[first].0,
-                )?,
+                ),
             }
+            .io_at("write copied data", hosts[first].0)?;
             first = last + 1;
         }
         Ok(())

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::compress::{decode_descriptor, decompress};
 use super::l2::{L2Entry, Piece};
 use super::Qcow2;
+use crate::format::error::IoContext;
 use crate::format::{Allocation, BackingReader, Extent, FormatError, HostRange, Result};
 use crate::sync::{self, Arc};
 
@@ -70,7 +71,9 @@ impl Qcow2 {
     fn read_host(&self, run: HostRun, buf: &mut [u8]) -> Result<()> {
         self.check_host_run(run.host, run.len as u64)?;
         let out = &mut buf[run.buf_start..run.buf_start + run.len];
-        self.data().read_at(out, run.host)?;
+        self.data()
+            .read_at(out, run.host)
+            .io_at("read guest data", run.host)?;
         Ok(())
     }
 
@@ -149,7 +152,9 @@ impl Qcow2 {
             ));
         }
         let mut input = vec![0u8; descriptor.compressed_len as usize];
-        self.storage.read_at(&mut input, descriptor.host_offset)?;
+        self.storage
+            .read_at(&mut input, descriptor.host_offset)
+            .io_at("read a compressed cluster", descriptor.host_offset)?;
         let mut cluster = vec![0u8; cluster_size as usize];
         decompress(self.compression, &input, &mut cluster)?;
         let cluster = Arc::new(cluster);
@@ -200,7 +205,10 @@ impl Qcow2 {
             let (piece, len) = entry.run_at(&self.geometry, at, (out.len() - pos) as u64);
             let slice = &mut out[pos..pos + len as usize];
             match piece {
-                Piece::Data(host) => self.data().read_at(slice, host.0)?,
+                Piece::Data(host) => self
+                    .data()
+                    .read_at(slice, host.0)
+                    .io_at("read guest data", host.0)?,
                 Piece::Zero => slice.fill(0),
                 Piece::Unallocated => backing.read_backing(at, slice)?,
                 Piece::Compressed(word) => self.read_compressed(word, at, slice)?,

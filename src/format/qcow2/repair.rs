@@ -41,6 +41,7 @@ use super::header::{write_reftable_fields, Header};
 use super::l2::{L1_COPIED, L1_OFFSET_MASK};
 use super::refcount::{reftable_entry, Refblock};
 use super::types::Geometry;
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
@@ -93,7 +94,7 @@ pub fn repair(
     header: &mut Header,
     geometry: &Geometry,
 ) -> Result<RepairReport> {
-    let file_len = storage.len()?;
+    let file_len = storage.len().io("measure the image file")?;
     let mut map = RefcountMap::new(file_len, geometry)?;
     count_references(storage, header, geometry, file_len, &mut map)?;
     map.check_width(geometry)?;
@@ -193,7 +194,9 @@ impl OldRefcounts {
             return Ok(None);
         }
         let mut bytes = vec![0u8; geometry.cluster_size() as usize];
-        storage.read_at(&mut bytes, offset)?;
+        storage
+            .read_at(&mut bytes, offset)
+            .io_at("read a table", offset)?;
         Ok(Some(Refblock::from_bytes(bytes, geometry)))
     }
 }
@@ -227,7 +230,9 @@ fn fix_copied_flags(
     }
     if l1_fixed > 0 {
         let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        storage.write_at(&bytes, header.l1_table_offset)?;
+        storage
+            .write_at(&bytes, header.l1_table_offset)
+            .io_at("write the L1 table", header.l1_table_offset)?;
     }
     Ok(fixed + l1_fixed)
 }
@@ -253,7 +258,9 @@ fn fix_copied_l2(
         }
     }
     if fixed > 0 {
-        storage.write_at(&table.to_bytes(), offset)?;
+        storage
+            .write_at(&table.to_bytes(), offset)
+            .io_at("write an L2 table", offset)?;
     }
     Ok(fixed)
 }
@@ -341,20 +348,29 @@ fn write_structure(
     for &slot in &layout.slots {
         batch.extend_from_slice(build_refblock(geometry, map, layout, slot).bytes());
         if batch.len() >= WRITE_BATCH {
-            storage.write_at(&batch, batch_at)?;
+            storage
+                .write_at(&batch, batch_at)
+                .io_at("write refcount blocks", batch_at)?;
             batch_at += batch.len() as u64;
             batch.clear();
         }
     }
     if !batch.is_empty() {
-        storage.write_at(&batch, batch_at)?;
+        storage
+            .write_at(&batch, batch_at)
+            .io_at("write refcount blocks", batch_at)?;
     }
     let mut table = vec![0u64; (layout.table_clusters * cluster_size / 8) as usize];
     for (index, &slot) in layout.slots.iter().enumerate() {
         table[slot as usize] = (layout.start + index as u64) * cluster_size;
     }
     let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-    storage.write_at(&bytes, layout.table_start() * cluster_size)?;
+    storage
+        .write_at(&bytes, layout.table_start() * cluster_size)
+        .io_at(
+            "write the refcount table",
+            layout.table_start() * cluster_size,
+        )?;
     Ok(())
 }
 
@@ -381,19 +397,21 @@ fn publish(
     // The new blocks and table (and the COPIED fixes) must be durable before
     // the header names them: a header naming half-written blocks would be
     // read by QEMU's repair as a damaged structure.
-    storage.sync()?;
+    storage.sync().io("sync the image")?;
     let offset = layout.table_start() << geometry.cluster_bits;
     let clusters = layout.table_clusters as u32;
     write_reftable_fields(storage, offset, clusters)?;
     // The switch must be durable before the image claims to be clean: a
     // clean image naming the old, stale table would be trusted as it is.
-    storage.sync()?;
+    storage.sync().io("sync the image")?;
     header.refcount_table_offset = offset;
     header.refcount_table_clusters = clusters;
     header.incompatible.remove(Incompatible::DIRTY);
     let bits = header.incompatible.bits() | header.unknown_incompatible;
-    storage.write_at(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)?;
+    storage
+        .write_at(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
+        .io_at("clear the dirty bit", HEADER_INCOMPATIBLE)?;
     // Writes that follow rely on the refcounts being trusted by QEMU too.
-    storage.sync()?;
+    storage.sync().io("sync the image")?;
     Ok(())
 }

@@ -26,6 +26,7 @@
 
 use std::ops::Range;
 
+use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 
@@ -184,7 +185,9 @@ impl TableReader<'_> {
             ));
         }
         let mut buf = vec![0u8; len as usize];
-        self.storage.read_at(&mut buf, self.pos)?;
+        self.storage
+            .read_at(&mut buf, self.pos)
+            .io_at("read the snapshot table", self.pos)?;
         self.pos = end;
         Ok(buf)
     }

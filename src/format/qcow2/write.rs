@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use super::l2::{L2Entry, L2Table, ALL_SUBCLUSTERS, L1_COPIED};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
+use crate::format::error::IoContext;
 use crate::format::{BackingReader, Result};
 use crate::sync::{self, Arc};
 
@@ -57,7 +58,10 @@ impl Qcow2 {
             let len = room.min((data.len() - pos) as u64) as usize;
             let entry = self.l2_entry(guest)?;
             match self.in_place_target(&entry, guest, len as u64) {
-                Some(host) => self.data().write_at(&data[pos..pos + len], host.0)?,
+                Some(host) => self
+                    .data()
+                    .write_at(&data[pos..pos + len], host.0)
+                    .io_at("write guest data", host.0)?,
                 None => slow.push(Chunk { guest, pos, len }),
             }
             pos += len;
@@ -108,7 +112,10 @@ impl Qcow2 {
         let index = self.geometry.l2_index(guest);
         let old = table.entry(&self.geometry, index)?;
         if let Some(host) = self.in_place_target(&old, guest, data.len() as u64) {
-            return Ok(self.data().write_at(data, host.0)?);
+            return self
+                .data()
+                .write_at(data, host.0)
+                .io_at("write guest data", host.0);
         }
         if let Some(entry) = self.claim_sole_owner(meta, &old)? {
             self.set_l2_entry(l2_offset, &table, index, &entry)?;
@@ -183,14 +190,18 @@ impl Qcow2 {
         let cluster_size = self.geometry.cluster_size() as usize;
         if data.len() == cluster_size {
             // The guest's bytes are the whole cluster: nothing to merge.
-            self.data().write_at(data, target.0)?;
+            self.data()
+                .write_at(data, target.0)
+                .io_at("write guest data", target.0)?;
         } else {
             let start = self.geometry.cluster_start(guest);
             let in_cluster = (guest - start) as usize;
             let mut cluster = vec![0u8; cluster_size];
             self.read_view(old, start, &mut cluster, backing)?;
             cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
-            self.data().write_at(&cluster, target.0)?;
+            self.data()
+                .write_at(&cluster, target.0)
+                .io_at("write guest data", target.0)?;
         }
         Ok(L2Entry::Data {
             host: target,
@@ -230,7 +241,9 @@ impl Qcow2 {
             let mut buf = vec![0u8; run_len as usize];
             self.read_view(old, run_start, &mut buf, backing)?;
             overlay(&mut buf, run_start, data, guest);
-            self.data().write_at(&buf, target.0 + (run_start - start))?;
+            self.data()
+                .write_at(&buf, target.0 + (run_start - start))
+                .io_at("write guest data", target.0 + (run_start - start))?;
         }
         Ok(L2Entry::Subclusters {
             host: Some(target),
@@ -261,8 +274,8 @@ impl Qcow2 {
         // The table must be on disk before the L1 entry points to it.
         let written = storage
             .write_at(&table.to_bytes(), new.0)
-            .and_then(|()| storage.sync())
-            .map_err(Into::into)
+            .io_at("write an L2 table", new.0)
+            .and_then(|()| storage.sync().io("sync the image"))
             .and_then(|()| self.set_l1_entry(l1_index, new.0 | L1_COPIED));
         if let Err(err) = written {
             meta.allocator.give_back(new);
@@ -308,8 +321,10 @@ impl Qcow2 {
             start.get_or_insert(at);
             bytes.extend_from_slice(&encoded);
         }
+        let at = l2_offset + start.unwrap_or(0);
         self.storage
-            .write_at(&bytes, l2_offset + start.unwrap_or(0))?;
+            .write_at(&bytes, at)
+            .io_at("write an L2 entry", at)?;
         let published = if table.in_place() {
             for (i, entry) in (first..).zip(entries) {
                 table.store(i, entry);

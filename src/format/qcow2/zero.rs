@@ -3,6 +3,7 @@
 
 use super::l2::{L2Entry, ALL_SUBCLUSTERS};
 use super::{Meta, Qcow2};
+use crate::format::error::IoContext;
 use crate::format::{BackingReader, Result};
 use crate::sync;
 
@@ -85,7 +86,9 @@ impl Qcow2 {
         }
         if let Some(data_file) = &self.data_file {
             // A raw data file must itself read as the guest sees it.
-            data_file.punch_hole(guest, cluster_size)?;
+            data_file
+                .punch_hole(guest, cluster_size)
+                .io_at("free a cluster of the data file", guest)?;
         }
         Ok(())
     }
@@ -131,7 +134,9 @@ impl Qcow2 {
             self.set_l2_entry(l2_offset, &table, self.geometry.l2_index(guest), &new)?;
         }
         if let Some(data_file) = &self.data_file {
-            data_file.punch_hole(first_whole, last_whole - first_whole)?;
+            data_file
+                .punch_hole(first_whole, last_whole - first_whole)
+                .io_at("free clusters of the data file", first_whole)?;
         }
         Ok(())
     }

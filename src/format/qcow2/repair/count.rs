@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::format::error::IoContext;
 use crate::format::qcow2::compress::decode_descriptor;
 use crate::format::qcow2::features::Autoclear;
 use crate::format::qcow2::header::Header;
@@ -173,13 +174,17 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
 /// that they lie inside the file, which bounds the allocation.
 pub(super) fn read_table(storage: &dyn Storage, offset: u64, entries: u64) -> Result<Vec<u64>> {
     let mut bytes = vec![0u8; entries as usize * 8];
-    storage.read_at(&mut bytes, offset)?;
+    storage
+        .read_at(&mut bytes, offset)
+        .io_at("read a table", offset)?;
     Ok(bytes.chunks_exact(8).map(|w| be64(w, 0)).collect())
 }
 
 pub(super) fn read_l2(storage: &dyn Storage, geometry: &Geometry, offset: u64) -> Result<L2Table> {
     let mut bytes = vec![0u8; geometry.cluster_size() as usize];
-    storage.read_at(&mut bytes, offset)?;
+    storage
+        .read_at(&mut bytes, offset)
+        .io_at("read an L2 table", offset)?;
     Ok(L2Table::from_bytes(&bytes, geometry.extended_l2))
 }
 
@@ -319,7 +324,9 @@ fn count_bitmaps(
     check_aligned(dir_offset, geometry, &what)?;
     map.add_bytes(dir_offset, dir_size, &what)?;
     let mut dir = vec![0u8; dir_size as usize];
-    storage.read_at(&mut dir, dir_offset)?;
+    storage
+        .read_at(&mut dir, dir_offset)
+        .io_at("read the bitmap directory", dir_offset)?;
     let mut at = 0u64;
     for index in 0..count {
         if at + BITMAP_ENTRY_HEADER > dir_size {

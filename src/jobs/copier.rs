@@ -213,19 +213,8 @@ impl Copier {
     }
 
     /// Copies `offset..offset + len` (at most [`CHUNK`] bytes) on the
-    /// calling thread; returns the bytes copied.
-    pub(super) fn copy(
-        &self,
-        chain: &Chain,
-        offset: u64,
-        len: u64,
-        buf: &mut Vec<u8>,
-    ) -> Result<u64, CopyFailure> {
-        self.copy_between(Chains::same(chain), offset, len, buf)
-    }
-
-    /// [`Copier::copy`] from the view in `chains.source` into the
-    /// destination in `chains.dest`.
+    /// calling thread, from the view in `chains.source` into the
+    /// destination in `chains.dest`; returns the bytes copied.
     pub(super) fn copy_between(
         &self,
         chains: Chains<'_>,

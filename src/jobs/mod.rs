@@ -19,6 +19,7 @@ mod copier;
 mod error;
 pub mod events;
 pub mod job;
+mod live_copy;
 pub mod ratelimit;
 pub mod registry;
 pub mod report;

@@ -5,44 +5,12 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
-
-/// Waits until `done` holds for job `id` in `status.json`; returns the job.
-fn wait_job(m: &Mounted, id: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let jobs = status_json(m);
-        let job = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|job| job["id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} never got there: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until job `id` has an outcome; returns the job.
-fn wait_outcome(m: &Mounted, id: &str) -> serde_json::Value {
-    wait_job(m, id, |job| job.get("outcome").is_some())
-}
-
-/// Waits until job `id` is ready.
-fn wait_ready(m: &Mounted, id: &str) -> serde_json::Value {
-    wait_job(m, id, |job| {
-        job["status"] == "ready" || job.get("outcome").is_some()
-    })
-}
 
 /// The names in the mount's root, sorted.
 fn names_in(m: &Mounted) -> Vec<String> {
@@ -151,21 +119,6 @@ fn intermediate_commit_merges_into_a_middle_base_and_rebacks_the_node_above() {
         &["file-A.img", "file-B.img", "file-E.img"],
         &[before[0].clone(), before[3].clone(), before[4].clone()],
     );
-}
-
-/// `active` and the active node's file opened for reading and writing.
-fn open_rw(m: &Mounted, name: &str) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path(name))
-        .unwrap()
-}
-
-/// Writes `data` at `offset` through `file` and into `model`.
-fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
-    file.write_all_at(data, offset).unwrap();
-    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
 }
 
 #[test]

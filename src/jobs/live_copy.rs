@@ -240,10 +240,12 @@ fn copy_loop(job: &Job, tracker: &Tracker) -> Result<bool, Stop> {
         match tracker.copy_next(cursor, &mut buf) {
             None => {
                 job.set_remaining(0, 0);
-                job.set_ready();
+                // Blocking first: a write that sees the job ready has
+                // reached the destination when it returns.
                 if tracker.live.copy_mode == CopyMode::WriteBlocking {
                     tracker.blocking.store(true, Ordering::Release);
                 }
+                job.set_ready();
                 tracker.wait_for_write(IDLE_POLL);
             }
             Some((offset, len, result)) => {

@@ -20,6 +20,7 @@ mod error;
 pub mod events;
 pub mod job;
 mod live_copy;
+mod mirror;
 pub mod ratelimit;
 pub mod registry;
 pub mod report;

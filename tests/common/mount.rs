@@ -3,7 +3,7 @@
 //! directory, chain and mount; the five-deep chain of SPEC's example built
 //! with QEMU's own tools; and talking to a mount's `ctl/` files.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -497,4 +497,70 @@ pub fn names_in(m: &Mounted) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Waits until `done` holds for job `id` in `status.json`; returns the job.
+pub fn wait_job(
+    m: &Mounted,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = status_json(m);
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|job| job["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} never got there: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until job `id` has an outcome; returns the job.
+pub fn wait_outcome(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| job.get("outcome").is_some())
+}
+
+/// Waits until job `id` is ready.
+pub fn wait_ready(m: &Mounted, id: &str) -> serde_json::Value {
+    wait_job(m, id, |job| {
+        job["status"] == "ready" || job.get("outcome").is_some()
+    })
+}
+
+/// `active` and the active node's file opened for reading and writing.
+pub fn open_rw(m: &Mounted, name: &str) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path(name))
+        .unwrap()
+}
+
+/// Writes `data` at `offset` through `file` and into `model`.
+pub fn write_model(file: &File, model: &mut [u8], offset: u64, data: &[u8]) {
+    file.write_all_at(data, offset).unwrap();
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `len` bytes at `offset` of
+/// `file`: a discard.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate only reads its integer arguments; the descriptor
+    // is open for as long as `file` is borrowed.
+    let done = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -243,3 +243,24 @@ pub fn qemu_chain_names(top: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// Whether QEMU may open `image` for writing now: `qemu-io` opens it
+/// read-write and reads a sector; `false` when a lock held elsewhere
+/// refuses it ("Failed to get ... lock"), a panic on any other failure.
+pub fn qemu_may_write(image: &Path, format: &str) -> bool {
+    let output = Command::new("qemu-io")
+        .args(["-f", format, "-c", "read 0 512", path_str(image)])
+        .current_dir(image_dir(image).unwrap_or(Path::new(".")))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        return true;
+    }
+    assert!(
+        stderr.contains("Failed to get"),
+        "qemu-io {}: {stderr}",
+        image.display()
+    );
+    false
+}

@@ -132,6 +132,7 @@ pub(super) fn start(
         kind: JobType::Commit,
         node: nodes[top].name().to_string(),
         base: Some(nodes[base].name().to_string()),
+        target: None,
         // The base is written, so it is touched too.
         touched: nodes[base..=top].iter().map(|n| n.id()).collect(),
         len: nodes[top].virtual_size(),

@@ -1,0 +1,563 @@
+//! `mirror` through a real mount, the scenarios of qemu-iotests 041, 151
+//! and 218: full, top and none into a new or an existing target, ready,
+//! complete and its pivot, soft and forced cancel, pause and resume,
+//! writes racing the start and the pivot, with QEMU's tools as oracles.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mount::*;
+use common::*;
+
+/// `qemu-img compare` finds `image` equal to `expected` (what a node
+/// file showed).
+fn assert_compare(image: &Path, format: &str, expected: &[u8]) {
+    let raw = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(raw.path(), expected).unwrap();
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "raw",
+        "-F",
+        format,
+        path_str(raw.path()),
+        path_str(image),
+    ]);
+}
+
+/// Mirrors `active` of SPEC's chain with `words` added to the command,
+/// writing through `active` before and after ready, then completes; returns
+/// the mount (the job concluded) and what `active` must show.
+fn mirror_and_complete(five: &FiveChain, words: &str) -> (Mounted, Vec<u8>) {
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    command(&m, &format!("mirror target=copy.img id=m {words}")).unwrap();
+    write_model(&active, &mut model, 5 << 20, &[0x51; 100_000]);
+    let job = wait_ready(&m, "m");
+    assert_eq!(job["status"], "ready", "{job}");
+    write_model(&active, &mut model, (7 << 20) + 3, &[0x52; 65536]);
+    command(&m, "complete id=m").unwrap();
+    let job = wait_outcome(&m, "m");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert!(read_all(&m.path("active")) == model, "a write was lost");
+    (m, model)
+}
+
+#[test]
+fn full_mirror_becomes_ready_and_complete_makes_the_target_the_active_layer() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("copy.img");
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    let old_top = open_rw(&m, "file-E.img");
+    command(&m, "mirror target=copy.img id=m").unwrap();
+    // Created when the write returns, locked for writing, not yet shown.
+    assert!(target.exists());
+    assert!(
+        !qemu_may_write(&target, "qcow2"),
+        "the target is not locked"
+    );
+    assert!(!names_in(&m).contains(&"copy.img".to_string()));
+    write_model(&active, &mut model, 5 << 20, &[0x51; 100_000]);
+    let job = wait_ready(&m, "m");
+    assert_eq!(job["status"], "ready", "{job}");
+    assert_eq!(job["type"], "mirror");
+    assert_eq!(job["target"], path_str(&target));
+    assert_eq!(job["remaining"], 0);
+    assert!(!events_named(&m, "BLOCK_JOB_READY").is_empty());
+    write_model(&active, &mut model, (7 << 20) + 3, &[0x52; 65536]);
+    write_model(&old_top, &mut model, 9 << 20, &[0x53; 4096]);
+    command(&m, "complete id=m").unwrap();
+    let job = wait_outcome(&m, "m");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    // Nothing else is in the target's chain: every old node leaves.
+    assert_eq!(names_in(&m), ["active", "copy.img", "ctl"]);
+    assert!(read_all(&m.path("active")) == model, "a write was lost");
+    // `active` handles follow the pivot; the old node takes no writes.
+    write_model(&active, &mut model, 11 << 20, &[0x54; 8192]);
+    assert!(read_all(&m.path("copy.img")) == model);
+    assert_eq!(
+        errno_of(old_top.write_at(&[1], 0), "write the old node"),
+        libc::EROFS
+    );
+    assert!(
+        !qemu_may_write(&target, "qcow2"),
+        "the new node is not locked"
+    );
+    drop((active, old_top));
+    m.unmount();
+    qemu_img_check(&target);
+    qemu_img_check(&five.top());
+    assert_eq!(qemu_chain_names(&target), ["copy.img"]);
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn an_odd_sized_node_is_mirrored_to_its_last_byte() {
+    let Some(fixture) = mounted(&[], |dir| {
+        let base = dir.join("base.qcow2");
+        create_qcow2(path_str(&base), "1025K", "cluster_size=4096");
+        qemu_io(&base, "qcow2", &["write -P 0x61 0 1025K"]);
+        let top = dir.join("top.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ]);
+        qemu_io(&top, "qcow2", &["write -P 0x62 1020K 5K", "write -z 4K 8K"]);
+        top
+    }) else {
+        return;
+    };
+    let Fixture { dir, top, m } = fixture;
+    let mut model = convert_to_raw(&top);
+    assert_eq!(model.len(), 1025 << 10);
+    let active = open_rw(&m, "active");
+    command(&m, "mirror target=odd.qcow2 id=m").unwrap();
+    wait_ready(&m, "m");
+    write_model(&active, &mut model, (1025 << 10) - 1, &[0x63]);
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert!(read_all(&m.path("active")) == model);
+    drop(active);
+    m.unmount();
+    let target = dir.path().join("odd.qcow2");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn soft_cancel_after_ready_leaves_a_consistent_copy_and_the_chain_as_it_was() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("copy.img");
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
+    let before = names_in(&m);
+    let active = open_rw(&m, "active");
+    command(&m, "mirror target=copy.img id=m").unwrap();
+    wait_ready(&m, "m");
+    write_model(&active, &mut model, 3 << 20, &[0x71; 70_000]);
+    command(&m, "cancel id=m").unwrap();
+    let job = wait_outcome(&m, "m");
+    assert_eq!(
+        job["outcome"], "completed",
+        "a soft cancel completes: {job}"
+    );
+    assert_eq!(names_in(&m), before);
+    assert!(read_all(&m.path("file-E.img")) == model);
+    // Released when the job ended, not at unmount.
+    assert!(qemu_may_write(&target, "qcow2"), "the target stays locked");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &model);
+    drop(active);
+    m.unmount();
+    qemu_img_check(&five.top());
+}
+
+#[test]
+fn force_cancel_after_ready_and_any_cancel_before_ready_abort() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let m = five.mount();
+    let before = names_in(&m);
+    command(&m, "mirror target=forced.img id=f").unwrap();
+    wait_ready(&m, "f");
+    command(&m, "cancel id=f force=on").unwrap();
+    assert_eq!(wait_outcome(&m, "f")["outcome"], "cancelled");
+    // Slow enough never to be ready before the cancel.
+    command(&m, "mirror target=early.img id=e speed=64K").unwrap();
+    assert_ne!(job(&m)["status"], "ready");
+    command(&m, "cancel id=e").unwrap();
+    let job = wait_outcome(&m, "e");
+    assert_eq!(job["outcome"], "cancelled", "{job}");
+    assert_eq!(job["ready"], false);
+    assert!(!events_named(&m, "BLOCK_JOB_CANCELLED").is_empty());
+    assert_eq!(names_in(&m), before);
+    for name in ["forced.img", "early.img"] {
+        let target = five.image(name);
+        assert!(qemu_may_write(&target, "qcow2"), "{name} stays locked");
+        qemu_img_check(&target);
+    }
+    m.unmount();
+}
+
+#[test]
+fn pause_holds_the_offset_and_resume_completes() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let m = five.mount();
+    command(&m, "mirror target=copy.img id=m speed=8M").unwrap();
+    wait_job(&m, "m", |j| j["offset"].as_u64().unwrap() > 0);
+    command(&m, "pause id=m").unwrap();
+    let held = job(&m);
+    assert_eq!(held["status"], "paused", "{held}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        job(&m)["offset"],
+        held["offset"],
+        "the offset moved while paused"
+    );
+    command(&m, "resume id=m").unwrap();
+    command(&m, "set-speed id=m speed=0").unwrap();
+    wait_ready(&m, "m");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    assert_compare(&five.image("copy.img"), "qcow2", &shown);
+}
+
+#[test]
+fn sync_top_backs_the_target_by_the_nodes_backing_image() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let (m, model) = mirror_and_complete(&five, "sync=top");
+    let mut names = FiveChain::names()[..4].to_vec();
+    names.extend(["active", "copy.img", "ctl"]);
+    names.sort();
+    assert_eq!(names_in(&m), names);
+    m.unmount();
+    let target = five.image("copy.img");
+    qemu_img_check(&target);
+    let info = qemu_img_info_chain(&target);
+    assert_eq!(
+        info[0]["backing-filename"],
+        path_str(&five.image("file-D.img"))
+    );
+    assert_eq!(
+        qemu_chain_names(&target),
+        [
+            "copy.img",
+            "file-D.img",
+            "file-C.img",
+            "file-B.img",
+            "file-A.img"
+        ]
+    );
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn sync_none_copies_only_new_writes_and_the_node_stays_below_the_target() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let (m, model) = mirror_and_complete(&five, "sync=none");
+    let mut names = FiveChain::names().to_vec();
+    names.extend(["active", "copy.img", "ctl"]);
+    names.sort();
+    assert_eq!(names_in(&m), names);
+    let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
+    assert!(
+        chain.starts_with(
+            "file-A.img <- file-B.img <- file-C.img <- file-D.img <- file-E.img <- copy.img\n"
+        ),
+        "{chain}"
+    );
+    m.unmount();
+    let target = five.image("copy.img");
+    qemu_img_check(&target);
+    qemu_img_check(&five.top());
+    assert_eq!(qemu_chain_names(&target)[..2], ["copy.img", "file-E.img"]);
+    assert_compare(&target, "qcow2", &model);
+    // Only what was written during the job is in the target itself.
+    let map = qemu_img(&["map", "--output=json", path_str(&target)]);
+    let own: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let own_bytes: u64 = own
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(
+        own_bytes <= 4 << 20,
+        "the target holds {own_bytes} bytes of its own"
+    );
+}
+
+#[test]
+fn a_node_below_the_active_one_is_replaced_and_the_node_above_is_rebacked() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let views = five.views();
+    let m = five.mount();
+    command(&m, "mirror node=file-D.img target=copy.img id=m").unwrap();
+    wait_ready(&m, "m");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert_eq!(names_in(&m), ["active", "copy.img", "ctl", "file-E.img"]);
+    assert!(read_all(&m.path("copy.img")) == views[3]);
+    assert!(read_all(&m.path("active")) == views[4]);
+    m.unmount();
+    let target = five.image("copy.img");
+    qemu_img_check(&target);
+    qemu_img_check(&five.top());
+    assert_eq!(qemu_chain_names(&five.top()), ["file-E.img", "copy.img"]);
+    assert!(convert_to_raw(&five.top()) == views[4]);
+}
+
+#[test]
+fn an_existing_target_full_of_garbage_is_overwritten_whole() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("copy.img");
+    create_qcow2(path_str(&target), "64M", "");
+    qemu_io(&target, "qcow2", &["write -P 0xee 0 64M"]);
+    let (m, model) = mirror_and_complete(&five, "mode=existing");
+    m.unmount();
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn garbage_where_no_node_holds_anything_becomes_zeros() {
+    let Some(fixture) = mounted(&[], |dir| {
+        let base = dir.join("base.qcow2");
+        create_qcow2(path_str(&base), "8M", "");
+        qemu_io(&base, "qcow2", &["write -P 0x41 1M 64K"]);
+        let top = dir.join("top.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ]);
+        qemu_io(&top, "qcow2", &["write -P 0x42 3M 64K"]);
+        let target = dir.join("garbage.qcow2");
+        create_qcow2(path_str(&target), "8M", "");
+        qemu_io(&target, "qcow2", &["write -P 0xee 0 8M"]);
+        top
+    }) else {
+        return;
+    };
+    let Fixture { dir, top, m } = fixture;
+    let mut model = convert_to_raw(&top);
+    let active = open_rw(&m, "active");
+    command(&m, "mirror target=garbage.qcow2 mode=existing id=m").unwrap();
+    wait_ready(&m, "m");
+    // A discard after ready: the range reads as the base again, which
+    // holds nothing there, so the target must hold zeros too.
+    punch_hole(&active, 3 << 20, 64 << 10).unwrap();
+    model[3 << 20..(3 << 20) + (64 << 10)].fill(0);
+    active.write_all_at(&[0x43; 4096], 5 << 20).unwrap();
+    model[5 << 20..(5 << 20) + 4096].fill(0x43);
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert!(read_all(&m.path("active")) == model);
+    drop(active);
+    m.unmount();
+    let target = dir.path().join("garbage.qcow2");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn existing_targets_for_top_and_none_keep_their_backing_file() {
+    for (sync, backing) in [("top", "file-D.img"), ("none", "file-E.img")] {
+        let Some(five) = FiveChain::gated(&[]) else {
+            return;
+        };
+        let target = five.image("copy.img");
+        qemu_img_in(
+            five.dir.path(),
+            &[
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", "copy.img",
+            ],
+        );
+        let (m, model) = mirror_and_complete(&five, &format!("mode=existing sync={sync}"));
+        m.unmount();
+        qemu_img_check(&target);
+        assert_eq!(qemu_chain_names(&target)[..2], ["copy.img", backing]);
+        assert_compare(&target, "qcow2", &model);
+    }
+}
+
+#[test]
+fn a_raw_target_is_created_sparse_and_filled() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let (m, model) = mirror_and_complete(&five, "format=raw");
+    m.unmount();
+    let target = five.image("copy.img");
+    assert!(std::fs::read(&target).unwrap() == model);
+}
+
+#[test]
+fn writes_racing_the_command_all_reach_the_target() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let m = five.mount();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (Arc::clone(&stop), m.path("active"));
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut round = 0u64;
+            // Writes keep landing on every region while the job starts.
+            while !stop.load(Ordering::Acquire) || round < 64 {
+                let offset = (round * 1_048_583) % (60 << 20);
+                file.write_all_at(&pattern(round, offset, 4096), offset)
+                    .unwrap();
+                round += 1;
+            }
+            round
+        })
+    };
+    command(&m, "mirror target=copy.img id=m").unwrap();
+    wait_ready(&m, "m");
+    stop.store(true, Ordering::Release);
+    let rounds = writer.join().unwrap();
+    assert!(rounds > 64, "the writer never raced the start");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    assert_compare(&five.image("copy.img"), "qcow2", &shown);
+}
+
+/// fio (4 jobs, crc32c) writes `active` while a mirror in `copy_mode`
+/// becomes ready and completes; fio verifies what it wrote across the
+/// pivot, and the target then equals what `active` showed.
+fn fio_through_the_mirror(copy_mode: &str) {
+    let Some(five) = FiveChain::gated(&["fio"]) else {
+        return;
+    };
+    let m = five.mount();
+    let filename = format!("--filename={}", path_str(&m.path("active")));
+    let fio = std::thread::spawn(move || {
+        run_any(
+            "fio",
+            &[
+                "--name=verify",
+                &filename,
+                "--rw=randwrite",
+                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
+                "--numjobs=4",
+                "--size=12M",
+                "--offset_increment=16M",
+                "--ioengine=psync",
+                "--direct=1",
+                "--rate=3m",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--randrepeat=0",
+                "--group_reporting",
+                "--verify_state_save=0",
+            ],
+        )
+    });
+    command(
+        &m,
+        &format!("mirror target=copy.img id=f copy-mode={copy_mode}"),
+    )
+    .unwrap();
+    assert_eq!(wait_ready(&m, "f")["status"], "ready");
+    command(&m, "complete id=f").unwrap();
+    assert_eq!(wait_outcome(&m, "f")["outcome"], "completed");
+    assert!(
+        !fio.is_finished(),
+        "fio ended before the pivot: it raced nothing"
+    );
+    let output = fio.join().unwrap();
+    assert!(
+        output.status.success(),
+        "fio failed across the mirror:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(names_in(&m), ["active", "copy.img", "ctl"]);
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    let target = five.image("copy.img");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &shown);
+}
+
+#[test]
+fn fio_verifies_across_a_mirror_in_the_background() {
+    fio_through_the_mirror("background");
+}
+
+#[test]
+fn fio_verifies_across_a_mirror_with_blocking_writes() {
+    fio_through_the_mirror("write-blocking");
+}
+
+#[test]
+fn after_ready_a_blocking_write_is_in_the_target_when_it_returns() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("copy.img");
+    let mut model = convert_to_raw(&five.top());
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    write_model(&active, &mut model, 1 << 20, &[0x31; 5000]);
+    command(&m, "mirror target=copy.img id=w copy-mode=write-blocking").unwrap();
+    write_model(&active, &mut model, 2 << 20, &[0x32; 70_000]);
+    assert_eq!(wait_ready(&m, "w")["status"], "ready");
+    // From now on the job's own copies would wait for ever: only the
+    // writers' copies can reach the target in time.
+    command(&m, "set-speed id=w speed=1").unwrap();
+    for (offset, byte) in [(3 << 20, 0x33u8), ((4 << 20) + 4095, 0x34), (5 << 20, 0x35)] {
+        write_model(&active, &mut model, offset, &[byte]);
+        let seen = convert_to_raw(&target);
+        assert_eq!(seen[offset as usize], byte, "a 1-byte write at {offset}");
+    }
+    // Overlapping writes from several threads, none waiting on another.
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let path = m.path("active");
+            std::thread::spawn(move || {
+                let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                for i in 0..200u64 {
+                    let offset = (6 << 20) + i * 333 + u64::from(t) * 77;
+                    file.write_all_at(&[t; 1000], offset).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let shown = read_all(&m.path("active"));
+    assert!(shown[..6 << 20] == model[..6 << 20]);
+    assert_compare(&target, "qcow2", &shown);
+    command(&m, "set-speed id=w speed=0").unwrap();
+    command(&m, "complete id=w").unwrap();
+    assert_eq!(wait_outcome(&m, "w")["outcome"], "completed");
+    assert!(read_all(&m.path("active")) == shown);
+    drop(active);
+    m.unmount();
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &shown);
+}

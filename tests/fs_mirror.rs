@@ -307,6 +307,8 @@ fn a_node_below_the_active_one_is_replaced_and_the_node_above_is_rebacked() {
     command(&m, "complete id=m").unwrap();
     assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
     assert_eq!(names_in(&m), ["active", "copy.img", "ctl", "file-E.img"]);
+    // A backing node now: shared for reading, nobody writing.
+    assert!(!qemu_may_write(&five.image("copy.img"), "qcow2"));
     assert!(read_all(&m.path("copy.img")) == views[3]);
     assert!(read_all(&m.path("active")) == views[4]);
     m.unmount();
@@ -560,4 +562,31 @@ fn after_ready_a_blocking_write_is_in_the_target_when_it_returns() {
     m.unmount();
     qemu_img_check(&target);
     assert_compare(&target, "qcow2", &shown);
+}
+
+#[test]
+fn the_live_block_copy_by_snapshot_and_stream_and_by_mirror_ends_with_the_same_bytes() {
+    let Some(by_stream) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let m = by_stream.mount();
+    command(&m, "snapshot file=new.qcow2").unwrap();
+    command(&m, "stream id=s").unwrap();
+    assert_eq!(wait_outcome(&m, "s")["outcome"], "completed");
+    assert_eq!(names_in(&m), ["active", "ctl", "new.qcow2"]);
+    m.unmount();
+    let by_mirror = FiveChain::build();
+    let m = by_mirror.mount();
+    command(&m, "mirror target=new.qcow2 id=m").unwrap();
+    wait_ready(&m, "m");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert_eq!(names_in(&m), ["active", "ctl", "new.qcow2"]);
+    m.unmount();
+    let (streamed, mirrored) = (by_stream.image("new.qcow2"), by_mirror.image("new.qcow2"));
+    qemu_img_check(&streamed);
+    qemu_img_check(&mirrored);
+    assert_eq!(qemu_chain_names(&mirrored), ["new.qcow2"]);
+    assert!(convert_to_raw(&streamed) == convert_to_raw(&mirrored));
+    qemu_img(&["compare", path_str(&streamed), path_str(&mirrored)]);
 }

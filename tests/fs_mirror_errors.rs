@@ -132,3 +132,42 @@ fn on_error_stop_pauses_and_resume_completes_once_space_is_freed() {
     assert!(convert_to_raw(&target) == shown);
     drop(five);
 }
+
+#[test]
+fn on_error_ignore_goes_on_but_the_mirror_ends_failed_without_a_pivot() {
+    let Some((_room, five, m)) = mirror_onto_a_full_disk("ignore") else {
+        return;
+    };
+    let before = names_in(&m);
+    // Every failed run is skipped: the job still gets in step.
+    let job = wait_ready(&m, "m");
+    assert_eq!(job["status"], "ready", "{job}");
+    command(&m, "complete id=m").unwrap();
+    let job = wait_outcome(&m, "m");
+    assert_eq!(job["outcome"], "failed", "{job}");
+    let errors = events_named(&m, "BLOCK_JOB_ERROR");
+    assert_eq!(errors[0]["data"]["action"], "ignore", "{errors:?}");
+    assert_eq!(names_in(&m), before);
+    m.unmount();
+    qemu_img_check(&five.top());
+}
+
+#[test]
+fn on_error_enospc_pauses_on_a_full_disk_and_resume_completes() {
+    let Some((room, five, m)) = mirror_onto_a_full_disk("enospc") else {
+        return;
+    };
+    wait_for(&m, "mirror pauses", |j| j["status"] == "paused");
+    std::fs::remove_file(&room.filler).unwrap();
+    command(&m, "resume id=m").unwrap();
+    wait_ready(&m, "m");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert_eq!(names_in(&m), ["active", "copy.qcow2", "ctl"]);
+    let shown = read_all(&m.path("active"));
+    m.unmount();
+    let target = room.small().join("copy.qcow2");
+    qemu_img_check_allowing_leaks(&target);
+    assert!(convert_to_raw(&target) == shown);
+    drop(five);
+}

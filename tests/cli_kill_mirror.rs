@@ -11,12 +11,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::chain::base_and_overlay;
-use common::cli::{chainfs, kill_daemon, wait_until, MountGuard};
+use common::cli::{
+    chainfs, kill_daemon, mount_patterned_chain, wait_until, PATTERNED_SIZE as SIZE,
+};
 use common::mount::{command_at, status_json_at};
 use common::{path_str, qemu_img_check_allowing_leaks, require_fuse};
-
-const SIZE: usize = 64 << 20;
 
 /// When the daemon is killed.
 #[derive(Clone, Copy, Debug)]
@@ -36,13 +35,7 @@ fn kill_during_a_mirror(moment: Moment) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let top = base_and_overlay(dir.path(), "base.img", "64M", &[]);
-    let pattern: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
-    std::fs::write(dir.path().join("base.img"), &pattern).unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
+    let (top, mnt, pattern, _guard) = mount_patterned_chain(dir.path());
     let speed = match moment {
         Moment::BeforeReady => "8M",
         Moment::AfterReady | Moment::DuringComplete => "0",

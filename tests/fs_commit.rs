@@ -331,31 +331,7 @@ fn fio_through_ready_and_complete(copy_mode: &str) {
         &format!("commit top=active base=file-B.img id=f copy-mode={copy_mode}"),
     )
     .unwrap();
-    let active = m.path("active");
-    let target = format!("--filename={}", path_str(&active));
-    let fio = std::thread::spawn(move || {
-        common::run_any(
-            "fio",
-            &[
-                "--name=verify",
-                &target,
-                "--rw=randwrite",
-                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-                "--numjobs=4",
-                "--size=12M",
-                "--offset_increment=16M",
-                "--ioengine=psync",
-                "--direct=1",
-                "--rate=3m",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--randrepeat=0",
-                "--group_reporting",
-                "--verify_state_save=0",
-            ],
-        )
-    });
+    let fio = fio_verify(&m.path("active"));
     let job = wait_ready(&m, "f");
     assert_eq!(job["status"], "ready", "{job}");
     command(&m, "complete id=f").unwrap();

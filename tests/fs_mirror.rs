@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::chain::base_and_overlay;
 use common::mount::*;
 use common::*;
 
@@ -29,6 +30,19 @@ fn assert_compare(image: &Path, format: &str, expected: &[u8]) {
         path_str(raw.path()),
         path_str(image),
     ]);
+}
+
+/// Completes mirror `m` of `active` (opened on the mount), which must
+/// then show `model`; after unmount the qcow2 `target` passes
+/// `qemu-img check` and equals it.
+fn complete_and_compare(m: Mounted, active: std::fs::File, model: &[u8], target: &Path) {
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    assert!(read_all(&m.path("active")) == model);
+    drop(active);
+    m.unmount();
+    qemu_img_check(target);
+    assert_compare(target, "qcow2", model);
 }
 
 /// Mirrors `active` of SPEC's chain with `words` added to the command,
@@ -105,21 +119,7 @@ fn full_mirror_becomes_ready_and_complete_makes_the_target_the_active_layer() {
 #[test]
 fn an_odd_sized_node_is_mirrored_to_its_last_byte() {
     let Some(fixture) = mounted(&[], |dir| {
-        let base = dir.join("base.qcow2");
-        create_qcow2(path_str(&base), "1025K", "cluster_size=4096");
-        qemu_io(&base, "qcow2", &["write -P 0x61 0 1025K"]);
-        let top = dir.join("top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            path_str(&top),
-        ]);
+        let top = base_and_overlay(dir, "base.qcow2", "1025K", &["write -P 0x61 0 1025K"]);
         qemu_io(&top, "qcow2", &["write -P 0x62 1020K 5K", "write -z 4K 8K"]);
         top
     }) else {
@@ -132,14 +132,7 @@ fn an_odd_sized_node_is_mirrored_to_its_last_byte() {
     command(&m, "mirror target=odd.qcow2 id=m").unwrap();
     wait_ready(&m, "m");
     write_model(&active, &mut model, (1025 << 10) - 1, &[0x63]);
-    command(&m, "complete id=m").unwrap();
-    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
-    assert!(read_all(&m.path("active")) == model);
-    drop(active);
-    m.unmount();
-    let target = dir.path().join("odd.qcow2");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &model);
+    complete_and_compare(m, active, &model, &dir.path().join("odd.qcow2"));
 }
 
 #[test]
@@ -336,21 +329,7 @@ fn an_existing_target_full_of_garbage_is_overwritten_whole() {
 #[test]
 fn garbage_where_no_node_holds_anything_becomes_zeros() {
     let Some(fixture) = mounted(&[], |dir| {
-        let base = dir.join("base.qcow2");
-        create_qcow2(path_str(&base), "8M", "");
-        qemu_io(&base, "qcow2", &["write -P 0x41 1M 64K"]);
-        let top = dir.join("top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            path_str(&top),
-        ]);
+        let top = base_and_overlay(dir, "base.qcow2", "8M", &["write -P 0x41 1M 64K"]);
         qemu_io(&top, "qcow2", &["write -P 0x42 3M 64K"]);
         let target = dir.join("garbage.qcow2");
         create_qcow2(path_str(&target), "8M", "");
@@ -370,14 +349,7 @@ fn garbage_where_no_node_holds_anything_becomes_zeros() {
     model[3 << 20..(3 << 20) + (64 << 10)].fill(0);
     active.write_all_at(&[0x43; 4096], 5 << 20).unwrap();
     model[5 << 20..(5 << 20) + 4096].fill(0x43);
-    command(&m, "complete id=m").unwrap();
-    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
-    assert!(read_all(&m.path("active")) == model);
-    drop(active);
-    m.unmount();
-    let target = dir.path().join("garbage.qcow2");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &model);
+    complete_and_compare(m, active, &model, &dir.path().join("garbage.qcow2"));
 }
 
 #[test]
@@ -454,30 +426,7 @@ fn fio_through_the_mirror(copy_mode: &str) {
         return;
     };
     let m = five.mount();
-    let filename = format!("--filename={}", path_str(&m.path("active")));
-    let fio = std::thread::spawn(move || {
-        run_any(
-            "fio",
-            &[
-                "--name=verify",
-                &filename,
-                "--rw=randwrite",
-                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-                "--numjobs=4",
-                "--size=12M",
-                "--offset_increment=16M",
-                "--ioengine=psync",
-                "--direct=1",
-                "--rate=3m",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--randrepeat=0",
-                "--group_reporting",
-                "--verify_state_save=0",
-            ],
-        )
-    });
+    let fio = fio_verify(&m.path("active"));
     command(
         &m,
         &format!("mirror target=copy.img id=f copy-mode={copy_mode}"),

@@ -3,7 +3,7 @@
 # reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
 # export), fio, qemu-utils, and a release build of chainfs.
 #
-#   contrib/bench.sh [reads|stream|commit|all]   SIZE=1G RUNTIME=10 RUNS=3 by default
+#   contrib/bench.sh [reads|stream|commit|mirror|all]   SIZE=1G RUNTIME=10 RUNS=3 by default
 #
 # reads:  sequential 1 MiB and random 4 KiB reads (fio, 1 and 4 jobs,
 #         O_DIRECT) through a node file, against qemu-storage-daemon's FUSE
@@ -16,6 +16,11 @@
 #         the base, l2's child rebacked) and an active commit (everything
 #         into the base, ready, then complete/job-complete), chainfs's
 #         `commit` against qemu-storage-daemon's block-commit; RUNS runs.
+# mirror: the same four-deep chain mirrored whole (sync=full) to a new
+#         qcow2 on the same disk, ready then complete, idle and with fio's
+#         random 4 KiB writes on the active layer: chainfs's `mirror`
+#         against qemu-storage-daemon's drive-mirror + job-complete; RUNS
+#         runs; time to ready, time to complete, write IOPS during the job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -195,14 +200,16 @@ bench_stream() {
 }
 
 # chainfs_job MNT COMMAND [complete]: runs COMMAND, completes the job once
-# it is ready if asked, and prints the seconds until it concluded (status
-# polled every 10 ms, as qsd's is timed by its events).
+# it is ready if asked (the seconds to ready go to $work/ready), and prints
+# the seconds until it concluded (status polled every 10 ms, as qsd's is
+# timed by its events).
 chainfs_job() {
     local mnt=$1 text=$2 complete=${3:-} start end
     start=$(date +%s.%N)
     echo "$text" > "$mnt/ctl/command"
     if [ -n "$complete" ]; then
         until grep -q '"status": "ready"' "$mnt/ctl/status.json"; do sleep 0.01; done
+        awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.3f", e - s }' > "$work/ready"
         echo complete > "$mnt/ctl/command"
     fi
     until grep -q '"outcome"' "$mnt/ctl/status.json"; do sleep 0.01; done
@@ -214,7 +221,13 @@ chainfs_job() {
 # qsd_commit SOCKET ARGS [complete]: block-commit with ARGS (JSON members),
 # job-complete on BLOCK_JOB_READY if asked; prints the seconds until
 # BLOCK_JOB_COMPLETED.
-qsd_commit() {
+qsd_commit() { qsd_job "$1" block-commit "$2" ${3:-} | awk '{ print $2 }'; }
+
+# qsd_job SOCKET COMMAND ARGS [complete]: QMP COMMAND with ARGS (JSON
+# members, "job-id" "c"), job-complete on BLOCK_JOB_READY if asked; prints
+# the seconds until BLOCK_JOB_READY (- if none) and until
+# BLOCK_JOB_COMPLETED.
+qsd_job() {
     python3 - "$@" <<'PY'
 import json, socket, sys, time
 sock = socket.socket(socket.AF_UNIX)
@@ -225,33 +238,36 @@ def send(cmd):
 json.loads(f.readline())
 send({"execute": "qmp_capabilities"})
 start = time.time()
-send({"execute": "block-commit", "arguments": json.loads("{" + sys.argv[2] + "}")})
+ready = "-"
+send({"execute": sys.argv[2], "arguments": json.loads("{" + sys.argv[3] + "}")})
 while True:
     msg = json.loads(f.readline())
     if "error" in msg:
         sys.exit("QMP error: %s" % msg["error"])
     event = msg.get("event")
-    if event == "BLOCK_JOB_READY" and len(sys.argv) > 3:
+    if event == "BLOCK_JOB_READY" and len(sys.argv) > 4:
+        ready = "%.3f" % (time.time() - start)
         send({"execute": "job-complete", "arguments": {"id": "c"}})
     elif event == "BLOCK_JOB_COMPLETED":
         if msg.get("data", {}).get("error"):
             sys.exit("job failed: %s" % msg["data"]["error"])
-        print("%.3f" % (time.time() - start))
+        print("%s %.3f" % (ready, time.time() - start))
         break
 PY
 }
 
-# start_qsd_chain DIR: qemu-storage-daemon with the four-deep chain of DIR
-# as named nodes base <- l1 <- l2 <- top.
+# start_qsd_chain DIR [ARGS...]: qemu-storage-daemon with the four-deep
+# chain of DIR as named nodes base <- l1 <- l2 <- top, and ARGS.
 start_qsd_chain() {
     local dir=$1 prev= args=()
+    shift
     for node in base l1 l2 top; do
         local spec="driver=qcow2,node-name=$node,file.driver=file,file.filename=$dir/$node.qcow2"
         if [ -n "$prev" ]; then spec="$spec,backing=$prev"; fi
         args+=(--blockdev "$spec")
         prev=$node
     done
-    start_qsd "$work/qmp.sock" "${args[@]}"
+    start_qsd "$work/qmp.sock" "${args[@]}" "$@"
 }
 
 bench_commit() {
@@ -288,10 +304,52 @@ bench_commit() {
     done
 }
 
+bench_mirror() {
+    local runs=${RUNS:-3} run load c q c_ready q_ready c_iops q_iops fio_pid
+    echo "mirror (sync=full) of a four-deep $SIZE chain to a new qcow2 on the same disk: chainfs | qemu-storage-daemon | ratio (times: qsd/chainfs, IOPS: chainfs/qsd; >1 means chainfs is better)"
+    for load in idle fio; do
+        for run in $(seq "$runs"); do
+            rm -rf "$work/c" "$work/q"
+            make_quarters "$work/c"
+            make_quarters "$work/q"
+            mkdir -p "$work/mnt"
+            "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+            if [ "$load" = fio ]; then
+                fio_value "$work/mnt/active" 1 randwrite 4k > "$work/c.iops" &
+                fio_pid=$!
+            fi
+            c=$(chainfs_job "$work/mnt" "mirror target=$work/c/copy.qcow2 id=c" complete)
+            c_ready=$(cat "$work/ready")
+            if [ "$load" = fio ]; then wait "$fio_pid"; fi
+            "$chainfs" umount "$work/mnt"
+            qemu-img check -q "$work/c/copy.qcow2"
+            # Writes reach qsd through NBD, as in the stream benchmark.
+            start_qsd_chain "$work/q" \
+                --nbd-server addr.type=unix,addr.path="$work/nbd.sock" \
+                --export type=nbd,id=exp0,node-name=top,name=top,writable=on
+            if [ "$load" = fio ]; then
+                fio_nbd "$work/nbd.sock" top > "$work/q.iops" &
+                fio_pid=$!
+            fi
+            read -r q_ready q < <(qsd_job "$work/qmp.sock" drive-mirror \
+                '"job-id": "c", "device": "top", "target": "'"$work/q/copy.qcow2"'", "format": "qcow2", "sync": "full", "mode": "absolute-paths"' complete)
+            if [ "$load" = fio ]; then wait "$fio_pid"; fi
+            stop_qsd
+            qemu-img check -q "$work/q/copy.qcow2"
+            echo "  $load, run $run: ready ${c_ready}s | ${q_ready}s | $(ratio "$q_ready" "$c_ready"); complete ${c}s | ${q}s | $(ratio "$q" "$c")"
+            if [ "$load" = fio ]; then
+                c_iops=$(cat "$work/c.iops"); q_iops=$(cat "$work/q.iops")
+                echo "  $load, run $run: 4K write IOPS during the job (fio, ${RUNTIME}s; chainfs through its FUSE file, qsd through NBD): $c_iops | $q_iops | $(ratio "$c_iops" "$q_iops")"
+            fi
+        done
+    done
+}
+
 case $what in
     reads) bench_reads ;;
     stream) bench_stream ;;
     commit) bench_commit ;;
-    all) bench_reads; bench_stream; bench_commit ;;
-    *) echo "usage: $0 [reads|stream|commit|all]" >&2; exit 2 ;;
+    mirror) bench_mirror ;;
+    all) bench_reads; bench_stream; bench_commit; bench_mirror ;;
+    *) echo "usage: $0 [reads|stream|commit|mirror|all]" >&2; exit 2 ;;
 esac

@@ -385,6 +385,18 @@ fn a_raw_target_is_created_sparse_and_filled() {
 }
 
 #[test]
+fn a_granularity_above_the_copy_chunk_still_copies_every_byte() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let (m, model) = mirror_and_complete(&five, "granularity=8M");
+    m.unmount();
+    let target = five.image("copy.img");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
 fn writes_racing_the_command_all_reach_the_target() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;

@@ -17,6 +17,8 @@ fn impossible_mirrors_are_refused_with_their_errno() {
     let m = five.mount();
     let small = dir.join("small.qcow2");
     create_qcow2(path_str(&small), "1M", "");
+    let raw = std::fs::File::create(dir.join("raw-existing.img")).unwrap();
+    raw.set_len(FIVE_SIZE).unwrap();
     let refusals = [
         // An image of the chain, by name or path: EINVAL before EEXIST.
         ("mirror target=file-C.img", libc::EINVAL),
@@ -29,6 +31,10 @@ fn impossible_mirrors_are_refused_with_their_errno() {
         ("mirror target=small.qcow2 mode=existing", libc::EINVAL),
         ("mirror target=raw.img format=raw sync=top", libc::EINVAL),
         ("mirror target=raw.img format=raw sync=none", libc::EINVAL),
+        (
+            "mirror target=raw-existing.img mode=existing sync=top",
+            libc::EINVAL,
+        ),
         ("mirror target=x.qcow2 node=nowhere.img", libc::ENOENT),
         ("mirror target=x.qcow2 granularity=1000", libc::EINVAL),
         ("mirror target=x.qcow2 sync=bitmap", libc::EINVAL),
@@ -40,7 +46,9 @@ fn impossible_mirrors_are_refused_with_their_errno() {
     for (text, errno) in refusals {
         assert_eq!(command(&m, text), Err(errno), "{text}");
     }
-    // A refused command creates nothing.
+    // A refused command creates nothing, and removes nothing it did not.
+    assert!(dir.join("raw-existing.img").exists());
+    assert!(small.exists());
     for name in ["nothing.qcow2", "raw.img", "x.qcow2"] {
         assert!(!dir.join(name).exists(), "{name} was created");
     }

@@ -62,7 +62,7 @@ pub(super) struct LiveCopy {
     pub on_error: OnError,
     /// How the copy keeps up with writes once ready.
     pub copy_mode: CopyMode,
-    /// Bytes per block of the dirty map.
+    /// Bytes per block of the dirty map (at most [`CHUNK`] are used).
     pub granularity: u64,
 }
 
@@ -170,7 +170,10 @@ pub(super) fn run(
     pivot: &dyn Fn() -> Result<(), ChainError>,
 ) -> (Outcome, Option<String>) {
     let tracker = Arc::new(Tracker {
-        dirty: DirtyMap::new(watched.virtual_size(), copy.granularity),
+        // The copier moves at most one chunk per run: a coarser block
+        // would be cut short there and its rest lost. Finer tracking only
+        // copies less.
+        dirty: DirtyMap::new(watched.virtual_size(), copy.granularity.min(CHUNK)),
         live: copy,
         blocking: AtomicBool::new(false),
         copier: Mutex::new(()),

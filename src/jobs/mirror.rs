@@ -73,11 +73,6 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
         )));
     };
     let node = &nodes[level];
-    if args.format == Some(Format::Raw) && args.sync != SyncMode::Full {
-        return Err(JobError::Invalid(
-            "a raw target has no backing file: sync=top and sync=none need qcow2".into(),
-        ));
-    }
     let path = target::place(Path::new(&args.target), &chain, registry.mount().as_ref())?;
     if let Some(clash) = chain_image(&chain, &path) {
         return Err(JobError::Invalid(format!(
@@ -85,47 +80,20 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
             path.display()
         )));
     }
-    let below = level.checked_sub(1).map(|l| nodes[l].id());
     let backing = match args.sync {
         SyncMode::Full => None,
-        SyncMode::Top => below,
+        SyncMode::Top => level.checked_sub(1).map(|l| nodes[l].id()),
         SyncMode::None => Some(id),
     };
     let created = args.mode == TargetMode::AbsolutePaths;
-    if created {
-        if std::fs::symlink_metadata(&path).is_ok() {
-            return Err(JobError::Exists(format!("{} exists", path.display())));
-        }
-        create_target(&path, &chain, backing, args.format, node.virtual_size())?;
-    } else if std::fs::symlink_metadata(&path).is_err() {
-        return Err(JobError::NotFound(format!(
-            "{} does not exist",
-            path.display()
-        )));
-    }
-    let plan = open_target(&chain, &path, args, id, backing).inspect_err(|_| {
-        if created {
-            // Ours since a moment ago, and not worth keeping half made.
-            let _ = std::fs::remove_file(&path);
-        }
-    })?;
-    let touched = match plan.sync {
-        // Everything it reads goes at the pivot.
-        SyncMode::Full => nodes[..=level].iter().map(|n| n.id()).collect(),
-        // The target is backed by the node below, which must stay.
-        SyncMode::Top => nodes[level.saturating_sub(1)..=level]
-            .iter()
-            .map(|n| n.id())
-            .collect(),
-        SyncMode::None => vec![id],
-    };
+    let plan = prepare_target(&chain, &path, args, id, backing)?;
     let spec = JobSpec {
         id: String::new(),
         kind: JobType::Mirror,
         node: node.name().to_string(),
         base: None,
         target: Some(path.display().to_string()),
-        touched,
+        touched: touched(nodes, level, plan.sync),
         len: node.virtual_size(),
         speed: plan.args.speed,
     };
@@ -150,16 +118,73 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
                 }
             }
             // The job's chain of the target is the last reference to its
-            // descriptor unless it pivoted: its lock goes before the job
-            // is seen to end.
+            // descriptor unless it pivoted: its lock goes before the job is
+            // seen to end.
             drop(plan);
             job.conclude(outcome, error);
         },
     );
     if started.is_err() && created {
+        // Ours since a moment ago: a refused command leaves nothing.
         let _ = std::fs::remove_file(&path);
     }
     started
+}
+
+/// The nodes a mirror of `nodes[level]` touches.
+fn touched(nodes: &[Node], level: usize, sync: SyncMode) -> Vec<NodeId> {
+    let first = match sync {
+        // Everything it reads leaves at the pivot.
+        SyncMode::Full => 0,
+        // The target is backed by the node below, which must stay.
+        SyncMode::Top => level.saturating_sub(1),
+        SyncMode::None => level,
+    };
+    nodes[first..=level].iter().map(|n| n.id()).collect()
+}
+
+/// Creates the target (`absolute-paths`) or checks it exists
+/// (`existing`), then opens it; a target created here is removed again if
+/// that fails.
+fn prepare_target(
+    chain: &Chain,
+    path: &Path,
+    args: MirrorArgs,
+    node: NodeId,
+    backing: Option<NodeId>,
+) -> Result<MirrorPlan, JobError> {
+    let size = chain.node(node).map_or(0, Node::virtual_size);
+    let exists = std::fs::symlink_metadata(path).is_ok();
+    let created = args.mode == TargetMode::AbsolutePaths;
+    match args.mode {
+        TargetMode::AbsolutePaths if exists => {
+            return Err(JobError::Exists(format!("{} exists", path.display())))
+        }
+        TargetMode::AbsolutePaths => {
+            if args.format == Some(Format::Raw) && args.sync != SyncMode::Full {
+                return Err(no_raw_backing());
+            }
+            create_target(path, chain, backing, args.format, size)?;
+        }
+        TargetMode::Existing if !exists => {
+            return Err(JobError::NotFound(format!(
+                "{} does not exist",
+                path.display()
+            )))
+        }
+        TargetMode::Existing => {}
+    }
+    open_target(chain, path, args, size, node, backing).inspect_err(|_| {
+        if created {
+            // Ours since a moment ago, and not worth keeping half made.
+            let _ = std::fs::remove_file(path);
+        }
+    })
+}
+
+/// Why a raw target cannot serve `sync=top` or `sync=none`.
+fn no_raw_backing() -> JobError {
+    JobError::Invalid("a raw target has no backing file: sync=top and sync=none need qcow2".into())
 }
 
 /// The name of the node whose image is the file at `path`, if any (hidden
@@ -195,17 +220,22 @@ fn create_target(
     Ok(create_image(path, size, NEW_TARGET_CLUSTER_SIZE, backing)?)
 }
 
-/// Opens the target's chain and checks it against the node.
+/// Opens the target's chain and checks it against the node: its size
+/// must be the node's, and only a qcow2 target can have the backing file
+/// `top` and `none` need.
 fn open_target(
     chain: &Chain,
     path: &Path,
     args: MirrorArgs,
+    size: u64,
     node: NodeId,
     backing: Option<NodeId>,
 ) -> Result<MirrorPlan, JobError> {
     let target = chain.target_chain(path, args.format, backing)?;
-    let size = chain.node(node).map_or(0, Node::virtual_size);
     let image = target.active();
+    if image.format() == Format::Raw && args.sync != SyncMode::Full {
+        return Err(no_raw_backing());
+    }
     if image.virtual_size() != size {
         return Err(JobError::Invalid(format!(
             "{} is {} bytes; the node is {size}",

@@ -61,6 +61,36 @@ fn impossible_mirrors_are_refused_with_their_errno() {
     assert!(!dir.join("busy.qcow2").exists());
     command(&m, "cancel id=s").unwrap();
     wait_outcome(&m, "s");
+    // Two jobs never share a target: its write lock is the first one's.
+    qemu_img_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "file-D.img",
+            "-F",
+            "qcow2",
+            "shared.qcow2",
+            "64M",
+        ],
+    );
+    command(
+        &m,
+        "mirror target=shared.qcow2 mode=existing sync=top id=first",
+    )
+    .unwrap();
+    assert_eq!(
+        command(
+            &m,
+            "mirror target=shared.qcow2 mode=existing sync=none node=file-A.img"
+        ),
+        Err(libc::EBUSY)
+    );
+    command(&m, "cancel id=first force=on").unwrap();
+    wait_outcome(&m, "first");
     m.unmount();
     let read_only = mount(
         &five.top(),

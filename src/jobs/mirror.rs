@@ -231,7 +231,16 @@ fn open_target(
     node: NodeId,
     backing: Option<NodeId>,
 ) -> Result<MirrorPlan, JobError> {
-    let target = chain.target_chain(path, args.format, backing)?;
+    let target = chain
+        .target_chain(path, args.format, backing)
+        .map_err(|err| {
+            // Another job's target, or an image another process writes.
+            if err.errno() == libc::EAGAIN {
+                JobError::Busy(err.to_string())
+            } else {
+                JobError::Chain(err)
+            }
+        })?;
     let image = target.active();
     if image.format() == Format::Raw && args.sync != SyncMode::Full {
         return Err(no_raw_backing());

@@ -32,6 +32,20 @@ fn assert_compare(image: &Path, format: &str, expected: &[u8]) {
     ]);
 }
 
+/// The ranges of guest data `image` holds itself (not its backing chain),
+/// as `qemu-img map` sees them.
+fn own_data(image: &Path) -> impl Iterator<Item = std::ops::Range<u64>> {
+    let map = qemu_img(&["map", "-U", "--output=json", path_str(image)]);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    extents
+        .into_iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| {
+            let start = e["start"].as_u64().unwrap();
+            start..start + e["length"].as_u64().unwrap()
+        })
+}
+
 /// Completes mirror `m` of `active` (opened on the mount), which must
 /// then show `model`; after unmount the qcow2 `target` passes
 /// `qemu-img check` and equals it.
@@ -275,13 +289,7 @@ fn sync_none_copies_only_new_writes_and_the_node_stays_below_the_target() {
     assert_eq!(qemu_chain_names(&target)[..2], ["copy.img", "file-E.img"]);
     assert_compare(&target, "qcow2", &model);
     // Only what was written during the job is in the target itself.
-    let map = qemu_img(&["map", "--output=json", path_str(&target)]);
-    let own: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
-    let own_bytes: u64 = own
-        .iter()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum();
+    let own_bytes: u64 = own_data(&target).map(|range| range.end - range.start).sum();
     assert!(
         own_bytes <= 4 << 20,
         "the target holds {own_bytes} bytes of its own"
@@ -394,6 +402,36 @@ fn a_granularity_above_the_copy_chunk_still_copies_every_byte() {
     let target = five.image("copy.img");
     qemu_img_check(&target);
     assert_compare(&target, "qcow2", &model);
+}
+
+#[test]
+fn with_sync_none_a_write_right_after_the_command_reaches_the_target() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    // Nothing is scanned for sync=none: only the tracking sees this write,
+    // so it must be in place when the command returns.
+    for round in 0..20u8 {
+        let name = format!("none-{round}.qcow2");
+        let id = format!("n{round}");
+        command(&m, &format!("mirror target={name} sync=none id={id}")).unwrap();
+        active.write_all_at(&[round + 1; 4096], 8 << 20).unwrap();
+        wait_ready(&m, &id);
+        command(&m, &format!("cancel id={id}")).unwrap();
+        assert_eq!(wait_outcome(&m, &id)["outcome"], "completed");
+        // The target's view reads through to the node: look at what the
+        // target itself holds.
+        let target = five.image(&name);
+        assert!(
+            own_data(&target).any(|range| range.contains(&(8 << 20))),
+            "round {round}: the write missed the target"
+        );
+        assert_eq!(convert_to_raw(&target)[8 << 20], round + 1);
+    }
+    drop(active);
+    m.unmount();
 }
 
 #[test]

@@ -7,11 +7,12 @@
 //! ```
 //!
 //! A tracker is hooked on the watched node's open image *before* the
-//! first scan: every write, write-zeroes and discard marks its blocks
-//! dirty once the data is in the image. The initial dirty set is scanned
-//! after the hook is in place (what each job must copy: what the top
-//! shows above the base for a commit, what the mirror's `sync` selects),
-//! so no write made during the scan is missed. The job copies dirty runs
+//! first scan (by a mirror, before its command returns): every write,
+//! write-zeroes and discard marks its blocks dirty once the data is in
+//! the image. The initial dirty set is scanned after the hook is in place
+//! (what each job must copy: what the top shows above the base for a
+//! commit, what the mirror's `sync` selects), so no write made during the
+//! scan is missed. The job copies dirty runs
 //! (clearing the bits before reading, so a write that lands meanwhile sets
 //! them again) and reports `ready` the first time nothing is dirty.
 //! `complete` drains guest writes (the mount's write gate), copies what is
@@ -144,31 +145,26 @@ impl Tracker {
     }
 }
 
-/// Removes the hook however the job ends (the hook holds the chain, which
-/// holds the image that holds the hook).
-struct Installed<'a> {
-    node: &'a Node,
+/// A copy whose write tracking is in place: made by [`track`], run by
+/// [`run`]. Dropping it removes the hook however the job ends (the hook
+/// holds the chains, which hold the image that holds the hook).
+pub(super) struct Tracking {
+    tracker: Arc<Tracker>,
+    node: Node,
     hook: Arc<dyn WriteHook>,
 }
 
-impl Drop for Installed<'_> {
+impl Drop for Tracking {
     fn drop(&mut self) {
         self.node.remove_write_hook(&self.hook);
     }
 }
 
-/// Runs the engine on the job's thread: hooks `watched` (the view's node),
-/// lets `scan` mark what must be copied first, copies until `complete` or
-/// a cancel, and on `complete` calls `pivot` with guest writes drained and
-/// the destination flushed. Returns how the job ended.
-pub(super) fn run(
-    job: &Job,
-    live: &LiveChain,
-    copy: LiveCopy,
-    watched: &Node,
-    scan: &dyn Fn(&Chain, &DirtyMap) -> Result<(), ChainError>,
-    pivot: &dyn Fn() -> Result<(), ChainError>,
-) -> (Outcome, Option<String>) {
+/// Hooks the tracking of `copy` on `watched` (the view's node): every
+/// write from now on is marked dirty. A job calls it before its command
+/// returns, so a write made at any moment of the job is seen even where
+/// no scan would find it (a mirror's `sync=none`).
+pub(super) fn track(copy: LiveCopy, watched: &Node) -> Tracking {
     let tracker = Arc::new(Tracker {
         // The copier moves at most one chunk per run: a coarser block
         // would be cut short there and its rest lost. Finer tracking only
@@ -182,17 +178,32 @@ pub(super) fn run(
     });
     let hook: Arc<dyn WriteHook> = tracker.clone();
     watched.add_write_hook(Arc::clone(&hook));
-    let _installed = Installed {
-        node: watched,
+    Tracking {
+        tracker,
+        node: watched.clone(),
         hook,
-    };
-    // Only now: a write landing during the scan is marked by the hook.
+    }
+}
+
+/// Runs the engine on the job's thread: lets `scan` mark what must be
+/// copied first (after the hook is in place, so a write landing during the
+/// scan is marked by the hook), copies until `complete` or a cancel, and
+/// on `complete` calls `pivot` with guest writes drained and the
+/// destination flushed. Returns how the job ended.
+pub(super) fn run(
+    job: &Job,
+    live: &LiveChain,
+    tracking: &Tracking,
+    scan: &dyn Fn(&Chain, &DirtyMap) -> Result<(), ChainError>,
+    pivot: &dyn Fn() -> Result<(), ChainError>,
+) -> (Outcome, Option<String>) {
+    let tracker = &tracking.tracker;
     if let Err(err) = scan(&tracker.live.source, &tracker.dirty) {
         return (Outcome::Failed, Some(err.to_string()));
     }
     job.set_remaining(0, tracker.dirty.dirty_bytes());
-    match copy_loop(job, &tracker) {
-        Ok(complete) => finish(job, &tracker, live, complete.then_some(pivot)),
+    match copy_loop(job, tracker) {
+        Ok(complete) => finish(job, tracker, live, complete.then_some(pivot)),
         Err(Stop::Cancelled) => (Outcome::Cancelled, None),
         Err(Stop::Failed) => (Outcome::Failed, job.error()),
     }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use super::command::{MirrorArgs, SyncMode, TargetMode};
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome};
-use super::live_copy::{self, mark_allocated, LiveCopy};
+use super::live_copy::{self, mark_allocated, LiveCopy, Tracking};
 use super::registry::{resolve, LiveChain, Registry};
 use super::{target, JobError};
 use crate::chain::track::DirtyMap;
@@ -46,17 +46,24 @@ const NEW_TARGET_CLUSTER_SIZE: u64 = 64 << 10;
 /// image without clusters.
 const DEFAULT_GRANULARITY: std::ops::RangeInclusive<u64> = (4 << 10)..=(64 << 10);
 
-/// What a mirror does, decided when the command was accepted.
-struct MirrorPlan {
+/// The nodes of the chain a mirror reads, decided when the command was
+/// accepted.
+#[derive(Clone, Copy, Debug)]
+struct Nodes {
     /// The node copied.
     node: NodeId,
+    /// The node right below it, if any.
+    below: Option<NodeId>,
     /// The node the target is backed by: none (`full`), the node's backing
     /// node (`top`), the node itself (`none`).
     backing: Option<NodeId>,
+}
+
+/// What a mirror does, decided when the command was accepted.
+struct MirrorPlan {
+    nodes: Nodes,
     /// The target's chain, its active node the target.
     target: Arc<Chain>,
-    sync: SyncMode,
-    mode: TargetMode,
     args: MirrorArgs,
 }
 
@@ -66,13 +73,13 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
     let chain = registry.chain();
     let node_name = args.node.as_deref().unwrap_or("active");
     let id = resolve(&chain, node_name)?;
-    let nodes = chain.nodes();
-    let Some(level) = nodes.iter().position(|n| n.id() == id && !n.hidden()) else {
+    let all = chain.nodes();
+    let Some(level) = all.iter().position(|n| n.id() == id && !n.hidden()) else {
         return Err(JobError::NotFound(format!(
             "node {node_name:?} is not in the mount"
         )));
     };
-    let node = &nodes[level];
+    let node = all[level].clone();
     let path = target::place(Path::new(&args.target), &chain, registry.mount().as_ref())?;
     if let Some(clash) = chain_image(&chain, &path) {
         return Err(JobError::Invalid(format!(
@@ -80,50 +87,58 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
             path.display()
         )));
     }
+    let below = level.checked_sub(1).map(|l| all[l].id());
     let backing = match args.sync {
         SyncMode::Full => None,
-        SyncMode::Top => level.checked_sub(1).map(|l| nodes[l].id()),
+        SyncMode::Top => below,
         SyncMode::None => Some(id),
     };
+    let nodes = Nodes {
+        node: id,
+        below,
+        backing,
+    };
     let created = args.mode == TargetMode::AbsolutePaths;
-    let plan = prepare_target(&chain, &path, args, id, backing)?;
+    let plan = prepare_target(&chain, &path, args, nodes)?;
     let spec = JobSpec {
         id: String::new(),
         kind: JobType::Mirror,
         node: node.name().to_string(),
         base: None,
         target: Some(path.display().to_string()),
-        touched: touched(nodes, level, plan.sync),
+        touched: touched(all, level, plan.args.sync),
         len: node.virtual_size(),
         speed: plan.args.speed,
     };
     let job_id = plan.args.id.clone();
-    let started = registry.spawn(
-        spec,
-        job_id,
-        |_| (),
-        move |job, live, ()| {
-            job.start();
-            let (outcome, error) = run(job, &chain, &plan, live);
-            let target = plan.target.active();
-            let pivoted = live
-                .current()
-                .nodes()
-                .iter()
-                .any(|n| n.canonical_path() == target.canonical_path());
-            if !pivoted {
-                // The target leaves with the job, written back.
-                if let Err(err) = target.image().close() {
-                    log::error!("mirror {}: closing {}: {err}", job.id(), target.name());
-                }
+    let copy = live_copy_of(&chain, &plan);
+    // Tracked before the command returns: every write of the job's time
+    // reaches the target, even where no scan looks (`sync=none`).
+    let track = move |_: &LiveChain| live_copy::track(copy, &node);
+    let body = move |job: &Job, live: &LiveChain, tracking: Tracking| {
+        job.start();
+        let (outcome, error) = run(job, &chain, &plan, live, &tracking);
+        // The hook holds the target's chain too.
+        drop(tracking);
+        let target = plan.target.active();
+        let pivoted = live
+            .current()
+            .nodes()
+            .iter()
+            .any(|n| n.canonical_path() == target.canonical_path());
+        if !pivoted {
+            // The target leaves with the job, written back.
+            if let Err(err) = target.image().close() {
+                log::error!("mirror {}: closing {}: {err}", job.id(), target.name());
             }
-            // The job's chain of the target is the last reference to its
-            // descriptor unless it pivoted: its lock goes before the job is
-            // seen to end.
-            drop(plan);
-            job.conclude(outcome, error);
-        },
-    );
+        }
+        // The job's chain of the target is the last reference to its
+        // descriptor unless it pivoted: its lock goes before the job is
+        // seen to end.
+        drop(plan);
+        job.conclude(outcome, error);
+    };
+    let started = registry.spawn(spec, job_id, track, body);
     if started.is_err() && created {
         // Ours since a moment ago: a refused command leaves nothing.
         let _ = std::fs::remove_file(&path);
@@ -150,10 +165,9 @@ fn prepare_target(
     chain: &Chain,
     path: &Path,
     args: MirrorArgs,
-    node: NodeId,
-    backing: Option<NodeId>,
+    nodes: Nodes,
 ) -> Result<MirrorPlan, JobError> {
-    let size = chain.node(node).map_or(0, Node::virtual_size);
+    let size = chain.node(nodes.node).map_or(0, Node::virtual_size);
     let exists = std::fs::symlink_metadata(path).is_ok();
     let created = args.mode == TargetMode::AbsolutePaths;
     match args.mode {
@@ -164,7 +178,7 @@ fn prepare_target(
             if args.format == Some(Format::Raw) && args.sync != SyncMode::Full {
                 return Err(no_raw_backing());
             }
-            create_target(path, chain, backing, args.format, size)?;
+            create_target(path, chain, nodes.backing, args.format, size)?;
         }
         TargetMode::Existing if !exists => {
             return Err(JobError::NotFound(format!(
@@ -174,7 +188,7 @@ fn prepare_target(
         }
         TargetMode::Existing => {}
     }
-    open_target(chain, path, args, size, node, backing).inspect_err(|_| {
+    open_target(chain, path, args, size, nodes).inspect_err(|_| {
         if created {
             // Ours since a moment ago, and not worth keeping half made.
             let _ = std::fs::remove_file(path);
@@ -228,11 +242,10 @@ fn open_target(
     path: &Path,
     args: MirrorArgs,
     size: u64,
-    node: NodeId,
-    backing: Option<NodeId>,
+    nodes: Nodes,
 ) -> Result<MirrorPlan, JobError> {
     let target = chain
-        .target_chain(path, args.format, backing)
+        .target_chain(path, args.format, nodes.backing)
         .map_err(|err| {
             // Another job's target, or an image another process writes.
             if err.errno() == libc::EAGAIN {
@@ -253,40 +266,23 @@ fn open_target(
         )));
     }
     Ok(MirrorPlan {
-        node,
-        backing,
+        nodes,
         target: Arc::new(target),
-        sync: args.sync,
-        mode: args.mode,
         args,
     })
 }
 
-/// The copy, until `complete` pivots or the job stops.
-fn run(
-    job: &Job,
-    chain: &Arc<Chain>,
-    plan: &MirrorPlan,
-    live: &LiveChain,
-) -> (Outcome, Option<String>) {
-    let Some(node) = chain.node(plan.node) else {
-        let error = ChainError::NoSuchNode { id: plan.node.0 };
-        return (Outcome::Failed, Some(error.to_string()));
-    };
+/// What the shared engine copies where: the node's view (all of it for
+/// `full`; for `top` and `none` only what the node itself holds, the rest
+/// the target reads from its backing) into the target.
+fn live_copy_of(chain: &Arc<Chain>, plan: &MirrorPlan) -> LiveCopy {
     let target = plan.target.active();
-    let level = chain.nodes().iter().position(|n| n.id() == plan.node);
-    let below = level
-        .and_then(|l| l.checked_sub(1))
-        .map(|l| chain.nodes()[l].id());
-    let copy = LiveCopy {
+    LiveCopy {
         copy: Copier {
-            view: plan.node,
-            // `full` copies everything the node shows; `top` and `none`
-            // only what it holds itself, the rest the target reads from
-            // its backing.
-            base: match plan.sync {
+            view: plan.nodes.node,
+            base: match plan.args.sync {
                 SyncMode::Full => None,
-                SyncMode::Top | SyncMode::None => below,
+                SyncMode::Top | SyncMode::None => plan.nodes.below,
             },
             dest: target.id(),
             overwrite: true,
@@ -299,22 +295,37 @@ fn run(
             let cluster = target.cluster_size().unwrap_or(*DEFAULT_GRANULARITY.end());
             cluster.clamp(*DEFAULT_GRANULARITY.start(), *DEFAULT_GRANULARITY.end())
         }),
+    }
+}
+
+/// The copy, until `complete` pivots or the job stops.
+fn run(
+    job: &Job,
+    chain: &Arc<Chain>,
+    plan: &MirrorPlan,
+    live: &LiveChain,
+    tracking: &Tracking,
+) -> (Outcome, Option<String>) {
+    let nodes = plan.nodes;
+    let Some(node) = chain.node(nodes.node) else {
+        let error = ChainError::NoSuchNode { id: nodes.node.0 };
+        return (Outcome::Failed, Some(error.to_string()));
     };
     let size = node.virtual_size();
-    let scan = |chain: &Chain, dirty: &DirtyMap| match (plan.sync, plan.mode) {
+    let scan = |chain: &Chain, dirty: &DirtyMap| match (plan.args.sync, plan.args.mode) {
         // An existing target may hold anything: every byte is written.
         (SyncMode::Full, TargetMode::Existing) => {
             dirty.mark(0, size);
             Ok(())
         }
         (SyncMode::Full, TargetMode::AbsolutePaths) => {
-            mark_allocated(chain, plan.node, None, dirty)
+            mark_allocated(chain, nodes.node, None, dirty)
         }
-        (SyncMode::Top, _) => mark_allocated(chain, plan.node, below, dirty),
+        (SyncMode::Top, _) => mark_allocated(chain, nodes.node, nodes.below, dirty),
         (SyncMode::None, _) => Ok(()),
     };
-    let pivot = || pivot(job, live, plan, node, target);
-    live_copy::run(job, live, copy, node, &scan, &pivot)
+    let pivot = || pivot(job, live, plan, node, plan.target.active());
+    live_copy::run(job, live, tracking, &scan, &pivot)
 }
 
 /// Puts the target in the node's place (under the drained write gate).
@@ -329,9 +340,12 @@ fn pivot(
     let level = current
         .nodes()
         .iter()
-        .position(|n| n.id() == plan.node)
-        .ok_or(ChainError::NoSuchNode { id: plan.node.0 })?;
-    let replace = |current: &Chain| current.replaced_by(plan.node, target, plan.backing);
+        .position(|n| n.id() == plan.nodes.node)
+        .ok_or(ChainError::NoSuchNode {
+            id: plan.nodes.node.0,
+        })?;
+    let replace =
+        |current: &Chain| current.replaced_by(plan.nodes.node, target, plan.nodes.backing);
     let Some(above) = current.nodes().get(level + 1).cloned() else {
         // The node was the active layer: the target takes its place, and
         // from now on no write reaches the node.

@@ -250,7 +250,7 @@ fn active(
         }
         Ok(())
     };
-    live_copy::run(job, live, copy, top, &scan, &pivot)
+    live_copy::run(job, live, &live_copy::track(copy, top), &scan, &pivot)
 }
 
 /// An intermediate commit: copy, then reback the node above the top.

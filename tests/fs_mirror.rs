@@ -231,6 +231,7 @@ fn pause_holds_the_offset_and_resume_completes() {
     assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
     let shown = read_all(&m.path("active"));
     m.unmount();
+    qemu_img_check(&five.image("copy.img"));
     assert_compare(&five.image("copy.img"), "qcow2", &shown);
 }
 
@@ -465,6 +466,7 @@ fn writes_racing_the_command_all_reach_the_target() {
     assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
     let shown = read_all(&m.path("active"));
     m.unmount();
+    qemu_img_check(&five.image("copy.img"));
     assert_compare(&five.image("copy.img"), "qcow2", &shown);
 }
 
@@ -588,4 +590,56 @@ fn the_live_block_copy_by_snapshot_and_stream_and_by_mirror_ends_with_the_same_b
     assert_eq!(qemu_chain_names(&mirrored), ["new.qcow2"]);
     assert!(convert_to_raw(&streamed) == convert_to_raw(&mirrored));
     qemu_img(&["compare", path_str(&streamed), path_str(&mirrored)]);
+}
+
+#[test]
+fn below_the_active_node_top_and_none_keep_the_chain_under_the_target() {
+    for (sync, chain) in [
+        (
+            "top",
+            &[
+                "file-E.img",
+                "copy.img",
+                "file-C.img",
+                "file-B.img",
+                "file-A.img",
+            ][..],
+        ),
+        (
+            "none",
+            &[
+                "file-E.img",
+                "copy.img",
+                "file-D.img",
+                "file-C.img",
+                "file-B.img",
+                "file-A.img",
+            ][..],
+        ),
+    ] {
+        let Some(five) = FiveChain::gated(&[]) else {
+            return;
+        };
+        let views = five.views();
+        let m = five.mount();
+        command(
+            &m,
+            &format!("mirror node=file-D.img target=copy.img sync={sync} id=m"),
+        )
+        .unwrap();
+        wait_ready(&m, "m");
+        command(&m, "complete id=m").unwrap();
+        assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+        let mut names: Vec<&str> = chain.to_vec();
+        names.extend(["active", "ctl"]);
+        names.sort();
+        assert_eq!(names_in(&m), names, "sync={sync}");
+        assert!(read_all(&m.path("copy.img")) == views[3], "sync={sync}");
+        assert!(read_all(&m.path("active")) == views[4], "sync={sync}");
+        m.unmount();
+        qemu_img_check(&five.image("copy.img"));
+        qemu_img_check(&five.top());
+        assert_eq!(qemu_chain_names(&five.top()), chain, "sync={sync}");
+        assert!(convert_to_raw(&five.top()) == views[4], "sync={sync}");
+    }
 }

@@ -643,3 +643,32 @@ fn below_the_active_node_top_and_none_keep_the_chain_under_the_target() {
         assert!(convert_to_raw(&five.top()) == views[4], "sync={sync}");
     }
 }
+
+#[test]
+fn a_target_named_like_a_node_that_stays_gets_a_unique_name() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    std::fs::create_dir(five.dir.path().join("new")).unwrap();
+    let m = five.mount();
+    command(&m, "mirror target=new/file-E.img sync=none id=m").unwrap();
+    wait_ready(&m, "m");
+    command(&m, "complete id=m").unwrap();
+    assert_eq!(wait_outcome(&m, "m")["outcome"], "completed");
+    let names = names_in(&m);
+    assert!(names.contains(&"file-E.img".to_string()), "{names:?}");
+    assert!(names.contains(&"file-E.img~2".to_string()), "{names:?}");
+    let chain = String::from_utf8(read_all(&m.path("ctl/chain"))).unwrap();
+    assert!(
+        chain.starts_with(
+            "file-A.img <- file-B.img <- file-C.img <- file-D.img <- file-E.img <- file-E.img~2\n"
+        ),
+        "{chain}"
+    );
+    let shown = read_all(&m.path("active"));
+    assert!(read_all(&m.path("file-E.img~2")) == shown);
+    m.unmount();
+    let target = five.dir.path().join("new/file-E.img");
+    qemu_img_check(&target);
+    assert_compare(&target, "qcow2", &shown);
+}

@@ -282,6 +282,23 @@ mod tests {
     }
 
     #[test]
+    fn a_mirror_shows_its_target_escaped_on_its_line_and_in_json() {
+        let mut job = info();
+        job.kind = JobType::Mirror;
+        job.base = None;
+        job.target = Some("/new/dis\nk.qcow2".into());
+        let line = job_line(&job);
+        assert!(
+            line.starts_with("s0: mirror node=file-E.img target=/new/dis\\nk.qcow2 running:"),
+            "{line}"
+        );
+        let value = job_json(&job);
+        assert_eq!(value["type"], "mirror");
+        assert_eq!(value["target"], "/new/dis\nk.qcow2");
+        assert_eq!(job_json(&info())["target"], serde_json::Value::Null);
+    }
+
+    #[test]
     fn no_jobs_says_so_and_the_last_rejection_comes_last() {
         assert_eq!(status_text(&[], None), "No active jobs\n");
         assert_eq!(status_json(&[]), "[]\n");

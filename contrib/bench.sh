@@ -270,17 +270,23 @@ start_qsd_chain() {
     start_qsd "$work/qmp.sock" "${args[@]}" "$@"
 }
 
+# fresh_chains: the four-deep chain made anew in $work/c (mounted at
+# $work/mnt) and in $work/q (for qemu-storage-daemon).
+fresh_chains() {
+    rm -rf "$work/c" "$work/q"
+    make_quarters "$work/c"
+    make_quarters "$work/q"
+    mkdir -p "$work/mnt"
+    "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+}
+
 bench_commit() {
     local runs=${RUNS:-3} run kind c q c_sum=0 q_sum=0
     echo "commit of a four-deep $SIZE chain (each layer a disjoint quarter): chainfs | qemu-storage-daemon | ratio (qsd/chainfs: >1 means chainfs is faster)"
     for kind in intermediate active; do
         c_sum=0; q_sum=0
         for run in $(seq "$runs"); do
-            rm -rf "$work/c" "$work/q"
-            make_quarters "$work/c"
-            make_quarters "$work/q"
-            mkdir -p "$work/mnt"
-            "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+            fresh_chains
             if [ "$kind" = intermediate ]; then
                 c=$(chainfs_job "$work/mnt" "commit top=l2.qcow2 base=base.qcow2")
             else
@@ -309,11 +315,7 @@ bench_mirror() {
     echo "mirror (sync=full) of a four-deep $SIZE chain to a new qcow2 on the same disk: chainfs | qemu-storage-daemon | ratio (times: qsd/chainfs, IOPS: chainfs/qsd; >1 means chainfs is better)"
     for load in idle fio; do
         for run in $(seq "$runs"); do
-            rm -rf "$work/c" "$work/q"
-            make_quarters "$work/c"
-            make_quarters "$work/q"
-            mkdir -p "$work/mnt"
-            "$chainfs" mount "$work/c/top.qcow2" "$work/mnt"
+            fresh_chains
             if [ "$load" = fio ]; then
                 fio_value "$work/mnt/active" 1 randwrite 4k > "$work/c.iops" &
                 fio_pid=$!

@@ -32,6 +32,13 @@ fn assert_compare(image: &Path, format: &str, expected: &[u8]) {
     ]);
 }
 
+/// `target` (qcow2) passes `qemu-img check` and `qemu-img compare` finds it
+/// equal to `expected`.
+fn assert_good_copy(target: &Path, expected: &[u8]) {
+    qemu_img_check(target);
+    assert_compare(target, "qcow2", expected);
+}
+
 /// The ranges of guest data `image` holds itself (not its backing chain),
 /// as `qemu-img map` sees them.
 fn own_data(image: &Path) -> impl Iterator<Item = std::ops::Range<u64>> {
@@ -55,8 +62,7 @@ fn complete_and_compare(m: Mounted, active: std::fs::File, model: &[u8], target:
     assert!(read_all(&m.path("active")) == model);
     drop(active);
     m.unmount();
-    qemu_img_check(target);
-    assert_compare(target, "qcow2", model);
+    assert_good_copy(target, model);
 }
 
 /// Mirrors `active` of SPEC's chain with `words` added to the command,
@@ -172,8 +178,7 @@ fn soft_cancel_after_ready_leaves_a_consistent_copy_and_the_chain_as_it_was() {
     assert!(read_all(&m.path("file-E.img")) == model);
     // Released when the job ended, not at unmount.
     assert!(qemu_may_write(&target, "qcow2"), "the target stays locked");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &model);
+    assert_good_copy(&target, &model);
     drop(active);
     m.unmount();
     qemu_img_check(&five.top());
@@ -331,8 +336,7 @@ fn an_existing_target_full_of_garbage_is_overwritten_whole() {
     qemu_io(&target, "qcow2", &["write -P 0xee 0 64M"]);
     let (m, model) = mirror_and_complete(&five, "mode=existing");
     m.unmount();
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &model);
+    assert_good_copy(&target, &model);
 }
 
 #[test]
@@ -401,8 +405,7 @@ fn a_granularity_above_the_copy_chunk_still_copies_every_byte() {
     let (m, model) = mirror_and_complete(&five, "granularity=8M");
     m.unmount();
     let target = five.image("copy.img");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &model);
+    assert_good_copy(&target, &model);
 }
 
 #[test]
@@ -501,8 +504,7 @@ fn fio_through_the_mirror(copy_mode: &str) {
     let shown = read_all(&m.path("active"));
     m.unmount();
     let target = five.image("copy.img");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &shown);
+    assert_good_copy(&target, &shown);
 }
 
 #[test]
@@ -561,8 +563,7 @@ fn after_ready_a_blocking_write_is_in_the_target_when_it_returns() {
     assert!(read_all(&m.path("active")) == shown);
     drop(active);
     m.unmount();
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &shown);
+    assert_good_copy(&target, &shown);
 }
 
 #[test]
@@ -669,6 +670,5 @@ fn a_target_named_like_a_node_that_stays_gets_a_unique_name() {
     assert!(read_all(&m.path("file-E.img~2")) == shown);
     m.unmount();
     let target = five.dir.path().join("new/file-E.img");
-    qemu_img_check(&target);
-    assert_compare(&target, "qcow2", &shown);
+    assert_good_copy(&target, &shown);
 }

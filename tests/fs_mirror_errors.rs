@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::chain::overlay;
 use common::mount::*;
 use common::*;
 
@@ -62,21 +63,7 @@ fn impossible_mirrors_are_refused_with_their_errno() {
     command(&m, "cancel id=s").unwrap();
     wait_outcome(&m, "s");
     // Two jobs never share a target: its write lock is the first one's.
-    qemu_img_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "file-D.img",
-            "-F",
-            "qcow2",
-            "shared.qcow2",
-            "64M",
-        ],
-    );
+    overlay(dir, "shared.qcow2", Some(("file-D.img", "qcow2")), "64M");
     command(
         &m,
         "mirror target=shared.qcow2 mode=existing sync=top id=first",

@@ -9,6 +9,7 @@
 //! * [`cli`]: running the `chainfs` binary and watching its mounts;
 //! * [`engine`]: the qcow2 engine opened directly on a storage;
 //! * [`hostile`]: qcow2 images patched to be hostile;
+//! * [`mirror`]: the mirror tests' runs and QEMU's judgement of a target;
 //! * here: byte patterns and comparing bytes.
 //!
 //! QEMU is the reference: images are made and filled by QEMU's own tools, and
@@ -23,6 +24,7 @@ pub mod chain;
 pub mod cli;
 pub mod engine;
 pub mod hostile;
+pub mod mirror;
 pub mod mount;
 pub mod tools;
 

@@ -564,34 +564,3 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
-
-/// fio writing `file` (4 jobs of 12 MiB, 16 MiB apart, random blocks of
-/// 4 KiB to 1 MiB, direct, 3 MiB/s each) and then verifying every block
-/// (crc32c), on a thread: what the live jobs' tests write while a job
-/// becomes ready and pivots.
-pub fn fio_verify(file: &Path) -> JoinHandle<std::process::Output> {
-    let filename = format!("--filename={}", path_str(file));
-    std::thread::spawn(move || {
-        super::tools::run_any(
-            "fio",
-            &[
-                "--name=verify",
-                &filename,
-                "--rw=randwrite",
-                "--bssplit=4k/40:8k/10:64k/25:256k/15:1m/10",
-                "--numjobs=4",
-                "--size=12M",
-                "--offset_increment=16M",
-                "--ioengine=psync",
-                "--direct=1",
-                "--rate=3m",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--randrepeat=0",
-                "--group_reporting",
-                "--verify_state_save=0",
-            ],
-        )
-    })
-}

@@ -20,8 +20,9 @@
 #         1 and 4 jobs, O_DIRECT, a fresh overlay each time.
 # jobs  : a four-deep chain of SIZE, each layer a disjoint quarter:
 #         stream without base and onto the bottom node, intermediate commit
-#         (two layers into the base) and active commit (to ready, then
-#         complete), against qsd's block-stream / block-commit.
+#         (two layers into the base), active commit and a full mirror to a
+#         new qcow2 (each to ready, then complete), against qsd's
+#         block-stream / block-commit / drive-mirror.
 # load  : the same jobs at speed=LOAD_SPEED while fio reads 4 KiB at
 #         random from the top for LOAD_SECONDS: the read IOPS kept, as a
 #         share of the same reads with no job (qsd read through NBD, since
@@ -276,14 +277,15 @@ make_quarters() {
 
 # The four jobs: name, chainfs command, qsd QMP command (JSON), whether
 # it needs `complete`, and the image qemu-img check must pass after it.
-job_names=("stream, no base" "stream onto the bottom node" "commit, intermediate" "commit, active")
-job_chainfs=("stream" "stream base=base.qcow2" "commit top=l2.qcow2 base=base.qcow2" "commit top=active base=base.qcow2")
+job_names=("stream, no base" "stream onto the bottom node" "commit, intermediate" "commit, active" "mirror, sync=full")
+job_chainfs=("stream" "stream base=base.qcow2" "commit top=l2.qcow2 base=base.qcow2" "commit top=active base=base.qcow2" "mirror target=$work/c/copy.qcow2")
 job_qsd=('"block-stream", "arguments": {"job-id": "j", "device": "top"'
     '"block-stream", "arguments": {"job-id": "j", "device": "top", "base-node": "base"'
     '"block-commit", "arguments": {"job-id": "j", "device": "top", "top-node": "l2", "base-node": "base"'
-    '"block-commit", "arguments": {"job-id": "j", "device": "top", "base-node": "base"')
-job_complete=("" "" "" complete)
-job_checked=(top top base base)
+    '"block-commit", "arguments": {"job-id": "j", "device": "top", "base-node": "base"'
+    '"drive-mirror", "arguments": {"job-id": "j", "device": "top", "target": "'"$work/q/copy.qcow2"'", "format": "qcow2", "sync": "full", "mode": "absolute-paths"')
+job_complete=("" "" "" complete complete)
+job_checked=(top top base base copy)
 
 # chainfs_job COMMAND [complete]: runs COMMAND on $mnt, completes it once
 # ready if asked, and prints the seconds until it concluded (status polled

@@ -9,12 +9,11 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::chain::base_and_overlay;
-use common::cli::{chainfs, kill_daemon, wait_until, MountGuard};
+use common::cli::{
+    chainfs, kill_daemon, mount_patterned_chain, wait_until, PATTERNED_SIZE as SIZE,
+};
 use common::mount::{command_at, status_json_at};
 use common::{path_str, qemu_img, qemu_img_check_allowing_leaks, require_fuse};
-
-const SIZE: usize = 64 << 20;
 
 #[test]
 fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
@@ -22,13 +21,7 @@ fn a_killed_daemon_leaves_consistent_images_and_the_stream_can_run_again() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let top = base_and_overlay(dir.path(), "base.img", "64M", &[]);
-    let pattern: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
-    std::fs::write(dir.path().join("base.img"), &pattern).unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let _guard = MountGuard(mnt.clone());
-    chainfs(["mount", path_str(&top), path_str(&mnt)]).ok();
+    let (top, mnt, pattern, _guard) = mount_patterned_chain(dir.path());
     let mut model = pattern.clone();
     command_at(&mnt, "stream speed=8M").unwrap();
     let active = OpenOptions::new()

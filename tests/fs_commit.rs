@@ -302,11 +302,7 @@ fn fio_through_ready_and_complete(copy_mode: &str) {
         &format!("commit top=active base=file-B.img id=f copy-mode={copy_mode}"),
     )
     .unwrap();
-    let active = m.path("active");
-    let fio = std::thread::spawn(move || {
-        let extra = ["--offset_increment=16M", "--direct=1", "--rate=3m"];
-        common::fio_verify(&active, &extra)
-    });
+    let fio = fio_verify_live(&m.path("active"));
     let job = wait_ready(&m, "f");
     assert_eq!(job["status"], "ready", "{job}");
     command(&m, "complete id=f").unwrap();

@@ -114,6 +114,7 @@ fn guest_writes_racing_a_stream_all_read_back() {
             kind: JobType::Stream,
             node: "top.qcow2".into(),
             base: None,
+            target: None,
             touched: Vec::<NodeId>::new(),
             len: SIZE,
             speed: 16 << 20,

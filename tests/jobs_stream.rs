@@ -85,6 +85,7 @@ fn start(chain: Chain, node: &str, base: Option<&str>, speed: u64) -> Running {
             kind: JobType::Stream,
             node: node.into(),
             base: base.map(String::from),
+            target: None,
             touched: Vec::<NodeId>::new(),
             len: SIZE,
             speed,

@@ -1,5 +1,6 @@
-//! Creating a new qcow2 image, optionally backed by another: the first
-//! step of an external snapshot, and of tests and the demo.
+//! Creating a new image: a qcow2 image, optionally backed by another (the
+//! first step of an external snapshot or a mirror, and of tests and the
+//! demo), or an empty raw one (a mirror's raw target).
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,23 @@ pub fn create_image(
             source,
         }
     })
+}
+
+/// Creates a raw image at `path`, which must not exist: `size` bytes, all
+/// a hole, so it reads as zeros and holds no space.
+pub fn create_raw_image(path: &Path, size: u64) -> Result<(), ChainError> {
+    let io_error = |source| ChainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let storage = FileStorage::create_new(path).map_err(io_error)?;
+    if let Err(source) = storage.file().set_len(size) {
+        drop(storage);
+        // The file is ours, made a moment ago.
+        let _ = std::fs::remove_file(path);
+        return Err(io_error(source));
+    }
+    Ok(())
 }
 
 /// Writes a fresh qcow2 image (QEMU's defaults: 16-bit refcounts, standard

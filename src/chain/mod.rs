@@ -12,6 +12,7 @@
 
 mod create;
 mod error;
+mod mirror;
 pub mod naming;
 mod node;
 pub mod open;
@@ -27,7 +28,7 @@ use std::path::Path;
 
 /// How a range is held (re-exported for the layers above).
 pub use crate::format::{Allocation, Format, HostRange};
-pub use create::create_image;
+pub use create::{create_image, create_raw_image};
 pub use error::ChainError;
 pub use node::{Node, NodeId};
 pub use query::ChainExtent;

@@ -95,6 +95,16 @@ impl Node {
         }
     }
 
+    /// The same open image as another node of a chain: a mirror's target
+    /// joining the mounted chain at its pivot.
+    pub(super) fn with_identity(&self, id: NodeId, name: String) -> Node {
+        Node {
+            id,
+            name,
+            ..self.clone()
+        }
+    }
+
     /// Whether the node's image takes writes now.
     pub fn writable(&self) -> bool {
         self.open.writable.load(Ordering::Acquire)

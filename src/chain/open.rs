@@ -150,6 +150,19 @@ pub(super) fn open_new_top(
     name: String,
     options: &ChainOptions,
 ) -> Result<Node, ChainError> {
+    open_writable(path, Some(Format::Qcow2), id, name, options)
+}
+
+/// Opens the image at `path` for writing, locked as QEMU's file driver
+/// locks an image it writes (a new top, a mirror's target); its format is
+/// `format`, else probed.
+pub(super) fn open_writable(
+    path: &Path,
+    format: Option<Format>,
+    id: NodeId,
+    name: String,
+    options: &ChainOptions,
+) -> Result<Node, ChainError> {
     let io_error = |source| ChainError::Io {
         path: path.to_path_buf(),
         source,
@@ -157,18 +170,20 @@ pub(super) fn open_new_top(
     let storage = FileStorage::open(path, true).map_err(io_error)?;
     lock_file(&storage, LockMode::Write)?;
     let canonical = std::fs::canonicalize(path).map_err(io_error)?;
+    let image_error = |source| ChainError::Image {
+        path: path.to_path_buf(),
+        source,
+    };
+    let format = match format {
+        Some(format) => format,
+        None => format::probe(&storage).map_err(image_error)?,
+    };
     let storage = Arc::new(storage);
     let writable = ChainOptions {
         writable: true,
         ..options.clone()
     };
-    let image =
-        open_image(storage.clone(), Format::Qcow2, path, true, &writable).map_err(|source| {
-            ChainError::Image {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let image = open_image(storage.clone(), format, path, true, &writable).map_err(image_error)?;
     let path = path.to_path_buf();
     Ok(Node::new(
         id,

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::naming::{file_name, unique_name};
 use super::open::resolve_name;
-use super::{create_image, Chain, ChainError, NodeId};
+use super::{create_image, Chain, ChainError, Node, NodeId};
 use crate::format::BackingRef;
 
 /// Cluster size of images chainfs creates (QEMU's default).
@@ -56,17 +56,24 @@ impl Chain {
     /// The string naming the node at level `base` from the node at level
     /// `node`, in the style of the string that named it so far.
     fn backing_string(&self, node: usize, base: usize) -> String {
-        let base_node = &self.nodes[base];
-        let named_relative = self.nodes[base + 1]
+        self.name_in_style(base + 1, &self.nodes[node], &self.nodes[base])
+    }
+
+    /// The string naming `target` from the image of `from`, in the style of
+    /// the backing string of the node at level `named_by`: relative to
+    /// `from`'s directory if that string was relative, else absolute.
+    pub(super) fn name_in_style(&self, named_by: usize, from: &Node, target: &Node) -> String {
+        let named_relative = self.nodes[named_by]
             .backing_file()
             .is_some_and(|name| !Path::new(name).is_absolute() && !name.starts_with("file:"));
-        let target = base_node.canonical_path();
         if named_relative {
-            if let Some(dir) = self.nodes[node].canonical_path().parent() {
-                return relative_path(target, dir).to_string_lossy().into_owned();
+            if let Some(dir) = from.canonical_path().parent() {
+                return relative_path(target.canonical_path(), dir)
+                    .to_string_lossy()
+                    .into_owned();
             }
         }
-        base_node.path().to_string_lossy().into_owned()
+        target.path().to_string_lossy().into_owned()
     }
 
     /// Creates a qcow2 image at `path` (which must not exist) backed by the

@@ -42,6 +42,61 @@ pub enum CopyMode {
     WriteBlocking,
 }
 
+/// What a mirror copies (QEMU's `MirrorSyncMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Everything the node shows; the target has no backing file.
+    #[default]
+    Full,
+    /// What the node itself holds; the target is backed by the node's
+    /// backing node.
+    Top,
+    /// Only what is written from now on; the target is backed by the node.
+    None,
+}
+
+/// Whether a mirror creates its target (QEMU's `NewImageMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TargetMode {
+    /// Create it (it must not exist), naming its backing file by an
+    /// absolute path.
+    #[default]
+    AbsolutePaths,
+    /// Use it as it is.
+    Existing,
+}
+
+/// A `mirror` command's words, as parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorArgs {
+    /// The target image.
+    pub target: String,
+    /// The node copied (default: the active node).
+    pub node: Option<String>,
+    /// What is copied.
+    pub sync: SyncMode,
+    /// Whether the target is created.
+    pub mode: TargetMode,
+    /// The target's format (default: qcow2 when created, probed when
+    /// existing).
+    pub format: Option<super::Format>,
+    /// How the job keeps up with writes once ready.
+    pub copy_mode: CopyMode,
+    /// Bytes per block of the dirty map (default: the target's cluster
+    /// size clamped to [4 KiB, 64 KiB]).
+    pub granularity: Option<u64>,
+    /// Bytes per second copied; 0 is unlimited.
+    pub speed: u64,
+    /// Job id (default: generated).
+    pub id: Option<String>,
+    /// Error policy.
+    pub on_error: OnError,
+}
+
+/// The granularities a mirror accepts, as QEMU: powers of two from 512 B
+/// to 64 MiB.
+const GRANULARITIES: std::ops::RangeInclusive<u64> = 512..=(64 << 20);
+
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -82,6 +137,8 @@ pub enum Command {
         /// How an active commit keeps up with writes once ready.
         copy_mode: CopyMode,
     },
+    /// QEMU's drive-mirror.
+    Mirror(MirrorArgs),
     /// `cancel force=on`: aborts even a ready job.
     ForceCancel {
         /// The job (may be left out when only one exists).
@@ -161,16 +218,45 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
             speed: args.rate("speed")?,
             id: args.id()?,
             on_error: args.on_error()?,
-            copy_mode: match args.take("copy-mode").as_deref() {
-                None | Some("background") => CopyMode::Background,
-                Some("write-blocking") => CopyMode::WriteBlocking,
+            copy_mode: args.copy_mode()?,
+        },
+        "mirror" => Command::Mirror(MirrorArgs {
+            target: args.required("target")?,
+            node: args.take("node"),
+            sync: match args.take("sync").as_deref() {
+                None | Some("full") => SyncMode::Full,
+                Some("top") => SyncMode::Top,
+                Some("none") => SyncMode::None,
+                Some(other) => {
+                    return Err(error(format!("sync={other:?}: expected full, top or none")))
+                }
+            },
+            mode: match args.take("mode").as_deref() {
+                None | Some("absolute-paths") => TargetMode::AbsolutePaths,
+                Some("existing") => TargetMode::Existing,
                 Some(other) => {
                     return Err(error(format!(
-                        "copy-mode={other:?}: expected background or write-blocking"
+                        "mode={other:?}: expected absolute-paths or existing"
                     )))
                 }
             },
-        },
+            format: match args.take("format").as_deref() {
+                None => None,
+                Some("qcow2") => Some(super::Format::Qcow2),
+                Some("raw") => Some(super::Format::Raw),
+                Some(other) => {
+                    return Err(error(format!("format={other:?}: expected qcow2 or raw")))
+                }
+            },
+            copy_mode: args.copy_mode()?,
+            granularity: args
+                .take("granularity")
+                .map(|g| granularity(&g))
+                .transpose()?,
+            speed: args.rate("speed")?,
+            id: args.id()?,
+            on_error: args.on_error()?,
+        }),
         "cancel" => match args.take("force").as_deref() {
             None | Some("off") => Command::Control {
                 verb: super::state::Verb::Cancel,
@@ -269,6 +355,18 @@ impl Args {
         })
     }
 
+    fn copy_mode(&mut self) -> Result<CopyMode, ParseError> {
+        Ok(match self.take("copy-mode").as_deref() {
+            None | Some("background") => CopyMode::Background,
+            Some("write-blocking") => CopyMode::WriteBlocking,
+            Some(other) => {
+                return Err(error(format!(
+                    "copy-mode={other:?}: expected background or write-blocking"
+                )))
+            }
+        })
+    }
+
     /// Refuses any key nobody took.
     fn finish(self) -> Result<(), ParseError> {
         let mut unknown: Vec<&String> = self.values.keys().collect();
@@ -299,6 +397,22 @@ pub fn parse_rate(text: &str) -> Result<u64, ParseError> {
     }
     let value: u64 = digits.parse().map_err(|_| bad())?;
     value.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Parses a mirror's `granularity=SIZE` (K, M, G suffixes as for RATE): a
+/// power of two from 512 B to 64 MiB.
+fn granularity(text: &str) -> Result<u64, ParseError> {
+    let size = parse_rate(text).map_err(|_| {
+        error(format!(
+            "bad granularity {text:?}: expected a size, e.g. 64K"
+        ))
+    })?;
+    if !size.is_power_of_two() || !GRANULARITIES.contains(&size) {
+        return Err(error(format!(
+            "granularity {size}: expected a power of two from 512 to 64M"
+        )));
+    }
+    Ok(size)
 }
 
 /// Splits on spaces, keeping double-quoted parts of a word together.
@@ -452,6 +566,63 @@ mod tests {
                 id: None
             }
         );
+    }
+
+    #[test]
+    fn mirror_takes_every_option_with_qemus_defaults() {
+        assert_eq!(
+            parse("mirror target=/x.qcow2").unwrap(),
+            Command::Mirror(MirrorArgs {
+                target: "/x.qcow2".into(),
+                node: None,
+                sync: SyncMode::Full,
+                mode: TargetMode::AbsolutePaths,
+                format: None,
+                copy_mode: CopyMode::Background,
+                granularity: None,
+                speed: 0,
+                id: None,
+                on_error: OnError::Report,
+            })
+        );
+        assert_eq!(
+            parse(
+                "mirror target=t.img node=file-D.img sync=none mode=existing format=raw \
+                 copy-mode=write-blocking granularity=4K speed=2M id=m on-error=stop"
+            )
+            .unwrap(),
+            Command::Mirror(MirrorArgs {
+                target: "t.img".into(),
+                node: Some("file-D.img".into()),
+                sync: SyncMode::None,
+                mode: TargetMode::Existing,
+                format: Some(crate::jobs::Format::Raw),
+                copy_mode: CopyMode::WriteBlocking,
+                granularity: Some(4096),
+                speed: 2 << 20,
+                id: Some("m".into()),
+                on_error: OnError::Stop,
+            })
+        );
+        assert!(matches!(
+            parse("mirror target=t sync=top granularity=64M").unwrap(),
+            Command::Mirror(MirrorArgs { sync: SyncMode::Top, granularity: Some(g), .. }) if g == 64 << 20
+        ));
+        for (text, needle) in [
+            ("mirror", "needs target"),
+            ("mirror target=t sync=incremental", "sync="),
+            ("mirror target=t mode=relative", "mode="),
+            ("mirror target=t format=vmdk", "format="),
+            ("mirror target=t copy-mode=x", "copy-mode"),
+            ("mirror target=t granularity=256", "power of two"),
+            ("mirror target=t granularity=128M", "power of two"),
+            ("mirror target=t granularity=3K", "power of two"),
+            ("mirror target=t granularity=big", "bad granularity"),
+            ("mirror target=t base=x", "unknown key"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.0.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

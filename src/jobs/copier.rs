@@ -1,6 +1,6 @@
-//! The copier that stream and commit (intermediate and active) share: it
-//! reads the next chunks on a reader thread while the job's own thread
-//! writes the last one, with a bounded number of chunks in flight.
+//! The copier that stream, commit (intermediate and active) and mirror
+//! share: it reads the next chunks on a reader thread while the job's own
+//! thread writes the last one, with a bounded number of chunks in flight.
 //!
 //! Why a reader and a writer: a chunk's read (the chain below, or the top)
 //! and its write (the node receiving it) touch different images, so on two
@@ -61,6 +61,27 @@ pub(super) struct Copier {
     /// ([`Chain::populate`]), so a guest write always wins. `true`
     /// (commit): make `dest` read as the view does.
     pub overwrite: bool,
+}
+
+/// Where a copy reads and where it writes: one chain for stream and
+/// commit, whose destination is a node of the chain they copy from; two
+/// for a mirror, whose target is not in the mounted chain until its pivot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Chains<'a> {
+    /// The chain holding the view.
+    pub source: &'a Chain,
+    /// The chain holding the destination node.
+    pub dest: &'a Chain,
+}
+
+impl<'a> Chains<'a> {
+    /// The view and the destination in one chain.
+    pub(super) fn same(chain: &'a Chain) -> Chains<'a> {
+        Chains {
+            source: chain,
+            dest: chain,
+        }
+    }
 }
 
 /// One run of a chunk, as the view holds it.
@@ -176,15 +197,17 @@ impl Copier {
         Ok(segments)
     }
 
-    /// Writes what [`Copier::read`] found; returns the bytes copied (what the
-    /// speed limit counts).
+    /// Writes what [`Copier::read`] found into the destination in
+    /// `chains.dest`; returns the bytes copied (what the speed limit
+    /// counts).
     fn write(
         &self,
-        chain: &Chain,
+        chains: Chains<'_>,
         offset: u64,
         segments: &[Segment],
         buf: &mut [u8],
     ) -> Result<u64, CopyFailure> {
+        let chain = chains.dest;
         let mut copied = 0;
         for segment in segments {
             let mut segment = segment.clone();
@@ -202,13 +225,23 @@ impl Copier {
                 segment.len -= placed;
                 let start = (segment.offset - offset) as usize;
                 let slice = &mut buf[start..start + segment.len as usize];
-                chain
+                chains
+                    .source
                     .read(self.view, segment.offset, slice)
                     .map_err(|e| ("read", e))?;
             }
             let start = (segment.offset - offset) as usize;
             let data = &buf[start..start + segment.len as usize];
-            copied += match (segment.allocation, self.overwrite) {
+            // With no base, a run nothing in the view's chain holds reads
+            // as zeros; a destination that does not share that chain (a
+            // mirror's target) must be made to read so too.
+            let allocation = match segment.allocation {
+                Allocation::Unallocated if self.overwrite && self.base.is_none() => {
+                    Allocation::Zero
+                }
+                other => other,
+            };
+            copied += match (allocation, self.overwrite) {
                 (Allocation::Unallocated, _) => 0,
                 (Allocation::Zero, false) => {
                     chain
@@ -250,10 +283,11 @@ impl Copier {
     }
 
     /// Copies `offset..offset + len` (at most [`CHUNK`] bytes) on the
-    /// calling thread; returns the bytes copied.
-    pub(super) fn copy(
+    /// calling thread, from the view in `chains.source` into the
+    /// destination in `chains.dest`; returns the bytes copied.
+    pub(super) fn copy_between(
         &self,
-        chain: &Chain,
+        chains: Chains<'_>,
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
@@ -261,8 +295,8 @@ impl Copier {
         if buf.len() < len as usize {
             buf.resize(len as usize, 0);
         }
-        let segments = self.read(chain, offset, len, buf)?;
-        self.write(chain, offset, &segments, buf)
+        let segments = self.read(chains.source, offset, len, buf)?;
+        self.write(chains, offset, &segments, buf)
     }
 
     /// Copies the ranges `take` hands out (each at most [`CHUNK`] bytes;
@@ -273,6 +307,23 @@ impl Copier {
     pub(super) fn run<E, T, B, A>(
         &self,
         chain: &Chain,
+        take: T,
+        before: B,
+        after: A,
+    ) -> Result<Ended, E>
+    where
+        T: FnMut() -> Option<(u64, u64)> + Send,
+        B: FnMut() -> Result<bool, E>,
+        A: FnMut(u64, u64, Result<u64, CopyFailure>) -> Result<Next, E>,
+    {
+        self.run_between(Chains::same(chain), take, before, after)
+    }
+
+    /// [`Copier::run`] from the view in `chains.source` into the
+    /// destination in `chains.dest`.
+    pub(super) fn run_between<E, T, B, A>(
+        &self,
+        chains: Chains<'_>,
         take: T,
         mut before: B,
         mut after: A,
@@ -295,7 +346,7 @@ impl Copier {
                     // Buffers come back from the writer: each is allocated
                     // and zeroed once per run, not once per chunk.
                     let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0; CHUNK as usize]);
-                    let read = self.read(chain, offset, len, &mut buf);
+                    let read = self.read(chains.source, offset, len, &mut buf);
                     let chunk = Chunk {
                         offset,
                         len,
@@ -326,11 +377,13 @@ impl Copier {
                     read,
                     mut buf,
                 } = chunk;
-                let mut result = read.and_then(|s| self.write(chain, offset, &s, &mut buf));
+                let mut result = read.and_then(|s| self.write(chains, offset, &s, &mut buf));
                 loop {
                     match after(offset, len, result) {
                         Ok(Next::Go) => break,
-                        Ok(Next::Retry) => result = self.copy(chain, offset, len, &mut buf),
+                        Ok(Next::Retry) => {
+                            result = self.copy_between(chains, offset, len, &mut buf)
+                        }
                         Err(err) => break 'chunks Err(err),
                     }
                 }

@@ -34,6 +34,8 @@ pub enum JobType {
     Stream,
     /// block-commit.
     Commit,
+    /// drive-mirror.
+    Mirror,
 }
 
 impl JobType {
@@ -42,6 +44,7 @@ impl JobType {
         match self {
             JobType::Stream => "stream",
             JobType::Commit => "commit",
+            JobType::Mirror => "mirror",
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct JobInfo {
     pub node: String,
     /// The base node, if any.
     pub base: Option<String>,
+    /// The image written outside the chain (a mirror's target), if any.
+    pub target: Option<String>,
     /// QEMU status.
     pub status: JobStatus,
     /// Bytes the job will have scanned when done.
@@ -170,6 +175,7 @@ pub struct Job {
     kind: JobType,
     node: String,
     base: Option<String>,
+    target: Option<String>,
     touched: Vec<NodeId>,
     state: Mutex<State>,
     wake: Condvar,
@@ -194,6 +200,8 @@ pub struct JobSpec {
     pub node: String,
     /// The base node, if any.
     pub base: Option<String>,
+    /// The image written outside the chain (a mirror's target), if any.
+    pub target: Option<String>,
     /// Every node the job writes, reads or removes (not its base).
     pub touched: Vec<NodeId>,
     /// Bytes the job will scan.
@@ -212,6 +220,7 @@ impl Job {
             kind: spec.kind,
             node: spec.node,
             base: spec.base,
+            target: spec.target,
             touched: spec.touched,
             state: Mutex::new(State {
                 status: JobStatus::Created,
@@ -265,6 +274,7 @@ impl Job {
             kind: self.kind,
             node: self.node.clone(),
             base: self.base.clone(),
+            target: self.target.clone(),
             status: state.status,
             len: state.len,
             offset: state.offset,

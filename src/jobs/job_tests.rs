@@ -38,6 +38,7 @@ fn job() -> (Arc<Job>, Arc<Recorder>) {
             kind: JobType::Stream,
             node: "top.qcow2".into(),
             base: None,
+            target: None,
             touched: Vec::new(),
             len: 4 << 20,
             speed: 0,

@@ -5,9 +5,10 @@
 //! jobs running ([`registry`]), and either refused — with one errno, a
 //! `COMMAND_REJECTED` event and a last line in `ctl/status` — or accepted,
 //! in which case a started job is listed before the write returns. Jobs run
-//! on their own threads ([`job`], [`stream`], `commit`) and replace the chain when
-//! they change its shape; callers therefore take a snapshot of it per
-//! request with [`Jobs::chain`] and never keep node lists of their own.
+//! on their own threads ([`job`], [`stream`], `commit`, `mirror`) and
+//! replace the chain when they change its shape; callers therefore take a
+//! snapshot of it per request with [`Jobs::chain`] and never keep node
+//! lists of their own.
 //!
 //! The layer above (`fs`) reaches the chain only through the re-exports
 //! here.
@@ -19,6 +20,8 @@ mod copier;
 mod error;
 pub mod events;
 pub mod job;
+mod live_copy;
+mod mirror;
 pub mod ratelimit;
 pub mod registry;
 pub mod report;

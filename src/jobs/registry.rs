@@ -16,6 +16,7 @@ use super::command::{Command, OnError};
 use super::commit;
 use super::content::ContentWatchers;
 use super::job::{EventSink, Job, JobInfo, JobSpec, JobType, Outcome};
+use super::mirror;
 use super::state::Verb;
 use super::stream::{self, StreamPlan};
 use super::target::{self, MountSpot};
@@ -153,6 +154,11 @@ impl Registry {
         *lock(&self.mount) = Some(mount);
     }
 
+    /// Where the chain is mounted, if it is yet.
+    pub(super) fn mount(&self) -> Option<MountSpot> {
+        lock(&self.mount).clone()
+    }
+
     /// The chain now.
     pub fn chain(&self) -> Arc<Chain> {
         self.live.current()
@@ -194,6 +200,7 @@ impl Registry {
                 };
                 commit::start(self, request, speed, id)
             }
+            Command::Mirror(args) => mirror::start(self, args),
             Command::ForceCancel { id } => Ok(self.find_job(id.as_deref())?.force_cancel()?),
             Command::SetSpeed { id, speed } => {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
@@ -278,6 +285,7 @@ impl Registry {
             kind: JobType::Stream,
             node: target.name().to_string(),
             base: base_level.map(|b| chain.nodes()[b].name().to_string()),
+            target: None,
             touched,
             len: target.virtual_size(),
             speed,
@@ -366,8 +374,7 @@ impl Registry {
         }
         // Placed before any lock is taken: a target in the mount would
         // have the daemon wait for itself.
-        let mount = lock(&self.mount).clone();
-        let file = &target::place(file, &self.chain(), mount.as_ref())?;
+        let file = &target::place(file, &self.chain(), self.mount().as_ref())?;
         if std::fs::symlink_metadata(file).is_ok() {
             return Err(JobError::Exists(format!("{} exists", file.display())));
         }

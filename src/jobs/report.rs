@@ -87,6 +87,10 @@ pub fn job_line(job: &JobInfo) -> String {
         .base
         .as_deref()
         .map_or(String::new(), |b| format!(" base={}", escape(b)));
+    let target = job
+        .target
+        .as_deref()
+        .map_or(String::new(), |t| format!(" target={}", escape(t)));
     let error = job.error.as_deref().map(escape);
     let state = match (job.outcome, &error) {
         (Some(outcome), Some(error)) if outcome.name() != "completed" => {
@@ -115,7 +119,7 @@ pub fn job_line(job: &JobInfo) -> String {
         }
     }
     format!(
-        "{}: {} node={}{base} {state}: Completed {} of {} bytes, speed limit {} bytes/s ({extra})",
+        "{}: {} node={}{base}{target} {state}: Completed {} of {} bytes, speed limit {} bytes/s ({extra})",
         escape(&job.id),
         job.kind.name(),
         escape(&job.node),
@@ -133,6 +137,7 @@ pub fn job_json(job: &JobInfo) -> Value {
         "device": job.node,
         "node": job.node,
         "base": job.base,
+        "target": job.target,
         "len": job.len,
         "offset": job.offset,
         "speed": job.speed,
@@ -209,6 +214,7 @@ mod tests {
             kind: JobType::Stream,
             node: "file-E.img".into(),
             base: Some("file-A.img".into()),
+            target: None,
             status: JobStatus::Running,
             len: 8 << 20,
             offset: 2 << 20,
@@ -273,6 +279,23 @@ mod tests {
         assert_eq!(value["outcome"], "failed");
         assert_eq!(value["error"], "No space left on device");
         assert_eq!(value["device"], "file-E.img");
+    }
+
+    #[test]
+    fn a_mirror_shows_its_target_escaped_on_its_line_and_in_json() {
+        let mut job = info();
+        job.kind = JobType::Mirror;
+        job.base = None;
+        job.target = Some("/new/dis\nk.qcow2".into());
+        let line = job_line(&job);
+        assert!(
+            line.starts_with("s0: mirror node=file-E.img target=/new/dis\\nk.qcow2 running:"),
+            "{line}"
+        );
+        let value = job_json(&job);
+        assert_eq!(value["type"], "mirror");
+        assert_eq!(value["target"], "/new/dis\nk.qcow2");
+        assert_eq!(job_json(&info())["target"], serde_json::Value::Null);
     }
 
     #[test]

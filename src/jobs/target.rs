@@ -1,5 +1,5 @@
-//! Where a file a command creates goes (the `snapshot` image today; the
-//! `mirror` and `backup` targets will come through here too).
+//! Where a file a command names goes (the `snapshot` image and the
+//! `mirror` target; the `backup` target will come through here too).
 //!
 //! Two rules, decided before any lock is taken:
 //!

@@ -376,3 +376,23 @@ impl ChainDir {
         self.assert_released();
     }
 }
+
+/// Bytes in the kill tests' chain.
+pub const PATTERNED_SIZE: usize = 64 << 20;
+
+/// The kill tests' chain, mounted by the binary at `<dir>/mnt`:
+/// `base.img` (raw, [`PATTERNED_SIZE`] bytes of a pattern that changes
+/// every 4 KiB) under `top.qcow2`. Returns the top, the mount point, the
+/// pattern, and the guard that takes the mount down if the test fails.
+pub fn mount_patterned_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>, MountGuard) {
+    let top = super::chain::base_and_overlay(dir, "base.img", "64M", &[]);
+    let pattern: Vec<u8> = (0..PATTERNED_SIZE)
+        .map(|i| (i / 4096 % 251) as u8)
+        .collect();
+    std::fs::write(dir.join("base.img"), &pattern).expect("write the base");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).expect("make the mount point");
+    let guard = MountGuard(mnt.clone());
+    chainfs(["mount", super::path_str(&top), super::path_str(&mnt)]).ok();
+    (top, mnt, pattern, guard)
+}

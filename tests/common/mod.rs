@@ -10,6 +10,7 @@
 //! * [`engine`]: the qcow2 engine opened directly on a storage;
 //! * [`hostile`]: qcow2 images patched to be hostile;
 //! * [`writers`]: threads writing their own regions while a job runs;
+//! * [`mirror`]: the mirror tests' runs and QEMU's judgement of a target;
 //! * here: byte patterns and comparing bytes.
 //!
 //! QEMU is the reference: images are made and filled by QEMU's own tools, and
@@ -24,6 +25,7 @@ pub mod chain;
 pub mod cli;
 pub mod engine;
 pub mod hostile;
+pub mod mirror;
 pub mod mount;
 pub mod tools;
 pub mod writers;

@@ -8,6 +8,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::thread::JoinHandle;
 
 /// Whether we run under CI, where a missing tool is a failure, not a skip.
 pub fn in_ci() -> bool {
@@ -286,4 +287,37 @@ pub fn qemu_chain_names(top: &Path) -> Vec<String> {
             None => panic!("qemu-img info: no filename in {node}"),
         })
         .collect()
+}
+
+/// Whether QEMU may open `image` for writing now: `qemu-io` opens it
+/// read-write and reads a sector; `false` when a lock held elsewhere
+/// refuses it ("Failed to get ... lock"), a panic on any other failure.
+pub fn qemu_may_write(image: &Path, format: &str) -> bool {
+    let output = Command::new("qemu-io")
+        .args(["-f", format, "-c", "read 0 512", path_str(image)])
+        .current_dir(image_dir(image).unwrap_or(Path::new(".")))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io: {e}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        return true;
+    }
+    assert!(
+        stderr.contains("Failed to get"),
+        "qemu-io {}: {stderr}",
+        image.display()
+    );
+    false
+}
+
+/// fio writing `file` (4 jobs of 12 MiB, 16 MiB apart, random blocks of
+/// 4 KiB to 1 MiB, direct, 3 MiB/s each) and then verifying every block
+/// (crc32c), on a thread: what the live jobs' tests write while a job
+/// becomes ready and pivots.
+pub fn fio_verify_live(file: &Path) -> JoinHandle<std::process::Output> {
+    let file = file.to_path_buf();
+    std::thread::spawn(move || {
+        let extra = ["--offset_increment=16M", "--direct=1", "--rate=3m"];
+        fio_verify(&file, &extra)
+    })
 }

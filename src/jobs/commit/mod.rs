@@ -16,14 +16,13 @@
 //!
 //! With the top below the active node (an *intermediate* commit), the node
 //! above the top is rebacked onto the base at the end. With the top active
-//! (an *active* commit, [`active`]) guest writes are tracked from before the
-//! first scan, the job reports `ready` when the base is in step, and
-//! `complete` pivots: the base becomes the active layer.
+//! (an *active* commit) the engine it shares with mirror
+//! ([`live_copy`](super::live_copy)) tracks guest writes from before the
+//! first scan, reports `ready` when the base is in step, and on `complete`
+//! pivots: the base becomes the active layer.
 //!
 //! A cancelled or failed commit changes no backing pointer; the hidden
 //! nodes stay hidden, since the base may hold part of the merge.
-
-mod active;
 
 use std::sync::Arc;
 
@@ -31,8 +30,9 @@ use super::command::{CopyMode, OnError};
 use super::content::ContentHook;
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
+use super::live_copy::{self, mark_allocated, LiveCopy};
 use super::registry::{resolve, LiveChain, Registry};
-use super::stream::{handle_error, scan_all};
+use super::stream::scan_all;
 use super::JobError;
 use crate::chain::{Chain, ChainError, Node, NodeId};
 
@@ -132,6 +132,7 @@ pub(super) fn start(
         kind: JobType::Commit,
         node: nodes[top].name().to_string(),
         base: Some(nodes[base].name().to_string()),
+        target: None,
         // The base is written, so it is touched too.
         touched: nodes[base..=top].iter().map(|n| n.id()).collect(),
         len: nodes[top].virtual_size(),
@@ -201,7 +202,7 @@ fn run(
     };
     let (outcome, error) = match plan.above {
         Some(above) => intermediate(job, chain, plan, above, live),
-        None => active::run(job, chain, plan, live),
+        None => active(job, chain, plan, live),
     };
     let pivoted = live.current().active().id() == plan.base;
     if made_writable && !pivoted {
@@ -214,6 +215,42 @@ fn run(
         }
     }
     job.conclude(outcome, error);
+}
+
+/// Granularity of an active commit's dirty map: QEMU's default for
+/// commit.
+const GRANULARITY: u64 = 64 << 10;
+
+/// An active commit: the shared engine keeps the base in step with the
+/// top; its pivot makes the base the active layer.
+fn active(
+    job: &Job,
+    chain: &Arc<Chain>,
+    plan: &CommitPlan,
+    live: &LiveChain,
+) -> (Outcome, Option<String>) {
+    let Some(top) = chain.node(plan.top) else {
+        let error = ChainError::NoSuchNode { id: plan.top.0 };
+        return (Outcome::Failed, Some(error.to_string()));
+    };
+    let copy = LiveCopy {
+        copy: plan.copy(),
+        source: Arc::clone(chain),
+        dest: Arc::clone(chain),
+        on_error: plan.on_error,
+        copy_mode: plan.copy_mode,
+        granularity: GRANULARITY,
+    };
+    let scan = |chain: &Chain, dirty: &_| mark_allocated(chain, plan.top, Some(plan.base), dirty);
+    let pivot = || {
+        live.change(&|current| current.pivoted_to(plan.base))?;
+        // Under the drained gate: no write reaches the old top from now.
+        if let Err(err) = top.set_writable(false) {
+            log::error!("commit {}: the old top stays writable: {err}", job.id());
+        }
+        Ok(())
+    };
+    live_copy::run(job, live, &live_copy::track(copy, top), &scan, &pivot)
 }
 
 /// An intermediate commit: copy, then reback the node above the top.

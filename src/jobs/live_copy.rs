@@ -1,16 +1,23 @@
-//! Active commit: the top is the active node, so guest writes keep
-//! landing in it while the job copies it down.
+//! The engine that active commit and mirror share: a copy of a node that
+//! guest writes keep changing, kept in step until `complete` pivots onto
+//! it (or a soft cancel leaves it as a consistent copy).
 //!
-//! A tracker is hooked on the top's open image *before* the first scan:
-//! every write, write-zeroes and discard marks its blocks dirty once the
-//! data is in the image. The initial dirty set is what the top shows above
-//! the base, scanned after the hook is in place, so no write made during
-//! the scan is missed. The job copies dirty runs (clearing the bits before
-//! reading, so a write that lands meanwhile sets them again) and reports
-//! `ready` the first time nothing is dirty. `complete` drains guest writes
-//! (the mount's write gate), copies what is left, flushes and pivots: the
-//! base becomes the active layer and the top stops taking writes. A soft
-//! `cancel` does the same without the pivot.
+//! ```text
+//! track → scan → copy dirty runs → ready → keep in step → drain → pivot
+//! ```
+//!
+//! A tracker is hooked on the watched node's open image *before* the
+//! first scan (by a mirror, before its command returns): every write,
+//! write-zeroes and discard marks its blocks dirty once the data is in
+//! the image. The initial dirty set is scanned after the hook is in place
+//! (what each job must copy: what the top shows above the base for a
+//! commit, what the mirror's `sync` selects), so no write made during the
+//! scan is missed. The job copies dirty runs
+//! (clearing the bits before reading, so a write that lands meanwhile sets
+//! them again) and reports `ready` the first time nothing is dirty.
+//! `complete` drains guest writes (the mount's write gate), copies what is
+//! left, flushes the destination and pivots under the gate. A soft `cancel`
+//! of a ready job does the same without the pivot.
 //!
 //! Until `ready` the job copies with the shared copier, several chunks in
 //! flight: the reader clears a run's bits before reading it, and the job's
@@ -20,43 +27,54 @@
 //! cancel and errors are) are marked dirty again.
 //!
 //! `copy-mode=write-blocking`: once ready, a guest write copies its own
-//! range to the base before it returns. From then on copies of the job and
-//! of writers are serialised, one at a time, by one lock that covers
-//! clearing the bits, reading the top and writing the base, so a stale
-//! copy can never overwrite a newer one in the base.
+//! range to the destination before it returns. From then on copies of the
+//! job and of writers are serialised, one at a time, by one lock that
+//! covers clearing the bits, reading the source and writing the
+//! destination, so a stale copy can never overwrite a newer one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{handle_error, CommitPlan};
+use super::command::{CopyMode, OnError};
+use super::copier::{Chains, Copier, CopyFailure, Ended, Next, CHUNK};
+use super::job::{Job, Outcome, Stop};
+use super::registry::LiveChain;
+use super::state::JobStatus;
+use super::stream::handle_error;
 use crate::chain::track::{DirtyMap, WriteHook};
-use crate::chain::{Allocation, Chain, ChainError, Node};
-use crate::jobs::command::CopyMode;
-use crate::jobs::copier::{Copier, CopyFailure, Ended, Next, CHUNK};
-use crate::jobs::job::{Job, Outcome, Stop};
-use crate::jobs::registry::LiveChain;
-use crate::jobs::state::JobStatus;
+use crate::chain::{Allocation, Chain, ChainError, Node, NodeId};
 use crate::sync::{lock, Arc, Condvar, Mutex};
 
-/// Granularity of the dirty map: QEMU's default for mirror and commit.
-const GRANULARITY: u64 = 64 << 10;
-
-/// How long the job waits for a write when the base is in step, before it
+/// How long the job waits for a write when the copy is in step, before it
 /// looks at its verbs again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
-/// The job's write tracker, hooked on the top's open image.
+/// What a job keeps in step, and how.
+pub(super) struct LiveCopy {
+    /// What is copied where: the view is the watched node.
+    pub copy: Copier,
+    /// The chain the view is read from (the mounted chain as the job
+    /// started; it shares its images with every later version).
+    pub source: Arc<Chain>,
+    /// The chain the destination is written in: the source itself for a
+    /// commit, the target's own chain for a mirror.
+    pub dest: Arc<Chain>,
+    /// Error policy.
+    pub on_error: OnError,
+    /// How the copy keeps up with writes once ready.
+    pub copy_mode: CopyMode,
+    /// Bytes per block of the dirty map (at most [`CHUNK`] are used).
+    pub granularity: u64,
+}
+
+/// The job's write tracker, hooked on the watched node's open image.
 struct Tracker {
     dirty: DirtyMap,
-    /// The chain as the job started (shares its images with every later
-    /// version while the top is in the chain).
-    chain: Arc<Chain>,
-    plan: CommitPlan,
-    copy: Copier,
+    live: LiveCopy,
     /// Writers copy their own range (write-blocking, once ready).
     blocking: AtomicBool,
-    /// Held while a run is cleared, read from the top and written into
-    /// the base.
+    /// Held while a run is cleared, read from the source and written into
+    /// the destination.
     copier: Mutex<()>,
     /// Set by a write; the idle job waits on it.
     kicked: Mutex<bool>,
@@ -75,6 +93,13 @@ impl WriteHook for Tracker {
 }
 
 impl Tracker {
+    fn chains(&self) -> Chains<'_> {
+        Chains {
+            source: &self.live.source,
+            dest: &self.live.dest,
+        }
+    }
+
     /// Write-blocking: copies what is still dirty of the blocks holding
     /// `offset..offset + len`. A failed copy stays dirty for the job.
     fn copy_through(&self, offset: u64, len: u64) {
@@ -83,8 +108,12 @@ impl Tracker {
         let _copier = lock(&self.copier);
         let mut from = offset;
         while let Some((start, run)) = self.dirty.take_in(from, end, CHUNK) {
-            if let Err((_, err)) = self.copy.copy(&self.chain, start, run, &mut buf) {
-                log::warn!("commit: a write-blocking copy failed: {err}");
+            if let Err((_, err)) = self
+                .live
+                .copy
+                .copy_between(self.chains(), start, run, &mut buf)
+            {
+                log::warn!("a write-blocking copy failed: {err}");
                 self.dirty.mark(start, run);
                 return;
             }
@@ -101,7 +130,8 @@ impl Tracker {
     ) -> Option<(u64, u64, Result<u64, CopyFailure>)> {
         let _copier = lock(&self.copier);
         let (offset, len) = self.dirty.take(cursor, CHUNK)?;
-        Some((offset, len, self.copy.copy(&self.chain, offset, len, buf)))
+        let copied = self.live.copy.copy_between(self.chains(), offset, len, buf);
+        Some((offset, len, copied))
     }
 
     /// Waits until a write marked something, at most `timeout`.
@@ -115,61 +145,82 @@ impl Tracker {
     }
 }
 
-/// Removes the hook however the job ends (the hook holds the chain, which
-/// holds the image that holds the hook).
-struct Installed<'a> {
-    node: &'a Node,
+/// A copy whose write tracking is in place: made by [`track`], run by
+/// [`run`]. Dropping it removes the hook however the job ends (the hook
+/// holds the chains, which hold the image that holds the hook).
+pub(super) struct Tracking {
+    tracker: Arc<Tracker>,
+    node: Node,
     hook: Arc<dyn WriteHook>,
 }
 
-impl Drop for Installed<'_> {
+impl Drop for Tracking {
     fn drop(&mut self) {
         self.node.remove_write_hook(&self.hook);
     }
 }
 
-/// Runs an active commit; returns how it ended.
-pub(super) fn run(
-    job: &Job,
-    chain: &Arc<Chain>,
-    plan: &CommitPlan,
-    live: &LiveChain,
-) -> (Outcome, Option<String>) {
-    let Some(top) = chain.node(plan.top) else {
-        let error = ChainError::NoSuchNode { id: plan.top.0 };
-        return (Outcome::Failed, Some(error.to_string()));
-    };
+/// Hooks the tracking of `copy` on `watched` (the view's node): every
+/// write from now on is marked dirty. A job calls it before its command
+/// returns, so a write made at any moment of the job is seen even where
+/// no scan would find it (a mirror's `sync=none`).
+pub(super) fn track(copy: LiveCopy, watched: &Node) -> Tracking {
     let tracker = Arc::new(Tracker {
-        dirty: DirtyMap::new(top.virtual_size(), GRANULARITY),
-        chain: Arc::clone(chain),
-        plan: plan.clone(),
-        copy: plan.copy(),
+        // The copier moves at most one chunk per run: a coarser block
+        // would be cut short there and its rest lost. Finer tracking only
+        // copies less.
+        dirty: DirtyMap::new(watched.virtual_size(), copy.granularity.min(CHUNK)),
+        live: copy,
         blocking: AtomicBool::new(false),
         copier: Mutex::new(()),
         kicked: Mutex::new(false),
         kick: Condvar::new(),
     });
     let hook: Arc<dyn WriteHook> = tracker.clone();
-    top.add_write_hook(Arc::clone(&hook));
-    let _installed = Installed { node: top, hook };
-    // Only now: a write landing during the scan is marked by the hook.
-    if let Err(err) = scan(chain, plan, &tracker.dirty) {
+    watched.add_write_hook(Arc::clone(&hook));
+    Tracking {
+        tracker,
+        node: watched.clone(),
+        hook,
+    }
+}
+
+/// Runs the engine on the job's thread: lets `scan` mark what must be
+/// copied first (after the hook is in place, so a write landing during the
+/// scan is marked by the hook), copies until `complete` or a cancel, and
+/// on `complete` calls `pivot` with guest writes drained and the
+/// destination flushed. Returns how the job ended.
+pub(super) fn run(
+    job: &Job,
+    live: &LiveChain,
+    tracking: &Tracking,
+    scan: &dyn Fn(&Chain, &DirtyMap) -> Result<(), ChainError>,
+    pivot: &dyn Fn() -> Result<(), ChainError>,
+) -> (Outcome, Option<String>) {
+    let tracker = &tracking.tracker;
+    if let Err(err) = scan(&tracker.live.source, &tracker.dirty) {
         return (Outcome::Failed, Some(err.to_string()));
     }
     job.set_remaining(0, tracker.dirty.dirty_bytes());
-    match copy_loop(job, &tracker, plan) {
-        Ok(pivot) => finish(job, &tracker, live, top, pivot),
+    match copy_loop(job, tracker) {
+        Ok(complete) => finish(job, tracker, live, complete.then_some(pivot)),
         Err(Stop::Cancelled) => (Outcome::Cancelled, None),
         Err(Stop::Failed) => (Outcome::Failed, job.error()),
     }
 }
 
-/// Marks dirty everything the top shows above the base.
-fn scan(chain: &Chain, plan: &CommitPlan, dirty: &DirtyMap) -> Result<(), ChainError> {
-    let size = chain.node(plan.top).map_or(0, |n| n.virtual_size());
+/// A scan for [`run`]: marks dirty every run `view` shows above `base`
+/// (`None`: anywhere in its chain).
+pub(super) fn mark_allocated(
+    chain: &Chain,
+    view: NodeId,
+    base: Option<NodeId>,
+    dirty: &DirtyMap,
+) -> Result<(), ChainError> {
+    let size = chain.node(view).map_or(0, |n| n.virtual_size());
     let mut offset = 0;
     while offset < size {
-        let extent = chain.block_status(plan.top, Some(plan.base), offset, size - offset)?;
+        let extent = chain.block_status(view, base, offset, size - offset)?;
         let run = extent.len.max(1).min(size - offset);
         if extent.allocation != Allocation::Unallocated {
             dirty.mark(offset, run);
@@ -181,7 +232,7 @@ fn scan(chain: &Chain, plan: &CommitPlan, dirty: &DirtyMap) -> Result<(), ChainE
 
 /// Copies until `complete` (returns `true`: pivot) or a soft cancel of a
 /// ready job (`false`: no pivot).
-fn copy_loop(job: &Job, tracker: &Tracker, plan: &CommitPlan) -> Result<bool, Stop> {
+fn copy_loop(job: &Job, tracker: &Tracker) -> Result<bool, Stop> {
     let mut cursor = 0;
     let mut buf = Vec::new();
     loop {
@@ -197,21 +248,23 @@ fn copy_loop(job: &Job, tracker: &Tracker, plan: &CommitPlan) -> Result<bool, St
         }
         if tracker.dirty.dirty_bytes() > 0 && !tracker.blocking.load(Ordering::Acquire) {
             // Nobody else copies yet: the copier may keep runs in flight.
-            cursor = pipelined(job, tracker, plan, cursor)?;
+            cursor = pipelined(job, tracker, cursor)?;
             continue;
         }
         match tracker.copy_next(cursor, &mut buf) {
             None => {
                 job.set_remaining(0, 0);
-                job.set_ready();
-                if plan.copy_mode == CopyMode::WriteBlocking {
+                // Blocking first: a write that sees the job ready has
+                // reached the destination when it returns.
+                if tracker.live.copy_mode == CopyMode::WriteBlocking {
                     tracker.blocking.store(true, Ordering::Release);
                 }
+                job.set_ready();
                 tracker.wait_for_write(IDLE_POLL);
             }
             Some((offset, len, result)) => {
                 cursor = offset + len;
-                account(job, tracker, plan, offset, len, 0, result)?;
+                account(job, tracker, offset, len, 0, result)?;
             }
         }
     }
@@ -219,7 +272,7 @@ fn copy_loop(job: &Job, tracker: &Tracker, plan: &CommitPlan) -> Result<bool, St
 
 /// Copies dirty runs with several in flight until none is left or the job
 /// must look at its verbs (a cancel, `complete`); returns the cursor.
-fn pipelined(job: &Job, tracker: &Tracker, plan: &CommitPlan, cursor: u64) -> Result<u64, Stop> {
+fn pipelined(job: &Job, tracker: &Tracker, cursor: u64) -> Result<u64, Stop> {
     let cursor = AtomicU64::new(cursor);
     // Bytes taken from the map and not yet written: still to copy.
     let in_flight = AtomicU64::new(0);
@@ -229,13 +282,13 @@ fn pipelined(job: &Job, tracker: &Tracker, plan: &CommitPlan, cursor: u64) -> Re
         in_flight.fetch_add(len, Ordering::Relaxed);
         Some((offset, len))
     };
-    let ended = tracker.copy.run(
-        &tracker.chain,
+    let ended = tracker.live.copy.run_between(
+        tracker.chains(),
         take,
         || Ok(!job.completion_requested() && job.checkpoint().is_ok()),
         |offset, len, result| {
             let pending = in_flight.fetch_sub(len, Ordering::Relaxed) - len;
-            account(job, tracker, plan, offset, len, pending, result)?;
+            account(job, tracker, offset, len, pending, result)?;
             Ok(Next::Go)
         },
     )?;
@@ -253,7 +306,6 @@ fn pipelined(job: &Job, tracker: &Tracker, plan: &CommitPlan, cursor: u64) -> Re
 fn account(
     job: &Job,
     tracker: &Tracker,
-    plan: &CommitPlan,
     offset: u64,
     len: u64,
     pending: u64,
@@ -267,7 +319,7 @@ fn account(
         Err((operation, err)) => {
             // `ignore` leaves the run out (the job will end failed); a
             // retry after `stop` needs it dirty again.
-            if !handle_error(job, plan.on_error, operation, &err)? {
+            if !handle_error(job, tracker.live.on_error, operation, &err)? {
                 tracker.dirty.mark(offset, len);
             }
         }
@@ -275,16 +327,14 @@ fn account(
     Ok(())
 }
 
-/// Drains guest writes, copies what is left, flushes and, for `complete`,
-/// pivots onto the base.
+/// Drains guest writes, copies what is left, flushes the destination and,
+/// for `complete`, pivots.
 fn finish(
     job: &Job,
     tracker: &Tracker,
     live: &LiveChain,
-    top: &Node,
-    pivot: bool,
+    pivot: Option<&dyn Fn() -> Result<(), ChainError>>,
 ) -> (Outcome, Option<String>) {
-    let plan = &tracker.plan;
     let mut buf = Vec::new();
     loop {
         let gate = live.drain();
@@ -298,7 +348,7 @@ fn finish(
         if let Some((offset, len, (operation, err))) = failed {
             // Writers go on while the job waits out its error.
             drop(gate);
-            match handle_error(job, plan.on_error, operation, &err) {
+            match handle_error(job, tracker.live.on_error, operation, &err) {
                 Ok(false) => {
                     tracker.dirty.mark(offset, len);
                 }
@@ -311,18 +361,16 @@ fn finish(
         if let Some(error) = job.error() {
             return (Outcome::Failed, Some(error));
         }
-        // The base must hold everything on disk before it replaces the top.
-        if let Err(err) = tracker.chain.flush() {
+        // The destination must hold everything on disk before it replaces
+        // the node it copies.
+        if let Err(err) = tracker.live.dest.flush() {
             return (Outcome::Failed, Some(err.to_string()));
         }
         job.set_remaining(0, 0);
-        if pivot {
-            if let Err(err) = live.change(&|current| current.pivoted_to(plan.base)) {
+        if let Some(pivot) = pivot {
+            // Still under the gate: no write reaches the old node from now.
+            if let Err(err) = pivot() {
                 return (Outcome::Failed, Some(err.to_string()));
-            }
-            // Still under the gate: no write reaches the old top from now.
-            if let Err(err) = top.set_writable(false) {
-                log::error!("commit {}: the old top stays writable: {err}", job.id());
             }
         }
         drop(gate);

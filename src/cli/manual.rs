@@ -9,8 +9,8 @@ chainfs mounts a QEMU disk-image chain (qcow2 and raw images linked by \
 their backing files) and shows every node of it as a flat raw file: what a \
 guest would see if that node were the active image. Beside the node files, \
 `active` always presents the active layer, and the control directory `ctl/` \
-starts live block jobs (stream, commit, mirror, backup, external snapshots, \
-dirty bitmaps) with `echo`, shows them with `cat`, and steers them while the \
+starts live block jobs (stream, commit, mirror, external snapshots; backup \
+and dirty bitmaps to come) with `echo`, shows them with `cat`, and steers them while the \
 active image keeps being written. Everything chainfs writes is QEMU's own \
 format.
 
@@ -151,12 +151,14 @@ pub const SECTIONS: &[Section] = &[
             Item(
                 "ctl/bitmaps",
                 "Each dirty bitmap of each node, one a line: node, name, granularity, \
-                 dirty bytes and its flags (recording, busy, persistent, inconsistent).",
+                 dirty bytes and its flags (recording, busy, persistent, inconsistent). \
+                 Not in this version yet.",
             ),
             Item(
                 "ctl/bitmaps.json",
                 "The same as a JSON array with QEMU's query-block field names (name, \
-                 granularity, count, recording, busy, persistent, inconsistent) plus node.",
+                 granularity, count, recording, busy, persistent, inconsistent) plus node. \
+                 Not in this version yet.",
             ),
         ],
     },
@@ -219,7 +221,8 @@ pub const SECTIONS: &[Section] = &[
                 "QEMU's drive-backup: PATH receives NODE as it was when the job started, \
                  while the guest keeps writing (old data is copied before it is \
                  overwritten). bitmap and incremental copy what the dirty bitmap NAME \
-                 marks; bitmap-mode decides what the bitmap holds afterwards.",
+                 marks; bitmap-mode decides what the bitmap holds afterwards. Not in this \
+                 version yet: refused as an unknown verb (EINVAL).",
             ),
             Item(
                 "bitmap-add node=NODE name=NAME [granularity=SIZE] [persistent=on] \
@@ -235,7 +238,9 @@ pub const SECTIONS: &[Section] = &[
             Item(
                 "bitmap-merge node=NODE target=NAME bitmaps=A[,B...]",
                 "Adds the bits of bitmaps A, B, ... of NODE to bitmap NAME. The bitmap \
-                 commands are synchronous: done when the write returns.",
+                 commands are synchronous: done when the write returns. Not in this \
+                 version yet: every bitmap-* command is refused as an unknown verb \
+                 (EINVAL).",
             ),
             Item(
                 "cancel [id=ID] [force=on]",

@@ -110,7 +110,11 @@ fn locked_bytes(path: &Path) -> BTreeSet<u64> {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-    let table = read_proc_locks();
+    // The kernel lists the table a page at a time, finding its place again
+    // by position for each page: while other tests take and drop locks, a
+    // line can slip past a page boundary unseen. The locks of `path` do
+    // not change during the call, so the union of a few reads is exact.
+    let table: String = (0..5).map(|_| read_proc_locks()).collect();
     let mut bytes = BTreeSet::new();
     for line in table.lines().filter(|line| line.contains("OFDLCK")) {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -124,10 +128,9 @@ fn locked_bytes(path: &Path) -> BTreeSet<u64> {
     bytes
 }
 
-/// `/proc/locks` in one `read`: the kernel walks the lock list once per
-/// read call, so a table read in several calls (as `read_to_string` does)
-/// can miss lines when another test thread takes or drops locks between
-/// two of them.
+/// `/proc/locks` in one `read`: a table read in several calls (as
+/// `read_to_string` does) misses more lines when other test threads take
+/// or drop locks between two of them.
 fn read_proc_locks() -> String {
     use std::io::Read;
     let mut file = File::open("/proc/locks").expect("open /proc/locks");

@@ -5,6 +5,7 @@
 //! reads its backing file; the chain layer walks the chain and hands writes a
 //! [`BackingReader`] for copy-on-write.
 
+pub mod cache;
 pub mod error;
 pub(crate) mod qcow2;
 pub mod raw;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use cache::MetadataCache;
 pub use error::{FormatError, Result};
 
 // The qcow2 engine's internals are private to this layer; these are the
@@ -152,15 +154,22 @@ impl BackingReader for NoBacking {
 pub struct OpenOptions {
     /// Open for writing (repairs a dirty image, clears unknown autoclear bits).
     pub writable: bool,
-    /// Upper bound, in bytes, of the metadata cache of this image.
-    pub cache_bytes: u64,
+    /// The metadata cache this image draws from, with the other images of
+    /// its mount.
+    pub cache: Arc<MetadataCache>,
 }
+
+/// The metadata cache budget of a mount when none is given: small enough
+/// that a 1 TiB, 100-deep chain read at random stays under 64 MiB of
+/// resident memory, large enough to hold the L2 tables of 16 GiB of
+/// guest data in 64 KiB clusters.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             writable: false,
-            cache_bytes: 32 << 20,
+            cache: MetadataCache::new(DEFAULT_CACHE_BYTES),
         }
     }
 }

@@ -84,7 +84,13 @@ impl Chain {
         let nodes = open::open_nodes(top, options, &cache)?;
         let next_id = nodes.len() as u64;
         let memo = memo::Memo::new(&cache, Arc::new(memo::Changes::new()));
-        Ok(Chain::from_nodes(nodes, next_id, options.clone(), cache, memo))
+        Ok(Chain::from_nodes(
+            nodes,
+            next_id,
+            options.clone(),
+            cache,
+            memo,
+        ))
     }
 
     /// A chain of `nodes`, base first.

@@ -141,12 +141,13 @@ fn reopen_writable(
     // it must go first, because it holds its external data file open under
     // a read lock that the writable open's write lock would conflict with.
     drop(image);
-    let image = open_image(storage.clone(), format, &path, true, options, cache).map_err(|source| {
-        ChainError::Image {
-            path: path.clone(),
-            source,
-        }
-    })?;
+    let image =
+        open_image(storage.clone(), format, &path, true, options, cache).map_err(|source| {
+            ChainError::Image {
+                path: path.clone(),
+                source,
+            }
+        })?;
     Ok(Opened {
         path,
         canonical,
@@ -176,13 +177,12 @@ pub(super) fn open_new_top(
         writable: true,
         ..options.clone()
     };
-    let image =
-        open_image(storage.clone(), Format::Qcow2, path, true, &writable, cache).map_err(|source| {
-            ChainError::Image {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let image = open_image(storage.clone(), Format::Qcow2, path, true, &writable, cache).map_err(
+        |source| ChainError::Image {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
     let path = path.to_path_buf();
     Ok(Node::new(
         id,

@@ -49,10 +49,12 @@ impl BackingReader for Below<'_> {
             buf.fill(0);
             return Ok(());
         };
-        read_chain(self.nodes, below, offset, buf, self.memo).map_err(|LevelError { level, source }| {
-            self.failed.set(Some(level));
-            source
-        })
+        read_chain(self.nodes, below, offset, buf, self.memo).map_err(
+            |LevelError { level, source }| {
+                self.failed.set(Some(level));
+                source
+            },
+        )
     }
 
     fn has_backing(&self) -> bool {

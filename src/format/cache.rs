@@ -371,9 +371,7 @@ mod tests {
     fn an_entry_larger_than_a_shard_is_served_uncached() {
         let cache = MetadataCache::new(1024);
         let region = cache.region();
-        let value = region
-            .get_or_load(1, 4096, || Ok::<_, ()>(5u8))
-            .unwrap();
+        let value = region.get_or_load(1, 4096, || Ok::<_, ()>(5u8)).unwrap();
         assert_eq!(*value, 5);
         assert_eq!(cache.entries(), 0);
     }

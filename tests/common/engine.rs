@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use chainfs::format::{MetadataCache, OpenOptions};
 use chainfs::format::Qcow2;
+use chainfs::format::{MetadataCache, OpenOptions};
 use chainfs::storage::Storage;
 
 /// Opens `storage` as qcow2 with a metadata cache of `cache_bytes`; an

@@ -4,6 +4,7 @@
 # export), fio, qemu-utils, and a release build of chainfs.
 #
 #   contrib/bench.sh [reads|stream|commit|all]   SIZE=1G RUNTIME=10 RUNS=3 by default
+#   contrib/bench.sh memory|deep                 chainfs alone, not part of all
 #
 # reads:  sequential 1 MiB and random 4 KiB reads (fio, 1 and 4 jobs,
 #         O_DIRECT) through a node file, against qemu-storage-daemon's FUSE
@@ -16,6 +17,15 @@
 #         the base, l2's child rebacked) and an active commit (everything
 #         into the base, ready, then complete/job-complete), chainfs's
 #         `commit` against qemu-storage-daemon's block-commit; RUNS runs.
+# memory: a 1 TiB virtual, 100-deep qcow2 chain, each layer holding 128
+#         scattered 4 KiB writes, each in the range of an L2 table of its
+#         own (so random reads load the tables of every layer), read at
+#         random (fio 4 KiB, 4 jobs, MEM_RUNTIME=60 s) through the top node
+#         file; prints the peak RSS (VmHWM) of `chainfs mount -f` with the
+#         default --cache-size, which must stay under 64 MiB.
+# deep:   random 4 KiB reads (fio, 1 and 4 jobs) of data in the base of a
+#         1,000-deep chain (999 empty qcow2 overlays on a SIZE fully
+#         allocated qcow2 base) against the base alone, mounted alike.
 #
 # Where: BENCH_DIR (default /dev/shm, a tmpfs: the figures then measure the
 # two programs, not the disk). BENCH_FS=xfs makes an XFS filesystem with
@@ -305,10 +315,76 @@ bench_commit() {
     done
 }
 
+# mount_fg IMAGE MNT: `chainfs mount -f` in the background; sets mount_pid.
+mount_fg() {
+    mkdir -p "$2"
+    "$chainfs" mount -f --read-only "$1" "$2" &
+    mount_pid=$!
+    local _
+    for _ in $(seq 300); do mountpoint -q "$2" && return; sleep 0.1; done
+    echo "bench: $1 did not mount on $2" >&2; exit 1
+}
+
+umount_fg() { "$chainfs" umount "$1"; wait "$mount_pid" || true; }
+
+bench_memory() {
+    local dir=$work/memory depth=100 writes=128 regions l i region img prev= iops
+    regions=$(( (1 << 40) / (512 << 20) ))
+    mkdir -p "$dir"
+    for ((l = 0; l < depth; l++)); do
+        img=l$l.qcow2
+        if [ -z "$prev" ]; then
+            qemu-img create -q -f qcow2 "$dir/$img" 1T
+        else
+            qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/$img" 1T
+        fi
+        local args=()
+        for ((i = 0; i < writes; i++)); do
+            region=$(( (l * 7919 + i * 104729) % regions ))
+            args+=(-c "write -P $(( l % 255 + 1 )) $(( region * (512 << 20) + (l % 8192) * 65536 )) 4k")
+        done
+        qemu-io "${args[@]}" "$dir/$img" >/dev/null
+        prev=$img
+    done
+    mount_fg "$dir/$img" "$work/mnt"
+    iops=$(RUNTIME=${MEM_RUNTIME:-60} SIZE=1T fio_value "$work/mnt/$img" 4 randread 4k)
+    local peak
+    peak=$(awk '/VmHWM/ { print $2 }' "/proc/$mount_pid/status")
+    umount_fg "$work/mnt"
+    echo "1 TiB virtual, $depth-deep chain, $writes scattered writes a layer, random 4K reads (4 jobs, ${MEM_RUNTIME:-60}s), default --cache-size:"
+    echo "  peak RSS of the daemon: $(( peak / 1024 )) MiB (target: under 64 MiB); $iops IOPS"
+}
+
+bench_deep() {
+    local dir=$work/deep l prev=base.qcow2
+    mkdir -p "$dir"
+    qemu-img create -q -f qcow2 "$dir/base.qcow2" "$SIZE"
+    qemu-io -c "write -P 0x5a 0 $SIZE" "$dir/base.qcow2" >/dev/null
+    for ((l = 1; l < 1000; l++)); do
+        qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/n$l.qcow2" "$SIZE"
+        prev=n$l.qcow2
+    done
+    cat "$dir/base.qcow2" >/dev/null   # warm the host page cache for both alike
+    local d1 d4 s1 s4
+    mount_fg "$dir/$prev" "$work/mnt"
+    d1=$(fio_value "$work/mnt/$prev" 1 randread 4k)
+    d4=$(fio_value "$work/mnt/$prev" 4 randread 4k)
+    umount_fg "$work/mnt"
+    mount_fg "$dir/base.qcow2" "$work/mnt"
+    s1=$(fio_value "$work/mnt/base.qcow2" 1 randread 4k)
+    s4=$(fio_value "$work/mnt/base.qcow2" 4 randread 4k)
+    umount_fg "$work/mnt"
+    echo "random 4K reads of base data (fio O_DIRECT, ${RUNTIME}s each): 1,000-deep | 1-deep | ratio (target: within 2x)"
+    echo "  1 job : $d1 IOPS | $s1 IOPS | $(ratio "$s1" "$d1")"
+    echo "  4 jobs: $d4 IOPS | $s4 IOPS | $(ratio "$s4" "$d4")"
+}
+
 case $what in
     reads) bench_reads ;;
+    memory) bench_memory ;;
+    deep) bench_deep ;;
     stream) bench_stream ;;
     commit) bench_commit ;;
     all) bench_reads; bench_stream; bench_commit ;;
-    *) echo "usage: $0 [reads|stream|commit|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [reads|stream|commit|all|memory|deep]" >&2; exit 2 ;;
 esac

@@ -356,14 +356,24 @@ bench_memory() {
 }
 
 bench_deep() {
-    local dir=$work/deep l prev=base.qcow2
+    local dir=$work/deep prev=n0999.qcow2
     mkdir -p "$dir"
     qemu-img create -q -f qcow2 "$dir/base.qcow2" "$SIZE"
     qemu-io -c "write -P 0x5a 0 $SIZE" "$dir/base.qcow2" >/dev/null
-    for ((l = 1; l < 1000; l++)); do
-        qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/n$l.qcow2" "$SIZE"
-        prev=n$l.qcow2
-    done
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$dir/n0001.qcow2" "$SIZE"
+    # The other overlays are copies of one template with the backing name
+    # patched (same length), far faster than 998 runs of qemu-img.
+    qemu-img create -q -f qcow2 -u -b n0000.qcow2 -F qcow2 "$dir/template.qcow2" "$SIZE"
+    python3 - "$dir" <<'PY'
+import struct, sys
+d = sys.argv[1]
+t = bytearray(open(f"{d}/template.qcow2", "rb").read())
+at, = struct.unpack(">Q", t[8:16])
+for i in range(2, 1000):
+    t[at:at + 11] = b"n%04d.qcow2" % (i - 1)
+    open(f"{d}/n%04d.qcow2" % i, "wb").write(t)
+PY
+    rm "$dir/template.qcow2"
     cat "$dir/base.qcow2" >/dev/null   # warm the host page cache for both alike
     local d1 d4 s1 s4
     mount_fg "$dir/$prev" "$work/mnt"

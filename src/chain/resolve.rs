@@ -19,6 +19,9 @@ use super::memo::Memo;
 use super::Node;
 use crate::format::FormatError;
 
+/// The lowest top level whose reads ask the memo where to start.
+const MEMO_FROM_LEVEL: usize = 2;
+
 /// A failure at one level of the walk, so the caller can name the image.
 #[derive(Debug)]
 pub(super) struct LevelError {
@@ -45,6 +48,9 @@ pub(super) fn read_chain(
     let mut below = Vec::new();
     let first = if buf.is_empty() {
         None
+    } else if top < MEMO_FROM_LEVEL {
+        // So shallow that walking every level costs less than asking.
+        Some(top)
     } else {
         memo.first_level(nodes, top, offset..end)?
     };

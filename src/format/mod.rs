@@ -161,7 +161,7 @@ pub struct OpenOptions {
 
 /// The metadata cache budget of a mount when none is given: small enough
 /// that a 1 TiB, 100-deep chain read at random stays well under 64 MiB of
-/// resident memory (39 MiB measured: the allocator keeps about as much
+/// resident memory (40 MiB measured: the allocator keeps about as much
 /// again as the cache holds while entries churn), large enough for the L2
 /// tables that map 128 GiB in 64 KiB clusters.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;

@@ -148,9 +148,13 @@ impl Memo {
         }
         let generation = bucket.load(Ordering::SeqCst);
         let level = probe(nodes, top, range)?;
-        let answer = Arc::new(Answer { generation, level });
-        self.region
-            .put(key, answer, std::mem::size_of::<Answer>() as u64);
+        // When the top answers, the probe cost one query and the walk starts
+        // there anyway: keeping that answer would only take room.
+        if level != Some(top) {
+            let answer = Arc::new(Answer { generation, level });
+            self.region
+                .put(key, answer, std::mem::size_of::<Answer>() as u64);
+        }
         Ok(level)
     }
 }

@@ -3,7 +3,7 @@
 # reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
 # export, loop mounts), fio, qemu-utils, and builds chainfs in release.
 #
-#   contrib/bench.sh [reads|writes|alloc|jobs|load|all]...
+#   contrib/bench.sh [reads|writes|alloc|jobs|load|all|memory|deep]...
 #
 # Every figure is measured RUNS times, chainfs and qsd one after the other
 # within each repetition (so a machine that slows down slows both); the
@@ -30,6 +30,17 @@
 #         write IOPS on the active layer during an unlimited stream.
 # The peak RSS of each daemon is recorded after the reads and the jobs.
 #
+# chainfs alone (not part of `all`):
+# memory: a 1 TiB virtual, 100-deep qcow2 chain, each layer holding 128
+#         scattered 4 KiB writes, each in the range of an L2 table of its
+#         own (so random reads load the tables of every layer), read at
+#         random (fio 4 KiB, 4 jobs, MEM_RUNTIME=60 s) through the top node
+#         file: the peak RSS (VmHWM) with the default --cache-size, which
+#         must stay under 64 MiB.
+# deep:   random 4 KiB reads (fio, 1 and 4 jobs) of data in the base of a
+#         1,000-deep chain (999 empty qcow2 overlays on a SIZE fully
+#         allocated qcow2 base) against the base alone, mounted alike.
+#
 # Settings (environment): SIZE=1G RUNTIME=10 (seconds per fio run) RUNS=3
 # LOAD_SPEED=256M LOAD_SECONDS=2; BENCH_DIR (default /dev/shm, a tmpfs:
 # the figures then measure the two programs, not the disk); BENCH_FS=xfs
@@ -49,8 +60,8 @@ sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(all)
 for section in "${sections[@]}"; do
     case $section in
-        reads|writes|alloc|jobs|load|all) ;;
-        *) echo "usage: $0 [reads|writes|alloc|jobs|load|all]..." >&2; exit 2 ;;
+        reads|writes|alloc|jobs|load|all|memory|deep) ;;
+        *) echo "usage: $0 [reads|writes|alloc|jobs|load|all|memory|deep]..." >&2; exit 2 ;;
     esac
 done
 
@@ -91,6 +102,12 @@ run=0
 record() {
     echo "{\"figure\": \"$1\", \"unit\": \"$2\", \"better\": \"$3\", \"run\": $run, \"chainfs\": $4, \"qsd\": $5}" >> "$results"
     printf '  run %s  %-52s %12s | %12s %s\n' "$run" "$1" "$4" "$5" "$2"
+}
+
+# record_alone FIGURE UNIT VALUE: a figure of chainfs alone.
+record_alone() {
+    echo "{\"figure\": \"$1\", \"unit\": \"$2\", \"better\": \"none\", \"run\": $run, \"chainfs\": $3, \"qsd\": null}" >> "$results"
+    printf '  run %s  %-52s %12s %s\n' "$run" "$1" "$3" "$2"
 }
 
 # fio_json ARGS...: fio's JSON for one group of jobs.
@@ -432,8 +449,79 @@ bench_load() {
     done
 }
 
+bench_memory() {
+    local dir=$work/memory depth=100 writes=128 regions l i region img prev= iops peak
+    regions=$(( (1 << 40) / (512 << 20) ))
+    mkdir -p "$dir"
+    for ((l = 0; l < depth; l++)); do
+        img=l$l.qcow2
+        if [ -z "$prev" ]; then
+            qemu-img create -q -f qcow2 "$dir/$img" 1T
+        else
+            qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "$dir/$img" 1T
+        fi
+        local args=()
+        for ((i = 0; i < writes; i++)); do
+            region=$(( (l * 7919 + i * 104729) % regions ))
+            args+=(-c "write -P $(( l % 255 + 1 )) $(( region * (512 << 20) + (l % 8192) * 65536 )) 4k")
+        done
+        qemu-io "${args[@]}" "$dir/$img" >/dev/null
+        prev=$img
+    done
+    echo "1 TiB virtual, $depth-deep chain, $writes scattered writes a layer, random 4K reads (4 jobs, ${MEM_RUNTIME:-60}s), default --cache-size"
+    for run in $(seq "$RUNS"); do
+        mkdir -p "$mnt"
+        "$chainfs" mount --read-only "$dir/$img" "$mnt"
+        iops=$(RUNTIME=${MEM_RUNTIME:-60} SIZE=1T fio_file "$mnt/$img" 4 randread 4k 1)
+        peak=$(peak_rss "$(chainfs_pid)")
+        "$chainfs" umount "$mnt"
+        record_alone "1 TiB 100-deep chain, random reads: peak RSS (target < 64)" MiB "$peak"
+        record_alone "1 TiB 100-deep chain, random reads: IOPS" IOPS "$iops"
+    done
+}
+
+bench_deep() {
+    local dir=$work/deep top=n0999.qcow2 d1 d4 s1 s4
+    mkdir -p "$dir"
+    qemu-img create -q -f qcow2 "$dir/base.qcow2" "$SIZE"
+    qemu-io -c "write -P 0x5a 0 $SIZE" "$dir/base.qcow2" >/dev/null
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$dir/n0001.qcow2" "$SIZE"
+    # The other overlays are copies of one template with the backing name
+    # patched (same length), far faster than 998 runs of qemu-img.
+    qemu-img create -q -f qcow2 -u -b n0000.qcow2 -F qcow2 "$dir/template.qcow2" "$SIZE"
+    python3 - "$dir" <<'PY'
+import struct, sys
+d = sys.argv[1]
+t = bytearray(open(f"{d}/template.qcow2", "rb").read())
+at, = struct.unpack(">Q", t[8:16])
+for i in range(2, 1000):
+    t[at:at + 11] = b"n%04d.qcow2" % (i - 1)
+    open(f"{d}/n%04d.qcow2" % i, "wb").write(t)
+PY
+    rm "$dir/template.qcow2"
+    cat "$dir/base.qcow2" >/dev/null   # in the host page cache for both alike
+    echo "random 4K reads of base data (fio O_DIRECT, ${RUNTIME}s each): 1,000-deep chain, then the base alone"
+    for run in $(seq "$RUNS"); do
+        mkdir -p "$mnt"
+        "$chainfs" mount --read-only "$dir/$top" "$mnt"
+        d1=$(fio_file "$mnt/$top" 1 randread 4k 1)
+        d4=$(fio_file "$mnt/$top" 4 randread 4k 1)
+        "$chainfs" umount "$mnt"
+        "$chainfs" mount --read-only "$dir/base.qcow2" "$mnt"
+        s1=$(fio_file "$mnt/base.qcow2" 1 randread 4k 1)
+        s4=$(fio_file "$mnt/base.qcow2" 4 randread 4k 1)
+        "$chainfs" umount "$mnt"
+        record_alone "1,000-deep chain, base data, 4K reads, 1 job" IOPS "$d1"
+        record_alone "1-deep chain, same reads, 1 job" IOPS "$s1"
+        record_alone "1,000-deep chain, base data, 4K reads, 4 jobs" IOPS "$d4"
+        record_alone "1-deep chain, same reads, 4 jobs" IOPS "$s4"
+    done
+}
+
 for section in "${sections[@]}"; do
     case $section in
+        memory) bench_memory ;;
+        deep) bench_deep ;;
         reads) bench_reads ;;
         writes) bench_writes ;;
         alloc) bench_alloc ;;
@@ -459,17 +547,21 @@ for name, runs_of in figures.items():
         if r["better"] == "higher":
             return c / q if q else 0.0
         return q / c if c else 0.0
+    alone = runs_of[0]["qsd"] is None
     entry = {
         "figure": name,
         "unit": runs_of[0]["unit"],
         "better": runs_of[0]["better"],
         "chainfs": statistics.median(r["chainfs"] for r in runs_of),
-        "qsd": statistics.median(r["qsd"] for r in runs_of),
-        "ratio": round(statistics.median(ratio(r) for r in runs_of), 2),
+        "qsd": None if alone else statistics.median(r["qsd"] for r in runs_of),
+        "ratio": None if alone else round(statistics.median(ratio(r) for r in runs_of), 2),
         "runs": len(runs_of),
     }
     table.append(entry)
-    print("%-62s %12g %12g %6.2fx  %s" % (name, entry["chainfs"], entry["qsd"], entry["ratio"], entry["unit"]))
+    if alone:
+        print("%-62s %12g %12s %7s  %s" % (name, entry["chainfs"], "-", "-", entry["unit"]))
+    else:
+        print("%-62s %12g %12g %6.2fx  %s" % (name, entry["chainfs"], entry["qsd"], entry["ratio"], entry["unit"]))
 json.dump({"machine": machine, "size": size, "runtime_s": int(runtime), "figures": table,
            "measurements": rows}, open(out, "w"), indent=1)
 print("\nresults: %s (ratio > 1: chainfs is the better)" % out)

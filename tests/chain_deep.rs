@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chainfs::chain::{open::MAX_DEPTH, Chain, ChainError, ChainOptions};
-use common::chain::{assert_same, at, open, qemu_io_alone, raw_image, read_node, tempdir};
+use common::chain::{
+    assert_same, at, open, open_writable, qemu_io_alone, raw_image, read_node, tempdir,
+};
 use common::{create_overlay, path_str, require_qemu};
 
 const M: usize = 1024 * 1024;
@@ -185,4 +187,95 @@ fn running_out_of_descriptors_is_reported_as_such_naming_the_limit() {
         "{stderr}"
     );
     assert!(stderr.contains("ulimit -n"), "{stderr}");
+}
+
+/// Reads `len` bytes at `offset` of the active node of `chain`.
+fn read_active(chain: &Chain, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xa5u8; len];
+    chain.read(chain.active().id(), offset, &mut buf).unwrap();
+    buf
+}
+
+/// The memo of which level answers a range never returns old data: each
+/// step first reads base data through the top of a 200-deep chain (so the
+/// memo learns that the base answers), then changes a level above the base
+/// there, and reads again.
+#[test]
+fn what_the_deep_chain_remembers_never_hides_a_later_change() {
+    if !require_qemu() {
+        return;
+    }
+    allow_open_files();
+    const NODES: usize = 200;
+    let dir = tempdir();
+    let d = dir.path();
+    build(d, NODES, 4 * M, "65536");
+    let chain = open_writable(&at(d, &name(NODES - 1)));
+    let k = 64 * 1024;
+    let mut want = read_active(&chain, 0, 4 * M);
+    assert!(want[..M].iter().all(|&b| b == 0x11));
+
+    // A write to the active layer.
+    chain.write(chain.active().id(), 0, &[0x51; 4096]).unwrap();
+    want[..4096].fill(0x51);
+    assert_same("after a write", &read_active(&chain, 0, 4 * M), &want);
+
+    // A populate (what a stream copies up).
+    let populated = chain
+        .populate(
+            chain.active().id(),
+            k as u64,
+            k as u64,
+            Some(&[0x52; 65536]),
+        )
+        .unwrap();
+    assert_eq!(populated, k as u64);
+    want[k..2 * k].fill(0x52);
+    assert_same("after a populate", &read_active(&chain, 0, 4 * M), &want);
+
+    // A write to a node in the middle (what a commit does to its base).
+    let middle = chain.nodes()[NODES / 2].clone();
+    middle.set_writable(true).unwrap();
+    chain
+        .write(middle.id(), 2 * k as u64, &[0x53; 8192])
+        .unwrap();
+    want[2 * k..2 * k + 8192].fill(0x53);
+    assert_same(
+        "after a middle write",
+        &read_active(&chain, 0, 4 * M),
+        &want,
+    );
+    chain
+        .zero_range(middle.id(), 4 * k as u64, k as u64)
+        .unwrap();
+    want[4 * k..5 * k].fill(0);
+    assert_same("after zeroing", &read_active(&chain, 0, 4 * M), &want);
+    middle.set_writable(false).unwrap();
+
+    // Hiding the middle changes nothing that the top shows.
+    let hidden = chain.hiding(&[middle.id()]).unwrap();
+    assert_same("hidden", &read_active(&hidden, 0, 4 * M), &want);
+
+    // A snapshot: writes to the new top show; the old version still reads.
+    let chain = hidden.with_new_top(&at(d, "snap.qcow2")).unwrap();
+    read_active(&chain, 0, 4 * M);
+    chain
+        .write(chain.active().id(), 6 * k as u64, &[0x54; 4096])
+        .unwrap();
+    let mut snapped = want.clone();
+    snapped[6 * k..6 * k + 4096].fill(0x54);
+    assert_same("after a snapshot", &read_active(&chain, 0, 4 * M), &snapped);
+
+    // A rebacking that drops the levels above the base (the end of a
+    // stream that copied nothing): what only they held is gone.
+    let base = chain.nodes()[0].id();
+    let rebacked = chain
+        .rebacked(chain.active().id(), Some(base), None)
+        .unwrap();
+    let mut bare = vec![0u8; 4 * M];
+    bare[..M].fill(0x11);
+    bare[6 * k..6 * k + 4096].fill(0x54);
+    assert_same("after rebacking", &read_active(&rebacked, 0, 4 * M), &bare);
+    assert_same("old version", &read_active(&chain, 0, 4 * M), &snapped);
+    rebacked.close().unwrap();
 }

@@ -52,7 +52,7 @@ fn no_data_file(name: &str, _: bool) -> std::io::Result<Arc<dyn Storage>> {
 fn open_storage(storage: Arc<dyn Storage>, writable: bool) -> chainfs::format::Result<Qcow2> {
     let options = OpenOptions {
         writable,
-        cache_bytes: 1 << 20,
+        cache: chainfs::format::MetadataCache::new(1 << 20),
     };
     Qcow2::open(storage, &options, &no_data_file)
 }

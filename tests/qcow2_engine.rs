@@ -25,7 +25,7 @@ fn open(image: &Path, writable: bool) -> Qcow2 {
         storage,
         &OpenOptions {
             writable,
-            cache_bytes: 1 << 20,
+            cache: chainfs::format::MetadataCache::new(1 << 20),
         },
         &opener,
     )
@@ -440,7 +440,7 @@ fn an_image_switches_between_read_only_and_writable_in_place() {
     let no_files = |_: &str, _: bool| -> std::io::Result<Arc<dyn Storage>> { unreachable!() };
     let options = OpenOptions {
         writable: false,
-        cache_bytes: 1 << 20,
+        cache: chainfs::format::MetadataCache::new(1 << 20),
     };
     let image = Qcow2::open(storage, &options, &no_files).unwrap();
     let mut cached = vec![0u8; 8192];

@@ -25,7 +25,7 @@ function __fish_chainfs_using_subcommand
 end
 
 complete -c chainfs -n "__fish_chainfs_needs_command" -l threads -d 'Number of threads serving requests (default: one per CPU, 2 to 16)' -r
-complete -c chainfs -n "__fish_chainfs_needs_command" -l cache-size -d 'Metadata cache budget per image in bytes; K, M or G suffixes (powers of 1024) are accepted' -r
+complete -c chainfs -n "__fish_chainfs_needs_command" -l cache-size -d 'Metadata cache budget of the whole mount in bytes (default 16M), shared by every image of the chain; K, M or G suffixes (powers of 1024) are accepted' -r
 complete -c chainfs -n "__fish_chainfs_needs_command" -l log-file -d 'Write the daemon\'s log to PATH' -r -F
 complete -c chainfs -n "__fish_chainfs_needs_command" -s o -d 'Mount options, comma-separated, as mount(8) and fstab pass them: ro, rw, allow_other, force_share, threads=N, cache_size=SIZE, log_file=PATH; generic ones (defaults, nofail, noauto, user, _netdev, x-systemd.*, dev, suid, exec and their no forms) are ignored' -r
 complete -c chainfs -n "__fish_chainfs_needs_command" -s f -l foreground -d 'Stay attached and log to stderr; SIGINT or SIGTERM unmount cleanly'
@@ -43,7 +43,7 @@ complete -c chainfs -n "__fish_chainfs_needs_command" -a "completions" -d 'Print
 complete -c chainfs -n "__fish_chainfs_needs_command" -a "man" -d 'Print the manual page (roff), generated from this command line'
 complete -c chainfs -n "__fish_chainfs_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -l threads -d 'Number of threads serving requests (default: one per CPU, 2 to 16)' -r
-complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -l cache-size -d 'Metadata cache budget per image in bytes; K, M or G suffixes (powers of 1024) are accepted' -r
+complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -l cache-size -d 'Metadata cache budget of the whole mount in bytes (default 16M), shared by every image of the chain; K, M or G suffixes (powers of 1024) are accepted' -r
 complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -l log-file -d 'Write the daemon\'s log to PATH' -r -F
 complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -s o -d 'Mount options, comma-separated, as mount(8) and fstab pass them: ro, rw, allow_other, force_share, threads=N, cache_size=SIZE, log_file=PATH; generic ones (defaults, nofail, noauto, user, _netdev, x-systemd.*, dev, suid, exec and their no forms) are ignored' -r
 complete -c chainfs -n "__fish_chainfs_using_subcommand mount" -s f -l foreground -d 'Stay attached and log to stderr; SIGINT or SIGTERM unmount cleanly'

@@ -32,7 +32,8 @@ impl Chain {
             None => 0,
         };
         let name = file_name(path);
-        let target = open_writable(path, format, NodeId(self.next_id), name, &self.options)?;
+        let id = NodeId(self.next_id);
+        let target = open_writable(path, format, id, name, &self.options, &self.cache)?;
         let mut nodes = self.nodes[..keep].to_vec();
         nodes.push(target);
         Ok(self.with_nodes(nodes, self.next_id + 1))

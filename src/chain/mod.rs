@@ -12,6 +12,7 @@
 
 mod create;
 mod error;
+mod memo;
 mod mirror;
 pub mod naming;
 mod node;
@@ -25,6 +26,9 @@ mod write;
 
 use std::collections::HashMap;
 use std::path::Path;
+
+use crate::format::MetadataCache;
+use crate::sync::Arc;
 
 /// How a range is held (re-exported for the layers above).
 pub use crate::format::{Allocation, Format, HostRange};
@@ -40,7 +44,8 @@ pub struct ChainOptions {
     pub writable: bool,
     /// Take no locks, as `qemu-img -U`; requires `writable == false`.
     pub force_share: bool,
-    /// Metadata cache budget of each image, in bytes.
+    /// Metadata cache budget of the whole chain, in bytes: every image,
+    /// including those that join it later, draws from it.
     pub cache_bytes: u64,
 }
 
@@ -49,7 +54,7 @@ impl Default for ChainOptions {
         ChainOptions {
             writable: false,
             force_share: false,
-            cache_bytes: crate::format::OpenOptions::default().cache_bytes,
+            cache_bytes: crate::format::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -66,18 +71,37 @@ pub struct Chain {
     next_id: u64,
     /// How the chain was opened; new nodes are opened the same way.
     options: ChainOptions,
+    /// The metadata cache every image of the chain draws from, shared by
+    /// every version of the chain.
+    cache: Arc<MetadataCache>,
+    /// Which level answers each range, for this version of the chain.
+    memo: memo::Memo,
 }
 
 impl Chain {
     /// Opens `top` and its whole backing chain (see [`open`] for the rules).
     pub fn open(top: &Path, options: &ChainOptions) -> Result<Chain, ChainError> {
-        let nodes = open::open_nodes(top, options)?;
+        let cache = MetadataCache::new(options.cache_bytes);
+        let nodes = open::open_nodes(top, options, &cache)?;
         let next_id = nodes.len() as u64;
-        Ok(Chain::from_nodes(nodes, next_id, options.clone()))
+        let memo = memo::Memo::new(&cache, Arc::new(memo::Changes::new()));
+        Ok(Chain::from_nodes(
+            nodes,
+            next_id,
+            options.clone(),
+            cache,
+            memo,
+        ))
     }
 
     /// A chain of `nodes`, base first.
-    fn from_nodes(nodes: Vec<Node>, next_id: u64, options: ChainOptions) -> Chain {
+    fn from_nodes(
+        nodes: Vec<Node>,
+        next_id: u64,
+        options: ChainOptions,
+        cache: Arc<MetadataCache>,
+        memo: memo::Memo,
+    ) -> Chain {
         let index = nodes
             .iter()
             .enumerate()
@@ -88,12 +112,26 @@ impl Chain {
             index,
             next_id,
             options,
+            cache,
+            memo,
         }
     }
 
-    /// A later version of this chain, made of `nodes`.
+    /// A later version of this chain, made of `nodes`: same cache, a memo
+    /// of its own (levels may have moved).
     fn with_nodes(&self, nodes: Vec<Node>, next_id: u64) -> Chain {
-        Chain::from_nodes(nodes, next_id, self.options.clone())
+        Chain::from_nodes(
+            nodes,
+            next_id,
+            self.options.clone(),
+            Arc::clone(&self.cache),
+            self.memo.renewed(),
+        )
+    }
+
+    /// The metadata cache the chain's images share.
+    pub fn cache(&self) -> &MetadataCache {
+        &self.cache
     }
 
     /// The nodes, base first, active last.
@@ -142,18 +180,19 @@ impl Chain {
                 node: self.nodes[level].name().to_owned(),
             });
         }
-        resolve::read_chain(&self.nodes, level, offset, buf).map_err(|e| self.level_error(e))
+        resolve::read_chain(&self.nodes, level, offset, buf, &self.memo)
+            .map_err(|e| self.level_error(e))
     }
 
     /// Writes `data` at `offset` of `node`, which must be the active node of
     /// a writable chain; partial clusters are completed from the chain below.
     pub fn write(&self, node: NodeId, offset: u64, data: &[u8]) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, data.len() as u64)?;
-        let below = write::Below::new(&self.nodes, level);
-        self.nodes[level]
-            .image()
-            .write(offset, data, &below)
-            .map_err(|e| below.error(e))?;
+        let below = write::Below::new(&self.nodes, level, &self.memo);
+        let result = self.nodes[level].image().write(offset, data, &below);
+        // Even a failed write may have changed part of the range.
+        self.memo.changes().changed(offset, data.len() as u64);
+        result.map_err(|e| below.error(e))?;
         self.nodes[level].written(offset, data.len() as u64);
         Ok(())
     }
@@ -171,11 +210,12 @@ impl Chain {
         data: Option<&[u8]>,
     ) -> Result<u64, ChainError> {
         let level = self.writable_level(node, offset, len)?;
-        let below = write::Below::new(&self.nodes, level);
-        let filled = self.nodes[level]
+        let below = write::Below::new(&self.nodes, level, &self.memo);
+        let result = self.nodes[level]
             .image()
-            .populate(offset, len, data, &below)
-            .map_err(|e| below.error(e))?;
+            .populate(offset, len, data, &below);
+        self.memo.changes().changed(offset, len);
+        let filled = result.map_err(|e| below.error(e))?;
         if filled > 0 {
             self.nodes[level].written(offset, len);
         }
@@ -213,12 +253,13 @@ impl Chain {
         let level = self.writable_level(dest, offset, source.len)?;
         let node = &self.nodes[level];
         let image = node.image();
-        let placed = if overwrite && image.format() == Format::Raw {
+        let result = if overwrite && image.format() == Format::Raw {
             image.overwrite_from(offset, source)
         } else {
             image.populate_from(offset, source)
-        }
-        .map_err(|e| node.error(e))?;
+        };
+        self.memo.changes().changed(offset, source.len);
+        let placed = result.map_err(|e| node.error(e))?;
         if placed > 0 {
             node.written(offset, placed);
         }
@@ -229,11 +270,10 @@ impl Chain {
     /// [`Chain::write`]).
     pub fn zero_range(&self, node: NodeId, offset: u64, len: u64) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, len)?;
-        let below = write::Below::new(&self.nodes, level);
-        self.nodes[level]
-            .image()
-            .zero_range(offset, len, &below)
-            .map_err(|e| below.error(e))?;
+        let below = write::Below::new(&self.nodes, level, &self.memo);
+        let result = self.nodes[level].image().zero_range(offset, len, &below);
+        self.memo.changes().changed(offset, len);
+        result.map_err(|e| below.error(e))?;
         self.nodes[level].written(offset, len);
         Ok(())
     }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use super::naming;
 use super::{ChainError, ChainOptions, Node, NodeId};
-use crate::format::{self, Format, FormatError, Image, OpenOptions};
+use crate::format::{self, Format, FormatError, Image, MetadataCache, OpenOptions};
 use crate::storage::{lock, FileStorage, LockMode, Storage};
 
 /// The deepest chain chainfs opens, top included.
@@ -56,7 +56,12 @@ struct Opened {
 }
 
 /// Opens the chain below and including `top`; returns its nodes base first.
-pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>, ChainError> {
+/// Every image draws its metadata cache from `cache`.
+pub(super) fn open_nodes(
+    top: &Path,
+    options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
+) -> Result<Vec<Node>, ChainError> {
     if options.writable && options.force_share {
         return Err(ChainError::Invalid {
             path: top.to_path_buf(),
@@ -67,17 +72,21 @@ pub(super) fn open_nodes(top: &Path, options: &ChainOptions) -> Result<Vec<Node>
         path: top.to_path_buf(),
         source,
     })?;
-    let mut opened = open_all(top, options)?;
+    let mut opened = open_all(top, options, cache)?;
     if options.writable && !opened.is_empty() {
         let top = opened.remove(0);
-        opened.insert(0, reopen_writable(top, options)?);
+        opened.insert(0, reopen_writable(top, options, cache)?);
     }
     Ok(into_nodes(opened, options))
 }
 
 /// The walk: opens the top, then each backing file in turn, read-only.
 /// Returns the images top first.
-fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainError> {
+fn open_all(
+    top: PathBuf,
+    options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
+) -> Result<Vec<Opened>, ChainError> {
     let mut opened: Vec<Opened> = Vec::new();
     let mut seen = HashSet::new();
     let mut next = Some(Target {
@@ -101,7 +110,7 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
         }
         let is_top = opened.is_empty();
         let (storage, image) = target
-            .open(is_top, options)
+            .open(is_top, options, cache)
             .map_err(|err| err.out_of_descriptors(opened.len()))?;
         next = backing_target(&image, &target.path)?;
         opened.push(Opened {
@@ -116,7 +125,11 @@ fn open_all(top: PathBuf, options: &ChainOptions) -> Result<Vec<Opened>, ChainEr
 
 /// Replaces the read-only image of the top with a writable one on the same
 /// file, and so under the same lock.
-fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainError> {
+fn reopen_writable(
+    top: Opened,
+    options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
+) -> Result<Opened, ChainError> {
     let Opened {
         path,
         canonical,
@@ -128,12 +141,13 @@ fn reopen_writable(top: Opened, options: &ChainOptions) -> Result<Opened, ChainE
     // it must go first, because it holds its external data file open under
     // a read lock that the writable open's write lock would conflict with.
     drop(image);
-    let image = open_image(storage.clone(), format, &path, true, options).map_err(|source| {
-        ChainError::Image {
-            path: path.clone(),
-            source,
-        }
-    })?;
+    let image =
+        open_image(storage.clone(), format, &path, true, options, cache).map_err(|source| {
+            ChainError::Image {
+                path: path.clone(),
+                source,
+            }
+        })?;
     Ok(Opened {
         path,
         canonical,
@@ -149,8 +163,9 @@ pub(super) fn open_new_top(
     id: NodeId,
     name: String,
     options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
 ) -> Result<Node, ChainError> {
-    open_writable(path, Some(Format::Qcow2), id, name, options)
+    open_writable(path, Some(Format::Qcow2), id, name, options, cache)
 }
 
 /// Opens the image at `path` for writing, locked as QEMU's file driver
@@ -162,6 +177,7 @@ pub(super) fn open_writable(
     id: NodeId,
     name: String,
     options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
 ) -> Result<Node, ChainError> {
     let io_error = |source| ChainError::Io {
         path: path.to_path_buf(),
@@ -183,7 +199,8 @@ pub(super) fn open_writable(
         writable: true,
         ..options.clone()
     };
-    let image = open_image(storage.clone(), format, path, true, &writable).map_err(image_error)?;
+    let image =
+        open_image(storage.clone(), format, path, true, &writable, cache).map_err(image_error)?;
     let path = path.to_path_buf();
     Ok(Node::new(
         id,
@@ -266,12 +283,13 @@ impl Target {
         &self,
         is_top: bool,
         options: &ChainOptions,
+        cache: &Arc<MetadataCache>,
     ) -> Result<(Arc<FileStorage>, Image), ChainError> {
         let storage = self.open_file(is_top, options)?;
         lock_file(&storage, lock_mode(is_top, options))?;
         let storage = Arc::new(storage);
         let format = self.format(storage.as_ref())?;
-        let image = open_image(storage.clone(), format, &self.path, false, options)
+        let image = open_image(storage.clone(), format, &self.path, false, options, cache)
             .map_err(|e| self.format_error(e))?;
         Ok((storage, image))
     }
@@ -340,6 +358,7 @@ fn open_image(
     path: &Path,
     writable: bool,
     options: &ChainOptions,
+    cache: &Arc<MetadataCache>,
 ) -> Result<Image, FormatError> {
     let fd_writable = storage.is_writable();
     let opener = |name: &str, wants_write: bool| -> io::Result<Arc<dyn Storage>> {
@@ -359,7 +378,7 @@ fn open_image(
     };
     let open_options = OpenOptions {
         writable,
-        cache_bytes: options.cache_bytes,
+        cache: Arc::clone(cache),
     };
     Image::open(storage, format, &open_options, &opener)
 }

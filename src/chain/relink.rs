@@ -94,7 +94,13 @@ impl Chain {
         )?;
         let taken = |name: &str| self.nodes.iter().any(|n| n.name() == name);
         let name = unique_name(&file_name(&path), taken);
-        let node = super::open::open_new_top(&path, NodeId(self.next_id), name, &self.options)?;
+        let node = super::open::open_new_top(
+            &path,
+            NodeId(self.next_id),
+            name,
+            &self.options,
+            &self.cache,
+        )?;
         if let Err(err) = active.set_writable(false) {
             // Leave things as they were: the old top keeps the writes.
             drop(node);

@@ -3,13 +3,24 @@
 //!
 //! A level answers shallowly ([`crate::format::Image::read`]); only this
 //! walk knows there is a chain. It is a loop over levels, never recursion,
-//! so 1,000-deep chains cost no stack, and a read whose data is all in the
-//! top level costs one image read whatever the depth.
+//! so 1,000-deep chains cost no stack.
+//!
+//! Cost: the walk starts at the highest level that holds anything in the
+//! read's 64 KiB cells, which the chain's [`Memo`] knows after the first
+//! touch (one cache lookup per cell), and reads each level from there down
+//! that still has ranges to fill. So a read whose data sits in one level
+//! costs one image read at any depth, whether that level is the top or the
+//! base. The first touch of a cell costs one allocation query per level
+//! above the answering one.
 
 use std::ops::Range;
 
+use super::memo::Memo;
 use super::Node;
 use crate::format::FormatError;
+
+/// The lowest top level whose reads ask the memo where to start.
+const MEMO_FROM_LEVEL: usize = 2;
 
 /// A failure at one level of the walk, so the caller can name the image.
 #[derive(Debug)]
@@ -23,18 +34,30 @@ pub(super) struct LevelError {
 /// Fills `buf` with what a guest sees at `offset` if `nodes[top]` were the
 /// active image. Bytes past a level's virtual size read as zeros, as QEMU
 /// reads a backing file shorter than its overlay; so do bytes no level
-/// holds. `nodes` is base first.
+/// holds. `nodes` is base first; `memo` is the chain's.
 pub(super) fn read_chain(
     nodes: &[Node],
     top: usize,
     offset: u64,
     buf: &mut [u8],
+    memo: &Memo,
 ) -> Result<(), LevelError> {
     let end = offset.saturating_add(buf.len() as u64);
     let mut pending = Vec::with_capacity(1);
     pending.push(offset..end);
     let mut below = Vec::new();
-    for (level, node) in nodes.iter().enumerate().take(top.saturating_add(1)).rev() {
+    let first = if buf.is_empty() {
+        None
+    } else if top < MEMO_FROM_LEVEL {
+        // So shallow that walking every level costs less than asking.
+        Some(top)
+    } else {
+        memo.first_level(nodes, top, offset..end)?
+    };
+    // Levels above `first` hold nothing here: start below them (with no
+    // level that holds anything, nothing is read and all reads as zeros).
+    let levels = first.map_or(0, |level| level + 1);
+    for (level, node) in nodes.iter().enumerate().take(levels).rev() {
         if pending.is_empty() {
             return Ok(());
         }

@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 
+use super::memo::Memo;
 use super::resolve::{read_chain, LevelError};
 use super::{ChainError, Node};
 use crate::format::{self, BackingReader, FormatError};
@@ -14,17 +15,19 @@ use crate::format::{self, BackingReader, FormatError};
 pub(super) struct Below<'a> {
     nodes: &'a [Node],
     level: usize,
+    memo: &'a Memo,
     /// The level whose read failed, so the error can name that image rather
     /// than the one being written.
     failed: Cell<Option<usize>>,
 }
 
 impl<'a> Below<'a> {
-    /// The chain below `nodes[level]`.
-    pub(super) fn new(nodes: &'a [Node], level: usize) -> Below<'a> {
+    /// The chain below `nodes[level]`, whose memo is `memo`.
+    pub(super) fn new(nodes: &'a [Node], level: usize, memo: &'a Memo) -> Below<'a> {
         Below {
             nodes,
             level,
+            memo,
             failed: Cell::new(None),
         }
     }
@@ -46,10 +49,12 @@ impl BackingReader for Below<'_> {
             buf.fill(0);
             return Ok(());
         };
-        read_chain(self.nodes, below, offset, buf).map_err(|LevelError { level, source }| {
-            self.failed.set(Some(level));
-            source
-        })
+        read_chain(self.nodes, below, offset, buf, self.memo).map_err(
+            |LevelError { level, source }| {
+                self.failed.set(Some(level));
+                source
+            },
+        )
     }
 
     fn has_backing(&self) -> bool {

@@ -96,8 +96,9 @@ pub struct MountArgs {
     /// Number of threads serving requests (default: one per CPU, 2 to 16).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
-    /// Metadata cache budget per image in bytes; K, M or G suffixes
-    /// (powers of 1024) are accepted.
+    /// Metadata cache budget of the whole mount in bytes (default 16M),
+    /// shared by every image of the chain; K, M or G suffixes (powers of
+    /// 1024) are accepted.
     #[arg(long, value_name = "BYTES", value_parser = size::parse_size)]
     pub cache_size: Option<u64>,
     /// Write the daemon's log to PATH.

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use chainfs::format::OpenOptions;
 use chainfs::format::Qcow2;
+use chainfs::format::{MetadataCache, OpenOptions};
 use chainfs::storage::Storage;
 
 /// Opens `storage` as qcow2 with a metadata cache of `cache_bytes`; an
@@ -15,7 +15,7 @@ pub fn open_qcow2(storage: Arc<dyn Storage>, writable: bool, cache_bytes: u64) -
     };
     let options = OpenOptions {
         writable,
-        cache_bytes,
+        cache: MetadataCache::new(cache_bytes),
     };
     Qcow2::open(storage, &options, &no_files).unwrap()
 }

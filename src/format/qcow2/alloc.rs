@@ -30,6 +30,7 @@ use lru::LruCache;
 use super::header::write_reftable_fields;
 use super::refcount::{locate, reftable_entry, Refblock};
 use super::types::{Geometry, HostOffset};
+use crate::format::cache::Hold;
 use crate::format::error::IoContext;
 use crate::format::{FormatError, Result};
 use crate::storage::Storage;
@@ -43,7 +44,12 @@ pub struct Allocator {
     reftable_offset: u64,
     /// Clusters the table occupies on disk.
     reftable_clusters: u32,
+    /// Refcount blocks, changed in place and written through; private to
+    /// the image (only its own inserts evict, under its metadata lock), so
+    /// they are held against the mount's cache budget rather than kept in
+    /// its shared LRU.
     refblocks: LruCache<u64, Refblock>,
+    hold: Hold,
     reserve: VecDeque<u64>,
     pending_frees: Vec<u64>,
     /// Cluster index below which no free cluster is known.
@@ -64,13 +70,14 @@ fn clusters_of(geometry: &Geometry, bytes: u64, limit: u64) -> u64 {
 }
 
 impl Allocator {
-    /// Loads the refcount table at `offset` (`clusters` long).
+    /// Loads the refcount table at `offset` (`clusters` long); the refcount
+    /// blocks it caches count against `hold`.
     pub fn open(
         storage: &dyn Storage,
         geometry: Geometry,
         offset: u64,
         clusters: u32,
-        cache_bytes: u64,
+        hold: Hold,
     ) -> Result<Allocator> {
         let mut bytes = vec![0u8; clusters as usize * geometry.cluster_size() as usize];
         storage
@@ -80,13 +87,14 @@ impl Allocator {
             .chunks_exact(8)
             .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
             .collect();
-        let capacity = (cache_bytes / geometry.cluster_size()).max(4) as usize;
+        let capacity = (hold.fair_share() / geometry.cluster_size()).max(4) as usize;
         Ok(Allocator {
             geometry,
             reftable,
             reftable_offset: offset,
             reftable_clusters: clusters,
             refblocks: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+            hold,
             reserve: VecDeque::new(),
             pending_frees: Vec::new(),
             free_hint: 0,
@@ -127,11 +135,18 @@ impl Allocator {
             storage
                 .read_at(&mut bytes, offset)
                 .io_at("read a refcount block", offset)?;
-            self.refblocks
-                .put(offset, Refblock::from_bytes(bytes, &self.geometry));
+            self.cache_refblock(offset, Refblock::from_bytes(bytes, &self.geometry));
         }
         // unwrap: the block was inserted just above if it was missing.
         Ok(self.refblocks.get_mut(&offset).unwrap())
+    }
+
+    /// Keeps `refblock` (already on disk) in the cache, and the budget
+    /// hold in step with what the cache keeps.
+    fn cache_refblock(&mut self, offset: u64, refblock: Refblock) {
+        self.refblocks.put(offset, refblock);
+        let bytes = self.refblocks.len() as u64 * self.geometry.cluster_size();
+        self.hold.set(bytes);
     }
 
     /// The refcount of the host cluster at `host`.
@@ -194,7 +209,7 @@ impl Allocator {
         // The block must be on disk before the table points to it.
         storage.sync().io("sync the image")?;
         self.write_reftable_entry(storage, slot, offset)?;
-        self.refblocks.put(offset, refblock);
+        self.cache_refblock(offset, refblock);
         Ok(offset)
     }
 
@@ -250,7 +265,7 @@ impl Allocator {
             storage
                 .write_at(refblock.bytes(), offset)
                 .io_at("write a refcount block", offset)?;
-            self.refblocks.put(offset, refblock);
+            self.cache_refblock(offset, refblock);
         }
         let mut table = self.reftable.clone();
         table.resize(slots as usize, 0);

@@ -1,89 +1,74 @@
-//! A bounded cache of metadata tables shared by many threads.
+//! One image's metadata tables in the mount's shared cache
+//! ([`crate::format::cache`]): a region of it, in which every table of the
+//! image weighs the same.
 //!
-//! A cached table (`Arc<T>`) changes only as its type allows: refcount
-//! blocks and extended L2 tables are replaced whole, standard L2 entries
-//! are single words stored in place (see `L2Table`). The cache is split into shards so that threads looking up
-//! different tables do not contend on one lock.
-//!
-//! Lock order: a shard lock is a leaf — nothing else is locked while one is
-//! held. A miss loads the table *under* its shard lock, so that a load racing
-//! with a writer's [`TableCache::insert`] cannot put an older copy back after
-//! the newer one: writers write the table through to disk before inserting.
+//! A cached table (`Arc<T>`) changes only as its type allows: extended L2
+//! tables are replaced whole, standard L2 entries are single words stored
+//! in place (see `L2Table`). Either way the writer writes through to disk
+//! first and then [`TableCache::insert`]s the table, so that a load racing
+//! with it cannot put an older copy back after the newer one (the shared
+//! cache refuses such a load's copy).
 
-use std::num::NonZeroUsize;
-
-use lru::LruCache;
-
+use crate::format::cache::Region;
 use crate::format::Result;
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::Arc;
 
-const MAX_SHARDS: usize = 16;
-
-/// A sharded LRU of tables keyed by their host offset.
+/// The tables of one kind of one image, keyed by a `u64` (a host offset).
 #[derive(Debug)]
 pub struct TableCache<T> {
-    shards: Vec<Mutex<LruCache<u64, Arc<T>>>>,
+    region: Region,
+    /// What one table weighs, in bytes.
+    table_bytes: u64,
+    kind: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<T> TableCache<T> {
-    /// A cache holding at most `capacity` tables (at least one per shard).
-    pub fn new(capacity: usize) -> TableCache<T> {
-        let shard_count = capacity.clamp(1, MAX_SHARDS);
-        let per_shard =
-            NonZeroUsize::new(capacity.div_ceil(shard_count).max(1)).unwrap_or(NonZeroUsize::MIN);
-        let shards = (0..shard_count)
-            .map(|_| Mutex::new(LruCache::new(per_shard)))
-            .collect();
-        TableCache { shards }
-    }
-
-    fn shard(&self, key: u64) -> &Mutex<LruCache<u64, Arc<T>>> {
-        // Tables are cluster-aligned: mix the bits so neighbours spread out.
-        let hash = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-        &self.shards[hash as usize % self.shards.len()]
+impl<T: Send + Sync + 'static> TableCache<T> {
+    /// Tables of `table_bytes` each, in `region`.
+    pub fn new(region: Region, table_bytes: u64) -> TableCache<T> {
+        TableCache {
+            region,
+            table_bytes,
+            kind: std::marker::PhantomData,
+        }
     }
 
     /// The table at `key`, loading it with `load` on a miss.
     pub fn get_or_load(&self, key: u64, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
-        let mut shard = lock(self.shard(key));
-        if let Some(table) = shard.get(&key) {
-            return Ok(Arc::clone(table));
-        }
-        let table = Arc::new(load()?);
-        shard.put(key, Arc::clone(&table));
-        Ok(table)
+        self.region.get_or_load(key, self.table_bytes, load)
     }
 
     /// Puts a new version of the table at `key`, already written to disk.
     pub fn insert(&self, key: u64, table: Arc<T>) {
-        lock(self.shard(key)).put(key, table);
+        self.region.insert(key, table, self.table_bytes);
     }
 
     /// Forgets the table at `key` (its cluster was freed).
     pub fn remove(&self, key: u64) {
-        lock(self.shard(key)).pop(&key);
+        self.region.remove(key);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::cache::{MetadataCache, ENTRY_OVERHEAD};
 
     #[test]
-    fn holds_at_most_its_capacity() {
-        let cache = TableCache::new(4);
+    fn holds_at_most_its_budget() {
+        let cache = MetadataCache::new(4 * (4096 + ENTRY_OVERHEAD));
+        let tables = TableCache::new(cache.region(), 4096);
         for key in 0..100u64 {
-            cache.get_or_load(key * 4096, || Ok(key)).unwrap();
+            tables.get_or_load(key * 4096, || Ok(key)).unwrap();
         }
-        let held: usize = cache.shards.iter().map(|s| lock(s).len()).sum();
-        assert!(held <= 4, "{held} tables held");
+        assert!(cache.entries() <= 4, "{} tables held", cache.entries());
     }
 
     #[test]
     fn insert_replaces_what_a_load_put_there() {
-        let cache = TableCache::new(8);
-        cache.get_or_load(65536, || Ok(1)).unwrap();
-        cache.insert(65536, Arc::new(2));
-        assert_eq!(*cache.get_or_load(65536, || Ok(3)).unwrap(), 2);
+        let cache = MetadataCache::new(1 << 20);
+        let tables = TableCache::new(cache.region(), 4096);
+        tables.get_or_load(65536, || Ok(1)).unwrap();
+        tables.insert(65536, Arc::new(2));
+        assert_eq!(*tables.get_or_load(65536, || Ok(3)).unwrap(), 2);
     }
 }

@@ -33,11 +33,8 @@ mod write;
 mod zero;
 
 use std::ffi::OsString;
-use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use lru::LruCache;
 
 use self::alloc::Allocator;
 use self::bitmaps::Bitmaps;
@@ -55,9 +52,6 @@ use crate::sync::{self, Arc, Mutex, RwLock};
 /// The qcow2 magic, `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
 
-/// Decompressed clusters kept for sequential reads of compressed images.
-const COMPRESSED_CACHE_CLUSTERS: usize = 8;
-
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
@@ -72,8 +66,11 @@ pub struct Qcow2 {
     corrupt: bool,
     l1_offset: u64,
     l1: RwLock<Vec<u64>>,
+    /// L2 tables by host offset, in the mount's shared cache.
     l2_cache: TableCache<L2Table>,
-    decompressed: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Decompressed clusters by compressed descriptor, in the same cache:
+    /// sequential reads of a compressed image read each cluster once.
+    decompressed: TableCache<Vec<u8>>,
     /// One past the highest host byte that may hold metadata or data.
     host_end: AtomicU64,
     meta: Mutex<Meta>,
@@ -108,14 +105,14 @@ impl Qcow2 {
         // The repair may have grown the file.
         let file_len = storage.len().io("measure the image file")?;
         let l1 = read_l1(storage.as_ref(), &header)?;
-        let l2_budget = options.cache_bytes / 4 * 3;
         let allocator = Allocator::open(
             storage.as_ref(),
             geometry,
             header.refcount_table_offset,
             header.refcount_table_clusters,
-            options.cache_bytes / 4,
+            options.cache.hold(),
         )?;
+        let cluster_size = geometry.cluster_size();
         let image = Qcow2 {
             data_file,
             geometry,
@@ -127,10 +124,8 @@ impl Qcow2 {
             corrupt,
             l1_offset: header.l1_table_offset,
             l1: RwLock::new(l1),
-            l2_cache: TableCache::new((l2_budget / geometry.cluster_size()).max(16) as usize),
-            decompressed: Mutex::new(LruCache::new(
-                NonZeroUsize::new(COMPRESSED_CACHE_CLUSTERS).unwrap_or(NonZeroUsize::MIN),
-            )),
+            l2_cache: TableCache::new(options.cache.region(), cluster_size),
+            decompressed: TableCache::new(options.cache.region(), cluster_size),
             host_end: AtomicU64::new(file_len),
             meta: Mutex::new(Meta::new(header, allocator)),
             inflight: RwLock::new(()),

@@ -133,33 +133,30 @@ impl Qcow2 {
     }
 
     fn decompressed_cluster(&self, word: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(cluster) = sync::lock(&self.decompressed).get(&word) {
-            return Ok(Arc::clone(cluster));
-        }
-        let cluster_size = self.geometry.cluster_size();
-        let descriptor = decode_descriptor(word, self.geometry.cluster_bits);
-        let host_end = self.host_end.load(Ordering::Acquire);
-        if descriptor.host_offset >= host_end
-            || descriptor.compressed_len > max_compressed_len(cluster_size)
-        {
-            return Err(FormatError::malformed_at(
-                "compressed cluster",
-                descriptor.host_offset,
-                format!(
-                    "({} bytes) lies outside the image file",
-                    descriptor.compressed_len
-                ),
-            ));
-        }
-        let mut input = vec![0u8; descriptor.compressed_len as usize];
-        self.storage
-            .read_at(&mut input, descriptor.host_offset)
-            .io_at("read a compressed cluster", descriptor.host_offset)?;
-        let mut cluster = vec![0u8; cluster_size as usize];
-        decompress(self.compression, &input, &mut cluster)?;
-        let cluster = Arc::new(cluster);
-        sync::lock(&self.decompressed).put(word, Arc::clone(&cluster));
-        Ok(cluster)
+        self.decompressed.get_or_load(word, || {
+            let cluster_size = self.geometry.cluster_size();
+            let descriptor = decode_descriptor(word, self.geometry.cluster_bits);
+            let host_end = self.host_end.load(Ordering::Acquire);
+            if descriptor.host_offset >= host_end
+                || descriptor.compressed_len > max_compressed_len(cluster_size)
+            {
+                return Err(FormatError::malformed_at(
+                    "compressed cluster",
+                    descriptor.host_offset,
+                    format!(
+                        "({} bytes) lies outside the image file",
+                        descriptor.compressed_len
+                    ),
+                ));
+            }
+            let mut input = vec![0u8; descriptor.compressed_len as usize];
+            self.storage
+                .read_at(&mut input, descriptor.host_offset)
+                .io_at("read a compressed cluster", descriptor.host_offset)?;
+            let mut cluster = vec![0u8; cluster_size as usize];
+            decompress(self.compression, &input, &mut cluster)?;
+            Ok(cluster)
+        })
     }
 
     /// How this image holds guest `offset..offset + len`, from `offset` to

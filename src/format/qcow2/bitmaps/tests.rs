@@ -278,7 +278,7 @@ fn open(bytes: Vec<u8>, writable: bool) -> Result<Qcow2> {
     };
     let options = OpenOptions {
         writable,
-        cache_bytes: 1 << 20,
+        cache: crate::format::MetadataCache::new(1 << 20),
     };
     Qcow2::open(storage, &options, &no_files)
 }

@@ -10,6 +10,7 @@
 //! that node were the active image. Only the active node is written, and
 //! only in a chain opened writable.
 
+pub mod bitmap;
 mod create;
 mod error;
 mod mirror;

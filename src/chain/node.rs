@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::bitmap::NodeBitmaps;
 use super::track::{Hooks, WriteHook};
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
@@ -54,6 +55,8 @@ struct OpenImage {
     hidden: AtomicBool,
     /// Told of every write to the image.
     hooks: Hooks,
+    /// The image's dirty bitmaps, which record its writes.
+    bitmaps: NodeBitmaps,
 }
 
 impl Node {
@@ -76,6 +79,7 @@ impl Node {
             lock: Mutex::new(lock),
             hidden: AtomicBool::new(false),
             hooks: Hooks::default(),
+            bitmaps: NodeBitmaps::default(),
         };
         Node {
             id,
@@ -168,7 +172,13 @@ impl Node {
 
     /// Tells the hooks that `offset..offset + len` was written.
     pub(super) fn written(&self, offset: u64, len: u64) {
+        self.open.bitmaps.record(offset, len);
         self.open.hooks.written(offset, len);
+    }
+
+    /// The dirty bitmaps of the node's image.
+    pub fn bitmaps(&self) -> &NodeBitmaps {
+        &self.open.bitmaps
     }
 
     fn relock(&self, lock: &mut LockMode, to: LockMode) -> Result<(), ChainError> {

@@ -13,6 +13,7 @@
 //! The layer above (`fs`) reaches the chain only through the re-exports
 //! here.
 
+pub mod bitmaps;
 pub mod command;
 mod commit;
 pub mod content;

@@ -6,6 +6,7 @@ mod common;
 
 use std::path::Path;
 
+use common::bitmaps::*;
 use common::chain::overlay_with;
 use common::mount::*;
 use common::*;
@@ -33,25 +34,16 @@ fn three_nodes(dir: &Path) -> std::path::PathBuf {
     dir.join("top.qcow2")
 }
 
-/// The bitmaps of `ctl/bitmaps.json`.
 fn bitmaps(m: &Mounted) -> Vec<serde_json::Value> {
-    let text = read_all(&m.path("ctl/bitmaps.json"));
-    match serde_json::from_slice(&text) {
-        Ok(serde_json::Value::Array(list)) => list,
-        other => panic!("ctl/bitmaps.json is not an array: {other:?}"),
-    }
+    listed(&m.mnt)
 }
 
-/// The bitmap `name` of node `node` in `ctl/bitmaps.json`.
 fn bitmap(m: &Mounted, node: &str, name: &str) -> serde_json::Value {
-    bitmaps(m)
-        .into_iter()
-        .find(|b| b["node"] == node && b["name"] == name)
-        .unwrap_or_else(|| panic!("no bitmap {node}/{name} in {:?}", bitmaps(m)))
+    listed_one(&m.mnt, node, name)
 }
 
 fn count(m: &Mounted, node: &str, name: &str) -> u64 {
-    bitmap(m, node, name)["count"].as_u64().unwrap()
+    dirty_bytes(&m.mnt, node, name)
 }
 
 /// Writes one byte at each of `offsets` through `active`.

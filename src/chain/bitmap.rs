@@ -63,6 +63,31 @@ impl Bits {
         }
     }
 
+    /// Bits laid out as qcow2 stores them: bit `n` is bit `n % 8` of byte
+    /// `n / 8` (missing bytes are zeros).
+    pub fn from_bytes(granularity: u64, size: u64, data: &[u8]) -> Bits {
+        let mut bits = Bits::new(granularity, size);
+        for (word, bytes) in bits.words.iter_mut().zip(data.chunks(8)) {
+            let mut raw = [0u8; 8];
+            raw[..bytes.len()].copy_from_slice(bytes);
+            *word = u64::from_le_bytes(raw);
+        }
+        // Nothing past the disk's last granule.
+        if bits.len % 64 != 0 {
+            if let Some(last) = bits.words.last_mut() {
+                *last &= (1u64 << (bits.len % 64)) - 1;
+            }
+        }
+        bits
+    }
+
+    /// The layout of [`Bits::from_bytes`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len.div_ceil(8) as usize);
+        out
+    }
+
     /// Bytes per bit.
     pub fn granularity(&self) -> u64 {
         1 << self.shift
@@ -121,6 +146,19 @@ struct Bitmap {
     bits: Bits,
     enabled: bool,
     busy: bool,
+    kind: Kind,
+}
+
+/// Where a bitmap lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// In memory only, while mounted.
+    Transient,
+    /// Stored in the qcow2 image at close.
+    Persistent,
+    /// Stored in the image, found `in_use` at open (a crash): its bits are
+    /// unknown and only removing it is allowed.
+    Inconsistent,
 }
 
 /// What `ctl/bitmaps` shows of one bitmap.
@@ -136,17 +174,27 @@ pub struct BitmapInfo {
     pub enabled: bool,
     /// In use by a job.
     pub busy: bool,
+    /// Where it lives.
+    pub kind: Kind,
 }
 
 /// The dirty bitmaps of one node, in the order they were added.
 #[derive(Debug, Default)]
 pub struct NodeBitmaps {
     bitmaps: Mutex<Vec<Bitmap>>,
+    /// The image's persistent bitmaps were taken over from its engine.
+    pub(super) taken: Mutex<bool>,
 }
 
 impl NodeBitmaps {
     /// Adds an empty bitmap; `enabled` says whether it records writes.
-    pub fn add(&self, name: &str, bits: Bits, enabled: bool) -> Result<(), BitmapError> {
+    pub fn add(
+        &self,
+        name: &str,
+        bits: Bits,
+        enabled: bool,
+        kind: Kind,
+    ) -> Result<(), BitmapError> {
         let mut bitmaps = sync::lock(&self.bitmaps);
         if bitmaps.iter().any(|b| b.name == name) {
             return Err(BitmapError::Exists(name.to_owned()));
@@ -156,15 +204,42 @@ impl NodeBitmaps {
             bits,
             enabled,
             busy: false,
+            kind,
         });
         Ok(())
+    }
+
+    /// Whether `name` is stored in the image (inconsistent or not).
+    pub fn stored(&self, name: &str) -> Result<bool, BitmapError> {
+        let bitmaps = sync::lock(&self.bitmaps);
+        Ok(bitmaps[position(&bitmaps, name)?].kind != Kind::Transient)
+    }
+
+    /// Fails with EEXIST when `name` is used.
+    pub fn check_free(&self, name: &str) -> Result<(), BitmapError> {
+        match position(&sync::lock(&self.bitmaps), name) {
+            Ok(_) => Err(BitmapError::Exists(name.to_owned())),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The consistent persistent bitmaps: name, bits, enabled.
+    pub fn persistent(&self) -> Vec<(String, Vec<u8>, bool)> {
+        sync::lock(&self.bitmaps)
+            .iter()
+            .filter(|b| b.kind == Kind::Persistent)
+            .map(|b| (b.name.clone(), b.bits.to_bytes(), b.enabled))
+            .collect()
     }
 
     /// Removes a bitmap that no job uses.
     pub fn remove(&self, name: &str) -> Result<(), BitmapError> {
         let mut bitmaps = sync::lock(&self.bitmaps);
         let index = position(&bitmaps, name)?;
-        check_idle(&bitmaps[index])?;
+        // An inconsistent bitmap can be removed: that is all it allows.
+        if bitmaps[index].busy {
+            return Err(BitmapError::Busy(name.to_owned()));
+        }
         bitmaps.remove(index);
         Ok(())
     }
@@ -179,6 +254,7 @@ impl NodeBitmaps {
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), BitmapError> {
         let mut bitmaps = sync::lock(&self.bitmaps);
         let index = position(&bitmaps, name)?;
+        check_consistent(&bitmaps[index])?;
         bitmaps[index].enabled = enabled;
         Ok(())
     }
@@ -190,7 +266,9 @@ impl NodeBitmaps {
         check_idle(&bitmaps[index])?;
         let mut merged = bitmaps[index].bits.clone();
         for source in sources {
-            merged.merge(&bitmaps[position(&bitmaps, source)?].bits);
+            let source = &bitmaps[position(&bitmaps, source)?];
+            check_consistent(source)?;
+            merged.merge(&source.bits);
         }
         bitmaps[index].bits = merged;
         Ok(())
@@ -232,6 +310,7 @@ impl NodeBitmaps {
                 count: b.bits.count(),
                 enabled: b.enabled,
                 busy: b.busy,
+                kind: b.kind,
             })
             .collect()
     }
@@ -240,7 +319,10 @@ impl NodeBitmaps {
     /// enabled bitmap.
     pub fn record(&self, offset: u64, len: u64) {
         let mut bitmaps = sync::lock(&self.bitmaps);
-        for bitmap in bitmaps.iter_mut().filter(|b| b.enabled) {
+        for bitmap in bitmaps
+            .iter_mut()
+            .filter(|b| b.enabled && b.kind != Kind::Inconsistent)
+        {
             bitmap.bits.set_range(offset, len);
         }
     }
@@ -261,7 +343,18 @@ fn position(bitmaps: &[Bitmap], name: &str) -> Result<usize, BitmapError> {
         .ok_or_else(|| BitmapError::NotFound(name.to_owned()))
 }
 
+fn check_consistent(bitmap: &Bitmap) -> Result<(), BitmapError> {
+    if bitmap.kind == Kind::Inconsistent {
+        return Err(BitmapError::Invalid(format!(
+            "bitmap {:?} is inconsistent (not stored cleanly): it can only be removed",
+            bitmap.name
+        )));
+    }
+    Ok(())
+}
+
 fn check_idle(bitmap: &Bitmap) -> Result<(), BitmapError> {
+    check_consistent(bitmap)?;
     if bitmap.busy {
         return Err(BitmapError::Busy(bitmap.name.clone()));
     }
@@ -293,10 +386,12 @@ mod tests {
     #[test]
     fn busy_bitmaps_refuse_remove_clear_and_merge_into_them() {
         let node = NodeBitmaps::default();
-        node.add("a", Bits::new(512, 4096), true).unwrap();
-        node.add("b", Bits::new(512, 4096), true).unwrap();
+        node.add("a", Bits::new(512, 4096), true, Kind::Transient)
+            .unwrap();
+        node.add("b", Bits::new(512, 4096), true, Kind::Transient)
+            .unwrap();
         assert_eq!(
-            node.add("a", Bits::new(512, 4096), true),
+            node.add("a", Bits::new(512, 4096), true, Kind::Transient),
             Err(BitmapError::Exists("a".into()))
         );
         node.record(0, 512);

@@ -292,6 +292,7 @@ impl Chain {
     pub fn close(self) -> Result<(), ChainError> {
         let mut first = None;
         for node in self.nodes.iter().rev() {
+            node.put_persistent_bitmaps();
             if let Err(e) = node.image().close() {
                 first.get_or_insert(node.error(e));
             }

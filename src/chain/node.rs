@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::bitmap::NodeBitmaps;
+use super::bitmap::{Bits, Kind, NodeBitmaps};
 use super::track::{Hooks, WriteHook};
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
@@ -258,6 +258,81 @@ impl Node {
         ChainError::Image {
             path: self.path.clone(),
             source,
+        }
+    }
+}
+
+/// Persistent dirty bitmaps: the node's [`NodeBitmaps`] takes them over
+/// from the qcow2 engine and gives their bits back before close.
+impl Node {
+    /// Takes the image's persistent bitmaps into the node's bitmaps, once
+    /// (a writable qcow2 image only; nothing otherwise).
+    pub fn take_persistent_bitmaps(&self) -> Result<(), ChainError> {
+        let Image::Qcow2(qcow2) = self.image() else {
+            return Ok(());
+        };
+        let mut taken = sync::lock(&self.open.bitmaps.taken);
+        if *taken || !self.writable() {
+            return Ok(());
+        }
+        let size = self.virtual_size() & !511;
+        for stored in qcow2.take_bitmaps().map_err(|e| self.error(e))? {
+            let granularity = 1u64 << stored.granularity_bits;
+            let bits = Bits::from_bytes(granularity, size, &stored.data);
+            let kind = if stored.inconsistent {
+                Kind::Inconsistent
+            } else {
+                Kind::Persistent
+            };
+            // Names in one directory are unique for QEMU; a duplicate is
+            // listed once.
+            let _ = self
+                .open
+                .bitmaps
+                .add(&stored.name, bits, stored.enabled, kind);
+        }
+        *taken = true;
+        Ok(())
+    }
+
+    /// Adds a persistent bitmap: in the image at once, `in_use` until close.
+    pub fn add_persistent_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<(), ChainError> {
+        self.take_persistent_bitmaps()?;
+        let Image::Qcow2(qcow2) = self.image() else {
+            return Err(ChainError::ReadOnly {
+                node: self.name.clone(),
+            });
+        };
+        let bits = granularity.trailing_zeros() as u8;
+        qcow2
+            .add_bitmap(name, bits, enabled)
+            .map_err(|e| self.error(e))?;
+        let bits = Bits::new(granularity, self.virtual_size() & !511);
+        // The name was checked free under the command's serialisation.
+        let _ = self.open.bitmaps.add(name, bits, enabled, Kind::Persistent);
+        Ok(())
+    }
+
+    /// Removes a bitmap stored in the image from the image.
+    pub fn remove_persistent_bitmap(&self, name: &str) -> Result<(), ChainError> {
+        if let Image::Qcow2(qcow2) = self.image() {
+            qcow2.remove_bitmap(name).map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Gives the bits of the persistent bitmaps back to the image, for its
+    /// close to store.
+    pub(super) fn put_persistent_bitmaps(&self) {
+        if let Image::Qcow2(qcow2) = self.image() {
+            for (name, data, enabled) in self.open.bitmaps.persistent() {
+                qcow2.put_bitmap(&name, &data, enabled);
+            }
         }
     }
 }

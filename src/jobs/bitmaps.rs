@@ -7,7 +7,7 @@ use super::command::{error, parse_rate, Args, ParseError};
 use super::registry::resolve;
 use super::report::escape;
 use super::{Chain, Format, JobError, Node};
-use crate::chain::bitmap::{BitmapError, BitmapInfo, Bits, GRANULARITIES};
+use crate::chain::bitmap::{BitmapError, BitmapInfo, Bits, Kind, GRANULARITIES};
 
 /// A parsed `bitmap-*` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,28 +110,59 @@ pub(super) fn execute(chain: &Chain, command: BitmapCommand) -> Result<(), JobEr
             persistent,
             disabled,
         } => {
-            if persistent {
-                return Err(JobError::Invalid(format!(
-                    "persistent bitmaps need a writable qcow2 node; {} is {}",
-                    node.name(),
-                    describe(node)
-                )));
-            }
             let granularity = granularity.unwrap_or_else(|| default_granularity(node));
-            bitmaps.add(name, Bits::new(granularity, node.virtual_size()), !disabled)
+            if persistent {
+                if node.format() != Format::Qcow2 || !node.writable() {
+                    return Err(JobError::Invalid(format!(
+                        "persistent bitmaps need a writable qcow2 node; {} is {}",
+                        node.name(),
+                        describe(node)
+                    )));
+                }
+                node.take_persistent_bitmaps()?;
+                bitmaps.check_free(name).map_err(|e| refusal(node, e))?;
+                return Ok(node.add_persistent_bitmap(name, granularity, !disabled)?);
+            }
+            let bits = Bits::new(granularity, node.virtual_size());
+            bitmaps.add(name, bits, !disabled, Kind::Transient)
         }
-        BitmapAction::Remove => bitmaps.remove(name),
+        BitmapAction::Remove => {
+            if bitmaps.stored(name).map_err(|e| refusal(node, e))? {
+                // A busy bitmap is refused before the image changes.
+                check_removable(bitmaps, name).map_err(|e| refusal(node, e))?;
+                node.remove_persistent_bitmap(name)?;
+            }
+            bitmaps.remove(name)
+        }
         BitmapAction::Clear => bitmaps.clear(name),
         BitmapAction::Enable => bitmaps.set_enabled(name, true),
         BitmapAction::Disable => bitmaps.set_enabled(name, false),
         BitmapAction::Merge(sources) => bitmaps.merge(name, &sources),
     };
-    result.map_err(|e| match e {
-        BitmapError::NotFound(_) => JobError::NotFound(format!("{}: {e}", node.name())),
-        BitmapError::Exists(_) => JobError::Exists(format!("{}: {e}", node.name())),
-        BitmapError::Busy(_) => JobError::Busy(format!("{}: {e}", node.name())),
-        BitmapError::Invalid(_) => JobError::Invalid(format!("{}: {e}", node.name())),
-    })
+    result.map_err(|e| refusal(node, e))
+}
+
+/// A refused bitmap command as the jobs layer reports it.
+fn refusal(node: &Node, e: BitmapError) -> JobError {
+    let text = format!("{}: {e}", node.name());
+    match e {
+        BitmapError::NotFound(_) => JobError::NotFound(text),
+        BitmapError::Exists(_) => JobError::Exists(text),
+        BitmapError::Busy(_) => JobError::Busy(text),
+        BitmapError::Invalid(_) => JobError::Invalid(text),
+    }
+}
+
+/// Fails with EBUSY when a job uses `name`.
+fn check_removable(
+    bitmaps: &crate::chain::bitmap::NodeBitmaps,
+    name: &str,
+) -> Result<(), BitmapError> {
+    match bitmaps.infos().into_iter().find(|b| b.name == name) {
+        Some(info) if info.busy => Err(BitmapError::Busy(name.to_owned())),
+        Some(_) => Ok(()),
+        None => Err(BitmapError::NotFound(name.to_owned())),
+    }
 }
 
 fn chain_level(chain: &Chain, name: &str) -> Result<usize, JobError> {
@@ -166,10 +197,10 @@ struct Listed<'a> {
 }
 
 impl Listed<'_> {
-    /// Enabled and on a node that is written (the old top after a snapshot
-    /// is not).
+    /// Enabled, consistent, and on a node that is written (the old top
+    /// after a snapshot is not).
     fn recording(&self) -> bool {
-        self.info.enabled && self.node.writable()
+        self.info.enabled && self.info.kind != Kind::Inconsistent && self.node.writable()
     }
 }
 
@@ -202,6 +233,12 @@ pub fn bitmaps_text(chain: &Chain) -> String {
         if bitmap.info.busy {
             flags.push("busy");
         }
+        if bitmap.info.kind != Kind::Transient {
+            flags.push("persistent");
+        }
+        if bitmap.info.kind == Kind::Inconsistent {
+            flags.push("inconsistent");
+        }
         out.push_str(&format!(
             "{} {}: granularity {}, {} dirty bytes{}{}\n",
             escape(bitmap.node.name()),
@@ -228,8 +265,8 @@ pub fn bitmaps_json(chain: &Chain) -> String {
                 "count": bitmap.info.count,
                 "recording": bitmap.recording(),
                 "busy": bitmap.info.busy,
-                "persistent": false,
-                "inconsistent": false,
+                "persistent": bitmap.info.kind != Kind::Transient,
+                "inconsistent": bitmap.info.kind == Kind::Inconsistent,
             })
         })
         .collect();

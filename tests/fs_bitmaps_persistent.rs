@@ -180,3 +180,28 @@ fn after_kill_9_a_persistent_bitmap_is_inconsistent_and_can_only_be_removed() {
     assert!(qemu_bitmaps(&d.top).is_empty());
     qemu_img_check_allowing_leaks(&d.top);
 }
+
+#[test]
+fn a_snapshot_stores_the_old_tops_persistent_bitmap_with_its_bits() {
+    let Some(Fixture { dir, top, m }) = mounted(&[], |dir| small_chain(dir)[1].clone()) else {
+        return;
+    };
+    command(
+        &m,
+        "bitmap-add node=top.qcow2 name=p granularity=64K persistent=on\n",
+    )
+    .unwrap();
+    poke(&m.mnt, &[0, 2 * K64]);
+    let snap = dir.path().join("snap.qcow2");
+    command(&m, &format!("snapshot file={}\n", snap.display())).unwrap();
+    poke(&m.mnt, &[5 * K64]);
+    assert_eq!(listed_one(&m.mnt, "top.qcow2", "p")["recording"], false);
+    assert_eq!(dirty_bytes(&m.mnt, "top.qcow2", "p"), 2 * K64);
+    m.unmount();
+    qemu_img_check(&top);
+    assert_eq!(qemu_bitmap(&top, "p")["flags"], serde_json::json!(["auto"]));
+    // The old top alone, mounted: the bits written before the snapshot.
+    let m = mount(&top, &dir.path().join("mnt2"), &Default::default());
+    assert_eq!(dirty_bytes(&m.mnt, "top.qcow2", "p"), 2 * K64);
+    m.unmount();
+}

@@ -139,6 +139,9 @@ impl Node {
                 return Err(self.error(source));
             }
         } else {
+            // Going read-only stores the image's bitmaps: with the bits
+            // recorded here, not those the engine had when they were taken.
+            self.put_persistent_bitmaps();
             self.open
                 .image
                 .set_writable(false)

@@ -153,11 +153,7 @@ impl Bitmaps {
         name: &str,
     ) -> Result<()> {
         let mut state = sync::lock(&self.state);
-        let Some(index) = state
-            .directory
-            .iter()
-            .position(|e| e.name == name.as_bytes())
-        else {
+        let Some(index) = state.index_of(name) else {
             return Err(FormatError::Unsupported {
                 what: format!("no persistent bitmap {name:?}"),
             });
@@ -182,11 +178,7 @@ impl Bitmaps {
     /// next store.
     pub(in crate::format::qcow2) fn put(&self, name: &str, data: &[u8], enabled: bool) {
         let mut state = sync::lock(&self.state);
-        let Some(index) = state
-            .directory
-            .iter()
-            .position(|e| e.name == name.as_bytes())
-        else {
+        let Some(index) = state.index_of(name) else {
             return;
         };
         state.directory[index].flags.set(BitmapFlags::AUTO, enabled);
@@ -282,6 +274,15 @@ impl Bitmaps {
             }
         }
         clusters
+    }
+}
+
+impl State {
+    /// The directory index of bitmap `name`.
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.directory
+            .iter()
+            .position(|e| e.name == name.as_bytes())
     }
 }
 

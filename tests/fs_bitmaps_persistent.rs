@@ -76,7 +76,13 @@ fn a_persistent_bitmap_is_stored_where_qemu_reads_it() {
     assert_eq!(stored["flags"], serde_json::json!(["auto"]));
     assert_eq!(qemu_bitmap(&top, "off")["flags"], serde_json::json!([]));
     assert_eq!(qemu_bitmap(&top, "off")["granularity"], K64);
-    // QEMU reads the bits: it merges them into a bitmap of a scratch image.
+    // QEMU reads the bits: dirty exactly where written, at 128 KiB.
+    let g = 2 * K64;
+    assert_eq!(
+        qemu_dirty_ranges(&top, "p", dir.path()),
+        [(0, g), (2 * g, g), (5 << 20, g)]
+    );
+    // And merges them into a bitmap of another image.
     let scratch = dir.path().join("scratch.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&scratch), "16M"]);
     qemu_img(&["bitmap", "--add", path_str(&scratch), "copy"]);

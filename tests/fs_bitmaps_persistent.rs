@@ -64,6 +64,15 @@ fn a_persistent_bitmap_is_stored_where_qemu_reads_it() {
         command(&m, "bitmap-add node=top.qcow2 name=p\n"),
         Err(libc::EEXIST)
     );
+    let long = format!(
+        "bitmap-add node=top.qcow2 name={} persistent=on\n",
+        "n".repeat(1024)
+    );
+    assert_eq!(
+        command(&m, &long),
+        Err(libc::EINVAL),
+        "QEMU stores 1023 bytes"
+    );
     assert_eq!(
         command(&m, "bitmap-add node=base.qcow2 name=q persistent=on\n"),
         Err(libc::EINVAL),

@@ -9,6 +9,9 @@ use super::report::escape;
 use super::{Chain, Format, JobError, Node};
 use crate::chain::bitmap::{BitmapError, BitmapInfo, Bits, Kind, GRANULARITIES};
 
+/// The longest name a qcow2 image stores (QEMU's `BME_MAX_NAME_SIZE`).
+const PERSISTENT_NAME_MAX: usize = 1023;
+
 /// A parsed `bitmap-*` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapCommand {
@@ -117,6 +120,11 @@ pub(super) fn execute(chain: &Chain, command: BitmapCommand) -> Result<(), JobEr
                         "persistent bitmaps need a writable qcow2 node; {} is {}",
                         node.name(),
                         describe(node)
+                    )));
+                }
+                if name.len() > PERSISTENT_NAME_MAX {
+                    return Err(JobError::Invalid(format!(
+                        "a persistent bitmap's name is at most {PERSISTENT_NAME_MAX} bytes"
                     )));
                 }
                 node.take_persistent_bitmaps()?;

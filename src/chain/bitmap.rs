@@ -100,8 +100,15 @@ impl Bits {
         }
         let first = offset >> self.shift;
         let end = ((offset.saturating_add(len - 1) >> self.shift) + 1).min(self.len);
-        for bit in first..end {
-            self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+        // Word by word: a discard of the whole disk is one call.
+        let mut bit = first;
+        while bit < end {
+            let word = (bit / 64) as usize;
+            let from = bit % 64;
+            let to = (end - (bit - from)).min(64);
+            let mask = if to == 64 { u64::MAX } else { (1u64 << to) - 1 };
+            self.words[word] |= mask & !((1u64 << from) - 1);
+            bit += to - from;
         }
     }
 
@@ -381,6 +388,26 @@ mod tests {
         fine.merge(&bits);
         assert_eq!(fine.count(), 5 * 65536);
         assert!(fine.get(65536 * 3) && !fine.get(65536 * 2));
+    }
+
+    #[test]
+    fn ranges_set_exactly_their_granules_across_words() {
+        for (offset, len) in [
+            (0, 1),
+            (63 * 512, 2 * 512),
+            (100 * 512, 300 * 512),
+            (5, 64 * 512),
+        ] {
+            let mut bits = Bits::new(512, 1 << 20);
+            bits.set_range(offset, len);
+            let first = offset / 512;
+            let end = (offset + len - 1) / 512 + 1;
+            for granule in 0..(1 << 20) / 512 {
+                let want = (first..end).contains(&granule);
+                assert_eq!(bits.get(granule * 512), want, "{offset}+{len}: {granule}");
+            }
+            assert_eq!(bits.count(), (end - first) * 512);
+        }
     }
 
     #[test]

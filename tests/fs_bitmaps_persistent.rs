@@ -114,13 +114,30 @@ fn a_persistent_bitmap_is_stored_where_qemu_reads_it() {
     poke(&m.mnt, &[8 << 20]);
     assert_eq!(dirty_bytes(&m.mnt, "top.qcow2", "p"), 4 * 2 * K64);
     command(&m, "bitmap-remove node=top.qcow2 name=off\n").unwrap();
+    // Disabled and merged into, it is stored so.
+    command(&m, "bitmap-disable node=top.qcow2 name=p\n").unwrap();
+    command(&m, "bitmap-add node=top.qcow2 name=t granularity=64K\n").unwrap();
+    poke(&m.mnt, &[12 << 20]);
+    command(&m, "bitmap-merge node=top.qcow2 target=p bitmaps=t\n").unwrap();
     m.unmount();
     qemu_img_check(&top);
     let names: Vec<_> = qemu_bitmaps(&top)
         .iter()
         .map(|b| b["name"].clone())
         .collect();
-    assert_eq!(names, ["p"]);
+    assert_eq!(names, ["p"], "a transient bitmap is not stored");
+    assert_eq!(qemu_bitmap(&top, "p")["flags"], serde_json::json!([]));
+    let g = 2 * K64;
+    assert_eq!(
+        qemu_dirty_ranges(&top, "p", dir.path()),
+        [
+            (0, g),
+            (2 * g, g),
+            (5 << 20, g),
+            (8 << 20, g),
+            (12 << 20, g)
+        ]
+    );
 }
 
 #[test]

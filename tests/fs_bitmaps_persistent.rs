@@ -237,3 +237,21 @@ fn a_snapshot_stores_the_old_tops_persistent_bitmap_with_its_bits() {
     assert_eq!(dirty_bytes(&m.mnt, "top.qcow2", "p"), 2 * K64);
     m.unmount();
 }
+
+#[test]
+fn a_chain_still_shared_at_close_stores_the_recorded_bits_when_dropped() {
+    if !tools::require_all(&["qemu-storage-daemon"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = small_chain(dir.path())[1].clone();
+    let jobs = chainfs::jobs::Jobs::new(common::chain::open_writable(&top), false);
+    jobs.command("bitmap-add node=top.qcow2 name=p granularity=64K persistent=on\n")
+        .unwrap();
+    let chain = jobs.chain();
+    chain.write(chain.active().id(), 3 * K64, b"x").unwrap();
+    assert!(jobs.close().is_err(), "the chain is still held");
+    drop(chain);
+    assert_eq!(qemu_bitmap(&top, "p")["flags"], serde_json::json!(["auto"]));
+    assert_eq!(qemu_dirty_ranges(&top, "p", dir.path()), [(3 * K64, K64)]);
+}

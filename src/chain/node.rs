@@ -332,10 +332,24 @@ impl Node {
     /// Gives the bits of the persistent bitmaps back to the image, for its
     /// close to store.
     pub(super) fn put_persistent_bitmaps(&self) {
-        if let Image::Qcow2(qcow2) = self.image() {
-            for (name, data, enabled) in self.open.bitmaps.persistent() {
+        self.open.put_persistent_bitmaps();
+    }
+}
+
+impl OpenImage {
+    fn put_persistent_bitmaps(&self) {
+        if let Image::Qcow2(qcow2) = &self.image {
+            for (name, data, enabled) in self.bitmaps.persistent() {
                 qcow2.put_bitmap(&name, &data, enabled);
             }
         }
+    }
+}
+
+impl Drop for OpenImage {
+    /// An image dropped without a close (a chain still shared at unmount)
+    /// closes itself and stores its bitmaps: with the bits recorded here.
+    fn drop(&mut self) {
+        self.put_persistent_bitmaps();
     }
 }

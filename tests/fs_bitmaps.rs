@@ -56,14 +56,10 @@ fn poke(m: &Mounted, offsets: &[u64]) {
 
 #[test]
 fn writes_are_counted_at_the_granularity_and_listed() {
-    let Some(Fixture {
-        dir: _dir,
-        top: _,
-        m,
-    }) = mounted(&[], three_nodes)
-    else {
+    let Some(f) = mounted(&[], three_nodes) else {
         return;
     };
+    let m = f.m;
     assert_eq!(read_all(&m.path("ctl/bitmaps")), b"No dirty bitmaps\n");
     command(&m, "bitmap-add node=top.qcow2 name=b0 granularity=64K\n").unwrap();
     poke(&m, &[0, 5, 200 << 10, (1 << 20) + 3]);
@@ -94,14 +90,10 @@ fn writes_are_counted_at_the_granularity_and_listed() {
 
 #[test]
 fn the_default_granularity_is_the_cluster_size_within_4k_to_64k() {
-    let Some(Fixture {
-        dir: _dir,
-        top: _,
-        m,
-    }) = mounted(&[], three_nodes)
-    else {
+    let Some(f) = mounted(&[], three_nodes) else {
         return;
     };
+    let m = f.m;
     for node in ["base.img", "mid.qcow2", "top.qcow2"] {
         command(&m, &format!("bitmap-add node={node} name=d\n")).unwrap();
     }
@@ -117,14 +109,10 @@ fn the_default_granularity_is_the_cluster_size_within_4k_to_64k() {
 
 #[test]
 fn every_refusal_has_its_errno() {
-    let Some(Fixture {
-        dir: _dir,
-        top: _,
-        m,
-    }) = mounted(&[], three_nodes)
-    else {
+    let Some(f) = mounted(&[], three_nodes) else {
         return;
     };
+    let m = f.m;
     command(&m, "bitmap-add node=top.qcow2 name=a\n").unwrap();
     let refused = [
         ("bitmap-add node=top.qcow2 name=a", libc::EEXIST),
@@ -207,14 +195,10 @@ fn a_read_only_mount_refuses_every_bitmap_command() {
 
 #[test]
 fn enable_disable_clear_merge_and_remove() {
-    let Some(Fixture {
-        dir: _dir,
-        top: _,
-        m,
-    }) = mounted(&[], three_nodes)
-    else {
+    let Some(f) = mounted(&[], three_nodes) else {
         return;
     };
+    let m = f.m;
     command(
         &m,
         "bitmap-add node=top.qcow2 name=off granularity=64K disabled=on\n",
@@ -254,12 +238,13 @@ fn enable_disable_clear_merge_and_remove() {
 
 #[test]
 fn after_a_snapshot_the_old_nodes_bitmaps_stop_recording() {
-    let Some(Fixture { dir, top: _, m }) = mounted(&[], three_nodes) else {
+    let Some(f) = mounted(&[], three_nodes) else {
         return;
     };
+    let m = f.m;
     command(&m, "bitmap-add node=top.qcow2 name=old granularity=64K\n").unwrap();
     poke(&m, &[0]);
-    let file = dir.path().join("snap.qcow2");
+    let file = f.dir.path().join("snap.qcow2");
     command(&m, &format!("snapshot file={}\n", file.display())).unwrap();
     command(&m, "bitmap-add node=snap.qcow2 name=new granularity=64K\n").unwrap();
     poke(&m, &[K64, 2 * K64]);

@@ -268,10 +268,7 @@ impl Bitmaps {
             clusters.push(new.kept[first..].to_vec());
         }
         let bytes = serialize_directory(&directory);
-        let offset = new.allocate_run(storage, allocator, bytes.len() as u64, cs)?;
-        storage
-            .write_at(&bytes, offset)
-            .io_at("write the bitmap directory", offset)?;
+        let offset = new.write_run(storage, allocator, &bytes, cs, "write the bitmap directory")?;
         // Data, tables and directory must be on disk before the header
         // names them, or a crash would publish garbage as a clean bitmap.
         storage.sync().io("sync the image")?;
@@ -310,6 +307,20 @@ impl NewClusters {
         let host = allocator.allocate(storage)?.0;
         self.kept.push(host);
         Ok(host)
+    }
+
+    /// Writes `bytes` to new contiguous clusters; returns where.
+    fn write_run(
+        &mut self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        bytes: &[u8],
+        cluster_size: u64,
+        what: &'static str,
+    ) -> Result<u64> {
+        let offset = self.allocate_run(storage, allocator, bytes.len() as u64, cluster_size)?;
+        storage.write_at(bytes, offset).io_at(what, offset)?;
+        Ok(offset)
     }
 
     /// Contiguous clusters for `bytes` bytes (tables and the directory must
@@ -533,10 +544,13 @@ impl Tracked {
             };
             table.extend_from_slice(&entry.encode().to_be_bytes());
         }
-        let offset = new.allocate_run(storage, allocator, table.len() as u64, cluster_size)?;
-        storage
-            .write_at(&table, offset)
-            .io_at("write a bitmap table", offset)?;
+        let offset = new.write_run(
+            storage,
+            allocator,
+            &table,
+            cluster_size,
+            "write a bitmap table",
+        )?;
         let mut entry = directory[self.entry].clone();
         entry.table_offset = offset;
         entry.table_size = self.chunks.len() as u32;

@@ -98,14 +98,14 @@ impl Bitmaps {
         let table_size = cluster_count(bits.div_ceil(8), cs).max(1);
         let table_bytes = cluster_count(table_size * 8, cs) * cs;
         let mut new = NewClusters::default();
-        let written = new
-            .allocate_run(storage, &mut meta.allocator, table_size * 8, cs)
-            .and_then(|offset| {
-                storage
-                    .write_at(&vec![0u8; table_bytes as usize], offset)
-                    .io_at("write a bitmap table", offset)?;
-                Ok(offset)
-            });
+        let zeros = vec![0u8; table_bytes as usize];
+        let written = new.write_run(
+            storage,
+            &mut meta.allocator,
+            &zeros,
+            cs,
+            "write a bitmap table",
+        );
         let table_offset = match written {
             Ok(offset) => offset,
             Err(err) => {
@@ -210,11 +210,14 @@ impl Bitmaps {
             let bytes = serialize_directory(&directory);
             let mut new = NewClusters::default();
             let placed = new
-                .allocate_run(storage, &mut meta.allocator, bytes.len() as u64, cs)
+                .write_run(
+                    storage,
+                    &mut meta.allocator,
+                    &bytes,
+                    cs,
+                    "write the bitmap directory",
+                )
                 .and_then(|offset| {
-                    storage
-                        .write_at(&bytes, offset)
-                        .io_at("write the bitmap directory", offset)?;
                     storage.sync().io("sync the image")?;
                     Ok(offset)
                 });

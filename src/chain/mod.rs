@@ -10,6 +10,7 @@
 //! that node were the active image. Only the active node is written, and
 //! only in a chain opened writable.
 
+pub mod bitmap;
 mod create;
 mod error;
 mod memo;
@@ -331,6 +332,7 @@ impl Chain {
     pub fn close(self) -> Result<(), ChainError> {
         let mut first = None;
         for node in self.nodes.iter().rev() {
+            node.put_persistent_bitmaps();
             if let Err(e) = node.image().close() {
                 first.get_or_insert(node.error(e));
             }

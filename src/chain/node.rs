@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::bitmap::{Bits, Kind, NodeBitmaps};
 use super::track::{Hooks, WriteHook};
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image};
@@ -54,6 +55,8 @@ struct OpenImage {
     hidden: AtomicBool,
     /// Told of every write to the image.
     hooks: Hooks,
+    /// The image's dirty bitmaps, which record its writes.
+    bitmaps: NodeBitmaps,
 }
 
 impl Node {
@@ -76,6 +79,7 @@ impl Node {
             lock: Mutex::new(lock),
             hidden: AtomicBool::new(false),
             hooks: Hooks::default(),
+            bitmaps: NodeBitmaps::default(),
         };
         Node {
             id,
@@ -135,6 +139,9 @@ impl Node {
                 return Err(self.error(source));
             }
         } else {
+            // Going read-only stores the image's bitmaps: with the bits
+            // recorded here, not those the engine had when they were taken.
+            self.put_persistent_bitmaps();
             self.open
                 .image
                 .set_writable(false)
@@ -168,7 +175,13 @@ impl Node {
 
     /// Tells the hooks that `offset..offset + len` was written.
     pub(super) fn written(&self, offset: u64, len: u64) {
+        self.open.bitmaps.record(offset, len);
         self.open.hooks.written(offset, len);
+    }
+
+    /// The dirty bitmaps of the node's image.
+    pub fn bitmaps(&self) -> &NodeBitmaps {
+        &self.open.bitmaps
     }
 
     fn relock(&self, lock: &mut LockMode, to: LockMode) -> Result<(), ChainError> {
@@ -249,5 +262,94 @@ impl Node {
             path: self.path.clone(),
             source,
         }
+    }
+}
+
+/// Persistent dirty bitmaps: the node's [`NodeBitmaps`] takes them over
+/// from the qcow2 engine and gives their bits back before close.
+impl Node {
+    /// Takes the image's persistent bitmaps into the node's bitmaps, once
+    /// (a writable qcow2 image only; nothing otherwise).
+    pub fn take_persistent_bitmaps(&self) -> Result<(), ChainError> {
+        let Image::Qcow2(qcow2) = self.image() else {
+            return Ok(());
+        };
+        let mut taken = sync::lock(&self.open.bitmaps.taken);
+        if *taken || !self.writable() {
+            return Ok(());
+        }
+        let size = self.virtual_size() & !511;
+        for stored in qcow2.take_bitmaps().map_err(|e| self.error(e))? {
+            let granularity = 1u64 << stored.granularity_bits;
+            let bits = Bits::from_bytes(granularity, size, &stored.data);
+            let kind = if stored.inconsistent {
+                Kind::Inconsistent
+            } else {
+                Kind::Persistent
+            };
+            // Names in one directory are unique for QEMU; a duplicate is
+            // listed once.
+            let _ = self
+                .open
+                .bitmaps
+                .add(&stored.name, bits, stored.enabled, kind);
+        }
+        *taken = true;
+        Ok(())
+    }
+
+    /// Adds a persistent bitmap: in the image at once, `in_use` until close.
+    pub fn add_persistent_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<(), ChainError> {
+        self.take_persistent_bitmaps()?;
+        let Image::Qcow2(qcow2) = self.image() else {
+            return Err(ChainError::ReadOnly {
+                node: self.name.clone(),
+            });
+        };
+        let bits = granularity.trailing_zeros() as u8;
+        qcow2
+            .add_bitmap(name, bits, enabled)
+            .map_err(|e| self.error(e))?;
+        let bits = Bits::new(granularity, self.virtual_size() & !511);
+        // The name was checked free under the command's serialisation.
+        let _ = self.open.bitmaps.add(name, bits, enabled, Kind::Persistent);
+        Ok(())
+    }
+
+    /// Removes a bitmap stored in the image from the image.
+    pub fn remove_persistent_bitmap(&self, name: &str) -> Result<(), ChainError> {
+        if let Image::Qcow2(qcow2) = self.image() {
+            qcow2.remove_bitmap(name).map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Gives the bits of the persistent bitmaps back to the image, for its
+    /// close to store.
+    pub(super) fn put_persistent_bitmaps(&self) {
+        self.open.put_persistent_bitmaps();
+    }
+}
+
+impl OpenImage {
+    fn put_persistent_bitmaps(&self) {
+        if let Image::Qcow2(qcow2) = &self.image {
+            for (name, data, enabled) in self.bitmaps.persistent() {
+                qcow2.put_bitmap(&name, &data, enabled);
+            }
+        }
+    }
+}
+
+impl Drop for OpenImage {
+    /// An image dropped without a close (a chain still shared at unmount)
+    /// closes itself and stores its bitmaps: with the bits recorded here.
+    fn drop(&mut self) {
+        self.put_persistent_bitmaps();
     }
 }

@@ -50,6 +50,8 @@ fn render(jobs: &Jobs, file: CtlFile) -> Vec<u8> {
         CtlFile::StatusJson => jobs.status_json(),
         CtlFile::Events => jobs.events_text(),
         CtlFile::Chain => jobs.chain_text(),
+        CtlFile::Bitmaps => crate::jobs::bitmaps::bitmaps_text(&jobs.chain()),
+        CtlFile::BitmapsJson => crate::jobs::bitmaps::bitmaps_json(&jobs.chain()),
     };
     text.into_bytes()
 }

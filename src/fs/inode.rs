@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! 1 /            2 ctl/         3..=7 ctl/command … ctl/chain
-//! 8 active       NODE_BASE + NodeId   one per node, for as long as it lives
+//! 8 active       9, 10 ctl/bitmaps, ctl/bitmaps.json
+//! NODE_BASE + NodeId   one per node, for as long as it lives
 //! ```
 //!
 //! A node's inode is computed from its [`NodeId`], which the chain never
@@ -40,16 +41,22 @@ pub enum CtlFile {
     Events,
     /// `ctl/chain`: the chain as it stands now.
     Chain,
+    /// `ctl/bitmaps`: dirty bitmaps, for people.
+    Bitmaps,
+    /// `ctl/bitmaps.json`: dirty bitmaps, for scripts.
+    BitmapsJson,
 }
 
 impl CtlFile {
     /// Every ctl file, in directory order.
-    pub const ALL: [CtlFile; 5] = [
+    pub const ALL: [CtlFile; 7] = [
         CtlFile::Command,
         CtlFile::Status,
         CtlFile::StatusJson,
         CtlFile::Events,
         CtlFile::Chain,
+        CtlFile::Bitmaps,
+        CtlFile::BitmapsJson,
     ];
 
     /// The file's name in `ctl/`.
@@ -60,6 +67,8 @@ impl CtlFile {
             CtlFile::StatusJson => "status.json",
             CtlFile::Events => "events",
             CtlFile::Chain => "chain",
+            CtlFile::Bitmaps => "bitmaps",
+            CtlFile::BitmapsJson => "bitmaps.json",
         }
     }
 
@@ -69,7 +78,14 @@ impl CtlFile {
     }
 
     fn ino(self) -> u64 {
-        3 + CtlFile::ALL.iter().position(|f| *f == self).unwrap_or(0) as u64
+        let position = CtlFile::ALL.iter().position(|f| *f == self).unwrap_or(0) as u64;
+        // The files added after `active` took inode 8 go after it, so that
+        // the older inode numbers stay what they were.
+        if position < 5 {
+            3 + position
+        } else {
+            4 + position
+        }
     }
 }
 
@@ -164,7 +180,7 @@ mod tests {
             assert_eq!(Inode::from_ino(inode.ino()), Some(inode), "{inode:?}");
         }
         assert_eq!(Inode::from_ino(0), None);
-        assert_eq!(Inode::from_ino(9), None);
+        assert_eq!(Inode::from_ino(11), None);
     }
 
     #[test]

@@ -152,6 +152,8 @@ pub enum Command {
         /// The job (may be left out when only one exists).
         id: Option<String>,
     },
+    /// A `bitmap-*` command, run synchronously.
+    Bitmap(super::bitmaps::BitmapCommand),
     /// `set-speed`.
     SetSpeed {
         /// The job (may be left out when only one exists).
@@ -173,7 +175,7 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-fn error(message: impl Into<String>) -> ParseError {
+pub(super) fn error(message: impl Into<String>) -> ParseError {
     ParseError(message.into())
 }
 
@@ -272,6 +274,9 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
                 None => return Err(error("set-speed needs speed=RATE")),
             },
         },
+        other if other.starts_with("bitmap-") => {
+            Command::Bitmap(super::bitmaps::parse(other, &mut args)?)
+        }
         other => Command::Control {
             verb: control_verb(other)?,
             id: args.id()?,
@@ -294,7 +299,7 @@ fn control_verb(word: &str) -> Result<super::state::Verb, ParseError> {
 }
 
 /// The `key=value` words of one command, consumed as they are recognised.
-struct Args {
+pub(super) struct Args {
     verb: String,
     values: HashMap<String, String>,
 }
@@ -316,7 +321,7 @@ impl Args {
         })
     }
 
-    fn take(&mut self, key: &str) -> Option<String> {
+    pub(super) fn take(&mut self, key: &str) -> Option<String> {
         self.values.remove(key)
     }
 
@@ -332,7 +337,7 @@ impl Args {
         }
     }
 
-    fn required(&mut self, key: &str) -> Result<String, ParseError> {
+    pub(super) fn required(&mut self, key: &str) -> Result<String, ParseError> {
         self.take(key)
             .ok_or_else(|| error(format!("{} needs {key}=…", self.verb)))
     }

@@ -13,6 +13,7 @@
 //! The layer above (`fs`) reaches the chain only through the re-exports
 //! here.
 
+pub mod bitmaps;
 pub mod command;
 mod commit;
 pub mod content;
@@ -80,6 +81,14 @@ impl Jobs {
     pub fn new(chain: Chain, read_only: bool) -> Jobs {
         let events = Arc::new(EventLog::default());
         let sink: Arc<dyn EventSink> = events.clone();
+        if !read_only {
+            // The active node's stored bitmaps are listed and recorded by
+            // the mount from the start; if they cannot be taken, the
+            // engine keeps recording them itself.
+            if let Err(err) = chain.active().take_persistent_bitmaps() {
+                log::warn!("persistent bitmaps of {}: {err}", chain.active().name());
+            }
+        }
         let live = Arc::new(LiveChain::new(chain, Arc::clone(&sink)));
         Jobs {
             registry: Registry::new(Arc::clone(&live), sink),

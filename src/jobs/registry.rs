@@ -206,6 +206,7 @@ impl Registry {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
             }
             Command::Control { verb, id } => self.control(verb, id.as_deref()),
+            Command::Bitmap(command) => super::bitmaps::execute(&self.chain(), command),
         }
     }
 

@@ -20,6 +20,7 @@
 // it, so what one binary leaves unused is not dead code.
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod cases;
 pub mod chain;
 pub mod cli;

@@ -62,9 +62,11 @@ use crate::storage::Storage;
 use crate::sync::{self, Mutex};
 
 mod directory;
+mod runtime;
 
 pub use directory::*;
 use directory::{be64, check_in_file, malformed};
+pub use runtime::PersistentBitmap;
 
 /// One cluster's worth of bitmap data in memory.
 enum Chunk {
@@ -105,12 +107,17 @@ struct State {
     /// The directory as on disk now.
     directory: Vec<DirEntry>,
     tracked: Vec<Tracked>,
+    /// The bits are kept by the chain layer ([`Bitmaps::take`]): writes
+    /// are recorded there, not here.
+    external: bool,
 }
 
 /// The persistent bitmaps of an image open for writing; see the module doc.
 #[derive(Debug)]
 pub struct Bitmaps {
     cluster_size: u64,
+    /// The virtual disk size bitmaps cover (whole sectors, as QEMU).
+    disk: u64,
     state: Mutex<State>,
 }
 
@@ -125,19 +132,41 @@ impl Bitmaps {
         meta: &mut Meta,
         geometry: &Geometry,
     ) -> Result<Option<Bitmaps>> {
+        let bitmaps = Bitmaps::load_directory(storage, meta, geometry)?;
+        let tracking = !sync::lock(&bitmaps.state).tracked.is_empty();
+        Ok(tracking.then_some(bitmaps))
+    }
+
+    /// [`Bitmaps::load`], but also when nothing is tracked (no extension:
+    /// an empty directory).
+    pub(super) fn load_directory(
+        storage: &dyn Storage,
+        meta: &mut Meta,
+        geometry: &Geometry,
+    ) -> Result<Bitmaps> {
         let header = meta.header();
-        let Some(data) = header.bitmaps_extension.as_deref() else {
-            return Ok(None);
-        };
-        if !header.autoclear.contains(Autoclear::BITMAPS) {
-            return Ok(None);
-        }
         let sizes = Sizes {
             cluster: geometry.cluster_size(),
             // QEMU sizes bitmaps by the disk in whole sectors.
             disk: header.size & !511,
             file: storage.len().io("measure the image file")?,
         };
+        let empty = Bitmaps {
+            cluster_size: sizes.cluster,
+            disk: sizes.disk,
+            state: Mutex::new(State {
+                extension: Extension::NONE,
+                directory: Vec::new(),
+                tracked: Vec::new(),
+                external: false,
+            }),
+        };
+        let Some(data) = header.bitmaps_extension.as_deref() else {
+            return Ok(empty);
+        };
+        if !header.autoclear.contains(Autoclear::BITMAPS) {
+            return Ok(empty);
+        }
         let extension = Extension::parse(data, sizes.cluster, sizes.file)?;
         let mut bytes = vec![0u8; extension.directory_size as usize];
         storage
@@ -145,22 +174,19 @@ impl Bitmaps {
             .io_at("read the bitmap directory", extension.directory_offset)?;
         let mut directory = parse_directory(&bytes, extension.nb_bitmaps)?;
         let tracked = load_tracked(storage, &directory, sizes)?;
-        if tracked.is_empty() {
-            return Ok(None);
+        if !tracked.is_empty() {
+            for bitmap in &tracked {
+                directory[bitmap.entry].flags.insert(BitmapFlags::IN_USE);
+            }
+            mark_in_use(storage, meta, &extension, &directory)?;
         }
-        for bitmap in &tracked {
-            directory[bitmap.entry].flags.insert(BitmapFlags::IN_USE);
-        }
-        mark_in_use(storage, meta, &extension, &directory)?;
-        let state = State {
+        *sync::lock(&empty.state) = State {
             extension,
             directory,
             tracked,
+            external: false,
         };
-        Ok(Some(Bitmaps {
-            cluster_size: sizes.cluster,
-            state: Mutex::new(state),
-        }))
+        Ok(empty)
     }
 
     /// Marks guest `offset..offset + len` dirty in every tracked bitmap.
@@ -169,6 +195,9 @@ impl Bitmaps {
             return;
         }
         let mut state = sync::lock(&self.state);
+        if state.external {
+            return;
+        }
         for bitmap in &mut state.tracked {
             bitmap.set_range(offset, len, self.cluster_size);
         }
@@ -179,6 +208,10 @@ impl Bitmaps {
     /// the replaced clusters to `allocator` to free after the next sync.
     pub(super) fn store(&self, storage: &dyn Storage, meta: &mut Meta) -> Result<()> {
         let mut state = sync::lock(&self.state);
+        if state.directory.is_empty() {
+            // Every bitmap was removed: the header names no directory.
+            return Ok(());
+        }
         let mut new = NewClusters::default();
         let result = self.write_new(&state, storage, &mut meta.allocator, &mut new);
         for host in new.strays.drain(..) {
@@ -235,10 +268,7 @@ impl Bitmaps {
             clusters.push(new.kept[first..].to_vec());
         }
         let bytes = serialize_directory(&directory);
-        let offset = new.allocate_run(storage, allocator, bytes.len() as u64, cs)?;
-        storage
-            .write_at(&bytes, offset)
-            .io_at("write the bitmap directory", offset)?;
+        let offset = new.write_run(storage, allocator, &bytes, cs, "write the bitmap directory")?;
         // Data, tables and directory must be on disk before the header
         // names them, or a crash would publish garbage as a clean bitmap.
         storage.sync().io("sync the image")?;
@@ -277,6 +307,20 @@ impl NewClusters {
         let host = allocator.allocate(storage)?.0;
         self.kept.push(host);
         Ok(host)
+    }
+
+    /// Writes `bytes` to new contiguous clusters; returns where.
+    fn write_run(
+        &mut self,
+        storage: &dyn Storage,
+        allocator: &mut Allocator,
+        bytes: &[u8],
+        cluster_size: u64,
+        what: &'static str,
+    ) -> Result<u64> {
+        let offset = self.allocate_run(storage, allocator, bytes.len() as u64, cluster_size)?;
+        storage.write_at(bytes, offset).io_at(what, offset)?;
+        Ok(offset)
     }
 
     /// Contiguous clusters for `bytes` bytes (tables and the directory must
@@ -500,10 +544,13 @@ impl Tracked {
             };
             table.extend_from_slice(&entry.encode().to_be_bytes());
         }
-        let offset = new.allocate_run(storage, allocator, table.len() as u64, cluster_size)?;
-        storage
-            .write_at(&table, offset)
-            .io_at("write a bitmap table", offset)?;
+        let offset = new.write_run(
+            storage,
+            allocator,
+            &table,
+            cluster_size,
+            "write a bitmap table",
+        )?;
         let mut entry = directory[self.entry].clone();
         entry.table_offset = offset;
         entry.table_size = self.chunks.len() as u32;

@@ -85,7 +85,15 @@ fn the_root_lists_every_node_then_active_and_ctl() {
         .collect();
     assert_eq!(
         names,
-        ["command", "status", "status.json", "events", "chain"]
+        [
+            "command",
+            "status",
+            "status.json",
+            "events",
+            "chain",
+            "bitmaps",
+            "bitmaps.json"
+        ]
     );
 }
 

@@ -68,6 +68,13 @@ pub struct Extension {
 }
 
 impl Extension {
+    /// No directory (an image without bitmaps).
+    pub const NONE: Extension = Extension {
+        nb_bitmaps: 0,
+        directory_size: 0,
+        directory_offset: 0,
+    };
+
     /// Decodes and validates the extension's bytes as QEMU does, and checks
     /// that the directory lies inside the file.
     pub fn parse(data: &[u8], cluster_size: u64, file_len: u64) -> Result<Extension> {

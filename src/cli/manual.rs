@@ -10,7 +10,7 @@ their backing files) and shows every node of it as a flat raw file: what a \
 guest would see if that node were the active image. Beside the node files, \
 `active` always presents the active layer, and the control directory `ctl/` \
 starts live block jobs (stream, commit, mirror, external snapshots; backup \
-and dirty bitmaps to come) with `echo`, shows them with `cat`, and steers them while the \
+to come) and keeps dirty bitmaps with `echo`, shows them with `cat`, and steers them while the \
 active image keeps being written. Everything chainfs writes is QEMU's own \
 format.
 
@@ -151,14 +151,12 @@ pub const SECTIONS: &[Section] = &[
             Item(
                 "ctl/bitmaps",
                 "Each dirty bitmap of each node, one a line: node, name, granularity, \
-                 dirty bytes and its flags (recording, busy, persistent, inconsistent). \
-                 Not in this version yet.",
+                 dirty bytes and its flags (recording, busy, persistent, inconsistent).",
             ),
             Item(
                 "ctl/bitmaps.json",
                 "The same as a JSON array with QEMU's query-block field names (name, \
-                 granularity, count, recording, busy, persistent, inconsistent) plus node. \
-                 Not in this version yet.",
+                 granularity, count, recording, busy, persistent, inconsistent) plus node.",
             ),
         ],
     },
@@ -238,9 +236,7 @@ pub const SECTIONS: &[Section] = &[
             Item(
                 "bitmap-merge node=NODE target=NAME bitmaps=A[,B...]",
                 "Adds the bits of bitmaps A, B, ... of NODE to bitmap NAME. The bitmap \
-                 commands are synchronous: done when the write returns. Not in this \
-                 version yet: every bitmap-* command is refused as an unknown verb \
-                 (EINVAL).",
+                 commands are synchronous: done when the write returns.",
             ),
             Item(
                 "cancel [id=ID] [force=on]",

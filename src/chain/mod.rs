@@ -253,12 +253,7 @@ impl Chain {
     ) -> Result<u64, ChainError> {
         let level = self.writable_level(dest, offset, source.len)?;
         let node = &self.nodes[level];
-        let image = node.image();
-        let result = if overwrite && image.format() == Format::Raw {
-            image.overwrite_from(offset, source)
-        } else {
-            image.populate_from(offset, source)
-        };
+        let result = node.image().place_from(offset, source, overwrite);
         self.memo.changes().changed(offset, source.len);
         let placed = result.map_err(|e| node.error(e))?;
         if placed > 0 {

@@ -318,25 +318,18 @@ impl Image {
         }
     }
 
-    /// [`Image::populate`] with the bytes of `source` (guest `offset`
-    /// onwards, `source.len` of them), moved without reading them where
-    /// the image can: whole unallocated clusters from a cluster-aligned
-    /// `offset`. Returns the bytes filled, from `offset`; the caller fills
-    /// the rest another way.
-    pub fn populate_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
+    /// Puts the bytes of `source` at guest `offset` (`source.len` of them)
+    /// without reading them, where the image can: a qcow2 image fills
+    /// whole unallocated clusters from a cluster-aligned `offset`, as
+    /// [`Image::populate`] does; a raw image, which holds every byte,
+    /// takes them only when `overwrite` asks for what it holds to be
+    /// replaced. Returns the bytes placed, from `offset`; the caller
+    /// writes the rest another way.
+    pub fn place_from(&self, offset: u64, source: &HostRange, overwrite: bool) -> Result<u64> {
         match self {
+            Image::Raw(raw) if overwrite => raw.overwrite_from(offset, source).map(|()| source.len),
             Image::Raw(_) => Ok(0),
             Image::Qcow2(qcow2) => qcow2.populate_from(offset, source),
-        }
-    }
-
-    /// Overwrites guest `offset..offset + source.len` with the bytes of
-    /// `source` where the image keeps guest bytes in place (raw); returns
-    /// the bytes written, from `offset` (0: the caller writes them).
-    pub fn overwrite_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
-        match self {
-            Image::Raw(raw) => raw.overwrite_from(offset, source).map(|()| source.len),
-            Image::Qcow2(_) => Ok(0),
         }
     }
 

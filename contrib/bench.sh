@@ -3,7 +3,7 @@
 # reported as ratios (SPEC §7). Needs root (qemu-storage-daemon's FUSE
 # export, loop mounts), fio, qemu-utils, and builds chainfs in release.
 #
-#   contrib/bench.sh [reads|writes|alloc|jobs|load|all|memory|deep]...
+#   contrib/bench.sh [reads|writes|alloc|jobs|load|backup|all|memory|deep]...
 #
 # Every figure is measured RUNS times, chainfs and qsd one after the other
 # within each repetition (so a machine that slows down slows both); the
@@ -28,6 +28,12 @@
 #         share of the same reads with no job (qsd read through NBD, since
 #         its FUSE export cannot share the chain with a job), and the
 #         write IOPS on the active layer during an unlimited stream.
+# backup: a full backup (sync=full, anchoring a dirty bitmap) of the same
+#         chain's top while fio writes 4 KiB at random on the active layer
+#         (qsd's through NBD): the backup's time and the writes' IOPS during
+#         it; then 1 % of the disk rewritten (64 KiB writes at random) and
+#         an incremental backup (sync=incremental) into a qcow2 backed by
+#         the full one, against qsd's drive-backup.
 # The peak RSS of each daemon is recorded after the reads and the jobs.
 #
 # chainfs alone (not part of `all`):
@@ -60,8 +66,8 @@ sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(all)
 for section in "${sections[@]}"; do
     case $section in
-        reads|writes|alloc|jobs|load|all|memory|deep) ;;
-        *) echo "usage: $0 [reads|writes|alloc|jobs|load|all|memory|deep]..." >&2; exit 2 ;;
+        reads|writes|alloc|jobs|load|backup|all|memory|deep) ;;
+        *) echo "usage: $0 [reads|writes|alloc|jobs|load|backup|all|memory|deep]..." >&2; exit 2 ;;
     esac
 done
 
@@ -351,6 +357,28 @@ while True:
 PY
 }
 
+# qsd_command COMMAND: runs one QMP command (the inside of its JSON) that
+# is not a job, and fails if QMP refuses it.
+qsd_command() {
+    python3 - "$work/qmp.sock" "$1" <<'PY'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+def send(cmd):
+    f.write(json.dumps(cmd) + "\n"); f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg or "error" in msg:
+            return msg
+json.loads(f.readline())
+send({"execute": "qmp_capabilities"})
+reply = send(json.loads('{"execute": ' + sys.argv[2] + "}}"))
+if "error" in reply:
+    sys.exit("QMP error: %s" % reply["error"])
+PY
+}
+
 # start_qsd_chain DIR [EXTRA...]: qsd with the four-deep chain of DIR as
 # named nodes base <- l1 <- l2 <- top.
 start_qsd_chain() {
@@ -453,6 +481,64 @@ bench_load() {
     done
 }
 
+# guest_writes FIO_ARGS...: 4 KiB random writes in the background until
+# stopped (SIGINT, after which fio still writes its JSON to
+# $work/guest.json); sets fio_pid.
+guest_writes() {
+    fio --name=b --group_reporting --output-format=json --rw=randwrite --bs=4k \
+        --numjobs=1 --time_based --runtime=600 --size="$SIZE" "$@" > "$work/guest.json" 2>/dev/null &
+    fio_pid=$!
+    sleep 0.2
+}
+
+# guest_iops: stops the writes guest_writes started; prints their IOPS.
+guest_iops() {
+    kill -INT "$fio_pid"
+    wait "$fio_pid" || true
+    fio_value < "$work/guest.json"
+}
+
+bench_backup() {
+    echo "backups of the four-deep $SIZE chain's top, in seconds, while the guest writes 4 KiB at random"
+    local c q cw qw ci qi one nbd=$work/nbd.sock
+    one=$(( $(numfmt --from=iec "$SIZE") / 100 ))
+    for run in $(seq "$RUNS"); do
+        make_quarters "$work/c"
+        mkdir -p "$mnt"
+        "$chainfs" mount "$work/c/top.qcow2" "$mnt"
+        echo "bitmap-add node=active name=b0" > "$mnt/ctl/command"
+        guest_writes --filename="$mnt/active" --direct=1 --ioengine=psync
+        c=$(chainfs_job "backup target=$work/c/full.qcow2 sync=full bitmap=b0 bitmap-mode=on-success")
+        cw=$(guest_iops)
+        echo dismiss > "$mnt/ctl/command"
+        fio_json --filename="$mnt/active" --rw=randwrite --bs=64k --io_size="$one" \
+            --size="$SIZE" --direct=1 --ioengine=psync > /dev/null
+        qemu-img create -q -f qcow2 -b full.qcow2 -F qcow2 "$work/c/inc.qcow2" "$SIZE"
+        ci=$(chainfs_job "backup target=$work/c/inc.qcow2 sync=incremental bitmap=b0 mode=existing")
+        "$chainfs" umount "$mnt"
+        qemu-img check -q "$work/c/full.qcow2"
+        qemu-img check -q "$work/c/inc.qcow2"
+        make_quarters "$work/q"
+        start_qsd_chain "$work/q" --nbd-server addr.type=unix,addr.path="$nbd" \
+            --export type=nbd,id=exp0,node-name=top,name=top,writable=on
+        sleep 0.3
+        qsd_command '"block-dirty-bitmap-add", "arguments": {"node": "top", "name": "b0"'
+        guest_writes --ioengine=nbd --uri="nbd+unix:///top?socket=$nbd"
+        q=$(qsd_job '"drive-backup", "arguments": {"job-id": "j", "device": "top", "target": "'"$work/q/full.qcow2"'", "format": "qcow2", "sync": "full", "mode": "absolute-paths", "bitmap": "b0", "bitmap-mode": "on-success"')
+        qw=$(guest_iops)
+        fio_json --ioengine=nbd --uri="nbd+unix:///top?socket=$nbd" --rw=randwrite --bs=64k \
+            --io_size="$one" --size="$SIZE" > /dev/null
+        qemu-img create -q -f qcow2 -b full.qcow2 -F qcow2 "$work/q/inc.qcow2" "$SIZE"
+        qi=$(qsd_job '"drive-backup", "arguments": {"job-id": "j", "device": "top", "target": "'"$work/q/inc.qcow2"'", "format": "qcow2", "sync": "incremental", "mode": "existing", "bitmap": "b0"')
+        stop_qsd
+        qemu-img check -q "$work/q/full.qcow2"
+        qemu-img check -q "$work/q/inc.qcow2"
+        record "backup, sync=full, under 4K random writes" s lower "$c" "$q"
+        record "guest 4K random write IOPS during the backup" IOPS higher "$cw" "$qw"
+        record "backup, sync=incremental, after 1 % rewritten" s lower "$ci" "$qi"
+    done
+}
+
 bench_memory() {
     local dir=$work/memory depth=100 writes=128 regions l i region img prev= iops peak
     regions=$(( (1 << 40) / (512 << 20) ))
@@ -531,7 +617,8 @@ for section in "${sections[@]}"; do
         alloc) bench_alloc ;;
         jobs) bench_jobs ;;
         load) bench_load ;;
-        all) bench_reads; bench_writes; bench_alloc; bench_jobs; bench_load ;;
+        backup) bench_backup ;;
+        all) bench_reads; bench_writes; bench_alloc; bench_jobs; bench_load; bench_backup ;;
     esac
 done
 

@@ -1,24 +1,28 @@
-//! The copier that stream, commit (intermediate and active) and mirror
-//! share: it reads the next chunks on a reader thread while the job's own
-//! thread writes the last one, with a bounded number of chunks in flight.
+//! The copier that stream, commit (intermediate and active), mirror and
+//! backup share: a reader thread reads the next chunks while writer
+//! threads write the last ones, with a bounded number of chunks in flight.
 //!
-//! Why a reader and a writer: a chunk's read (the chain below, or the top)
-//! and its write (the node receiving it) touch different images, so on two
-//! cores they overlap; the writes into one image serialise on its metadata
-//! lock anyway, so more writers would only queue.
+//! Why several writers: a chunk's read (the chain below, or the top) and
+//! its write (the node receiving it) touch different images, so they
+//! overlap; and the writes of disjoint clusters of one image only meet on
+//! its metadata lock for allocation and publication, so where the bytes
+//! move through the CPU (a kernel copy on tmpfs, a buffer that was read)
+//! one writer per core keeps every core copying.
 //!
 //! What stays as it was with one chunk at a time:
-//! * chunks are written in the order they were read, by one thread, so a
-//!   later read of a range (an active commit's re-copy after a guest write)
+//! * chunks are handed to the writers in the order they were read, and a
+//!   chunk overlapping one still being written waits for it, so a later
+//!   read of a range (an active commit's re-copy after a guest write)
 //!   always lands after an earlier one;
 //! * the job's thread calls [`Job::checkpoint`](super::job::Job) before
-//!   each chunk it writes and `advance` after it, so pause, cancel and the
-//!   speed limit act within one chunk, and the offset only moves there;
+//!   it hands out each chunk and `advance` after each is written, so
+//!   pause, cancel and the speed limit act within the few chunks being
+//!   written, and the offset only moves there;
 //! * a failed chunk goes to the caller, which may retry it (`stop`, then
 //!   `resume`): the retry reads and writes it again on the job's thread;
-//! * when the caller stops early, every chunk read but not written is
-//!   handed back ([`Ended::Stopped`]), so an active commit marks it dirty
-//!   again.
+//! * when the caller stops early, the chunks being written finish, and
+//!   every chunk read but not written is handed back ([`Ended::Stopped`]),
+//!   so an active commit marks it dirty again.
 //!
 //! Data that a node keeps as it is in a host file (raw, or uncompressed
 //! qcow2 clusters) is not read at all: the writer has the kernel copy it
@@ -29,18 +33,18 @@
 //! are tracked and copied again, so a copy that raced a free is
 //! overwritten before the job can be `ready`.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 
 use crate::chain::{Allocation, Chain, ChainError, HostRange, NodeId};
+use crate::sync::{lock, Arc, Mutex};
 
 /// Bytes per chunk: QEMU's block-copy uses up to 1 MiB per request.
 pub(super) const CHUNK: u64 = 1 << 20;
 
-/// Chunks read ahead of the one being written. Two cores gain from one
-/// read overlapping one write; a few more absorb uneven chunk costs
-/// without holding much memory (each is at most [`CHUNK`]).
+/// Chunks read ahead of those being written: a few absorb uneven chunk
+/// costs without holding much memory (each is at most [`CHUNK`]).
 const AHEAD: usize = 4;
 
 /// A failed copy: the operation (`read` or `write`, as QMP reports it)
@@ -325,80 +329,255 @@ impl Copier {
         &self,
         chains: Chains<'_>,
         take: T,
-        mut before: B,
-        mut after: A,
+        before: B,
+        after: A,
     ) -> Result<Ended, E>
     where
         T: FnMut() -> Option<(u64, u64)> + Send,
         B: FnMut() -> Result<bool, E>,
         A: FnMut(u64, u64, Result<u64, CopyFailure>) -> Result<Next, E>,
     {
+        let writers = writer_count();
         let stop = AtomicBool::new(false);
-        let (to_writer, chunks) = sync_channel::<Chunk>(AHEAD);
-        let (to_reader, spare) = sync_channel::<Vec<u8>>(AHEAD + 2);
+        let (events, inbox) = channel::<Event>();
+        let (to_writers, work) = channel::<Chunk>();
+        let work = Mutex::new(work);
+        // Buffers bound the chunks in flight: the reader takes one for
+        // each chunk and blocks when all are out.
+        let (to_reader, spare) = sync_channel::<Vec<u8>>(AHEAD + writers);
+        for _ in 0..AHEAD + writers {
+            let _ = to_reader.try_send(Vec::new());
+        }
         std::thread::scope(|scope| {
-            let stop = &stop;
-            scope.spawn(move || {
-                let mut take = take;
-                while !stop.load(Ordering::Acquire) {
-                    let Some((offset, len)) = take() else { break };
-                    let len = len.min(CHUNK);
-                    // Buffers come back from the writer: each is allocated
-                    // and zeroed once per run, not once per chunk.
-                    let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0; CHUNK as usize]);
-                    let read = self.read(chains.source, offset, len, &mut buf);
-                    let chunk = Chunk {
-                        offset,
-                        len,
-                        read,
-                        buf,
-                    };
-                    if to_writer.send(chunk).is_err() {
-                        break;
-                    }
-                }
-            });
-            let mut unwritten = Vec::new();
-            let ended = 'chunks: loop {
-                let Ok(chunk) = chunks.recv() else {
-                    break Ok(Ended::Drained);
-                };
-                match before() {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        unwritten.push((chunk.offset, chunk.len));
-                        break Ok(Ended::Stopped(Vec::new()));
-                    }
-                    Err(err) => break Err(err),
-                }
-                let Chunk {
-                    offset,
-                    len,
-                    read,
-                    mut buf,
-                } = chunk;
-                let mut result = read.and_then(|s| self.write(chains, offset, &s, &mut buf));
-                loop {
-                    match after(offset, len, result) {
-                        Ok(Next::Go) => break,
-                        Ok(Next::Retry) => {
-                            result = self.copy_between(chains, offset, len, &mut buf)
-                        }
-                        Err(err) => break 'chunks Err(err),
-                    }
-                }
-                // A full pool means the reader has enough buffers.
-                let _ = to_reader.try_send(buf);
+            let (stop, work) = (&stop, &work);
+            let reader_events = events.clone();
+            scope.spawn(move || self.read_ahead(chains.source, take, stop, spare, reader_events));
+            for _ in 0..writers {
+                let events = events.clone();
+                scope.spawn(move || self.write_queued(chains, work, events));
+            }
+            drop(events);
+            let mut dispatch = Dispatch {
+                copier: self,
+                chains,
+                writers,
+                to_writers,
+                to_reader,
+                waiting: VecDeque::new(),
+                in_flight: Vec::new(),
+                read_all: false,
+                before,
+                after,
             };
+            let ended = dispatch.drive(&inbox);
             stop.store(true, Ordering::Release);
-            // Receiving unblocks a reader waiting to send; it then sees
-            // `stop` and leaves, which ends this loop.
-            unwritten.extend(chunks.iter().map(|c| (c.offset, c.len)));
+            let Dispatch {
+                to_writers,
+                to_reader,
+                mut waiting,
+                ..
+            } = dispatch;
+            // Closing both ends the writers (no more work) and a reader
+            // waiting for a buffer; every chunk still queued was not written.
+            drop((to_writers, to_reader));
+            for event in inbox.iter() {
+                if let Event::Read(chunk) = event {
+                    waiting.push_back(chunk);
+                }
+            }
             match ended {
-                Ok(Ended::Stopped(_)) => Ok(Ended::Stopped(unwritten)),
+                Ok(Ended::Stopped(_)) => Ok(Ended::Stopped(
+                    waiting.iter().map(|c| (c.offset, c.len)).collect(),
+                )),
                 other => other,
             }
         })
+    }
+
+    /// The reader thread: reads each range `take` hands out into a spare
+    /// buffer until it runs dry or `stop` is set.
+    fn read_ahead<T>(
+        &self,
+        source: &Chain,
+        mut take: T,
+        stop: &AtomicBool,
+        spare: Receiver<Vec<u8>>,
+        events: Sender<Event>,
+    ) where
+        T: FnMut() -> Option<(u64, u64)>,
+    {
+        while !stop.load(Ordering::Acquire) {
+            let Ok(mut buf) = spare.recv() else { break };
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let Some((offset, len)) = take() else { break };
+            let len = len.min(CHUNK);
+            // Each buffer is allocated and zeroed once per run.
+            buf.resize(CHUNK as usize, 0);
+            let read = self.read(source, offset, len, &mut buf);
+            let chunk = Chunk {
+                offset,
+                len,
+                read,
+                buf,
+            };
+            if events.send(Event::Read(chunk)).is_err() {
+                return;
+            }
+        }
+        let _ = events.send(Event::ReadAll);
+    }
+
+    /// A writer thread: writes the chunks the dispatcher hands it until
+    /// the work queue closes.
+    fn write_queued(
+        &self,
+        chains: Chains<'_>,
+        work: &Mutex<Receiver<Chunk>>,
+        events: Sender<Event>,
+    ) {
+        loop {
+            // The guard is dropped before the write: writers wait on the
+            // queue one at a time but write together.
+            let next = lock(work).recv();
+            let Ok(mut chunk) = next else { return };
+            let result = std::mem::replace(&mut chunk.read, Ok(Vec::new()))
+                .and_then(|segments| self.write(chains, chunk.offset, &segments, &mut chunk.buf));
+            if events.send(Event::Written(chunk, result)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Chunk writes in flight at once. The format layer writes disjoint
+/// clusters of one image in parallel (only allocation and publication take
+/// its metadata lock), and where the host copies the data (tmpfs, or any
+/// file system without shared extents) that copy is a kernel `memcpy` that
+/// keeps one core busy: one writer per core keeps them all busy.
+fn writer_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// What the job's thread hears from the reader and the writers.
+enum Event {
+    /// A chunk was read and waits to be written.
+    Read(Chunk),
+    /// The reader handed out its last chunk.
+    ReadAll,
+    /// A chunk was written (or failed); its buffer comes back.
+    Written(Chunk, Result<u64, CopyFailure>),
+}
+
+/// The job's side of a run: hands chunks to the writers in the order they
+/// were read, never two overlapping ones at once, so a range read again
+/// (an active commit's re-copy after a guest write) always lands after
+/// its earlier copy; calls `before` on each chunk it hands out and `after`
+/// on each that comes back.
+struct Dispatch<'c, 'a, B, A> {
+    copier: &'c Copier,
+    chains: Chains<'a>,
+    writers: usize,
+    to_writers: Sender<Chunk>,
+    to_reader: SyncSender<Vec<u8>>,
+    /// Read, not yet handed out, oldest first.
+    waiting: VecDeque<Chunk>,
+    /// Handed out and not yet back: (offset, len).
+    in_flight: Vec<(u64, u64)>,
+    read_all: bool,
+    before: B,
+    after: A,
+}
+
+impl<B, A, E> Dispatch<'_, '_, B, A>
+where
+    B: FnMut() -> Result<bool, E>,
+    A: FnMut(u64, u64, Result<u64, CopyFailure>) -> Result<Next, E>,
+{
+    /// Runs until every chunk is written, or the job stops: then waits for
+    /// the chunks in flight (their `after` is still heard, and an error it
+    /// returns wins over a plain stop).
+    fn drive(&mut self, inbox: &Receiver<Event>) -> Result<Ended, E> {
+        let mut ended = None;
+        loop {
+            if ended.is_none() {
+                ended = self.hand_out();
+            }
+            if self.in_flight.is_empty() {
+                match ended {
+                    Some(ended) => return ended,
+                    None if self.read_all && self.waiting.is_empty() => return Ok(Ended::Drained),
+                    None => {}
+                }
+            }
+            // Senders live as long as this loop needs them: the reader
+            // until `ReadAll`, the writers until `to_writers` closes.
+            let Ok(event) = inbox.recv() else {
+                return ended.unwrap_or(Ok(Ended::Drained));
+            };
+            match event {
+                Event::Read(chunk) => self.waiting.push_back(chunk),
+                Event::ReadAll => self.read_all = true,
+                Event::Written(chunk, result) => {
+                    if let Err(err) = self.written(chunk, result) {
+                        ended = Some(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands out the oldest chunks while a writer is free and they do not
+    /// overlap a write in flight; `Some` once `before` says stop.
+    fn hand_out(&mut self) -> Option<Result<Ended, E>> {
+        while self.in_flight.len() < self.writers {
+            let chunk = self.waiting.front()?;
+            let (start, end) = (chunk.offset, chunk.offset + chunk.len);
+            if self
+                .in_flight
+                .iter()
+                .any(|&(offset, len)| offset < end && start < offset + len)
+            {
+                return None;
+            }
+            match (self.before)() {
+                Ok(true) => {}
+                Ok(false) => return Some(Ok(Ended::Stopped(Vec::new()))),
+                Err(err) => return Some(Err(err)),
+            }
+            let chunk = self.waiting.pop_front()?;
+            self.in_flight.push((chunk.offset, chunk.len));
+            // The writers outlive this loop.
+            let _ = self.to_writers.send(chunk);
+        }
+        None
+    }
+
+    /// Hears a chunk back: tells `after`, copies it again on this thread
+    /// while `after` asks for it, and returns its buffer to the reader.
+    fn written(&mut self, mut chunk: Chunk, mut result: Result<u64, CopyFailure>) -> Result<(), E> {
+        self.in_flight
+            .retain(|&(offset, len)| (offset, len) != (chunk.offset, chunk.len));
+        let heard = loop {
+            match (self.after)(chunk.offset, chunk.len, result) {
+                Ok(Next::Go) => break Ok(()),
+                Ok(Next::Retry) => {
+                    // Nothing overlapping is in flight: this chunk was, so
+                    // no later copy of its range was handed out.
+                    result = self.copier.copy_between(
+                        self.chains,
+                        chunk.offset,
+                        chunk.len,
+                        &mut chunk.buf,
+                    )
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        // A full pool means the reader has enough buffers.
+        let _ = self.to_reader.try_send(chunk.buf);
+        heard
     }
 }
 
@@ -413,3 +592,6 @@ pub(super) fn linear(size: u64) -> impl FnMut() -> Option<(u64, u64)> + Send {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -179,8 +179,14 @@ pub struct Job {
     touched: Vec<NodeId>,
     state: Mutex<State>,
     wake: Condvar,
+    /// Told of every verb, for a job thread that waits on something else
+    /// than [`Job::wait`] (a live copy waiting for guest writes).
+    wakers: Mutex<Vec<Waker>>,
     events: std::sync::Arc<dyn EventSink>,
 }
+
+/// See [`Job::on_verb`].
+pub type Waker = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +247,7 @@ impl Job {
                 cancel_forced: false,
             }),
             wake: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
             events,
         };
         job.report_status(JobStatus::Created);
@@ -347,7 +354,7 @@ impl Job {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::Pause)?;
         state.pause_requested = true;
-        self.wake.notify_all();
+        self.verb_heard();
         while !state.parked && state.can_park() {
             state = self.wait(state, None);
         }
@@ -368,7 +375,7 @@ impl Job {
         }
         state.pause_requested = false;
         self.unpause(&mut state);
-        self.wake.notify_all();
+        self.verb_heard();
         Ok(())
     }
 
@@ -381,7 +388,7 @@ impl Job {
         state.cancel_requested = true;
         state.pause_requested = false;
         self.unpause(&mut state);
-        self.wake.notify_all();
+        self.verb_heard();
         Ok(())
     }
 
@@ -394,7 +401,7 @@ impl Job {
         state.cancel_forced = true;
         state.pause_requested = false;
         self.unpause(&mut state);
-        self.wake.notify_all();
+        self.verb_heard();
         Ok(())
     }
 
@@ -409,8 +416,22 @@ impl Job {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::Complete)?;
         state.complete_requested = true;
-        self.wake.notify_all();
+        self.verb_heard();
         Ok(())
+    }
+
+    /// Has `waker` called at every verb from now on, besides waking the
+    /// job's thread where it waits in [`Job::checkpoint`] or `advance`.
+    pub fn on_verb(&self, waker: Waker) {
+        lock(&self.wakers).push(waker);
+    }
+
+    /// Wakes whatever waits for a verb.
+    fn verb_heard(&self) {
+        self.wake.notify_all();
+        for waker in lock(&self.wakers).iter() {
+            waker();
+        }
     }
 
     /// Whether `complete` was accepted.
@@ -445,7 +466,7 @@ impl Job {
         let mut state = lock(&self.state);
         self.check_verb(&state, Verb::SetSpeed)?;
         state.limit.set_speed(speed);
-        self.wake.notify_all();
+        self.verb_heard();
         Ok(())
     }
 

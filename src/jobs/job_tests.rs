@@ -214,3 +214,19 @@ fn the_rate_counts_what_the_speed_limit_counts() {
     assert_eq!(info.rate, 0.0, "nothing was copied: {info:?}");
     job.conclude(Outcome::Completed, None);
 }
+
+#[test]
+fn every_verb_wakes_what_waits_on_it() {
+    let (job, _) = job();
+    let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&heard);
+    job.on_verb(Box::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    job.start();
+    job.set_speed(1 << 20).unwrap();
+    job.set_ready();
+    job.complete().unwrap();
+    job.cancel().unwrap();
+    assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

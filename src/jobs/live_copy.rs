@@ -84,8 +84,7 @@ struct Tracker {
 impl WriteHook for Tracker {
     fn written(&self, offset: u64, len: u64) {
         self.dirty.mark(offset, len);
-        *lock(&self.kicked) = true;
-        self.kick.notify_all();
+        self.kick();
         if self.blocking.load(Ordering::Acquire) {
             self.copy_through(offset, len);
         }
@@ -134,7 +133,14 @@ impl Tracker {
         Some((offset, len, copied))
     }
 
-    /// Waits until a write marked something, at most `timeout`.
+    /// Wakes the job where it waits for a write.
+    fn kick(&self) {
+        *lock(&self.kicked) = true;
+        self.kick.notify_all();
+    }
+
+    /// Waits until a write marked something or a verb came, at most
+    /// `timeout`.
     fn wait_for_write(&self, timeout: Duration) {
         let kicked = lock(&self.kicked);
         let (mut kicked, _) = self
@@ -198,6 +204,13 @@ pub(super) fn run(
     pivot: &dyn Fn() -> Result<(), ChainError>,
 ) -> (Outcome, Option<String>) {
     let tracker = &tracking.tracker;
+    // A `complete` or a cancel must not wait out the idle poll.
+    let weak = Arc::downgrade(tracker);
+    job.on_verb(Box::new(move || {
+        if let Some(tracker) = weak.upgrade() {
+            tracker.kick();
+        }
+    }));
     if let Err(err) = scan(&tracker.live.source, &tracker.dirty) {
         return (Outcome::Failed, Some(err.to_string()));
     }

@@ -48,18 +48,27 @@ pub fn is_writable(chain: &Chain, node: NodeId, read_only: bool) -> bool {
     !read_only && active.id() == node && active.writable()
 }
 
-/// Reads up to `size` bytes at `offset`: empty at or past the end, short at
-/// the end.
-pub fn read(target: &Target, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+/// Reads up to `size` bytes at `offset` into `buf` (grown as needed, never
+/// cleared: the chain fills every byte it returns); returns them, empty at
+/// or past the end, short at the end.
+pub fn read<'b>(
+    target: &Target,
+    offset: u64,
+    size: u32,
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8], FsError> {
     let end = target.size()?;
     if offset >= end {
-        return Ok(Vec::new());
+        return Ok(&[]);
     }
-    let len = u64::from(size).min(end - offset);
     // len <= size, a u32: it fits in usize.
-    let mut buf = vec![0u8; len as usize];
-    target.chain.read(target.node, offset, &mut buf)?;
-    Ok(buf)
+    let len = u64::from(size).min(end - offset) as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let data = &mut buf[..len];
+    target.chain.read(target.node, offset, data)?;
+    Ok(data)
 }
 
 /// Writes `data` at `offset` of a writable target: ENOSPC if it starts at

@@ -234,14 +234,24 @@ impl FsModel {
         Ok(Opened { fh, caching })
     }
 
-    /// Reads up to `size` bytes at `offset` of open file `fh`.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    /// Reads up to `size` bytes at `offset` of open file `fh`, into `buf`
+    /// (the caller's, kept from one request to the next so that a 1 MiB
+    /// read does not allocate and zero 1 MiB first); returns them.
+    pub fn read<'b>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], FsError> {
         let handle = self.handles.get(fh)?;
         if let Handle::Ctl { buffer, .. } = &*handle {
-            return Ok(ctl::read(buffer, offset, size).to_vec());
+            buf.clear();
+            buf.extend_from_slice(ctl::read(buffer, offset, size));
+            return Ok(buf);
         }
         self.stats.record_read(u64::from(size));
-        node_file::read(&self.read_target(&handle)?, offset, size)
+        node_file::read(&self.read_target(&handle)?, offset, size, buf)
     }
 
     /// Writes `data` at `offset` of open file `fh`; returns bytes written.

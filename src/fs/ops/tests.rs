@@ -9,6 +9,14 @@ use crate::fs::node_file::falloc;
 const SIZE: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
 
+/// What `read` of `fh` returns, through a fresh buffer.
+fn read(model: &FsModel, fh: u64, offset: u64, size: u32) -> Vec<u8> {
+    model
+        .read(fh, offset, size, &mut Vec::new())
+        .unwrap()
+        .to_vec()
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     model: FsModel,
@@ -143,10 +151,10 @@ fn modes_show_what_may_be_written() {
 fn reads_stop_at_the_end() {
     let f = fixture(false);
     let fh = f.open("base.img", false).unwrap();
-    assert_eq!(f.model.read(fh, 0, 16).unwrap(), [0xb0; 16]);
-    assert_eq!(f.model.read(fh, SIZE - 10, 100).unwrap().len(), 10);
-    assert!(f.model.read(fh, SIZE, 100).unwrap().is_empty());
-    assert!(f.model.read(fh, u64::MAX, 100).unwrap().is_empty());
+    assert_eq!(read(&f.model, fh, 0, 16), [0xb0; 16]);
+    assert_eq!(read(&f.model, fh, SIZE - 10, 100).len(), 10);
+    assert!(read(&f.model, fh, SIZE, 100).is_empty());
+    assert!(read(&f.model, fh, u64::MAX, 100).is_empty());
 }
 
 #[test]
@@ -159,7 +167,7 @@ fn writes_go_only_to_the_active_node_and_stop_at_the_end() {
     assert_eq!(f.model.write(fh, 4096, &[1; 4096]).unwrap(), 4096);
     assert_eq!(errno(f.model.write(fh, SIZE, b"x")), libc::ENOSPC);
     assert_eq!(f.model.write(fh, SIZE - 3, b"abcdef").unwrap(), 3);
-    assert_eq!(f.model.read(fh, SIZE - 3, 3).unwrap(), b"abc");
+    assert_eq!(read(&f.model, fh, SIZE - 3, 3), b"abc");
     assert_eq!(errno(f.model.write(9999, 0, b"x")), libc::EBADF);
 }
 
@@ -168,17 +176,13 @@ fn a_write_through_active_is_seen_through_the_node_file_and_back() {
     let f = fixture(false);
     let active = f.open("active", true).unwrap();
     let node = f.open("top.qcow2", true).unwrap();
-    assert_eq!(f.model.read(node, 0, 4).unwrap(), [0xb0; 4]);
+    assert_eq!(read(&f.model, node, 0, 4), [0xb0; 4]);
     f.model.write(active, 0, b"live").unwrap();
-    assert_eq!(f.model.read(node, 0, 4).unwrap(), b"live");
+    assert_eq!(read(&f.model, node, 0, 4), b"live");
     f.model.write(node, 8, b"back").unwrap();
-    assert_eq!(f.model.read(active, 8, 4).unwrap(), b"back");
-    assert_eq!(
-        f.model
-            .read(f.open("base.img", false).unwrap(), 0, 4)
-            .unwrap(),
-        [0xb0; 4]
-    );
+    assert_eq!(read(&f.model, active, 8, 4), b"back");
+    let base = f.open("base.img", false).unwrap();
+    assert_eq!(read(&f.model, base, 0, 4), [0xb0; 4]);
 }
 
 #[test]
@@ -190,7 +194,7 @@ fn a_read_only_mount_refuses_every_flat_file_write() {
     let command = f.open("ctl/command", true).unwrap();
     assert_eq!(errno(f.model.write(command, 0, b"stream\n")), libc::EROFS);
     let events = f.open("ctl/events", false).unwrap();
-    let text = String::from_utf8(f.model.read(events, 0, 65536).unwrap()).unwrap();
+    let text = String::from_utf8(read(&f.model, events, 0, 65536)).unwrap();
     assert!(text.contains("COMMAND_REJECTED"), "{text}");
 }
 
@@ -228,10 +232,10 @@ fn fallocate_discards_with_the_supported_modes_only() {
     let fh = f.open("active", true).unwrap();
     let punch = falloc::PUNCH_HOLE | falloc::KEEP_SIZE;
     f.model.fallocate(fh, 0, CLUSTER, punch).unwrap();
-    assert_eq!(f.model.read(fh, 0, 8).unwrap(), [0; 8]);
+    assert_eq!(read(&f.model, fh, 0, 8), [0; 8]);
     f.model.write(fh, 0, &[5; 8]).unwrap();
     f.model.fallocate(fh, 2, 4, falloc::ZERO_RANGE).unwrap();
-    assert_eq!(f.model.read(fh, 0, 8).unwrap(), [5, 5, 0, 0, 0, 0, 5, 5]);
+    assert_eq!(read(&f.model, fh, 0, 8), [5, 5, 0, 0, 0, 0, 5, 5]);
     assert_eq!(errno(f.model.fallocate(fh, 0, 4096, 0)), libc::EOPNOTSUPP);
     assert_eq!(
         errno(f.model.fallocate(fh, SIZE - 1, 2, falloc::ZERO_RANGE)),
@@ -272,7 +276,7 @@ fn an_unknown_command_is_einval_and_shows_in_events_and_status() {
     );
     let read_all = |name: &str| {
         let fh = f.open(name, false).unwrap();
-        String::from_utf8(f.model.read(fh, 0, 1 << 20).unwrap()).unwrap()
+        String::from_utf8(read(&f.model, fh, 0, 1 << 20)).unwrap()
     };
     let status = read_all("ctl/status");
     assert!(
@@ -291,7 +295,7 @@ fn released_handles_are_gone_for_good() {
     let fh = f.open("active", false).unwrap();
     assert_eq!(f.model.open_handles(), 1);
     f.model.release(fh).unwrap();
-    assert_eq!(errno(f.model.read(fh, 0, 1)), libc::EBADF);
+    assert_eq!(errno(f.model.read(fh, 0, 1, &mut Vec::new())), libc::EBADF);
     assert_eq!(errno(f.model.release(fh)), libc::EBADF);
     assert_eq!(errno(f.model.open(inode::ROOT, false)), libc::EISDIR);
     assert_eq!(errno(f.model.getattr(5000, None)), libc::ENOENT);
@@ -349,10 +353,10 @@ fn a_command_write_that_is_not_a_whole_command_is_refused_whole() {
         libc::EINVAL
     );
     let status = f.open("ctl/status.json", false).unwrap();
-    assert_eq!(f.model.read(status, 0, 4096).unwrap(), b"[]\n", "no job");
+    assert_eq!(read(&f.model, status, 0, 4096), b"[]\n", "no job");
     // The jobs layer refused the first piece, so it is logged as refused.
     let events = f.open("ctl/events", false).unwrap();
-    let events = f.model.read(events, 0, 1 << 20).unwrap();
+    let events = read(&f.model, events, 0, 1 << 20);
     let rejected = String::from_utf8_lossy(&events)
         .matches("COMMAND_REJECTED")
         .count();
@@ -369,4 +373,19 @@ fn a_command_write_that_is_not_a_whole_command_is_refused_whole() {
     );
     let offset = offset + second.len() as u64;
     assert!(f.model.write(command, offset, b"cancel id=a\n").is_ok());
+}
+
+#[test]
+fn a_read_buffer_reused_across_requests_never_shows_an_earlier_reads_bytes() {
+    let f = fixture(false);
+    let fh = f.open("top.qcow2", false).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(f.model.read(fh, 0, 64, &mut buf).unwrap(), [0xb0; 64]);
+    // A hole past the base's data, read into the same, now dirty, buffer.
+    assert_eq!(
+        f.model.read(fh, 4 * CLUSTER, 64, &mut buf).unwrap(),
+        [0; 64]
+    );
+    // A shorter read at the end of the file returns only its own bytes.
+    assert_eq!(f.model.read(fh, SIZE - 8, 64, &mut buf).unwrap(), [0; 8]);
 }

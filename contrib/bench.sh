@@ -327,27 +327,37 @@ chainfs_job() {
     awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
 }
 
-# qsd_job COMMAND [complete]: the QMP command (the inside of its JSON),
-# job-complete on BLOCK_JOB_READY if asked; prints the seconds until
-# BLOCK_JOB_COMPLETED.
-qsd_job() {
+# qmp MODE COMMAND [complete]: sends one QMP command (the inside of its
+# JSON) to qsd. MODE `command`: returns once QMP replied. MODE `job`: a
+# job's command, job-complete on BLOCK_JOB_READY if asked; prints the
+# seconds until BLOCK_JOB_COMPLETED. Fails on a QMP error or a failed job.
+qmp() {
     python3 - "$work/qmp.sock" "$@" <<'PY'
 import json, socket, sys, time
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(sys.argv[1])
+mode, command = sys.argv[2], sys.argv[3]
+complete = len(sys.argv) > 4 and sys.argv[4]
 f = sock.makefile("rw")
 def send(cmd):
     f.write(json.dumps(cmd) + "\n"); f.flush()
-json.loads(f.readline())
-send({"execute": "qmp_capabilities"})
-start = time.time()
-send(json.loads('{"execute": ' + sys.argv[2] + "}}"))
-while True:
+def receive():
     msg = json.loads(f.readline())
     if "error" in msg:
         sys.exit("QMP error: %s" % msg["error"])
+    return msg
+receive()
+send({"execute": "qmp_capabilities"})
+while "return" not in receive():
+    pass
+start = time.time()
+send(json.loads('{"execute": ' + command + "}}"))
+while True:
+    msg = receive()
     event = msg.get("event")
-    if event == "BLOCK_JOB_READY" and len(sys.argv) > 3 and sys.argv[3]:
+    if mode == "command" and "return" in msg:
+        break
+    if event == "BLOCK_JOB_READY" and complete:
         send({"execute": "job-complete", "arguments": {"id": "j"}})
     elif event == "BLOCK_JOB_COMPLETED":
         if msg.get("data", {}).get("error"):
@@ -357,27 +367,8 @@ while True:
 PY
 }
 
-# qsd_command COMMAND: runs one QMP command (the inside of its JSON) that
-# is not a job, and fails if QMP refuses it.
-qsd_command() {
-    python3 - "$work/qmp.sock" "$1" <<'PY'
-import json, socket, sys
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
-f = sock.makefile("rw")
-def send(cmd):
-    f.write(json.dumps(cmd) + "\n"); f.flush()
-    while True:
-        msg = json.loads(f.readline())
-        if "return" in msg or "error" in msg:
-            return msg
-json.loads(f.readline())
-send({"execute": "qmp_capabilities"})
-reply = send(json.loads('{"execute": ' + sys.argv[2] + "}}"))
-if "error" in reply:
-    sys.exit("QMP error: %s" % reply["error"])
-PY
-}
+qsd_job() { qmp job "$@"; }
+qsd_command() { qmp command "$1"; }
 
 # start_qsd_chain DIR [EXTRA...]: qsd with the four-deep chain of DIR as
 # named nodes base <- l1 <- l2 <- top.

@@ -22,7 +22,7 @@ pub use error::{FormatError, Result};
 // parts that code outside it uses, on purpose: the chain creates images,
 // and the tests, the benchmark and the fuzz targets parse headers and
 // repair dirty images without opening a chain.
-pub use qcow2::bitmaps::PersistentBitmap;
+pub use qcow2::bitmaps::{PersistentBitmap, StoreRefusal};
 pub use qcow2::create::{create as create_qcow2, CreateOptions as Qcow2CreateOptions};
 pub use qcow2::features::Incompatible as Qcow2Incompatible;
 pub use qcow2::header::Header as Qcow2Header;
@@ -280,6 +280,19 @@ impl Image {
         match self {
             Image::Raw(raw) => raw.write(offset, data),
             Image::Qcow2(qcow2) => qcow2.write(offset, data, backing),
+        }
+    }
+
+    /// Writes the cluster at `offset` compressed (see
+    /// [`Qcow2::write_compressed`]): `data` is one whole cluster from a
+    /// cluster boundary, or the image's last, partial cluster. Only qcow2
+    /// images hold compressed clusters.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Image::Raw(_) => Err(FormatError::Unsupported {
+                what: "compressed writes to a raw image (compression needs qcow2)".into(),
+            }),
+            Image::Qcow2(qcow2) => qcow2.write_compressed(offset, data),
         }
     }
 

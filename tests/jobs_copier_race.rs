@@ -116,6 +116,8 @@ fn guest_writes_racing_a_stream_all_read_back() {
             base: None,
             target: None,
             touched: Vec::<NodeId>::new(),
+            shared: Vec::new(),
+            kept: Vec::new(),
             len: SIZE,
             speed: 16 << 20,
         },

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use serde_json::json;
 
+use super::backup;
 use super::command::{Command, OnError};
 use super::commit;
 use super::content::ContentWatchers;
@@ -201,6 +202,7 @@ impl Registry {
                 commit::start(self, request, speed, id)
             }
             Command::Mirror(args) => mirror::start(self, args),
+            Command::Backup(args) => backup::start(self, args),
             Command::ForceCancel { id } => Ok(self.find_job(id.as_deref())?.force_cancel()?),
             Command::SetSpeed { id, speed } => {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
@@ -288,6 +290,9 @@ impl Registry {
             base: base_level.map(|b| chain.nodes()[b].name().to_string()),
             target: None,
             touched,
+            shared: Vec::new(),
+            // The node streamed into stays; the nodes between leave.
+            kept: vec![node],
             len: target.virtual_size(),
             speed,
         };
@@ -354,9 +359,10 @@ impl Registry {
                 }
             },
         };
-        if let Some(other) = jobs.iter().find(|job| {
-            !job.status().is_finished() && job.touched().iter().any(|n| spec.touched.contains(n))
-        }) {
+        if let Some(other) = jobs
+            .iter()
+            .find(|job| !job.status().is_finished() && job.conflicts(&spec))
+        {
             return Err(JobError::Busy(format!(
                 "job {} uses some of the same nodes",
                 other.id()

@@ -148,7 +148,10 @@ impl Backup {
         let mut cursor = 0;
         let mut buf = Vec::new();
         loop {
-            job.checkpoint()?;
+            if let Err(stop) = job.checkpoint() {
+                self.report_writes(job);
+                return Err(stop);
+            }
             self.check_broken(job)?;
             self.report_writes(job);
             if self.kind == Copy::None {

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::mount::{command, wait_outcome, Mounted};
+use super::mount::{command, read_all, wait_outcome, Mounted};
 use super::tools::{path_str, qemu_img, qemu_io};
 
 /// Bytes per granule of the bitmaps the tests add (and per cluster of
@@ -64,9 +64,35 @@ pub fn incremental_target(path: &Path, backing: &Path, mib: u64) {
 /// Runs `backup … id=ID` to its end; returns the job as `ctl/status.json`
 /// shows it then.
 pub fn backup_to_end(m: &Mounted, words: &str, id: &str) -> serde_json::Value {
-    command(m, &format!("backup id={id} {words}"))
-        .unwrap_or_else(|errno| panic!("backup {words}: errno {errno}"));
+    start_backup(m, &format!("id={id} {words}"));
     wait_outcome(m, id)
+}
+
+/// Starts `backup WORDS`; a refusal panics with the reason `ctl/status`
+/// gives.
+pub fn start_backup(m: &Mounted, words: &str) {
+    if let Err(errno) = command(m, &format!("backup {words}")) {
+        let status = read_all(&m.path("ctl/status"));
+        panic!(
+            "backup {words}: errno {errno}: {}",
+            String::from_utf8_lossy(&status)
+        );
+    }
+}
+
+/// Fills the file system holding `dir` to its last page with
+/// `dir/filler`, so that the next write there fails with ENOSPC.
+pub fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut filler = File::create(dir.join("filler")).unwrap();
+    for size in [1 << 16, 4096, 512] {
+        while filler.write_all(&vec![0xf1; size]).is_ok() {}
+    }
+}
+
+/// Gives back the room [`fill_up`] took.
+pub fn free_up(dir: &Path) {
+    std::fs::remove_file(dir.join("filler")).unwrap();
 }
 
 /// The granules `ranges` (offset, length) touch: a model of a bitmap.

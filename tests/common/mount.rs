@@ -358,6 +358,11 @@ pub fn events(m: &Mounted) -> Vec<serde_json::Value> {
 pub struct Tmpfs(PathBuf);
 
 impl Tmpfs {
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// Mounts a tmpfs of `megabytes` at `dir`; `None` (after saying so)
     /// when not root, which mounting needs.
     pub fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {

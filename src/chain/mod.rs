@@ -199,6 +199,27 @@ impl Chain {
         Ok(())
     }
 
+    /// Writes the cluster at `offset` of `node` compressed, as
+    /// [`crate::format::Image::write_compressed`] (a qcow2 node without an
+    /// external data file; one whole cluster, or the last partial one),
+    /// under the same rules as [`Chain::write`]; the node's write hooks and
+    /// bitmaps hear of it as of any write.
+    pub fn write_compressed(
+        &self,
+        node: NodeId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ChainError> {
+        let level = self.writable_level(node, offset, data.len() as u64)?;
+        let target = &self.nodes[level];
+        let result = target.image().write_compressed(offset, data);
+        // Even a failed write may have changed part of the range.
+        self.memo.changes().changed(offset, data.len() as u64);
+        result.map_err(|e| target.error(e))?;
+        target.written(offset, data.len() as u64);
+        Ok(())
+    }
+
     /// Fills the parts of `offset..offset + len` that `node` does not hold
     /// with `data` (zeros when `None`): what a stream copies up. Never
     /// overwrites what the node holds, and is serialised with writes to the

@@ -283,6 +283,19 @@ impl Image {
         }
     }
 
+    /// Writes the cluster at `offset` compressed (see
+    /// [`Qcow2::write_compressed`]): `data` is one whole cluster from a
+    /// cluster boundary, or the image's last, partial cluster. Only qcow2
+    /// images hold compressed clusters.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Image::Raw(_) => Err(FormatError::Unsupported {
+                what: "compressed writes to a raw image (compression needs qcow2)".into(),
+            }),
+            Image::Qcow2(qcow2) => qcow2.write_compressed(offset, data),
+        }
+    }
+
     /// Makes `offset..offset + len` read as zeros, freeing the space of whole
     /// clusters where the format allows it.
     pub fn zero_range(&self, offset: u64, len: u64, backing: &dyn BackingReader) -> Result<()> {

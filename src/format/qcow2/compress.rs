@@ -1,5 +1,5 @@
-//! Compressed clusters: the L2 descriptor that locates them, and the deflate
-//! and zstd codecs that QEMU uses for their contents.
+//! Compressed clusters: the L2 descriptor that locates them, the deflate
+//! and zstd codecs that QEMU uses for their contents, and writing them.
 //!
 //! `docs/interop/qcow2.txt`, "Compressed Clusters Descriptor": with
 //! `x = 62 - (cluster_bits - 8)`, bits `0..x` of a compressed L2 entry hold the
@@ -169,7 +169,10 @@ fn window_log_for(len: usize) -> u32 {
     bits.max(ZSTD_MIN_WINDOW_LOG)
 }
 
-#[cfg(test)]
 mod encode;
+mod pack;
 #[cfg(test)]
 mod tests;
+mod write;
+
+pub(super) use pack::Packing;

@@ -13,6 +13,7 @@
 //! image goes through [`Meta::write_header`].
 
 use super::alloc::Allocator;
+use super::compress::Packing;
 use super::header::Header;
 use crate::format::error::IoContext;
 use crate::format::Result;
@@ -27,12 +28,18 @@ pub(super) struct Meta {
     /// The refcount state, and the one source of the refcount table's
     /// location.
     pub(super) allocator: Allocator,
+    /// Where compressed writes pack their next bytes.
+    pub(super) packing: Packing,
 }
 
 impl Meta {
     /// Wraps the header found on disk and the allocator loaded from it.
     pub(super) fn new(header: Header, allocator: Allocator) -> Meta {
-        Meta { header, allocator }
+        Meta {
+            header,
+            allocator,
+            packing: Packing::default(),
+        }
     }
 
     /// The header as it is on disk now, refcount table location included.

@@ -304,7 +304,10 @@ impl Qcow2 {
         }
         // Wait until no request still uses a mapping read before the sync.
         let _barrier = sync::write(&self.inflight);
-        let freed = meta.allocator.apply_frees(self.storage.as_ref())?;
+        let freed = meta.allocator.apply_frees(self.storage.as_ref());
+        meta.packing
+            .forget_freed(freed.as_deref().ok(), self.geometry.cluster_size());
+        let freed = freed?;
         for &host in &freed {
             self.l2_cache.remove(host);
             // The space is free: give it back to the host filesystem.

@@ -1,6 +1,7 @@
-//! The encoder side of compressed clusters, for tests only: chainfs never
-//! writes compressed clusters, but its tests make them (as QEMU would) to
-//! check the decoder and the descriptor against their inverses.
+//! The encoder side of compressed clusters: the codecs and the descriptor
+//! as QEMU writes them (`qcow2_co_compress`,
+//! `qcow2_alloc_compressed_cluster_offset`), for compressed writes and for
+//! the tests that check the decoder against its inverse.
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 
@@ -33,7 +34,9 @@ pub(super) fn encode_descriptor(
 }
 
 /// Compresses one cluster as QEMU would store it; `None` if the result would
-/// not be smaller than the input (QEMU then writes the cluster uncompressed).
+/// not be smaller than the input (QEMU gives its compressor a buffer one
+/// byte short of a cluster, and writes the cluster uncompressed when that
+/// does not suffice).
 pub(super) fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
     let compressed = match kind {
         CompressionType::Deflate => deflate(input)?,

@@ -142,6 +142,39 @@ fn none_backup_keeps_the_old_data_of_what_the_guest_overwrites() {
 }
 
 #[test]
+fn compressed_backup_writes_compressed_clusters_qemu_reads() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("compressed.qcow2");
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    let before = read_all(&m.path("active"));
+    command(
+        &m,
+        "backup target=compressed.qcow2 sync=full compress=on speed=1M id=c",
+    )
+    .unwrap();
+    command(&m, "pause id=c").unwrap();
+    active.write_all_at(&[0x91; 1 << 20], 40 << 20).unwrap();
+    punch_hole(&active, 0, 1 << 20).unwrap();
+    command(&m, "resume id=c").unwrap();
+    command(&m, "set-speed id=c speed=0").unwrap();
+    assert_eq!(wait_outcome(&m, "c")["outcome"], "completed");
+    drop(active);
+    m.unmount();
+    assert_good_copy(&target, &before);
+    let map = qemu_img(&["map", "-U", "--output=json", path_str(&target)]);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let compressed: u64 = extents
+        .iter()
+        .filter(|e| e["compressed"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(compressed >= 4 << 20, "{map}");
+}
+
+#[test]
 fn refusals_say_why_with_qemus_errnos() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;
@@ -180,6 +213,10 @@ fn refusals_say_why_with_qemus_errnos() {
         ("target=x.qcow2 sync=full bitmap-mode=always", libc::EINVAL),
         ("target=x.qcow2 sync=top format=raw", libc::EINVAL),
         ("target=x.qcow2 sync=full speed=fast", libc::EINVAL),
+        (
+            "target=x.qcow2 sync=full compress=on format=raw",
+            libc::EINVAL,
+        ),
     ] {
         assert_eq!(
             command(&m, &format!("backup {words}")),

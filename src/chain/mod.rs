@@ -212,6 +212,7 @@ impl Chain {
     ) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, data.len() as u64)?;
         let target = &self.nodes[level];
+        target.before_write(offset, data.len() as u64);
         let result = target.image().write_compressed(offset, data);
         // Even a failed write may have changed part of the range.
         self.memo.changes().changed(offset, data.len() as u64);

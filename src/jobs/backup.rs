@@ -27,6 +27,7 @@
 
 mod args;
 mod cbw;
+mod compressed;
 mod run;
 
 use std::path::Path;
@@ -41,7 +42,7 @@ use super::target_image::{self, TargetSpec};
 use super::JobError;
 use crate::chain::bitmap::{BitmapError, Kind};
 use crate::chain::track::BeforeWrite;
-use crate::chain::{Chain, ChainError, ChainOptions, Node};
+use crate::chain::{Chain, ChainError, ChainOptions, Format, Node};
 use crate::sync::{Arc, Mutex};
 pub(super) use args::parse;
 pub use args::{BackupArgs, BackupSync, BitmapMode};
@@ -84,10 +85,8 @@ pub(super) fn start(registry: &Registry, args: BackupArgs) -> Result<(), JobErro
         // Nothing below: what the node holds is all it shows (QEMU).
         copy = Copy::Full;
     }
-    if args.compress {
-        return Err(JobError::Invalid(
-            "compress=on is not available in this version".into(),
-        ));
+    if args.compress && args.format == Some(Format::Raw) {
+        return Err(no_raw_compression());
     }
     let path = target::place(Path::new(&args.target), &chain, registry.mount().as_ref())?;
     let target = TargetSpec {
@@ -103,6 +102,11 @@ pub(super) fn start(registry: &Registry, args: BackupArgs) -> Result<(), JobErro
         size: node.virtual_size(),
     };
     let dest = Arc::new(target_image::prepare(&chain, &target, &open_target)?);
+    if args.compress && dest.active().format() != Format::Qcow2 {
+        drop(dest);
+        target_image::discard_created(&target);
+        return Err(no_raw_compression());
+    }
     let fresh = args.mode == TargetMode::AbsolutePaths && target.backing.is_none();
     let backup = Arc::new(plan(&chain, &dest, &node, copy, below, fresh, &args));
     let spec = JobSpec {
@@ -152,6 +156,11 @@ pub(super) fn start(registry: &Registry, args: BackupArgs) -> Result<(), JobErro
         target_image::discard_created(&target);
     }
     started
+}
+
+/// Why `compress=on` is refused.
+fn no_raw_compression() -> JobError {
+    JobError::Invalid("compress=on needs a qcow2 target".into())
 }
 
 /// QEMU's checks of the bitmap a backup names: ENOENT when missing, EBUSY
@@ -250,6 +259,10 @@ fn plan(
         on_error: args.on_error,
         broken: Mutex::new(None),
         cbw_bytes: AtomicU64::new(0),
+        // Each of the target's clusters is compressed on its own.
+        compress: args
+            .compress
+            .then(|| target.cluster_size().unwrap_or(granularity)),
     }
 }
 

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::super::command::OnError;
-use super::super::copier::{Chains, Copier, CHUNK};
+use super::super::copier::{Chains, Copier, CopyFailure, CHUNK};
 use super::super::job::{Job, Stop};
 use super::super::stream::handle_error;
 use super::args::Copy;
 use super::cbw::Clusters;
+use super::compressed::copy_compressed;
 use crate::chain::track::BeforeWrite;
 use crate::chain::{Allocation, Chain, ChainError, NodeId};
 use crate::sync::{lock, Arc, Mutex};
@@ -46,6 +47,8 @@ pub(super) struct Backup {
     pub broken: Mutex<Option<String>>,
     /// Bytes copied before writes and not yet counted in the progress.
     pub cbw_bytes: AtomicU64,
+    /// `compress=on`: the target's cluster size, each written compressed.
+    pub compress: Option<u64>,
 }
 
 impl BeforeWrite for Backup {
@@ -64,7 +67,7 @@ impl BeforeWrite for Backup {
                     self.clusters.release(at, end - at, false);
                     break;
                 }
-                match self.copy.copy_between(self.chains(), at, piece, &mut buf) {
+                match self.copy_range(at, piece, &mut buf) {
                     Ok(_) => {
                         self.clusters.release(at, piece, true);
                         self.cbw_bytes.fetch_add(piece, Ordering::Relaxed);
@@ -86,6 +89,15 @@ impl Backup {
         Chains {
             source: &self.source,
             dest: &self.dest,
+        }
+    }
+
+    /// Copies `offset..offset + len` of the view into the target (with
+    /// the shared copier, or compressed).
+    fn copy_range(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<u64, CopyFailure> {
+        match self.compress {
+            None => self.copy.copy_between(self.chains(), offset, len, buf),
+            Some(cluster) => copy_compressed(&self.copy, self.chains(), cluster, offset, len, buf),
         }
     }
 
@@ -168,7 +180,7 @@ impl Backup {
                 }
                 continue;
             };
-            let result = self.copy.copy_between(self.chains(), offset, len, &mut buf);
+            let result = self.copy_range(offset, len, &mut buf);
             self.clusters.release(offset, len, result.is_ok());
             match result {
                 Ok(copied) => {

@@ -67,15 +67,15 @@ fn every_backup_is_its_point_in_time_whatever_writes_race_it() {
                     let mut writes = 0;
                     while writes < 300 || !done.load(Ordering::Acquire) {
                         let cursor = registry.infos().last().map_or(0, |info| info.offset % SIZE);
-                        let len = rng.gen_range(1..=96u64) * 1024;
-                        let near = cursor + rng.gen_range(0..(2u64 << 20));
+                        let len = rng.random_range(1..=96u64) * 1024;
+                        let near = cursor + rng.random_range(0..(2u64 << 20));
                         let offset = near.min(SIZE - len);
                         let _gate = live.write_gate();
                         let chain = live.current();
-                        if rng.gen_bool(0.2) {
+                        if rng.random_bool(0.2) {
                             chain.zero_range(top, offset, len).unwrap();
                         } else {
-                            let data = vec![rng.gen::<u8>() | 1; len as usize];
+                            let data = vec![rng.random::<u8>() | 1; len as usize];
                             chain.write(top, offset, &data).unwrap();
                         }
                         writes += 1;

@@ -69,6 +69,30 @@ fn full_backup_is_the_disk_at_its_start_whatever_is_written_meanwhile() {
 }
 
 #[test]
+fn a_snapshot_during_a_backup_leaves_it_its_point_in_time() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("snap-full.qcow2");
+    let m = five.mount();
+    let active = open_rw(&m, "active");
+    let before = read_all(&m.path("active"));
+    command(&m, "backup target=snap-full.qcow2 sync=full speed=1M id=b").unwrap();
+    active.write_all_at(&[0xa1; 100_000], 30 << 20).unwrap();
+    // From the pivot on, the backed-up node takes no writes.
+    command(&m, "snapshot file=new-top.qcow2").unwrap();
+    active.write_all_at(&[0xa2; 1 << 20], 0).unwrap();
+    command(&m, "set-speed id=b speed=0").unwrap();
+    let job = wait_outcome(&m, "b");
+    assert_eq!(job["outcome"], "completed", "{job}");
+    assert_eq!(job["node"], "file-E.img");
+    drop(active);
+    m.unmount();
+    assert_good_copy(&target, &before);
+    qemu_img_check(&five.image("new-top.qcow2"));
+}
+
+#[test]
 fn top_backup_backed_by_the_nodes_backing_equals_the_node() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;

@@ -105,27 +105,23 @@ struct Disk {
 }
 
 impl Disk {
-    fn new() -> Option<Disk> {
+    /// The disk, and a tmpfs of 1 MiB in `tiny/` to fill up.
+    fn with_tiny() -> Option<(Disk, Tmpfs)> {
         if !require_all(&[]) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let top = disk(
-            dir.path(),
-            8,
-            &["write -P 0x11 0 2M", "write -P 0x12 5M 1M"],
-        );
+        let tiny = Tmpfs::mount(&dir.path().join("tiny"), 1)?;
+        let writes = ["write -P 0x11 0 2M", "write -P 0x12 5M 1M"];
+        let top = disk(dir.path(), 8, &writes);
         let m = mount_default(&top, dir.path());
-        Some(Disk { dir, m })
+        Some((Disk { dir, m }, tiny))
     }
 }
 
 #[test]
 fn a_failed_incremental_keeps_the_bits_and_the_next_one_is_still_right() {
-    let Some(d) = Disk::new() else {
-        return;
-    };
-    let Some(tiny) = Tmpfs::mount(&d.dir.path().join("tiny"), 1) else {
+    let Some((d, tiny)) = Disk::with_tiny() else {
         return;
     };
     let m = &d.m;
@@ -186,10 +182,7 @@ enum End {
 
 #[test]
 fn bitmap_modes_leave_the_bits_qemu_leaves_for_every_outcome_and_sync() {
-    let Some(d) = Disk::new() else {
-        return;
-    };
-    let Some(tiny) = Tmpfs::mount(&d.dir.path().join("tiny"), 1) else {
+    let Some((d, tiny)) = Disk::with_tiny() else {
         return;
     };
     let m = &d.m;

@@ -17,7 +17,7 @@ use chainfs::jobs::command::parse;
 use chainfs::jobs::job::Outcome;
 use chainfs::jobs::registry::{LiveChain, Registry};
 use chainfs::jobs::EventLog;
-use common::chain::{assert_same, at, open_writable, overlay, read_node, tempdir};
+use common::chain::{assert_same, at, close_live, open_writable, overlay, read_node, tempdir};
 use common::{convert_to_raw, qemu_img_check, qemu_io};
 use rand::{Rng, SeedableRng};
 
@@ -103,13 +103,7 @@ fn every_backup_is_its_point_in_time_whatever_writes_race_it() {
     }
     registry.shutdown();
     drop(registry);
-    let chain = Arc::try_unwrap(live)
-        .ok()
-        .unwrap()
-        .into_chain()
-        .ok()
-        .unwrap();
-    chain.close().unwrap();
+    close_live(live);
     qemu_img_check(&at(d, "top.qcow2"));
     for (target, point) in &points {
         qemu_img_check(target);

@@ -36,7 +36,7 @@ use std::sync::atomic::AtomicU64;
 use super::command::TargetMode;
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
-use super::registry::{resolve, LiveChain, Registry};
+use super::registry::{shown_node, LiveChain, Registry};
 use super::target::{self, resolve_relative};
 use super::target_image::{self, TargetSpec};
 use super::JobError;
@@ -70,15 +70,8 @@ impl Drop for Hooked {
 /// starts it.
 pub(super) fn start(registry: &Registry, args: BackupArgs) -> Result<(), JobError> {
     let chain = registry.chain();
-    let node_name = args.node.as_deref().unwrap_or("active");
-    let id = resolve(&chain, node_name)?;
-    let all = chain.nodes();
-    let Some(level) = all.iter().position(|n| n.id() == id && !n.hidden()) else {
-        return Err(JobError::NotFound(format!(
-            "node {node_name:?} is not in the mount"
-        )));
-    };
-    let node = all[level].clone();
+    let (level, node) = shown_node(&chain, args.node.as_deref().unwrap_or("active"))?;
+    let (id, all) = (node.id(), chain.nodes());
     let (mut copy, bitmap) = args::resolve(&args, &|name| check_bitmap(&node, name))?;
     let below = level.checked_sub(1).map(|l| all[l].id());
     if copy == Copy::Top && below.is_none() {

@@ -33,7 +33,7 @@ use super::command::{MirrorArgs, SyncMode, TargetMode};
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome};
 use super::live_copy::{self, mark_allocated, LiveCopy, Tracking};
-use super::registry::{resolve, LiveChain, Registry};
+use super::registry::{shown_node, LiveChain, Registry};
 use super::target_image::{self, TargetSpec};
 use super::{target, JobError};
 use crate::chain::track::DirtyMap;
@@ -69,15 +69,8 @@ struct MirrorPlan {
 /// starts it.
 pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobError> {
     let chain = registry.chain();
-    let node_name = args.node.as_deref().unwrap_or("active");
-    let id = resolve(&chain, node_name)?;
-    let all = chain.nodes();
-    let Some(level) = all.iter().position(|n| n.id() == id && !n.hidden()) else {
-        return Err(JobError::NotFound(format!(
-            "node {node_name:?} is not in the mount"
-        )));
-    };
-    let node = all[level].clone();
+    let (level, node) = shown_node(&chain, args.node.as_deref().unwrap_or("active"))?;
+    let (id, all) = (node.id(), chain.nodes());
     let path = target::place(Path::new(&args.target), &chain, registry.mount().as_ref())?;
     let below = level.checked_sub(1).map(|l| all[l].id());
     let backing = match args.sync {

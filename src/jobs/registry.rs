@@ -425,6 +425,21 @@ pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, JobError> {
         .ok_or_else(|| JobError::NotFound(format!("no node {name:?} in the chain")))
 }
 
+/// The node a command names and its level in `chain`; ENOENT when it is
+/// hidden from the mount (a commit's intermediate).
+pub(super) fn shown_node(
+    chain: &Chain,
+    name: &str,
+) -> Result<(usize, crate::chain::Node), JobError> {
+    let id = resolve(chain, name)?;
+    chain
+        .nodes()
+        .iter()
+        .position(|n| n.id() == id && !n.hidden())
+        .map(|level| (level, chain.nodes()[level].clone()))
+        .ok_or_else(|| JobError::NotFound(format!("node {name:?} is not in the mount")))
+}
+
 /// Keeps the listing bounded: the oldest concluded jobs beyond
 /// [`KEPT_CONCLUDED`] go.
 fn drop_old_concluded(jobs: &mut Vec<Arc<Job>>) {

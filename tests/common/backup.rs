@@ -16,16 +16,8 @@ pub const GRANULE: u64 = 64 << 10;
 /// `fallocate(ZERO_RANGE | KEEP_SIZE)` of `len` bytes at `offset`: a
 /// write-zeroes.
 pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate only reads its integer arguments; the descriptor
-    // is open for as long as `file` is borrowed.
-    let done = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    super::mount::fallocate(file, mode, offset, len)
 }
 
 /// `dir/disk.qcow2` of `mib` MiB, no backing file, with `writes` (qemu-io

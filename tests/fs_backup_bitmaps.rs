@@ -96,6 +96,7 @@ fn an_incremental_chain_reads_as_the_disk_at_each_backups_start() {
     for (image, content) in &expected {
         assert_good_copy(image, content);
     }
+    qemu_img_check(&five.top());
 }
 
 /// A one-image disk of 8 MiB with data in 0..2M and 5M..6M, mounted.
@@ -168,6 +169,8 @@ fn a_failed_incremental_keeps_the_bits_and_the_next_one_is_still_right() {
     drop(active);
     d.m.unmount();
     assert_good_copy(&good, &model);
+    qemu_img_check(&d.dir.path().join("disk.qcow2"));
+    // Cut short by ENOSPC, it may leak clusters, never lose consistency.
     qemu_img_check_allowing_leaks(&bad);
     drop(tiny);
 }
@@ -257,6 +260,7 @@ fn bitmap_modes_leave_the_bits_qemu_leaves_for_every_outcome_and_sync() {
     }
     drop(active);
     d.m.unmount();
+    qemu_img_check(&d.dir.path().join("disk.qcow2"));
 }
 
 fn expected_outcome(end: End) -> &'static str {

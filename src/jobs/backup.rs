@@ -37,7 +37,7 @@ use super::command::TargetMode;
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome, Stop};
 use super::registry::{shown_node, LiveChain, Registry};
-use super::target::{self, resolve_relative};
+use super::target;
 use super::target_image::{self, TargetSpec};
 use super::JobError;
 use crate::chain::bitmap::{BitmapError, Kind};
@@ -186,13 +186,24 @@ fn open_target(chain: &Chain, spec: &TargetSpec) -> Result<Chain, ChainError> {
     if spec.mode == TargetMode::AbsolutePaths {
         return chain.target_chain(&spec.path, spec.format, spec.backing);
     }
-    let alone = chain.target_chain(&spec.path, spec.format, None)?;
-    let Some(backing) = alone.active().backing_file().map(str::to_owned) else {
-        return Ok(alone);
+    // Where its backing chain leads, looked at without taking a lock (as
+    // `qemu-img -U`): a second descriptor holding the write lock could
+    // outlive its close and refuse the real open.
+    let peek = ChainOptions {
+        force_share: true,
+        ..ChainOptions::default()
     };
-    alone.close()?;
-    let dir = spec.path.parent().unwrap_or(Path::new("/"));
-    let backing = resolve_relative(Path::new(&backing), dir);
+    let backing = {
+        let peeked = Chain::open(&spec.path, &peek)?;
+        let nodes = peeked.nodes();
+        nodes
+            .len()
+            .checked_sub(2)
+            .map(|below| nodes[below].canonical_path().to_path_buf())
+    };
+    let Some(backing) = backing else {
+        return chain.target_chain(&spec.path, spec.format, None);
+    };
     if let Some(node) = chain.find(&backing.to_string_lossy()) {
         return chain.target_chain(&spec.path, spec.format, Some(node.id()));
     }

@@ -30,18 +30,35 @@ struct Journal {
     writes: Vec<(usize, Range<usize>)>,
 }
 
+impl Journal {
+    /// A journal that starts from the all-zero image a workload opens.
+    fn new(storage: &MemStorage) -> Journal {
+        Journal {
+            flushes: vec![(storage.op_count(), vec![0u8; SIZE])],
+            writes: Vec::new(),
+        }
+    }
+
+    /// Everything up to now is durable, and the image holds `model`.
+    fn flushed(&mut self, storage: &MemStorage, model: &[u8]) {
+        self.flushes.push((storage.op_count(), model.to_vec()));
+    }
+
+    /// A write of `range` starts now.
+    fn writing(&mut self, storage: &MemStorage, range: Range<usize>) {
+        self.writes.push((storage.op_count(), range));
+    }
+}
+
 fn run_workload(storage: &Arc<MemStorage>, seed: u64) -> Journal {
     let image = open(Arc::clone(storage), true);
     let mut model = vec![0u8; SIZE];
-    let mut journal = Journal {
-        flushes: vec![(storage.op_count(), model.clone())],
-        writes: Vec::new(),
-    };
+    let mut journal = Journal::new(storage);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for step in 0..120 {
         let len = rng.random_range(1..150_000usize);
         let at = rng.random_range(0..SIZE - len);
-        journal.writes.push((storage.op_count(), at..at + len));
+        journal.writing(storage, at..at + len);
         if step % 6 == 5 {
             image.zero_range(at as u64, len as u64, &NoBacking).unwrap();
             model[at..at + len].fill(0);
@@ -52,11 +69,11 @@ fn run_workload(storage: &Arc<MemStorage>, seed: u64) -> Journal {
         }
         if step % 10 == 9 {
             image.flush().unwrap();
-            journal.flushes.push((storage.op_count(), model.clone()));
+            journal.flushed(storage, &model);
         }
     }
     image.close().unwrap();
-    journal.flushes.push((storage.op_count(), model.clone()));
+    journal.flushed(storage, &model);
     journal
 }
 
@@ -120,6 +137,42 @@ fn crash_and_verify(storage: &MemStorage, journal: &Journal, point: usize, mode:
     );
 }
 
+/// A new image of `SIZE` bytes made by `qemu-img create -o opts` in `dir`,
+/// loaded into a storage double.
+fn qemu_image(dir: &Path, opts: &str) -> Arc<MemStorage> {
+    let path = dir.join("made.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&path)
+        .arg(SIZE.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()))
+}
+
+/// Crashes at each of `points` in turn, cycling through the crash modes
+/// (seeded from `rng`), and verifies each crash image. Returns how many.
+fn crash_at_each(
+    storage: &MemStorage,
+    journal: &Journal,
+    points: Vec<usize>,
+    rng: &mut rand::rngs::StdRng,
+) -> usize {
+    let count = points.len();
+    for (i, point) in points.into_iter().enumerate() {
+        let seed = rng.random::<u64>();
+        let mode = match i % 4 {
+            0 => CrashMode::DropAll,
+            1 => CrashMode::KeepAll,
+            2 => CrashMode::Subset { seed },
+            _ => CrashMode::TornSubset { seed },
+        };
+        crash_and_verify(storage, journal, point, mode);
+    }
+    count
+}
+
 #[test]
 fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
     if !require_tool("qemu-img") {
@@ -136,15 +189,7 @@ fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
     .enumerate()
     {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("base.qcow2");
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", opts])
-            .arg(&path)
-            .arg(SIZE.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()));
+        let storage = qemu_image(dir.path(), opts);
         let journal = run_workload(&storage, layout as u64);
         check(
             &storage.contents(),
@@ -156,17 +201,7 @@ fn every_crash_point_leaves_a_consistent_image_and_keeps_flushed_writes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(99 + layout as u64);
         let mut points: Vec<usize> = storage.sync_points();
         points.extend((0..60).map(|_| rng.random_range(0..=total)));
-        for (i, point) in points.into_iter().enumerate() {
-            let seed = rng.random::<u64>();
-            let mode = match i % 4 {
-                0 => CrashMode::DropAll,
-                1 => CrashMode::KeepAll,
-                2 => CrashMode::Subset { seed },
-                _ => CrashMode::TornSubset { seed },
-            };
-            crash_and_verify(&storage, &journal, point, mode);
-            crashes += 1;
-        }
+        crashes += crash_at_each(&storage, &journal, points, &mut rng);
     }
     assert!(crashes >= 200, "only {crashes} crashes simulated");
 }
@@ -177,15 +212,7 @@ fn a_full_disk_fails_writes_with_enospc_and_loses_nothing_acknowledged() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("full.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
-        .arg(&path)
-        .arg(SIZE.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()));
+    let storage = qemu_image(dir.path(), "cluster_size=65536");
     let image = open(Arc::clone(&storage), true);
     let mut model = vec![0u8; SIZE];
     let mut failures = 0;
@@ -236,13 +263,10 @@ fn reftable_offset(bytes: &[u8]) -> u64 {
 fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<Range<usize>>) {
     let image = open(Arc::clone(storage), true);
     let mut model = vec![0u8; SIZE];
-    let mut journal = Journal {
-        flushes: vec![(storage.op_count(), model.clone())],
-        writes: Vec::new(),
-    };
+    let mut journal = Journal::new(storage);
     let mut windows = Vec::new();
     let write = |journal: &mut Journal, model: &mut [u8], at: usize, len: usize, byte: u8| {
-        journal.writes.push((storage.op_count(), at..at + len));
+        journal.writing(storage, at..at + len);
         image
             .write(at as u64, &vec![byte; len], &NoBacking)
             .unwrap();
@@ -256,7 +280,7 @@ fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<
         }
         if i % 8 == 7 {
             image.flush().unwrap();
-            journal.flushes.push((storage.op_count(), model.clone()));
+            journal.flushed(storage, &model);
         }
     }
     assert!(
@@ -272,20 +296,20 @@ fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<
     image.set_backing(Some(&base)).unwrap();
     image.set_backing(None).unwrap();
     windows.push(ops..storage.op_count());
-    journal.writes.push((storage.op_count(), 2 << 20..3 << 20));
+    journal.writing(storage, 2 << 20..3 << 20);
     image.zero_range(2 << 20, 1 << 20, &NoBacking).unwrap();
     model[2 << 20..3 << 20].fill(0);
     write(&mut journal, &mut model, 2 << 20, 1 << 20, 0x5b);
     let ops = storage.op_count();
     image.set_writable(false).unwrap();
-    journal.flushes.push((storage.op_count(), model.clone()));
+    journal.flushed(storage, &model);
     image.set_writable(true).unwrap();
     windows.push(ops..storage.op_count());
     write(&mut journal, &mut model, 5 << 20, 300_000, 0x6d);
     let ops = storage.op_count();
     image.close().unwrap();
     windows.push(ops..storage.op_count());
-    journal.flushes.push((storage.op_count(), model.clone()));
+    journal.flushed(storage, &model);
     (journal, windows)
 }
 
@@ -355,10 +379,7 @@ fn crashes_around_a_refcount_table_move_and_header_rewrites_stay_consistent() {
 fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize) -> Journal {
     let image = open(Arc::clone(storage), true);
     let mut model = vec![0u8; SIZE];
-    let mut journal = Journal {
-        flushes: vec![(storage.op_count(), model.clone())],
-        writes: Vec::new(),
-    };
+    let mut journal = Journal::new(storage);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let clusters = SIZE / cluster;
     for step in 0..150 {
@@ -368,12 +389,12 @@ fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize)
         // test is about.
         if step % 7 == 6 {
             let len = (rng.random_range(1..4) * cluster).min(SIZE - at);
-            journal.writes.push((storage.op_count(), at..at + len));
+            journal.writing(storage, at..at + len);
             let data = vec![rng.random::<u8>() | 1; len];
             image.write(at as u64, &data, &NoBacking).unwrap();
             model[at..at + len].copy_from_slice(&data);
         } else if step % 11 == 10 {
-            journal.writes.push((storage.op_count(), at..at + cluster));
+            journal.writing(storage, at..at + cluster);
             image
                 .zero_range(at as u64, cluster as u64, &NoBacking)
                 .unwrap();
@@ -383,17 +404,17 @@ fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize)
             let noisy = rng.random_range(0..cluster);
             let mut data: Vec<u8> = (0..noisy).map(|_| rng.random()).collect();
             data.resize(cluster, step as u8);
-            journal.writes.push((storage.op_count(), at..at + cluster));
+            journal.writing(storage, at..at + cluster);
             image.write_compressed(at as u64, &data).unwrap();
             model[at..at + cluster].copy_from_slice(&data);
         }
         if step % 10 == 9 {
             image.flush().unwrap();
-            journal.flushes.push((storage.op_count(), model.clone()));
+            journal.flushed(storage, &model);
         }
     }
     image.close().unwrap();
-    journal.flushes.push((storage.op_count(), model.clone()));
+    journal.flushed(storage, &model);
     journal
 }
 
@@ -411,39 +432,17 @@ fn every_crash_point_of_compressed_writes_leaves_readable_clusters() {
     .enumerate()
     {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("compressed.qcow2");
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", opts])
-            .arg(&path)
-            .arg(SIZE.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let storage = Arc::new(MemStorage::from_bytes(std::fs::read(&path).unwrap()));
+        let storage = qemu_image(dir.path(), opts);
         let journal = run_compressed_workload(&storage, 40 + layout as u64, cluster);
-        check(
-            &storage.contents(),
-            dir.path(),
-            false,
-            &format!("{opts}: clean close"),
-        );
+        let what = format!("{opts}: clean close");
+        check(&storage.contents(), dir.path(), false, &what);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7 + layout as u64);
         let total = storage.op_count();
+        // Every compressed write syncs: a sample of the sync points.
         let syncs = storage.sync_points();
-        let mut points: Vec<usize> = syncs
-            .iter()
-            .step_by(syncs.len().div_ceil(50))
-            .copied()
-            .collect();
+        let step = syncs.len().div_ceil(50);
+        let mut points: Vec<usize> = syncs.iter().step_by(step).copied().collect();
         points.extend((0..80).map(|_| rng.random_range(0..=total)));
-        for (i, point) in points.into_iter().enumerate() {
-            let seed = rng.random::<u64>();
-            let mode = match i % 3 {
-                0 => CrashMode::KeepAll,
-                1 => CrashMode::Subset { seed },
-                _ => CrashMode::TornSubset { seed },
-            };
-            crash_and_verify(&storage, &journal, point, mode);
-        }
+        crash_at_each(&storage, &journal, points, &mut rng);
     }
 }

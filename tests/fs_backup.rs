@@ -206,6 +206,8 @@ fn refusals_say_why_with_qemus_errnos() {
     let small = five.image("small.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&small), "1M"]);
     std::fs::write(five.image("exists.qcow2"), b"x").unwrap();
+    let d = five.image("file-D.img");
+    qemu_img(&["bitmap", "--add", path_str(&d), "stored"]);
     let m = five.mount();
     command(&m, "bitmap-add node=active name=b0").unwrap();
     for (words, errno) in [
@@ -252,6 +254,17 @@ fn refusals_say_why_with_qemus_errnos() {
         !five.image("x.qcow2").exists(),
         "a refused command left its target"
     );
+    // A bitmap stored in a read-only node can be read, never changed.
+    let on_d = "node=file-D.img target=d.qcow2 bitmap=stored";
+    assert_eq!(
+        command(
+            &m,
+            &format!("backup {on_d} sync=full bitmap-mode=on-success")
+        ),
+        Err(libc::EINVAL)
+    );
+    let job = backup_to_end(&m, &format!("{on_d} sync=bitmap bitmap-mode=never"), "d");
+    assert_eq!(job["outcome"], "completed", "{job}");
     // A bitmap in use is busy for every change and for another backup.
     open_rw(&m, "active")
         .write_all_at(&[1; 3 << 20], 0)
@@ -291,7 +304,7 @@ fn refusals_say_why_with_qemus_errnos() {
         false
     );
     m.unmount();
-    for name in ["inc.qcow2", "second.qcow2"] {
+    for name in ["inc.qcow2", "second.qcow2", "d.qcow2"] {
         qemu_img_check(&five.image(name));
     }
 }

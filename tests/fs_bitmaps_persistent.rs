@@ -255,3 +255,48 @@ fn a_chain_still_shared_at_close_stores_the_recorded_bits_when_dropped() {
     assert_eq!(qemu_bitmap(&top, "p")["flags"], serde_json::json!(["auto"]));
     assert_eq!(qemu_dirty_ranges(&top, "p", dir.path()), [(3 * K64, K64)]);
 }
+
+#[test]
+fn a_persistent_bitmap_qemu_could_not_store_is_refused_with_its_reason() {
+    let Some(Fixture { dir, top, m }) = mounted(&[], |dir| {
+        let top = dir.join("big.qcow2");
+        create_qcow2(path_str(&top), "4T", "");
+        top
+    }) else {
+        return;
+    };
+    let reason = |m: &Mounted| {
+        let last = events(m).last().cloned().unwrap();
+        assert_eq!(last["event"], "COMMAND_REJECTED", "{last}");
+        last["data"]["reason"].as_str().unwrap_or("").to_owned()
+    };
+    // 4 TiB at 512 bytes a bit is 1 GiB of bits: more than QEMU stores.
+    assert_eq!(
+        command(
+            &m,
+            "bitmap-add node=active name=fine granularity=512 persistent=on\n"
+        ),
+        Err(libc::EINVAL)
+    );
+    assert!(reason(&m).contains("larger granularity"), "{}", reason(&m));
+    command(
+        &m,
+        "bitmap-add node=active name=coarse granularity=1K persistent=on\n",
+    )
+    .unwrap();
+    m.unmount();
+    qemu_img_check(&top);
+    assert_eq!(qemu_bitmap(&top, "coarse")["granularity"], 1024);
+
+    let old = dir.path().join("v2.qcow2");
+    create_qcow2(path_str(&old), "16M", "compat=0.10");
+    let m = mount_default(&old, dir.path());
+    assert_eq!(
+        command(&m, "bitmap-add node=active name=p persistent=on\n"),
+        Err(libc::EINVAL)
+    );
+    assert!(reason(&m).contains("version 2"), "{}", reason(&m));
+    m.unmount();
+    qemu_img_check(&old);
+    assert!(qemu_bitmaps(&old).is_empty());
+}

@@ -213,8 +213,21 @@ pub struct BitmapInfo {
 #[derive(Debug, Default)]
 pub struct NodeBitmaps {
     bitmaps: Mutex<Vec<Bitmap>>,
-    /// The image's persistent bitmaps were taken over from its engine.
-    pub(super) taken: Mutex<bool>,
+    /// How the image's persistent bitmaps are held here.
+    pub(super) loaded: Mutex<Loaded>,
+}
+
+/// How a node holds its image's persistent bitmaps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Loaded {
+    /// Not yet read.
+    #[default]
+    Not,
+    /// Read as the image stores them, while the node takes no writes:
+    /// listed, never recorded or changed.
+    ReadOnly,
+    /// Taken over from the writable image: recorded here, stored at close.
+    Taken,
 }
 
 impl NodeBitmaps {
@@ -239,6 +252,31 @@ impl NodeBitmaps {
             successor: None,
         });
         Ok(())
+    }
+
+    /// Holds a bitmap the image stores: replaces the entry of that name
+    /// that an earlier load made (a node that went from read-only to
+    /// writable is taken over with the bits its image has), keeping its
+    /// place and whether a job uses it; adds it otherwise. A transient
+    /// bitmap of the same name is left as it is.
+    pub fn load_stored(&self, name: &str, bits: Bits, enabled: bool, kind: Kind) {
+        let mut bitmaps = sync::lock(&self.bitmaps);
+        match bitmaps.iter_mut().find(|b| b.name == name) {
+            Some(old) if old.kind == Kind::Transient => {}
+            Some(old) => {
+                old.bits = bits;
+                old.enabled = enabled;
+                old.kind = kind;
+            }
+            None => bitmaps.push(Bitmap {
+                name: name.to_owned(),
+                bits,
+                enabled,
+                busy: false,
+                kind,
+                successor: None,
+            }),
+        }
     }
 
     /// Whether `name` is stored in the image (inconsistent or not).

@@ -10,10 +10,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::bitmap::{Bits, Kind, NodeBitmaps};
+use super::bitmap::{Bits, Kind, Loaded, NodeBitmaps};
 use super::track::{BeforeWrite, Hooks, WriteHook};
 use super::ChainError;
-use crate::format::{BackingRef, Format, Image};
+use crate::format::{BackingRef, Format, Image, StoreRefusal};
 use crate::storage::lock::relock;
 use crate::storage::{FileStorage, LockMode, Storage};
 use crate::sync::{self, Arc, Mutex};
@@ -124,6 +124,7 @@ impl Node {
     /// only be opened read-only.
     pub fn set_writable(&self, writable: bool) -> Result<(), ChainError> {
         let mut lock = sync::lock(&self.open.lock);
+        let switched = self.writable() != writable;
         if *lock == LockMode::None || !self.open.file.is_writable() {
             return Err(ChainError::ReadOnly {
                 node: self.name.clone(),
@@ -152,7 +153,30 @@ impl Node {
             self.relock(&mut lock, wanted)?;
         }
         self.open.writable.store(writable, Ordering::Release);
+        drop(lock);
+        if switched {
+            self.reload_persistent_bitmaps(writable);
+        }
         Ok(())
+    }
+
+    /// After the node switched: a writable image has loaded its bitmaps
+    /// afresh, so the node takes them over again (a disabled bitmap changed
+    /// from now on is stored at close); a read-only one keeps them as
+    /// stored, unchanged from now on.
+    fn reload_persistent_bitmaps(&self, writable: bool) {
+        {
+            let mut loaded = sync::lock(&self.open.bitmaps.loaded);
+            if *loaded == Loaded::Taken || writable {
+                *loaded = Loaded::ReadOnly;
+            }
+        }
+        if writable {
+            if let Err(err) = self.take_persistent_bitmaps() {
+                // The engine keeps recording the enabled ones itself.
+                log::warn!("persistent bitmaps of {}: {err}", self.name);
+            }
+        }
     }
 
     /// Whether the node is hidden from the mount (see [`Node::set_hidden`]).
@@ -285,20 +309,25 @@ impl Node {
 }
 
 /// Persistent dirty bitmaps: the node's [`NodeBitmaps`] takes them over
-/// from the qcow2 engine and gives their bits back before close.
+/// from the qcow2 engine and gives their bits back before close; a node that
+/// takes no writes only reads them, to list them.
 impl Node {
-    /// Takes the image's persistent bitmaps into the node's bitmaps, once
-    /// (a writable qcow2 image only; nothing otherwise).
+    /// Takes the image's persistent bitmaps into the node's bitmaps: taken
+    /// over from the engine (which stops recording them) when the node takes
+    /// writes, once per time it became writable; read as stored otherwise,
+    /// once. Nothing for a raw image.
     pub fn take_persistent_bitmaps(&self) -> Result<(), ChainError> {
         let Image::Qcow2(qcow2) = self.image() else {
             return Ok(());
         };
-        let mut taken = sync::lock(&self.open.bitmaps.taken);
-        if *taken || !self.writable() {
-            return Ok(());
-        }
+        let mut loaded = sync::lock(&self.open.bitmaps.loaded);
+        let (stored, now) = match (*loaded, self.writable()) {
+            (Loaded::Taken, true) | (Loaded::ReadOnly, false) => return Ok(()),
+            (_, true) => (qcow2.take_bitmaps(), Loaded::Taken),
+            (_, false) => (qcow2.peek_bitmaps(), Loaded::ReadOnly),
+        };
         let size = self.virtual_size() & !511;
-        for stored in qcow2.take_bitmaps().map_err(|e| self.error(e))? {
+        for stored in stored.map_err(|e| self.error(e))? {
             let granularity = 1u64 << stored.granularity_bits;
             let bits = Bits::from_bytes(granularity, size, &stored.data);
             let kind = if stored.inconsistent {
@@ -306,15 +335,23 @@ impl Node {
             } else {
                 Kind::Persistent
             };
-            // Names in one directory are unique for QEMU; a duplicate is
-            // listed once.
-            let _ = self
-                .open
+            self.open
                 .bitmaps
-                .add(&stored.name, bits, stored.enabled, kind);
+                .load_stored(&stored.name, bits, stored.enabled, kind);
         }
-        *taken = true;
+        *loaded = now;
         Ok(())
+    }
+
+    /// Whether a persistent bitmap `name` of `granularity` could be stored
+    /// in the image, by QEMU's rules (a raw image stores none).
+    pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> Result<(), StoreRefusal> {
+        match self.image() {
+            Image::Qcow2(qcow2) => qcow2.can_store_bitmap(name, granularity.trailing_zeros()),
+            Image::Raw(_) => Err(StoreRefusal::Invalid(
+                "a raw image stores no bitmaps".into(),
+            )),
+        }
     }
 
     /// Adds a persistent bitmap: in the image at once, `in_use` until close.

@@ -22,7 +22,7 @@ pub use error::{FormatError, Result};
 // parts that code outside it uses, on purpose: the chain creates images,
 // and the tests, the benchmark and the fuzz targets parse headers and
 // repair dirty images without opening a chain.
-pub use qcow2::bitmaps::PersistentBitmap;
+pub use qcow2::bitmaps::{PersistentBitmap, StoreRefusal};
 pub use qcow2::create::{create as create_qcow2, CreateOptions as Qcow2CreateOptions};
 pub use qcow2::features::Incompatible as Qcow2Incompatible;
 pub use qcow2::header::Header as Qcow2Header;

@@ -72,7 +72,13 @@ pub(super) fn start(registry: &Registry, args: BackupArgs) -> Result<(), JobErro
     let chain = registry.chain();
     let (level, node) = shown_node(&chain, args.node.as_deref().unwrap_or("active"))?;
     let (id, all) = (node.id(), chain.nodes());
+    // The image's own bitmaps are known before any name is looked up.
+    node.take_persistent_bitmaps()?;
     let (mut copy, bitmap) = args::resolve(&args, &|name| check_bitmap(&node, name))?;
+    if let Some(bitmap) = bitmap.as_ref().filter(|b| b.mode != BitmapMode::Never) {
+        // A bitmap the job will change must be one that can be stored.
+        super::bitmaps::check_changeable(&node, &bitmap.name)?;
+    }
     let below = level.checked_sub(1).map(|l| all[l].id());
     if copy == Copy::Top && below.is_none() {
         // Nothing below: what the node holds is all it shows (QEMU).

@@ -8,9 +8,7 @@ use super::registry::resolve;
 use super::report::escape;
 use super::{Chain, Format, JobError, Node};
 use crate::chain::bitmap::{BitmapError, BitmapInfo, Bits, Kind, GRANULARITIES};
-
-/// The longest name a qcow2 image stores (QEMU's `BME_MAX_NAME_SIZE`).
-const PERSISTENT_NAME_MAX: usize = 1023;
+use crate::format::StoreRefusal;
 
 /// A parsed `bitmap-*` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,8 +103,13 @@ fn granularity(text: &str) -> Result<u64, ParseError> {
 /// Runs a bitmap command on the chain as it stands now.
 pub(super) fn execute(chain: &Chain, command: BitmapCommand) -> Result<(), JobError> {
     let node = &chain.nodes()[chain_level(chain, &command.node)?];
+    // The image's own bitmaps are known before any name is looked up.
+    node.take_persistent_bitmaps()?;
     let bitmaps = node.bitmaps();
     let name = &command.name;
+    if command.action.changes_target() {
+        check_changeable(node, name)?;
+    }
     let result = match command.action {
         BitmapAction::Add {
             granularity,
@@ -122,13 +125,9 @@ pub(super) fn execute(chain: &Chain, command: BitmapCommand) -> Result<(), JobEr
                         describe(node)
                     )));
                 }
-                if name.len() > PERSISTENT_NAME_MAX {
-                    return Err(JobError::Invalid(format!(
-                        "a persistent bitmap's name is at most {PERSISTENT_NAME_MAX} bytes"
-                    )));
-                }
-                node.take_persistent_bitmaps()?;
                 bitmaps.check_free(name).map_err(|e| refusal(node, e))?;
+                node.can_store_bitmap(name, granularity)
+                    .map_err(|e| unstorable(node, name, e))?;
                 return Ok(node.add_persistent_bitmap(name, granularity, !disabled)?);
             }
             let bits = Bits::new(granularity, node.virtual_size());
@@ -148,6 +147,40 @@ pub(super) fn execute(chain: &Chain, command: BitmapCommand) -> Result<(), JobEr
         BitmapAction::Merge(sources) => bitmaps.merge(name, &sources),
     };
     result.map_err(|e| refusal(node, e))
+}
+
+impl BitmapAction {
+    /// Whether the command changes the bitmap it names (a merge changes
+    /// its target, not its sources).
+    fn changes_target(&self) -> bool {
+        !matches!(self, BitmapAction::Add { .. })
+    }
+}
+
+/// Refuses to change a bitmap the image stores while the node takes no
+/// writes: the change could never be stored (QEMU's read-only bitmaps).
+pub(super) fn check_changeable(node: &Node, name: &str) -> Result<(), JobError> {
+    let stored = node.bitmaps().stored(name).map_err(|e| refusal(node, e))?;
+    if stored && !node.writable() {
+        return Err(JobError::Invalid(format!(
+            "{}: bitmap {name:?} is stored in an image that takes no writes; \
+             it cannot be changed",
+            node.name()
+        )));
+    }
+    Ok(())
+}
+
+/// A persistent bitmap the image cannot store, as QEMU words it.
+fn unstorable(node: &Node, name: &str, refusal: StoreRefusal) -> JobError {
+    let text = format!(
+        "cannot make bitmap {name:?} persistent in {}: {refusal}",
+        node.name()
+    );
+    match refusal {
+        StoreRefusal::Invalid(_) => JobError::Invalid(text),
+        StoreRefusal::NoRoom(_) => JobError::NoSpace(text),
+    }
 }
 
 /// A refused bitmap command as the jobs layer reports it.
@@ -218,6 +251,11 @@ fn listed(chain: &Chain) -> Vec<Listed<'_>> {
         .iter()
         .rev()
         .flat_map(|node| {
+            // A node that joined the chain since (a mirror's target after
+            // its pivot) shows its image's bitmaps too.
+            if let Err(err) = node.take_persistent_bitmaps() {
+                log::warn!("persistent bitmaps of {}: {err}", node.name());
+            }
             node.bitmaps()
                 .infos()
                 .into_iter()

@@ -29,6 +29,9 @@ pub enum JobError {
     /// The file to create exists (EEXIST).
     #[error("{0}")]
     Exists(String),
+    /// The image has no room for what the command adds (ENOSPC).
+    #[error("{0}")]
+    NoSpace(String),
     /// The chain could not be closed because something still holds it.
     #[error("the chain is still in use by {holders} holder(s); it was flushed but not closed")]
     ChainInUse {
@@ -50,6 +53,7 @@ impl JobError {
             JobError::NotFound(_) => libc::ENOENT,
             JobError::Busy(_) => libc::EBUSY,
             JobError::Exists(_) => libc::EEXIST,
+            JobError::NoSpace(_) => libc::ENOSPC,
             JobError::ReadOnly => libc::EROFS,
             JobError::ChainInUse { .. } => libc::EBUSY,
             JobError::Chain(e) => e.errno(),

@@ -83,12 +83,12 @@ impl Jobs {
     pub fn new(chain: Chain, read_only: bool) -> Jobs {
         let events = Arc::new(EventLog::default());
         let sink: Arc<dyn EventSink> = events.clone();
-        if !read_only {
-            // The active node's stored bitmaps are listed and recorded by
-            // the mount from the start; if they cannot be taken, the
-            // engine keeps recording them itself.
-            if let Err(err) = chain.active().take_persistent_bitmaps() {
-                log::warn!("persistent bitmaps of {}: {err}", chain.active().name());
+        // Every node's stored bitmaps are listed from the start, and the
+        // writable node's are recorded by the mount; if they cannot be
+        // taken, the engine keeps recording them itself.
+        for node in chain.nodes() {
+            if let Err(err) = node.take_persistent_bitmaps() {
+                log::warn!("persistent bitmaps of {}: {err}", node.name());
             }
         }
         let live = Arc::new(LiveChain::new(chain, Arc::clone(&sink)));

@@ -61,9 +61,12 @@ use crate::format::{FormatError, Result};
 use crate::storage::Storage;
 use crate::sync::{self, Mutex};
 
+mod admit;
 mod directory;
 mod runtime;
+mod stored;
 
+pub use admit::StoreRefusal;
 pub use directory::*;
 use directory::{be64, check_in_file, malformed};
 pub use runtime::PersistentBitmap;
@@ -144,13 +147,7 @@ impl Bitmaps {
         meta: &mut Meta,
         geometry: &Geometry,
     ) -> Result<Bitmaps> {
-        let header = meta.header();
-        let sizes = Sizes {
-            cluster: geometry.cluster_size(),
-            // QEMU sizes bitmaps by the disk in whole sectors.
-            disk: header.size & !511,
-            file: storage.len().io("measure the image file")?,
-        };
+        let (sizes, stored) = stored::read_directory(storage, meta, geometry)?;
         let empty = Bitmaps {
             cluster_size: sizes.cluster,
             disk: sizes.disk,
@@ -161,19 +158,10 @@ impl Bitmaps {
                 external: false,
             }),
         };
-        let Some(data) = header.bitmaps_extension.as_deref() else {
+        let Some((extension, mut directory)) = stored else {
             return Ok(empty);
         };
-        if !header.autoclear.contains(Autoclear::BITMAPS) {
-            return Ok(empty);
-        }
-        let extension = Extension::parse(data, sizes.cluster, sizes.file)?;
-        let mut bytes = vec![0u8; extension.directory_size as usize];
-        storage
-            .read_at(&mut bytes, extension.directory_offset)
-            .io_at("read the bitmap directory", extension.directory_offset)?;
-        let mut directory = parse_directory(&bytes, extension.nb_bitmaps)?;
-        let tracked = load_tracked(storage, &directory, sizes)?;
+        let tracked = load_tracked(storage, &directory, sizes, DirEntry::is_tracked)?;
         if !tracked.is_empty() {
             for bitmap in &tracked {
                 directory[bitmap.entry].flags.insert(BitmapFlags::IN_USE);
@@ -382,11 +370,12 @@ struct Sizes {
 }
 
 /// Checks every consistent bitmap's table as QEMU does on open and loads
-/// the enabled ones, within [`MAX_TRACKED_BYTES`].
+/// the `wanted` ones, within [`MAX_TRACKED_BYTES`].
 fn load_tracked(
     storage: &dyn Storage,
     directory: &[DirEntry],
     sizes: Sizes,
+    wanted: impl Fn(&DirEntry) -> bool,
 ) -> Result<Vec<Tracked>> {
     let mut tracked = Vec::new();
     let mut budget = 0u64;
@@ -396,7 +385,7 @@ fn load_tracked(
             continue;
         }
         let table = read_table(storage, entry, sizes)?;
-        if !entry.is_tracked() {
+        if !wanted(entry) {
             continue;
         }
         budget += u64::from(entry.table_size) * sizes.cluster;

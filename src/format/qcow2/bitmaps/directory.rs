@@ -210,7 +210,7 @@ impl DirEntry {
 }
 
 /// Directory entry size for a name and extra data of these lengths.
-fn entry_size(name_len: u64, extra_len: u64) -> u64 {
+pub(super) fn entry_size(name_len: u64, extra_len: u64) -> u64 {
     (ENTRY_HEADER_SIZE + name_len + extra_len).next_multiple_of(8)
 }
 

@@ -65,22 +65,11 @@ impl Bitmaps {
             mark_in_use(storage, meta, &state.extension, &state.directory)?;
         }
         state.external = true;
-        let cs = self.cluster_size;
-        Ok(state
-            .directory
-            .iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                let tracked = state.tracked.iter().find(|t| t.entry == index);
-                PersistentBitmap {
-                    name: entry.display_name(),
-                    granularity_bits: u32::from(entry.granularity_bits),
-                    enabled: entry.flags.contains(BitmapFlags::AUTO),
-                    inconsistent: tracked.is_none(),
-                    data: tracked.map_or_else(Vec::new, |t| t.to_bytes(cs)),
-                }
-            })
-            .collect())
+        Ok(handed_out(
+            &state.directory,
+            &state.tracked,
+            self.cluster_size,
+        ))
     }
 
     /// Adds an empty bitmap, `in_use` on disk before this returns.
@@ -278,6 +267,29 @@ impl Bitmaps {
         }
         clusters
     }
+}
+
+/// The bitmaps of `directory` as the chain layer takes them: those in
+/// `loaded` with their bits, the others (found `in_use`) inconsistent.
+pub(super) fn handed_out(
+    directory: &[DirEntry],
+    loaded: &[Tracked],
+    cluster_size: u64,
+) -> Vec<PersistentBitmap> {
+    directory
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let bits = loaded.iter().find(|t| t.entry == index);
+            PersistentBitmap {
+                name: entry.display_name(),
+                granularity_bits: u32::from(entry.granularity_bits),
+                enabled: entry.flags.contains(BitmapFlags::AUTO),
+                inconsistent: bits.is_none(),
+                data: bits.map_or_else(Vec::new, |t| t.to_bytes(cluster_size)),
+            }
+        })
+        .collect()
 }
 
 impl State {

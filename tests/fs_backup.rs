@@ -93,6 +93,34 @@ fn a_snapshot_during_a_backup_leaves_it_its_point_in_time() {
 }
 
 #[test]
+fn a_commit_into_the_backed_up_node_copies_before_it_writes_too() {
+    let Some(five) = FiveChain::gated(&[]) else {
+        return;
+    };
+    let target = five.image("b-full.qcow2");
+    let m = five.mount();
+    let before = read_all(&m.path("file-B.img"));
+    command(
+        &m,
+        "backup node=file-B.img target=b-full.qcow2 sync=full speed=64K id=b",
+    )
+    .unwrap();
+    // A backup only reads its node: a commit into it may run beside it,
+    // and each of its copies into B first saves what B showed.
+    command(&m, "commit top=file-D.img base=file-B.img id=c").unwrap();
+    assert_eq!(wait_outcome(&m, "c")["outcome"], "completed");
+    assert!(
+        read_all(&m.path("file-B.img")) != before,
+        "the commit changed nothing"
+    );
+    command(&m, "set-speed id=b speed=0").unwrap();
+    assert_eq!(wait_outcome(&m, "b")["outcome"], "completed");
+    m.unmount();
+    assert_good_copy(&target, &before);
+    qemu_img_check(&five.image("file-B.img"));
+}
+
+#[test]
 fn top_backup_backed_by_the_nodes_backing_equals_the_node() {
     let Some(five) = FiveChain::gated(&[]) else {
         return;

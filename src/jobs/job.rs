@@ -271,21 +271,14 @@ impl Job {
         &self.touched
     }
 
-    /// Whether this job and `other` may not run at once: they touch a node
-    /// in common, or one removes a node the other reads.
-    pub fn conflicts(&self, other: &JobSpec) -> bool {
-        let removes = |touched: &[NodeId], kept: &[NodeId], node: &NodeId| {
-            touched.contains(node) && !kept.contains(node)
-        };
-        self.touched.iter().any(|n| other.touched.contains(n))
-            || self
-                .shared
-                .iter()
-                .any(|n| removes(&other.touched, &other.kept, n))
-            || other
-                .shared
-                .iter()
-                .any(|n| removes(&self.touched, &self.kept, n))
+    /// The nodes the job only reads (see [`JobSpec::shared`]).
+    pub fn shared(&self) -> &[NodeId] {
+        &self.shared
+    }
+
+    /// The touched nodes that stay in the chain (see [`JobSpec::kept`]).
+    pub fn kept(&self) -> &[NodeId] {
+        &self.kept
     }
 
     /// The job's status now.

@@ -361,7 +361,7 @@ impl Registry {
         };
         if let Some(other) = jobs
             .iter()
-            .find(|job| !job.status().is_finished() && job.conflicts(&spec))
+            .find(|job| !job.status().is_finished() && conflict(job, &spec))
         {
             return Err(JobError::Busy(format!(
                 "job {} uses some of the same nodes",
@@ -423,6 +423,23 @@ pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, JobError> {
         .find(name)
         .map(|node| node.id())
         .ok_or_else(|| JobError::NotFound(format!("no node {name:?} in the chain")))
+}
+
+/// Whether a live `job` and a new job `spec` may not run at once: they
+/// touch a node in common, or one removes a node the other only reads.
+fn conflict(job: &Job, spec: &JobSpec) -> bool {
+    let removes = |touched: &[NodeId], kept: &[NodeId], node: &NodeId| {
+        touched.contains(node) && !kept.contains(node)
+    };
+    job.touched().iter().any(|n| spec.touched.contains(n))
+        || job
+            .shared()
+            .iter()
+            .any(|n| removes(&spec.touched, &spec.kept, n))
+        || spec
+            .shared
+            .iter()
+            .any(|n| removes(job.touched(), job.kept(), n))
 }
 
 /// The node a command names and its level in `chain`; ENOENT when it is

@@ -169,6 +169,18 @@ struct Bitmap {
 }
 
 impl Bitmap {
+    /// A bitmap no job uses.
+    fn new(name: &str, bits: Bits, enabled: bool, kind: Kind) -> Bitmap {
+        Bitmap {
+            name: name.to_owned(),
+            bits,
+            enabled,
+            busy: false,
+            kind,
+            successor: None,
+        }
+    }
+
     /// The bits as they would be stored now: with what the successor
     /// recorded (QEMU stores the bitmap reclaimed when a job is cut short).
     fn all_bits(&self) -> Bits {
@@ -243,14 +255,7 @@ impl NodeBitmaps {
         if bitmaps.iter().any(|b| b.name == name) {
             return Err(BitmapError::Exists(name.to_owned()));
         }
-        bitmaps.push(Bitmap {
-            name: name.to_owned(),
-            bits,
-            enabled,
-            busy: false,
-            kind,
-            successor: None,
-        });
+        bitmaps.push(Bitmap::new(name, bits, enabled, kind));
         Ok(())
     }
 
@@ -268,14 +273,7 @@ impl NodeBitmaps {
                 old.enabled = enabled;
                 old.kind = kind;
             }
-            None => bitmaps.push(Bitmap {
-                name: name.to_owned(),
-                bits,
-                enabled,
-                busy: false,
-                kind,
-                successor: None,
-            }),
+            None => bitmaps.push(Bitmap::new(name, bits, enabled, kind)),
         }
     }
 

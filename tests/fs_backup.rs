@@ -180,7 +180,7 @@ fn none_backup_keeps_the_old_data_of_what_the_guest_overwrites() {
     punch_hole(&active, 2 << 20, 2 << 20).unwrap();
     zero_range(&active, 63 << 20, 1 << 20).unwrap();
     // The job waits for a cancel (QEMU's fleecing job does too).
-    assert_eq!(job(&m)["status"], "running");
+    wait_job(&m, "f", |job| job["status"] == "running");
     command(&m, "cancel id=f").unwrap();
     let job = wait_outcome(&m, "f");
     assert_eq!(job["outcome"], "cancelled", "{job}");

@@ -20,7 +20,7 @@ use chainfs::jobs::command::{parse, OnError};
 use chainfs::jobs::job::{EventSink, Job, JobSpec, JobType, Outcome};
 use chainfs::jobs::registry::{LiveChain, Registry};
 use chainfs::jobs::stream::{self, StreamPlan};
-use common::chain::{assert_same, at, open_writable, overlay, read_node, tempdir};
+use common::chain::{assert_same, at, close_live, open_writable, overlay, read_node, tempdir};
 use common::{convert_to_raw, qemu_img_in, require_qemu};
 
 const SIZE: u64 = 32 << 20;
@@ -116,6 +116,8 @@ fn guest_writes_racing_a_stream_all_read_back() {
             base: None,
             target: None,
             touched: Vec::<NodeId>::new(),
+            shared: Vec::new(),
+            kept: Vec::new(),
             len: SIZE,
             speed: 16 << 20,
         },
@@ -218,13 +220,7 @@ fn guest_writes_racing_an_active_commit_all_reach_the_base() {
     drop(chain);
     registry.shutdown();
     drop(registry);
-    let chain = Arc::try_unwrap(live)
-        .ok()
-        .unwrap()
-        .into_chain()
-        .ok()
-        .unwrap();
-    chain.close().unwrap();
+    close_live(live);
     qemu_img_in(d, &["check", "base.qcow2"]);
     assert_same("qemu", &convert_to_raw(&at(d, "base.qcow2")), &want);
 }

@@ -87,6 +87,8 @@ fn start(chain: Chain, node: &str, base: Option<&str>, speed: u64) -> Running {
             base: base.map(String::from),
             target: None,
             touched: Vec::<NodeId>::new(),
+            shared: Vec::new(),
+            kept: Vec::new(),
             len: SIZE,
             speed,
         },

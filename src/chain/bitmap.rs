@@ -93,6 +93,15 @@ impl Bits {
         1 << self.shift
     }
 
+    /// Empty bits of the same granularity and size.
+    fn empty_like(&self) -> Bits {
+        Bits {
+            shift: self.shift,
+            len: self.len,
+            words: vec![0; self.words.len()],
+        }
+    }
+
     /// Sets the bits of every granule that `offset..offset + len` touches.
     pub fn set_range(&mut self, offset: u64, len: u64) {
         if len == 0 {
@@ -154,6 +163,33 @@ struct Bitmap {
     enabled: bool,
     busy: bool,
     kind: Kind,
+    /// While a backup uses the bitmap (QEMU's successor): the writes made
+    /// since it started, recorded here instead of in `bits`.
+    successor: Option<Bits>,
+}
+
+impl Bitmap {
+    /// A bitmap no job uses.
+    fn new(name: &str, bits: Bits, enabled: bool, kind: Kind) -> Bitmap {
+        Bitmap {
+            name: name.to_owned(),
+            bits,
+            enabled,
+            busy: false,
+            kind,
+            successor: None,
+        }
+    }
+
+    /// The bits as they would be stored now: with what the successor
+    /// recorded (QEMU stores the bitmap reclaimed when a job is cut short).
+    fn all_bits(&self) -> Bits {
+        let mut bits = self.bits.clone();
+        if let Some(successor) = &self.successor {
+            bits.merge(successor);
+        }
+        bits
+    }
 }
 
 /// Where a bitmap lives.
@@ -219,13 +255,7 @@ impl NodeBitmaps {
         if bitmaps.iter().any(|b| b.name == name) {
             return Err(BitmapError::Exists(name.to_owned()));
         }
-        bitmaps.push(Bitmap {
-            name: name.to_owned(),
-            bits,
-            enabled,
-            busy: false,
-            kind,
-        });
+        bitmaps.push(Bitmap::new(name, bits, enabled, kind));
         Ok(())
     }
 
@@ -243,13 +273,7 @@ impl NodeBitmaps {
                 old.enabled = enabled;
                 old.kind = kind;
             }
-            None => bitmaps.push(Bitmap {
-                name: name.to_owned(),
-                bits,
-                enabled,
-                busy: false,
-                kind,
-            }),
+            None => bitmaps.push(Bitmap::new(name, bits, enabled, kind)),
         }
     }
 
@@ -272,7 +296,7 @@ impl NodeBitmaps {
         sync::lock(&self.bitmaps)
             .iter()
             .filter(|b| b.kind == Kind::Persistent)
-            .map(|b| (b.name.clone(), b.bits.to_bytes(), b.enabled))
+            .map(|b| (b.name.clone(), b.all_bits().to_bytes(), b.enabled))
             .collect()
     }
 
@@ -367,8 +391,41 @@ impl NodeBitmaps {
             .iter_mut()
             .filter(|b| b.enabled && b.kind != Kind::Inconsistent)
         {
-            bitmap.bits.set_range(offset, len);
+            let bits = bitmap.successor.as_mut().unwrap_or(&mut bitmap.bits);
+            bits.set_range(offset, len);
         }
+    }
+
+    /// A backup starts with the bitmap (QEMU's
+    /// `bdrv_dirty_bitmap_create_successor`): it becomes busy, writes from
+    /// now on go to a successor, and its bits as they are now are returned.
+    pub fn freeze(&self, name: &str) -> Result<Bits, BitmapError> {
+        let mut bitmaps = sync::lock(&self.bitmaps);
+        let index = position(&bitmaps, name)?;
+        let bitmap = &mut bitmaps[index];
+        check_idle(bitmap)?;
+        bitmap.busy = true;
+        bitmap.successor = Some(bitmap.bits.empty_like());
+        Ok(bitmap.bits.clone())
+    }
+
+    /// The backup that froze the bitmap ends: with `sync`, the bitmap
+    /// becomes its successor (QEMU's abdicate: only the writes made since
+    /// the start), else the successor is merged back into it (QEMU's
+    /// reclaim). Either way it is no longer busy.
+    pub fn thaw(&self, name: &str, sync: bool) -> Result<(), BitmapError> {
+        let mut bitmaps = sync::lock(&self.bitmaps);
+        let index = position(&bitmaps, name)?;
+        let bitmap = &mut bitmaps[index];
+        if let Some(successor) = bitmap.successor.take() {
+            if sync {
+                bitmap.bits = successor;
+            } else {
+                bitmap.bits.merge(&successor);
+            }
+        }
+        bitmap.busy = false;
+        Ok(())
     }
 
     fn with_idle(&self, name: &str, change: impl FnOnce(&mut Bitmap)) -> Result<(), BitmapError> {
@@ -472,8 +529,36 @@ mod tests {
             Err(BitmapError::NotFound(_))
         ));
         assert_eq!(node.copy("a").unwrap().count(), 512);
+        assert!(matches!(node.freeze("a"), Err(BitmapError::Busy(_))));
         node.set_busy("a", false).unwrap();
         node.remove("a").unwrap();
         assert_eq!(node.infos().len(), 1);
+    }
+
+    #[test]
+    fn a_frozen_bitmap_records_into_its_successor_until_thawed() {
+        let node = NodeBitmaps::default();
+        node.add("a", Bits::new(512, 8192), true, Kind::Persistent)
+            .unwrap();
+        node.record(0, 512);
+        let frozen = node.freeze("a").unwrap();
+        assert_eq!(frozen.count(), 512);
+        node.record(4096, 512);
+        assert_eq!(
+            node.copy("a").unwrap().count(),
+            512,
+            "the original is frozen"
+        );
+        assert_eq!(node.persistent()[0].1, vec![0x01, 0x01], "stored: both");
+        assert!(matches!(node.clear("a"), Err(BitmapError::Busy(_))));
+        node.thaw("a", true).unwrap();
+        let bits = node.copy("a").unwrap();
+        assert!(bits.get(4096) && !bits.get(0), "abdicated: only new writes");
+        node.freeze("a").unwrap();
+        node.record(1024, 1);
+        node.thaw("a", false).unwrap();
+        let bits = node.copy("a").unwrap();
+        assert!(bits.get(4096) && bits.get(1024), "reclaimed: both");
+        node.clear("a").unwrap();
     }
 }

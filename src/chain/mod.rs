@@ -189,6 +189,7 @@ impl Chain {
     /// a writable chain; partial clusters are completed from the chain below.
     pub fn write(&self, node: NodeId, offset: u64, data: &[u8]) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, data.len() as u64)?;
+        self.nodes[level].before_write(offset, data.len() as u64);
         let below = write::Below::new(&self.nodes, level, &self.memo);
         let result = self.nodes[level].image().write(offset, data, &below);
         // Even a failed write may have changed part of the range.
@@ -211,6 +212,7 @@ impl Chain {
     ) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, data.len() as u64)?;
         let target = &self.nodes[level];
+        target.before_write(offset, data.len() as u64);
         let result = target.image().write_compressed(offset, data);
         // Even a failed write may have changed part of the range.
         self.memo.changes().changed(offset, data.len() as u64);
@@ -232,6 +234,9 @@ impl Chain {
         data: Option<&[u8]>,
     ) -> Result<u64, ChainError> {
         let level = self.writable_level(node, offset, len)?;
+        // What the node lacks reads from below; filled with other data (a
+        // commit into its base), the node's view changes.
+        self.nodes[level].before_write(offset, len);
         let below = write::Below::new(&self.nodes, level, &self.memo);
         let result = self.nodes[level]
             .image()
@@ -274,6 +279,7 @@ impl Chain {
     ) -> Result<u64, ChainError> {
         let level = self.writable_level(dest, offset, source.len)?;
         let node = &self.nodes[level];
+        node.before_write(offset, source.len);
         let result = node.image().place_from(offset, source, overwrite);
         self.memo.changes().changed(offset, source.len);
         let placed = result.map_err(|e| node.error(e))?;
@@ -287,6 +293,7 @@ impl Chain {
     /// [`Chain::write`]).
     pub fn zero_range(&self, node: NodeId, offset: u64, len: u64) -> Result<(), ChainError> {
         let level = self.writable_level(node, offset, len)?;
+        self.nodes[level].before_write(offset, len);
         let below = write::Below::new(&self.nodes, level, &self.memo);
         let result = self.nodes[level].image().zero_range(offset, len, &below);
         self.memo.changes().changed(offset, len);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::bitmap::{Bits, Kind, Loaded, NodeBitmaps};
-use super::track::{Hooks, WriteHook};
+use super::track::{BeforeWrite, Hooks, WriteHook};
 use super::ChainError;
 use crate::format::{BackingRef, Format, Image, StoreRefusal};
 use crate::storage::lock::relock;
@@ -53,8 +53,10 @@ struct OpenImage {
     /// Hidden from the mount (an intermediate of a commit): reads of the
     /// node itself fail, through every chain version.
     hidden: AtomicBool,
-    /// Told of every write to the image.
-    hooks: Hooks,
+    /// Told of every write to the image, once it landed.
+    hooks: Hooks<dyn WriteHook>,
+    /// Told of every write to the image, before it lands.
+    before: Hooks<dyn BeforeWrite>,
     /// The image's dirty bitmaps, which record its writes.
     bitmaps: NodeBitmaps,
 }
@@ -79,6 +81,7 @@ impl Node {
             lock: Mutex::new(lock),
             hidden: AtomicBool::new(false),
             hooks: Hooks::default(),
+            before: Hooks::default(),
             bitmaps: NodeBitmaps::default(),
         };
         Node {
@@ -197,10 +200,26 @@ impl Node {
         self.open.hooks.remove(hook);
     }
 
+    /// Calls `hook` before every write to this node's image, from now on.
+    pub fn add_before_write_hook(&self, hook: Arc<dyn BeforeWrite>) {
+        self.open.before.add(hook);
+    }
+
+    /// Stops calling `hook`.
+    pub fn remove_before_write_hook(&self, hook: &Arc<dyn BeforeWrite>) {
+        self.open.before.remove(hook);
+    }
+
+    /// Tells the before-write hooks that `offset..offset + len` is about
+    /// to be written.
+    pub(super) fn before_write(&self, offset: u64, len: u64) {
+        self.open.before.each(|hook| hook.before_write(offset, len));
+    }
+
     /// Tells the hooks that `offset..offset + len` was written.
     pub(super) fn written(&self, offset: u64, len: u64) {
         self.open.bitmaps.record(offset, len);
-        self.open.hooks.written(offset, len);
+        self.open.hooks.each(|hook| hook.written(offset, len));
     }
 
     /// The dirty bitmaps of the node's image.

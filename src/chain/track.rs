@@ -1,7 +1,8 @@
 //! Watching what is written to a node, for jobs that must keep a copy of
 //! it in step (an active commit): hooks registered on a node's open image,
 //! called after every write, write-zeroes and discard has landed, and a
-//! dirty map of fixed-size blocks that such a hook fills.
+//! dirty map of fixed-size blocks that such a hook fills. A backup's
+//! hooks run before instead ([`BeforeWrite`]), to copy old data out.
 //!
 //! The hooks live on the open image, which every version of the chain
 //! shares, so a write through any chain snapshot is seen. A hook runs only
@@ -17,13 +18,29 @@ pub trait WriteHook: Send + Sync {
     fn written(&self, offset: u64, len: u64);
 }
 
-/// The hooks of one open image.
-#[derive(Default)]
-pub(super) struct Hooks {
-    hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+/// Told of every range about to be written to a node (a write,
+/// write-zeroes, discard, or a job's copy into it), before anything of it
+/// lands, on the writer's thread: a backup copies the old data out first.
+/// The write waits for the hook and then proceeds whatever happened in it.
+pub trait BeforeWrite: Send + Sync {
+    /// `offset..offset + len` of the node is about to change.
+    fn before_write(&self, offset: u64, len: u64);
 }
 
-impl std::fmt::Debug for Hooks {
+/// The hooks of one kind on one open image.
+pub(super) struct Hooks<H: ?Sized> {
+    hooks: RwLock<Vec<Arc<H>>>,
+}
+
+impl<H: ?Sized> Default for Hooks<H> {
+    fn default() -> Self {
+        Hooks {
+            hooks: RwLock::new(Vec::new()),
+        }
+    }
+}
+
+impl<H: ?Sized> std::fmt::Debug for Hooks<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("count", &read(&self.hooks).len())
@@ -31,18 +48,19 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-impl Hooks {
-    pub(super) fn add(&self, hook: Arc<dyn WriteHook>) {
+impl<H: ?Sized> Hooks<H> {
+    pub(super) fn add(&self, hook: Arc<H>) {
         write(&self.hooks).push(hook);
     }
 
-    pub(super) fn remove(&self, hook: &Arc<dyn WriteHook>) {
+    pub(super) fn remove(&self, hook: &Arc<H>) {
         write(&self.hooks).retain(|h| !Arc::ptr_eq(h, hook));
     }
 
-    pub(super) fn written(&self, offset: u64, len: u64) {
+    /// Calls `call` on every hook, in the order they were added.
+    pub(super) fn each(&self, call: impl Fn(&H)) {
         for hook in read(&self.hooks).iter() {
-            hook.written(offset, len);
+            call(hook);
         }
     }
 }

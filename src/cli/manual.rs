@@ -9,8 +9,8 @@ chainfs mounts a QEMU disk-image chain (qcow2 and raw images linked by \
 their backing files) and shows every node of it as a flat raw file: what a \
 guest would see if that node were the active image. Beside the node files, \
 `active` always presents the active layer, and the control directory `ctl/` \
-starts live block jobs (stream, commit, mirror, external snapshots; backup \
-to come) and keeps dirty bitmaps with `echo`, shows them with `cat`, and steers them while the \
+starts live block jobs (stream, commit, mirror, backup, external \
+snapshots) and keeps dirty bitmaps with `echo`, shows them with `cat`, and steers them while the \
 active image keeps being written. Everything chainfs writes is QEMU's own \
 format.
 
@@ -218,9 +218,11 @@ pub const SECTIONS: &[Section] = &[
                  [speed=RATE] [id=ID] [on-error=report|ignore|stop|enospc]",
                 "QEMU's drive-backup: PATH receives NODE as it was when the job started, \
                  while the guest keeps writing (old data is copied before it is \
-                 overwritten). bitmap and incremental copy what the dirty bitmap NAME \
-                 marks; bitmap-mode decides what the bitmap holds afterwards. Not in this \
-                 version yet: refused as an unknown verb (EINVAL).",
+                 overwritten). full: every cluster; top: what NODE holds (PATH backed by \
+                 NODE's backing); none: only what is about to be overwritten (PATH backed \
+                 by NODE; the job runs until cancel); bitmap and incremental copy what the \
+                 dirty bitmap NAME marks; bitmap-mode decides what the bitmap holds \
+                 afterwards, as in QEMU. compress=on needs a qcow2 target.",
             ),
             Item(
                 "bitmap-add node=NODE name=NAME [granularity=SIZE] [persistent=on] \

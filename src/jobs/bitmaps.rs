@@ -159,7 +159,7 @@ impl BitmapAction {
 
 /// Refuses to change a bitmap the image stores while the node takes no
 /// writes: the change could never be stored (QEMU's read-only bitmaps).
-fn check_changeable(node: &Node, name: &str) -> Result<(), JobError> {
+pub(super) fn check_changeable(node: &Node, name: &str) -> Result<(), JobError> {
     let stored = node.bitmaps().stored(name).map_err(|e| refusal(node, e))?;
     if stored && !node.writable() {
         return Err(JobError::Invalid(format!(

@@ -139,6 +139,8 @@ pub enum Command {
     },
     /// QEMU's drive-mirror.
     Mirror(MirrorArgs),
+    /// QEMU's drive-backup.
+    Backup(super::backup::BackupArgs),
     /// `cancel force=on`: aborts even a ready job.
     ForceCancel {
         /// The job (may be left out when only one exists).
@@ -233,23 +235,8 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
                     return Err(error(format!("sync={other:?}: expected full, top or none")))
                 }
             },
-            mode: match args.take("mode").as_deref() {
-                None | Some("absolute-paths") => TargetMode::AbsolutePaths,
-                Some("existing") => TargetMode::Existing,
-                Some(other) => {
-                    return Err(error(format!(
-                        "mode={other:?}: expected absolute-paths or existing"
-                    )))
-                }
-            },
-            format: match args.take("format").as_deref() {
-                None => None,
-                Some("qcow2") => Some(super::Format::Qcow2),
-                Some("raw") => Some(super::Format::Raw),
-                Some(other) => {
-                    return Err(error(format!("format={other:?}: expected qcow2 or raw")))
-                }
-            },
+            mode: args.target_mode()?,
+            format: args.format()?,
             copy_mode: args.copy_mode()?,
             granularity: args
                 .take("granularity")
@@ -259,6 +246,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
             id: args.id()?,
             on_error: args.on_error()?,
         }),
+        "backup" => Command::Backup(super::backup::parse(&mut args)?),
         "cancel" => match args.take("force").as_deref() {
             None | Some("off") => Command::Control {
                 verb: super::state::Verb::Cancel,
@@ -326,7 +314,7 @@ impl Args {
     }
 
     /// The optional `id=`, at most [`MAX_ID_BYTES`] long.
-    fn id(&mut self) -> Result<Option<String>, ParseError> {
+    pub(super) fn id(&mut self) -> Result<Option<String>, ParseError> {
         match self.take("id") {
             Some(id) if id.len() > MAX_ID_BYTES => Err(error(format!(
                 "{}: a job id is at most {MAX_ID_BYTES} bytes; this one is {}",
@@ -342,11 +330,11 @@ impl Args {
             .ok_or_else(|| error(format!("{} needs {key}=…", self.verb)))
     }
 
-    fn rate(&mut self, key: &str) -> Result<u64, ParseError> {
+    pub(super) fn rate(&mut self, key: &str) -> Result<u64, ParseError> {
         self.take(key).map_or(Ok(0), |rate| parse_rate(&rate))
     }
 
-    fn on_error(&mut self) -> Result<OnError, ParseError> {
+    pub(super) fn on_error(&mut self) -> Result<OnError, ParseError> {
         Ok(match self.take("on-error").as_deref() {
             None | Some("report") => OnError::Report,
             Some("ignore") => OnError::Ignore,
@@ -369,6 +357,29 @@ impl Args {
                     "copy-mode={other:?}: expected background or write-blocking"
                 )))
             }
+        })
+    }
+
+    /// A target's `mode=` (default: absolute-paths).
+    pub(super) fn target_mode(&mut self) -> Result<TargetMode, ParseError> {
+        Ok(match self.take("mode").as_deref() {
+            None | Some("absolute-paths") => TargetMode::AbsolutePaths,
+            Some("existing") => TargetMode::Existing,
+            Some(other) => {
+                return Err(error(format!(
+                    "mode={other:?}: expected absolute-paths or existing"
+                )))
+            }
+        })
+    }
+
+    /// A target's `format=` (default: none given).
+    pub(super) fn format(&mut self) -> Result<Option<super::Format>, ParseError> {
+        Ok(match self.take("format").as_deref() {
+            None => None,
+            Some("qcow2") => Some(super::Format::Qcow2),
+            Some("raw") => Some(super::Format::Raw),
+            Some(other) => return Err(error(format!("format={other:?}: expected qcow2 or raw"))),
         })
     }
 

@@ -36,6 +36,8 @@ pub enum JobType {
     Commit,
     /// drive-mirror.
     Mirror,
+    /// drive-backup.
+    Backup,
 }
 
 impl JobType {
@@ -45,6 +47,7 @@ impl JobType {
             JobType::Stream => "stream",
             JobType::Commit => "commit",
             JobType::Mirror => "mirror",
+            JobType::Backup => "backup",
         }
     }
 }
@@ -177,6 +180,8 @@ pub struct Job {
     base: Option<String>,
     target: Option<String>,
     touched: Vec<NodeId>,
+    shared: Vec<NodeId>,
+    kept: Vec<NodeId>,
     state: Mutex<State>,
     wake: Condvar,
     /// Told of every verb, for a job thread that waits on something else
@@ -208,8 +213,15 @@ pub struct JobSpec {
     pub base: Option<String>,
     /// The image written outside the chain (a mirror's target), if any.
     pub target: Option<String>,
-    /// Every node the job writes, reads or removes (not its base).
+    /// Every node the job writes, reads or removes (not its base): no
+    /// other job may touch them.
     pub touched: Vec<NodeId>,
+    /// Nodes the job only reads (a backup's node): any other job may use
+    /// them, except one that removes them from the chain.
+    pub shared: Vec<NodeId>,
+    /// Of `touched`, the nodes that stay in the chain whatever the job
+    /// does (a stream's node, a commit's base); the others may leave it.
+    pub kept: Vec<NodeId>,
     /// Bytes the job will scan.
     pub len: u64,
     /// Initial speed limit (0: none).
@@ -228,6 +240,8 @@ impl Job {
             base: spec.base,
             target: spec.target,
             touched: spec.touched,
+            shared: spec.shared,
+            kept: spec.kept,
             state: Mutex::new(State {
                 status: JobStatus::Created,
                 len: spec.len,
@@ -262,6 +276,16 @@ impl Job {
     /// The nodes the job touches (for conflict checks).
     pub fn touched(&self) -> &[NodeId] {
         &self.touched
+    }
+
+    /// The nodes the job only reads (see [`JobSpec::shared`]).
+    pub fn shared(&self) -> &[NodeId] {
+        &self.shared
+    }
+
+    /// The touched nodes that stay in the chain (see [`JobSpec::kept`]).
+    pub fn kept(&self) -> &[NodeId] {
+        &self.kept
     }
 
     /// The job's status now.
@@ -530,6 +554,19 @@ impl Job {
             return Err(Stop::Cancelled);
         }
         Ok(())
+    }
+
+    /// Job thread, with nothing to do until a verb comes (a `sync=none`
+    /// backup): waits until a pause or cancel is asked for, at most
+    /// `timeout`.
+    pub fn idle(&self, timeout: Duration) {
+        let state = lock(&self.state);
+        let _ = self
+            .wake
+            .wait_timeout_while(state, timeout, |s| {
+                !s.pause_requested && !s.cancel_requested
+            })
+            .unwrap_or_else(|p| p.into_inner());
     }
 
     /// Job thread: the work is done and no pause point follows (QEMU's job

@@ -40,6 +40,8 @@ fn job() -> (Arc<Job>, Arc<Recorder>) {
             base: None,
             target: None,
             touched: Vec::new(),
+            shared: Vec::new(),
+            kept: Vec::new(),
             len: 4 << 20,
             speed: 0,
         },

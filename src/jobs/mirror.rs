@@ -33,13 +33,11 @@ use super::command::{MirrorArgs, SyncMode, TargetMode};
 use super::copier::Copier;
 use super::job::{Job, JobSpec, JobType, Outcome};
 use super::live_copy::{self, mark_allocated, LiveCopy, Tracking};
-use super::registry::{resolve, LiveChain, Registry};
+use super::registry::{shown_node, LiveChain, Registry};
+use super::target_image::{self, TargetSpec};
 use super::{target, JobError};
 use crate::chain::track::DirtyMap;
-use crate::chain::{create_image, create_raw_image, Chain, ChainError, Format, Node, NodeId};
-
-/// Cluster size of a qcow2 target chainfs creates (QEMU's default).
-const NEW_TARGET_CLUSTER_SIZE: u64 = 64 << 10;
+use crate::chain::{Chain, ChainError, Node, NodeId};
 
 /// The default granularity is the target's cluster size, within these
 /// bounds (QEMU's `bdrv_get_default_bitmap_granularity`); 64 KiB for an
@@ -71,22 +69,9 @@ struct MirrorPlan {
 /// starts it.
 pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobError> {
     let chain = registry.chain();
-    let node_name = args.node.as_deref().unwrap_or("active");
-    let id = resolve(&chain, node_name)?;
-    let all = chain.nodes();
-    let Some(level) = all.iter().position(|n| n.id() == id && !n.hidden()) else {
-        return Err(JobError::NotFound(format!(
-            "node {node_name:?} is not in the mount"
-        )));
-    };
-    let node = all[level].clone();
+    let (level, node) = shown_node(&chain, args.node.as_deref().unwrap_or("active"))?;
+    let (id, all) = (node.id(), chain.nodes());
     let path = target::place(Path::new(&args.target), &chain, registry.mount().as_ref())?;
-    if let Some(clash) = chain_image(&chain, &path) {
-        return Err(JobError::Invalid(format!(
-            "{} is {clash}, an image of the chain",
-            path.display()
-        )));
-    }
     let below = level.checked_sub(1).map(|l| all[l].id());
     let backing = match args.sync {
         SyncMode::Full => None,
@@ -98,8 +83,22 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
         below,
         backing,
     };
-    let created = args.mode == TargetMode::AbsolutePaths;
-    let plan = prepare_target(&chain, &path, args, nodes)?;
+    let target = TargetSpec {
+        path: path.clone(),
+        mode: args.mode,
+        format: args.format,
+        backing,
+        needs_backing: args.sync != SyncMode::Full,
+        size: node.virtual_size(),
+    };
+    let opened = target_image::prepare(&chain, &target, &|chain, spec| {
+        chain.target_chain(&spec.path, spec.format, spec.backing)
+    })?;
+    let plan = MirrorPlan {
+        nodes,
+        target: Arc::new(opened),
+        args,
+    };
     let spec = JobSpec {
         id: String::new(),
         kind: JobType::Mirror,
@@ -107,6 +106,10 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
         base: None,
         target: Some(path.display().to_string()),
         touched: touched(all, level, plan.args.sync),
+        shared: Vec::new(),
+        // The node under the target stays: `top` keeps the node below,
+        // `none` the node itself.
+        kept: backing.into_iter().collect(),
         len: node.virtual_size(),
         speed: plan.args.speed,
     };
@@ -139,9 +142,9 @@ pub(super) fn start(registry: &Registry, args: MirrorArgs) -> Result<(), JobErro
         job.conclude(outcome, error);
     };
     let started = registry.spawn(spec, job_id, track, body);
-    if started.is_err() && created {
-        // Ours since a moment ago: a refused command leaves nothing.
-        let _ = std::fs::remove_file(&path);
+    if started.is_err() {
+        // A refused command leaves nothing.
+        target_image::discard_created(&target);
     }
     started
 }
@@ -156,120 +159,6 @@ fn touched(nodes: &[Node], level: usize, sync: SyncMode) -> Vec<NodeId> {
         SyncMode::None => level,
     };
     nodes[first..=level].iter().map(|n| n.id()).collect()
-}
-
-/// Creates the target (`absolute-paths`) or checks it exists
-/// (`existing`), then opens it; a target created here is removed again if
-/// that fails.
-fn prepare_target(
-    chain: &Chain,
-    path: &Path,
-    args: MirrorArgs,
-    nodes: Nodes,
-) -> Result<MirrorPlan, JobError> {
-    let size = chain.node(nodes.node).map_or(0, Node::virtual_size);
-    let exists = std::fs::symlink_metadata(path).is_ok();
-    let created = args.mode == TargetMode::AbsolutePaths;
-    match args.mode {
-        TargetMode::AbsolutePaths if exists => {
-            return Err(JobError::Exists(format!("{} exists", path.display())))
-        }
-        TargetMode::AbsolutePaths => {
-            if args.format == Some(Format::Raw) && args.sync != SyncMode::Full {
-                return Err(no_raw_backing());
-            }
-            create_target(path, chain, nodes.backing, args.format, size)?;
-        }
-        TargetMode::Existing if !exists => {
-            return Err(JobError::NotFound(format!(
-                "{} does not exist",
-                path.display()
-            )))
-        }
-        TargetMode::Existing => {}
-    }
-    open_target(chain, path, args, size, nodes).inspect_err(|_| {
-        if created {
-            // Ours since a moment ago, and not worth keeping half made.
-            let _ = std::fs::remove_file(path);
-        }
-    })
-}
-
-/// Why a raw target cannot serve `sync=top` or `sync=none`.
-fn no_raw_backing() -> JobError {
-    JobError::Invalid("a raw target has no backing file: sync=top and sync=none need qcow2".into())
-}
-
-/// The name of the node whose image is the file at `path`, if any (hidden
-/// nodes included): the same file by any path.
-fn chain_image(chain: &Chain, path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let file = std::fs::metadata(path).ok()?;
-    chain
-        .nodes()
-        .iter()
-        .find(|node| {
-            std::fs::metadata(node.canonical_path())
-                .is_ok_and(|m| m.dev() == file.dev() && m.ino() == file.ino())
-        })
-        .map(|node| node.name().to_string())
-}
-
-/// Creates the target at `path`: raw and empty, or qcow2 backed by
-/// `backing` named by its absolute path.
-fn create_target(
-    path: &Path,
-    chain: &Chain,
-    backing: Option<NodeId>,
-    format: Option<Format>,
-    size: u64,
-) -> Result<(), JobError> {
-    if format == Some(Format::Raw) {
-        return Ok(create_raw_image(path, size)?);
-    }
-    let backing = backing.and_then(|id| chain.node(id));
-    let name = backing.map(|n| n.path().to_string_lossy().into_owned());
-    let backing = name.as_deref().zip(backing.map(Node::format));
-    Ok(create_image(path, size, NEW_TARGET_CLUSTER_SIZE, backing)?)
-}
-
-/// Opens the target's chain and checks it against the node: its size
-/// must be the node's, and only a qcow2 target can have the backing file
-/// `top` and `none` need.
-fn open_target(
-    chain: &Chain,
-    path: &Path,
-    args: MirrorArgs,
-    size: u64,
-    nodes: Nodes,
-) -> Result<MirrorPlan, JobError> {
-    let target = chain
-        .target_chain(path, args.format, nodes.backing)
-        .map_err(|err| {
-            // Another job's target, or an image another process writes.
-            if err.errno() == libc::EAGAIN {
-                JobError::Busy(err.to_string())
-            } else {
-                JobError::Chain(err)
-            }
-        })?;
-    let image = target.active();
-    if image.format() == Format::Raw && args.sync != SyncMode::Full {
-        return Err(no_raw_backing());
-    }
-    if image.virtual_size() != size {
-        return Err(JobError::Invalid(format!(
-            "{} is {} bytes; the node is {size}",
-            path.display(),
-            image.virtual_size()
-        )));
-    }
-    Ok(MirrorPlan {
-        nodes,
-        target: Arc::new(target),
-        args,
-    })
 }
 
 /// What the shared engine copies where: the node's view (all of it for

@@ -13,6 +13,7 @@
 //! The layer above (`fs`) reaches the chain only through the re-exports
 //! here.
 
+pub mod backup;
 pub mod bitmaps;
 pub mod command;
 mod commit;
@@ -29,6 +30,7 @@ pub mod report;
 pub mod state;
 pub mod stream;
 pub mod target;
+mod target_image;
 
 pub use crate::chain::Format;
 pub use crate::chain::{Allocation, Chain, ChainError, ChainExtent, Node, NodeId};

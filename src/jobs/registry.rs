@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use serde_json::json;
 
+use super::backup;
 use super::command::{Command, OnError};
 use super::commit;
 use super::content::ContentWatchers;
@@ -201,6 +202,7 @@ impl Registry {
                 commit::start(self, request, speed, id)
             }
             Command::Mirror(args) => mirror::start(self, args),
+            Command::Backup(args) => backup::start(self, args),
             Command::ForceCancel { id } => Ok(self.find_job(id.as_deref())?.force_cancel()?),
             Command::SetSpeed { id, speed } => {
                 Ok(self.find_job(id.as_deref())?.set_speed(speed)?)
@@ -288,6 +290,9 @@ impl Registry {
             base: base_level.map(|b| chain.nodes()[b].name().to_string()),
             target: None,
             touched,
+            shared: Vec::new(),
+            // The node streamed into stays; the nodes between leave.
+            kept: vec![node],
             len: target.virtual_size(),
             speed,
         };
@@ -354,9 +359,10 @@ impl Registry {
                 }
             },
         };
-        if let Some(other) = jobs.iter().find(|job| {
-            !job.status().is_finished() && job.touched().iter().any(|n| spec.touched.contains(n))
-        }) {
+        if let Some(other) = jobs
+            .iter()
+            .find(|job| !job.status().is_finished() && conflict(job, &spec))
+        {
             return Err(JobError::Busy(format!(
                 "job {} uses some of the same nodes",
                 other.id()
@@ -417,6 +423,38 @@ pub(super) fn resolve(chain: &Chain, name: &str) -> Result<NodeId, JobError> {
         .find(name)
         .map(|node| node.id())
         .ok_or_else(|| JobError::NotFound(format!("no node {name:?} in the chain")))
+}
+
+/// Whether a live `job` and a new job `spec` may not run at once: they
+/// touch a node in common, or one removes a node the other only reads.
+fn conflict(job: &Job, spec: &JobSpec) -> bool {
+    let removes = |touched: &[NodeId], kept: &[NodeId], node: &NodeId| {
+        touched.contains(node) && !kept.contains(node)
+    };
+    job.touched().iter().any(|n| spec.touched.contains(n))
+        || job
+            .shared()
+            .iter()
+            .any(|n| removes(&spec.touched, &spec.kept, n))
+        || spec
+            .shared
+            .iter()
+            .any(|n| removes(job.touched(), job.kept(), n))
+}
+
+/// The node a command names and its level in `chain`; ENOENT when it is
+/// hidden from the mount (a commit's intermediate).
+pub(super) fn shown_node(
+    chain: &Chain,
+    name: &str,
+) -> Result<(usize, crate::chain::Node), JobError> {
+    let id = resolve(chain, name)?;
+    chain
+        .nodes()
+        .iter()
+        .position(|n| n.id() == id && !n.hidden())
+        .map(|level| (level, chain.nodes()[level].clone()))
+        .ok_or_else(|| JobError::NotFound(format!("node {name:?} is not in the mount")))
 }
 
 /// Keeps the listing bounded: the oldest concluded jobs beyond

@@ -293,3 +293,15 @@ pub fn drop_backing_format(path: &Path) {
     bytes[at..at + 4].copy_from_slice(&UNKNOWN);
     std::fs::write(path, bytes).unwrap();
 }
+
+/// Closes the chain a test's [`LiveChain`] holds, once nothing else does
+/// (the registry shut down and dropped).
+pub fn close_live(live: std::sync::Arc<chainfs::jobs::registry::LiveChain>) {
+    let Ok(live) = std::sync::Arc::try_unwrap(live) else {
+        panic!("the live chain is still shared");
+    };
+    let Ok(chain) = live.into_chain() else {
+        panic!("the chain is still shared");
+    };
+    chain.close().unwrap();
+}

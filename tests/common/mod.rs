@@ -10,6 +10,7 @@
 //! * [`engine`]: the qcow2 engine opened directly on a storage;
 //! * [`hostile`]: qcow2 images patched to be hostile;
 //! * [`writers`]: threads writing their own regions while a job runs;
+//! * [`backup`]: write-zeroes, incremental targets, bitmap models;
 //! * [`mirror`]: the mirror tests' runs and QEMU's judgement of a target;
 //! * here: byte patterns and comparing bytes.
 //!
@@ -20,6 +21,7 @@
 // it, so what one binary leaves unused is not dead code.
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod bitmaps;
 pub mod cases;
 pub mod chain;

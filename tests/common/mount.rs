@@ -358,6 +358,11 @@ pub fn events(m: &Mounted) -> Vec<serde_json::Value> {
 pub struct Tmpfs(PathBuf);
 
 impl Tmpfs {
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// Mounts a tmpfs of `megabytes` at `dir`; `None` (after saying so)
     /// when not root, which mounting needs.
     pub fn mount(dir: &Path, megabytes: u64) -> Option<Tmpfs> {
@@ -546,8 +551,13 @@ pub fn names_in(m: &Mounted) -> Vec<String> {
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` of `len` bytes at `offset` of
 /// `file`: a discard.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    fallocate(file, mode, offset, len)
+}
+
+/// `fallocate(mode)` of `len` bytes at `offset` of `file`.
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: fallocate only reads its integer arguments; the descriptor
     // is open for as long as `file` is borrowed.
     let done = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };

@@ -135,6 +135,8 @@ pub(super) fn start(
         target: None,
         // The base is written, so it is touched too.
         touched: nodes[base..=top].iter().map(|n| n.id()).collect(),
+        shared: Vec::new(),
+        kept: vec![nodes[base].id()],
         len: nodes[top].virtual_size(),
         speed,
     };

@@ -1,0 +1,203 @@
+//! A backup's copies: before a guest write (the hook on the node's open
+//! image) and in the background (the job's thread), both through the
+//! shared copier, both claiming clusters in the one [`Clusters`] map.
+//!
+//! A copy before write that fails breaks the point in time: the write goes
+//! on, the hook stops copying, and the job fails with the error as soon as
+//! its thread sees it. A failed background copy follows `on-error`; its
+//! clusters are released first, so a paused job never holds back a guest
+//! write.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::super::command::OnError;
+use super::super::copier::{Chains, Copier, CopyFailure, CHUNK};
+use super::super::job::{Job, Stop};
+use super::super::stream::handle_error;
+use super::args::Copy;
+use super::cbw::Clusters;
+use super::compressed::copy_compressed;
+use crate::chain::track::BeforeWrite;
+use crate::chain::{Allocation, Chain, ChainError, NodeId};
+use crate::sync::{lock, Arc, Mutex};
+
+/// How often an idle `sync=none` job looks at its copies before write
+/// (their progress and errors) when no verb wakes it.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// One backup's copying state, shared by its hook and its thread.
+pub(super) struct Backup {
+    /// From the node's view (at and below its `base`) into the target.
+    pub copy: Copier,
+    /// The mounted chain as the job started (it shares its images).
+    pub source: Arc<Chain>,
+    /// The target's own chain.
+    pub dest: Arc<Chain>,
+    /// What is still to copy.
+    pub clusters: Clusters,
+    /// What the background copies.
+    pub kind: Copy,
+    /// Before copying, drop the clusters the view does not hold down to
+    /// this base (`Some(None)`: the whole chain): they need no copy.
+    pub skip_unheld: Option<Option<NodeId>>,
+    /// The background's error policy.
+    pub on_error: OnError,
+    /// The first failed copy before write (the point in time is lost).
+    pub broken: Mutex<Option<String>>,
+    /// Bytes copied before writes and not yet counted in the progress.
+    pub cbw_bytes: AtomicU64,
+    /// `compress=on`: the target's cluster size, each written compressed.
+    pub compress: Option<u64>,
+}
+
+impl BeforeWrite for Backup {
+    fn before_write(&self, offset: u64, len: u64) {
+        if lock(&self.broken).is_some() {
+            return;
+        }
+        let mut buf = Vec::new();
+        let mut failed = false;
+        for (start, run) in self.clusters.claim_range(offset, len) {
+            let end = start + run;
+            let mut at = start;
+            while at < end {
+                let piece = self.piece().min(end - at);
+                if failed {
+                    self.clusters.release(at, end - at, false);
+                    break;
+                }
+                match self.copy_range(at, piece, &mut buf) {
+                    Ok(_) => {
+                        self.clusters.release(at, piece, true);
+                        self.cbw_bytes.fetch_add(piece, Ordering::Relaxed);
+                        at += piece;
+                    }
+                    Err((operation, err)) => {
+                        log::error!("backup: copy before write at {at}: {operation}: {err}");
+                        lock(&self.broken).get_or_insert(err.to_string());
+                        failed = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Backup {
+    fn chains(&self) -> Chains<'_> {
+        Chains {
+            source: &self.source,
+            dest: &self.dest,
+        }
+    }
+
+    /// Copies `offset..offset + len` of the view into the target (with
+    /// the shared copier, or compressed).
+    fn copy_range(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<u64, CopyFailure> {
+        match self.compress {
+            None => self.copy.copy_between(self.chains(), offset, len, buf),
+            Some(cluster) => copy_compressed(&self.copy, self.chains(), cluster, offset, len, buf),
+        }
+    }
+
+    /// The most one copy moves: a chunk, or one cluster if larger.
+    fn piece(&self) -> u64 {
+        CHUNK.max(self.clusters.granularity())
+    }
+
+    /// Fails the job if a copy before write failed.
+    fn check_broken(&self, job: &Job) -> Result<(), Stop> {
+        match lock(&self.broken).clone() {
+            None => Ok(()),
+            Some(error) => {
+                job.report_error("write", "report");
+                job.record_error(error);
+                Err(Stop::Failed)
+            }
+        }
+    }
+
+    /// Counts the copies before write in the progress.
+    fn report_writes(&self, job: &Job) {
+        let bytes = self.cbw_bytes.swap(0, Ordering::Relaxed);
+        if bytes > 0 {
+            job.set_remaining(bytes, self.clusters.remaining());
+            job.advance(bytes, 0);
+        }
+    }
+
+    /// Drops the clusters the view does not hold (down to the base).
+    fn skip_unheld(&self, job: &Job) -> Result<(), ChainError> {
+        let Some(base) = self.skip_unheld else {
+            return Ok(());
+        };
+        let view = self.copy.view;
+        let size = self.source.node(view).map_or(0, |n| n.virtual_size());
+        let mut offset = 0;
+        while offset < size {
+            let extent = self
+                .source
+                .block_status(view, base, offset, size - offset)?;
+            let run = extent.len.max(1).min(size - offset);
+            if extent.allocation == Allocation::Unallocated {
+                self.clusters.skip(offset, run);
+            }
+            offset += run;
+        }
+        job.set_remaining(0, self.clusters.remaining());
+        Ok(())
+    }
+
+    /// The job's thread: copies every cluster still todo (for `sync=none`,
+    /// waits for a cancel), until done or stopped.
+    pub(super) fn run(&self, job: &Job) -> Result<(), Stop> {
+        job.set_remaining(0, self.clusters.remaining());
+        if let Err(err) = self.skip_unheld(job) {
+            job.record_error(err.to_string());
+            return Err(Stop::Failed);
+        }
+        let mut cursor = 0;
+        let mut buf = Vec::new();
+        loop {
+            if let Err(stop) = job.checkpoint() {
+                self.report_writes(job);
+                return Err(stop);
+            }
+            self.check_broken(job)?;
+            self.report_writes(job);
+            if self.kind == Copy::None {
+                job.idle(IDLE_POLL);
+                continue;
+            }
+            let Some((offset, len)) = self.clusters.claim_next(cursor, self.piece()) else {
+                // Copies before write still in flight may fail.
+                self.clusters.wait_idle();
+                self.check_broken(job)?;
+                if self.clusters.remaining() == 0 {
+                    self.report_writes(job);
+                    return Ok(());
+                }
+                continue;
+            };
+            let result = self.copy_range(offset, len, &mut buf);
+            self.clusters.release(offset, len, result.is_ok());
+            match result {
+                Ok(copied) => {
+                    cursor = offset + len;
+                    job.set_remaining(len, self.clusters.remaining());
+                    job.advance(len, copied);
+                }
+                Err((operation, err)) => {
+                    // Released first: a job paused for its error holds
+                    // back no guest write.
+                    if handle_error(job, self.on_error, operation, &err)? {
+                        // `ignore`: left out; the job will end failed.
+                        self.clusters.skip(offset, len);
+                        cursor = offset + len;
+                    }
+                }
+            }
+        }
+    }
+}

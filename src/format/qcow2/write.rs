@@ -1,12 +1,14 @@
 //! Writes, write-zeroes and the metadata updates they need.
 //!
 //! A write to a cluster that this image owns outright (COPIED) goes straight
-//! to its host cluster with no exclusive lock. Anything else takes the
-//! metadata lock and, per cluster: builds what the guest must see (the new
-//! data over what the cluster showed before, from this image or its backing
-//! chain), writes it to a cluster that is owned outright, then points the L2
-//! entry at it. Data is written before the L2 entry that points to it, and
-//! the clusters that the old entry held are freed only after a sync.
+//! to its host cluster with no exclusive lock. Anything else takes its guest
+//! clusters ([`super::inflight`]) and, per cluster: under the metadata lock
+//! makes the L2 table writable and picks a cluster owned outright; with no
+//! lock, builds what the guest must see (the new data over what the cluster
+//! showed before, from this image or its backing chain) and writes it
+//! there; under the metadata lock again, points the L2 entry at it. Data is
+//! written before the L2 entry that points to it, and the clusters that the
+//! old entry held are freed only after a sync.
 
 use std::sync::atomic::Ordering;
 
@@ -35,15 +37,18 @@ impl Qcow2 {
         self.check_bounds(offset, data.len() as u64)?;
         self.record_dirty(offset, data.len() as u64);
         let slow = self.write_in_place(offset, data)?;
-        if slow.is_empty() {
+        let (Some(first), Some(last)) = (slow.first(), slow.last()) else {
             return Ok(());
+        };
+        {
+            let _clusters =
+                self.lock_clusters(first.guest, last.guest + last.len as u64 - first.guest);
+            for chunk in &slow {
+                let bytes = &data[chunk.pos..chunk.pos + chunk.len];
+                self.write_cluster(chunk.guest, bytes, backing)?;
+            }
         }
-        let mut meta = sync::lock(&self.meta);
-        for chunk in slow {
-            let bytes = &data[chunk.pos..chunk.pos + chunk.len];
-            self.write_cluster(&mut meta, chunk.guest, bytes, backing)?;
-        }
-        self.bound_pending_frees(&mut meta)
+        self.bound_pending_frees()
     }
 
     /// Writes the parts of the request that land in clusters owned outright
@@ -100,38 +105,53 @@ impl Qcow2 {
         upper & !((1u32 << first) - 1)
     }
 
-    /// Writes `data` (inside one cluster) under the metadata lock.
+    /// Writes `data` (inside one cluster). The caller holds the cluster
+    /// ([`Qcow2::lock_clusters`]) and not the metadata lock: the data I/O
+    /// runs outside it.
     pub(super) fn write_cluster(
         &self,
-        meta: &mut Meta,
         guest: u64,
         data: &[u8],
         backing: &dyn BackingReader,
     ) -> Result<()> {
-        let (l2_offset, table) = self.writable_l2(meta, guest)?;
-        let index = self.geometry.l2_index(guest);
-        let old = table.entry(&self.geometry, index)?;
+        // Only a holder of the cluster changes its entry: it stays as read.
+        let old = self.current_entry(guest)?;
         if let Some(host) = self.in_place_target(&old, guest, data.len() as u64) {
             return self
                 .data()
                 .write_at(data, host.0)
                 .io_at("write guest data", host.0);
         }
-        if let Some(entry) = self.claim_sole_owner(meta, &old)? {
-            self.set_l2_entry(l2_offset, &table, index, &entry)?;
-            return self.write_cluster(meta, guest, data, backing);
-        }
         let reuse = old.is_copied() && old.host_cluster().is_some();
-        let target = match (reuse, old.host_cluster()) {
-            (true, Some(host)) => host,
-            _ => self.allocate_data_cluster(meta, guest)?,
+        let target = {
+            let mut meta = sync::lock(&self.meta);
+            // A new L2 table is made before the data goes anywhere, so
+            // that a full disk fails the write before it did any I/O.
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            if let Some(entry) = self.claim_sole_owner(&mut meta, &old)? {
+                let index = self.geometry.l2_index(guest);
+                self.set_l2_entry(l2_offset, &table, index, &entry)?;
+                drop(meta);
+                return self.write_cluster(guest, data, backing);
+            }
+            match (reuse, old.host_cluster()) {
+                (true, Some(host)) => host,
+                _ => self.allocate_data_cluster(&mut meta, guest)?,
+            }
         };
+        // The copy-on-write reads and the data write, with no lock held.
         let written = if self.geometry.extended_l2 {
             self.write_subclusters(&old, target, reuse, guest, data, backing)
         } else {
             self.write_whole_cluster(&old, target, guest, data, backing)
         };
-        let published = written.and_then(|new| self.set_l2_entry(l2_offset, &table, index, &new));
+        let mut meta = sync::lock(&self.meta);
+        let published = written.and_then(|new| {
+            // The table as it is now: another cluster's writer may have
+            // moved it (a copy of a table shared with a snapshot).
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            self.set_l2_entry(l2_offset, &table, self.geometry.l2_index(guest), &new)
+        });
         if let Err(err) = published {
             // Nothing points to a fresh cluster yet: keep it for later
             // rather than leak it (a full disk fails writes here).
@@ -141,9 +161,16 @@ impl Qcow2 {
             return Err(err);
         }
         if !reuse {
-            self.free_entry(meta, &old);
+            self.free_entry(&mut meta, &old);
         }
         Ok(())
+    }
+
+    /// The entry for guest `guest` as it is now, looked up under the
+    /// `inflight` guard (the table it lies in may be freed meanwhile).
+    pub(super) fn current_entry(&self, guest: u64) -> Result<L2Entry> {
+        let _inflight = sync::read(&self.inflight);
+        self.l2_entry(guest)
     }
 
     /// For a data cluster without COPIED whose refcount is in fact 1, the
@@ -357,9 +384,12 @@ impl Qcow2 {
         }
     }
 
-    pub(super) fn bound_pending_frees(&self, meta: &mut Meta) -> Result<()> {
-        if meta.allocator.pending_frees() > MAX_PENDING_FREES {
-            self.sync_and_free(meta)?;
+    /// Applies the deferred frees when too many wait. The caller holds
+    /// no lock: the sync runs without any.
+    pub(super) fn bound_pending_frees(&self) -> Result<()> {
+        let pending = sync::lock(&self.meta).allocator.pending_frees();
+        if pending > MAX_PENDING_FREES {
+            self.sync_then_free()?;
         }
         Ok(())
     }

@@ -3,19 +3,22 @@
 //!
 //! # Concurrency
 //!
-//! Reads and in-place writes of allocated clusters take no exclusive lock:
-//! they look up the mapping (L1 under a shared lock, the L2 table from the
-//! sharded [`cache::TableCache`]) and do the data I/O with only a shared
-//! `inflight` guard held. A change of L2 entries first takes the guest
-//! clusters it changes in `clusters` ([`inflight::ClusterLocks`]), then
-//! `meta` only to look up, allocate and publish: its data I/O (copy-on-write
-//! reads, the data write) runs with no lock but its clusters held.
+//! Reads take no exclusive lock: they look up the mapping (L1 under a
+//! shared lock, the L2 table from the sharded [`cache::TableCache`]) and do
+//! the data I/O with only a shared `inflight` guard held. In-place writes
+//! of clusters owned outright do the same with a shared `overwrites` guard.
+//! A change of L2 entries first takes the guest clusters it changes in
+//! `clusters` ([`inflight::ClusterLocks`]), then `meta` only to look up,
+//! allocate and publish: its data I/O (copy-on-write reads, the data write)
+//! runs with no lock but its clusters held.
 //!
-//! Lock order: `clusters` → `meta` → `inflight` → `l1` → cache shards. The
-//! `inflight` guard is never held while waiting for `meta` or `clusters`;
-//! applying deferred frees takes `inflight` exclusively for an instant, to
-//! wait until no request still uses a mapping read before the frees'
-//! entries changed, and then frees (refcounts, hole punches) without it.
+//! Lock order: `clusters` → `meta` → `inflight` or `overwrites` → `l1` →
+//! cache shards. Neither guard is held while waiting for `meta` or
+//! `clusters`. Applying deferred frees takes `inflight`, then
+//! `overwrites`, exclusively for an instant each, to wait until no request
+//! still uses a mapping read before the frees' entries changed, and frees
+//! (refcounts, hole punches) without them: a reader waits at most for
+//! other reads in flight, never for a write or a free.
 
 pub(super) mod alloc;
 pub(super) mod bitmaps;
@@ -83,7 +86,10 @@ pub struct Qcow2 {
     /// Guest clusters whose L2 entries are being changed.
     clusters: ClusterLocks,
     meta: Mutex<Meta>,
+    /// Held shared by reads across their lookup and data I/O.
     inflight: RwLock<()>,
+    /// Held shared by in-place writes across their lookup and data I/O.
+    overwrites: RwLock<()>,
     closed: AtomicBool,
     /// Persistent dirty bitmaps that writes must keep up to date; loaded
     /// whenever the image becomes writable.
@@ -139,6 +145,7 @@ impl Qcow2 {
             clusters: ClusterLocks::default(),
             meta: Mutex::new(Meta::new(header, allocator)),
             inflight: RwLock::new(()),
+            overwrites: RwLock::new(()),
             closed: AtomicBool::new(!options.writable),
             bitmaps: RwLock::new(None),
             storage,
@@ -335,8 +342,10 @@ impl Qcow2 {
         }
         // Wait until no request still uses a mapping read before the
         // entries changed; later ones cannot reach these clusters. Readers
-        // wait only for that instant, not for the frees below.
+        // wait only for that instant (and only for reads), not for the
+        // writes or the frees below.
         drop(sync::write(&self.inflight));
+        drop(sync::write(&self.overwrites));
         let freed = meta.allocator.apply_frees(self.storage.as_ref(), covered)?;
         for &host in &freed {
             self.l2_cache.remove(host);

@@ -10,6 +10,7 @@
 //! written before the L2 entry that points to it, and the clusters that the
 //! old entry held are freed only after a sync.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 use super::l2::{L2Entry, L2Table, ALL_SUBCLUSTERS, L1_COPIED};
@@ -54,7 +55,9 @@ impl Qcow2 {
     /// Writes the parts of the request that land in clusters owned outright
     /// and returns the rest, one chunk per cluster.
     fn write_in_place(&self, offset: u64, data: &[u8]) -> Result<Vec<Chunk>> {
-        let _inflight = sync::read(&self.inflight);
+        // Not `inflight`: a free's barrier must not make reads wait for
+        // this data I/O.
+        let _overwrites = sync::read(&self.overwrites);
         let mut slow = Vec::new();
         let mut pos = 0usize;
         while pos < data.len() {
@@ -223,12 +226,13 @@ impl Qcow2 {
         } else {
             let start = self.geometry.cluster_start(guest);
             let in_cluster = (guest - start) as usize;
-            let mut cluster = vec![0u8; cluster_size];
-            self.read_view(old, start, &mut cluster, backing)?;
-            cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
-            self.data()
-                .write_at(&cluster, target.0)
-                .io_at("write guest data", target.0)?;
+            with_cluster_buffer(cluster_size, |cluster| {
+                self.read_view(old, start, cluster, backing)?;
+                cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+                self.data()
+                    .write_at(cluster, target.0)
+                    .io_at("write guest data", target.0)
+            })?;
         }
         Ok(L2Entry::Data {
             host: target,
@@ -393,6 +397,27 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// The buffer in which a thread builds a cluster for copy-on-write, kept
+    /// between writes so that a partial write allocates and zeroes nothing
+    /// (every byte of it is read from the old view before it is written).
+    static CLUSTER_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of this thread's cluster buffer (a fresh one if
+/// the thread's is in use), whose content is unspecified.
+fn with_cluster_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    CLUSTER_BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0u8; len]),
+    })
 }
 
 /// Copies the part of `data` (at guest `data_at`) that overlaps `buf` (at

@@ -13,6 +13,7 @@ use chainfs::format::{BackingReader, HostRange, Qcow2};
 use chainfs::storage::{FileStorage, MemStorage, Storage};
 
 mod common;
+use common::engine::HeldWrites;
 use common::{create_qcow2, path_str, pattern, pattern_byte, qemu_img_check, require_qemu};
 
 /// What the backing chain shows: a pattern, so that a copy-on-write that
@@ -259,4 +260,81 @@ fn concurrent_allocating_writes_with_subclusters_match_a_model() {
         return;
     }
     concurrent_writers("cluster_size=16384,extended_l2=on", 16384);
+}
+
+#[test]
+fn reads_and_other_writers_go_on_while_an_allocating_write_is_in_its_data_io() {
+    if !require_qemu() {
+        return;
+    }
+    let cluster = 65536u64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("top.qcow2");
+    create_qcow2(path_str(&path), "16M", "cluster_size=65536");
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
+    let held = Arc::new(HeldWrites::new(file));
+    let image = Arc::new(common::engine::open_qcow2(
+        Arc::clone(&held) as Arc<dyn Storage>,
+        true,
+        1 << 20,
+    ));
+    // Cluster 1 is allocated first, to be read and overwritten in place.
+    let first = pattern(1, cluster, cluster as usize);
+    image.write(cluster, &first, &PatternBacking).unwrap();
+    // The next whole-cluster write is the data of the write to cluster 0.
+    held.hold_next_write_of(cluster as usize);
+    let stuck = {
+        let image = Arc::clone(&image);
+        thread::spawn(move || {
+            let data = pattern(2, 0, cluster as usize);
+            image.write(0, &data, &PatternBacking).unwrap();
+        })
+    };
+    held.wait_until_held();
+    let (done, finished) = std::sync::mpsc::channel();
+    let others = {
+        let (image, first) = (Arc::clone(&image), first.clone());
+        thread::spawn(move || {
+            assert_eq!(read_guest(&image, cluster, cluster as usize), first);
+            // An allocating write with copy-on-write, an overwrite in place,
+            // a write-zeroes that changes an entry, and a flush.
+            let partial = pattern(3, 2 * cluster + 512, 4096);
+            image
+                .write(2 * cluster + 512, &partial, &PatternBacking)
+                .unwrap();
+            image
+                .write(cluster + 100, &[9; 100], &PatternBacking)
+                .unwrap();
+            image
+                .zero_range(3 * cluster, cluster, &PatternBacking)
+                .unwrap();
+            image.flush().unwrap();
+            done.send(()).unwrap();
+        })
+    };
+    // Not a timing assertion: before the data I/O left the metadata lock,
+    // these waited for the held write forever.
+    let went_on = finished.recv_timeout(std::time::Duration::from_secs(300));
+    held.release();
+    assert!(
+        went_on.is_ok(),
+        "reads or other writes waited for a write's data I/O"
+    );
+    stuck.join().unwrap();
+    others.join().unwrap();
+    let mut expected = pattern(BACKING_SEED, 0, 4 * cluster as usize);
+    expected[..cluster as usize].copy_from_slice(&pattern(2, 0, cluster as usize));
+    expected[cluster as usize..2 * cluster as usize].copy_from_slice(&first);
+    expected[cluster as usize + 100..cluster as usize + 200].fill(9);
+    let at = 2 * cluster as usize + 512;
+    expected[at..at + 4096].copy_from_slice(&pattern(3, at as u64, 4096));
+    expected[3 * cluster as usize..].fill(0);
+    common::assert_same_bytes(
+        &read_guest(&image, 0, 4 * cluster as usize),
+        &expected,
+        "after the held write",
+    );
+    image.close().unwrap();
+    drop(image);
+    qemu_img_check(&path);
 }

@@ -333,9 +333,8 @@ impl Qcow2 {
 
     /// Replaces the consecutive entries from `first` of the L2 table at
     /// `l2_offset`: their bytes go to disk in one write, then readers see
-    /// them, in place where the table allows it (no copy of the table per
-    /// allocating write), else in a new version of the table. The caller
-    /// holds the metadata lock, so no other writer changes the table
+    /// them, in place (no copy of the table per allocating write). The
+    /// caller holds the metadata lock, so no other writer changes the table
     /// meanwhile; the table goes back into the cache in case a miss
     /// replaced it there while the data was written.
     pub(super) fn publish_l2_entries(
@@ -356,19 +355,10 @@ impl Qcow2 {
         self.storage
             .write_at(&bytes, at)
             .io_at("write an L2 entry", at)?;
-        let published = if table.in_place() {
-            for (i, entry) in (first..).zip(entries) {
-                table.store(i, entry);
-            }
-            Arc::clone(table)
-        } else {
-            let mut updated = (**table).clone();
-            for (i, entry) in (first..).zip(entries) {
-                updated.set(i, entry);
-            }
-            Arc::new(updated)
-        };
-        self.l2_cache.insert(l2_offset, published);
+        for (i, entry) in (first..).zip(entries) {
+            table.store(i, entry);
+        }
+        self.l2_cache.insert(l2_offset, Arc::clone(table));
         Ok(())
     }
 

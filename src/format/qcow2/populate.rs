@@ -44,22 +44,7 @@ impl Qcow2 {
     ) -> Result<u64> {
         self.check_writable()?;
         self.check_bounds(offset, len)?;
-        let written = {
-            let _clusters = self.lock_clusters(offset, len);
-            self.populate_held(offset, len, data, backing)?
-        };
-        self.bound_pending_frees()?;
-        Ok(written)
-    }
-
-    /// [`Qcow2::populate`] with the range's clusters held.
-    fn populate_held(
-        &self,
-        offset: u64,
-        len: u64,
-        data: Option<&[u8]>,
-        backing: &dyn BackingReader,
-    ) -> Result<u64> {
+        let clusters = self.lock_clusters(offset, len);
         let mut written = 0;
         let mut pos = offset;
         while pos < offset + len {
@@ -83,6 +68,9 @@ impl Qcow2 {
             }
             pos += run;
         }
+        // Before the sync that bounding the frees may take.
+        drop(clusters);
+        self.bound_pending_frees()?;
         Ok(written)
     }
 

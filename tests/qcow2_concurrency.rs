@@ -338,3 +338,43 @@ fn reads_and_other_writers_go_on_while_an_allocating_write_is_in_its_data_io() {
     drop(image);
     qemu_img_check(&path);
 }
+
+#[test]
+fn a_write_that_fills_subclusters_keeps_an_in_place_write_beside_it() {
+    if !require_qemu() {
+        return;
+    }
+    // 2 KiB subclusters. Subcluster 0 is allocated; a write over its second
+    // half and the first half of subcluster 1 (not allocated) takes the
+    // slow path, while an in-place write changes the first bytes of
+    // subcluster 0 and must survive it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("top.qcow2");
+    create_qcow2(path_str(&path), "4M", "cluster_size=65536,extended_l2=on");
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
+    let held = Arc::new(HeldWrites::new(file));
+    let image = Arc::new(common::engine::open_qcow2(
+        Arc::clone(&held) as Arc<dyn Storage>,
+        true,
+        1 << 20,
+    ));
+    image.write(0, &[1; 2048], &PatternBacking).unwrap();
+    // The slow write's first data write (the in-place write is smaller).
+    held.hold_next_write_of(1024);
+    let slow = {
+        let image = Arc::clone(&image);
+        thread::spawn(move || image.write(1024, &[2; 2048], &PatternBacking).unwrap())
+    };
+    held.wait_until_held();
+    image.write(0, &[3; 512], &PatternBacking).unwrap();
+    held.release();
+    slow.join().unwrap();
+    let mut expected = pattern(BACKING_SEED, 0, 4096);
+    expected[..1024].fill(1);
+    expected[..512].fill(3);
+    expected[1024..3072].fill(2);
+    common::assert_same_bytes(&read_guest(&image, 0, 4096), &expected, "subclusters 0-1");
+    image.close().unwrap();
+    drop(image);
+    qemu_img_check(&path);
+}

@@ -32,7 +32,7 @@ pub struct HeldWrites {
 
 #[derive(Debug, Default)]
 struct Hold {
-    /// The length of the next write to hold.
+    /// The least length of the next write to hold.
     armed: Option<usize>,
     held: bool,
     released: bool,
@@ -48,7 +48,7 @@ impl HeldWrites {
         }
     }
 
-    /// Holds the next write of exactly `len` bytes.
+    /// Holds the next write of `len` bytes or more.
     pub fn hold_next_write_of(&self, len: usize) {
         *self.state.lock().unwrap() = Hold {
             armed: Some(len),
@@ -78,7 +78,7 @@ impl Storage for HeldWrites {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap();
-        if state.armed == Some(buf.len()) {
+        if state.armed.is_some_and(|len| buf.len() >= len) {
             state.armed = None;
             state.held = true;
             self.changed.notify_all();

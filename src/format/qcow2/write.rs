@@ -259,14 +259,26 @@ impl Qcow2 {
             _ => (0, 0),
         };
         let touched = self.subcluster_mask(guest, data.len() as u64);
-        let written = if reuse {
-            touched
+        // Subclusters the cluster holds already take only the guest's
+        // bytes: a read-modify-write of them could undo an in-place write
+        // that lands there meanwhile (in-place writes hold no cluster).
+        let (kept, rebuilt) = if reuse {
+            (touched & old_allocated, touched & !old_allocated)
         } else {
-            touched | old_allocated
+            (0, touched | old_allocated)
         };
         let start = self.geometry.cluster_start(guest);
         let sc_size = self.geometry.subcluster_size();
-        for (first, last) in bit_runs(written) {
+        let end = guest + data.len() as u64;
+        for (first, last) in bit_runs(kept) {
+            let from = (start + u64::from(first) * sc_size).max(guest);
+            let to = (start + u64::from(last + 1) * sc_size).min(end);
+            let at = target.0 + (from - start);
+            self.data()
+                .write_at(&data[(from - guest) as usize..(to - guest) as usize], at)
+                .io_at("write guest data", at)?;
+        }
+        for (first, last) in bit_runs(rebuilt) {
             let run_start = start + u64::from(first) * sc_size;
             let run_len = u64::from(last - first + 1) * sc_size;
             let mut buf = vec![0u8; run_len as usize];
@@ -276,6 +288,7 @@ impl Qcow2 {
                 .write_at(&buf, target.0 + (run_start - start))
                 .io_at("write guest data", target.0 + (run_start - start))?;
         }
+        let written = kept | rebuilt;
         Ok(L2Entry::Subclusters {
             host: Some(target),
             copied: true,

@@ -14,6 +14,17 @@
 //!
 //! A request takes all its clusters as one range and holds one range at a
 //! time, so two requests never wait for each other in a cycle.
+//!
+//! A new path that changes L2 entries (`write_cluster` is the model):
+//! 1. `let clusters = self.lock_clusters(offset, len)` before anything else,
+//!    held until every entry it changes is published;
+//! 2. the old entry from `current_entry` (it cannot change meanwhile);
+//! 3. under `meta`: `writable_l2`, then allocate; release `meta`;
+//! 4. with no lock: copy-on-write reads and the data write;
+//! 5. under `meta` again: `writable_l2` once more (the table may have been
+//!    replaced), `set_l2_entry`/`publish_l2_entries`, then `free_entry` of
+//!    the old entry, or `give_back` of the new clusters on failure;
+//! 6. drop the clusters, then `bound_pending_frees()` (it may sync).
 
 use std::ops::Range;
 

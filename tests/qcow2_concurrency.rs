@@ -42,6 +42,27 @@ fn open_fresh(dir: &Path, options: &str, size: u64) -> (std::path::PathBuf, Qcow
     (path, common::engine::open_qcow2(storage, true, 1 << 20))
 }
 
+/// [`open_fresh`] on a storage that can hold back one write.
+fn open_held(dir: &Path, options: &str, size: u64) -> (std::path::PathBuf, Arc<HeldWrites>, Qcow2) {
+    let path = dir.join("top.qcow2");
+    create_qcow2(path_str(&path), &size.to_string(), options);
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
+    let held = Arc::new(HeldWrites::new(file));
+    let storage = Arc::clone(&held) as Arc<dyn Storage>;
+    (
+        path,
+        held,
+        common::engine::open_qcow2(storage, true, 1 << 20),
+    )
+}
+
+/// Closes the last handle on `image` and has QEMU check the file.
+fn close_and_check(image: Arc<Qcow2>, path: &Path) {
+    image.close().unwrap();
+    drop(image);
+    qemu_img_check(path);
+}
+
 fn read_guest(image: &Qcow2, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     for hole in image.read(offset, &mut buf).unwrap() {
@@ -136,9 +157,7 @@ fn race_guest_against_job(options: &str, cluster: u64, rounds: u64) {
         let got = read_guest(&image, at, cluster as usize);
         common::assert_same_bytes(&got, view, &format!("{options}: cluster {round}"));
     }
-    image.close().unwrap();
-    drop(image);
-    qemu_img_check(&path);
+    close_and_check(image, &path);
 }
 
 #[test]
@@ -234,9 +253,7 @@ fn concurrent_writers(options: &str, cluster: u64) {
     let expected = model(writers, cluster, own, shared);
     let got = read_guest(&image, 0, size as usize);
     common::assert_same_bytes(&got, &expected, &format!("{options}: while open"));
-    image.close().unwrap();
-    drop(image);
-    qemu_img_check(&path);
+    close_and_check(image, &path);
     // And as the file holds it, reopened.
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, false).unwrap());
     let reopened = common::engine::open_qcow2(storage, false, 1 << 20);
@@ -269,15 +286,8 @@ fn reads_and_other_writers_go_on_while_an_allocating_write_is_in_its_data_io() {
     }
     let cluster = 65536u64;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("top.qcow2");
-    create_qcow2(path_str(&path), "16M", "cluster_size=65536");
-    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
-    let held = Arc::new(HeldWrites::new(file));
-    let image = Arc::new(common::engine::open_qcow2(
-        Arc::clone(&held) as Arc<dyn Storage>,
-        true,
-        1 << 20,
-    ));
+    let (path, held, image) = open_held(dir.path(), "cluster_size=65536", 16 << 20);
+    let image = Arc::new(image);
     // Cluster 1 is allocated first, to be read and overwritten in place.
     let first = pattern(1, cluster, cluster as usize);
     image.write(cluster, &first, &PatternBacking).unwrap();
@@ -334,9 +344,7 @@ fn reads_and_other_writers_go_on_while_an_allocating_write_is_in_its_data_io() {
         &expected,
         "after the held write",
     );
-    image.close().unwrap();
-    drop(image);
-    qemu_img_check(&path);
+    close_and_check(image, &path);
 }
 
 #[test]
@@ -349,15 +357,9 @@ fn a_write_that_fills_subclusters_keeps_an_in_place_write_beside_it() {
     // slow path, while an in-place write changes the first bytes of
     // subcluster 0 and must survive it.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("top.qcow2");
-    create_qcow2(path_str(&path), "4M", "cluster_size=65536,extended_l2=on");
-    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
-    let held = Arc::new(HeldWrites::new(file));
-    let image = Arc::new(common::engine::open_qcow2(
-        Arc::clone(&held) as Arc<dyn Storage>,
-        true,
-        1 << 20,
-    ));
+    let options = "cluster_size=65536,extended_l2=on";
+    let (path, held, image) = open_held(dir.path(), options, 4 << 20);
+    let image = Arc::new(image);
     image.write(0, &[1; 2048], &PatternBacking).unwrap();
     // The slow write's first data write (the in-place write is smaller).
     held.hold_next_write_of(1024);
@@ -374,7 +376,5 @@ fn a_write_that_fills_subclusters_keeps_an_in_place_write_beside_it() {
     expected[..512].fill(3);
     expected[1024..3072].fill(2);
     common::assert_same_bytes(&read_guest(&image, 0, 4096), &expected, "subclusters 0-1");
-    image.close().unwrap();
-    drop(image);
-    qemu_img_check(&path);
+    close_and_check(image, &path);
 }

@@ -51,7 +51,12 @@ pub struct Allocator {
     refblocks: LruCache<u64, Refblock>,
     hold: Hold,
     reserve: VecDeque<u64>,
-    pending_frees: Vec<u64>,
+    /// Frees waiting for a sync, oldest first.
+    pending_frees: VecDeque<u64>,
+    /// Frees ever recorded and ever applied: a sync that started when
+    /// `frees_recorded` was `n` covers the first `n`.
+    frees_recorded: u64,
+    frees_applied: u64,
     /// Cluster index below which no free cluster is known.
     free_hint: u64,
     /// Clusters the next refill reserves.
@@ -96,7 +101,9 @@ impl Allocator {
             refblocks: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             hold,
             reserve: VecDeque::new(),
-            pending_frees: Vec::new(),
+            pending_frees: VecDeque::new(),
+            frees_recorded: 0,
+            frees_applied: 0,
             free_hint: 0,
             batch: clusters_of(&geometry, FIRST_BATCH, 512),
         })
@@ -392,7 +399,8 @@ impl Allocator {
 
     /// Drops one reference to `host` once the entry that held it is synced.
     pub fn free_later(&mut self, host: HostOffset) {
-        self.pending_frees.push(host.0);
+        self.pending_frees.push_back(host.0);
+        self.frees_recorded += 1;
     }
 
     /// Number of frees waiting for a sync.
@@ -400,12 +408,28 @@ impl Allocator {
         self.pending_frees.len()
     }
 
-    /// Applies the deferred frees. The caller has synced the image since
-    /// the references were dropped, and no request still uses the old
-    /// mappings. Returns the clusters whose refcount reached zero.
-    pub fn apply_frees(&mut self, storage: &dyn Storage) -> Result<Vec<u64>> {
+    /// How many frees were ever recorded: what a sync that starts now
+    /// covers, for [`Allocator::apply_frees`].
+    pub fn frees_recorded(&self) -> u64 {
+        self.frees_recorded
+    }
+
+    /// Whether any free recorded before the first `covered` waits.
+    pub fn has_frees_before(&self, covered: u64) -> bool {
+        self.frees_applied < covered && !self.pending_frees.is_empty()
+    }
+
+    /// Applies the deferred frees among the first `covered` ever recorded.
+    /// The caller has synced the image since [`Allocator::frees_recorded`]
+    /// returned `covered`, and no request still uses the old mappings.
+    /// Returns the clusters whose refcount reached zero.
+    pub fn apply_frees(&mut self, storage: &dyn Storage, covered: u64) -> Result<Vec<u64>> {
         let mut freed = Vec::new();
-        for host in std::mem::take(&mut self.pending_frees) {
+        while self.frees_applied < covered {
+            let Some(host) = self.pending_frees.pop_front() else {
+                break;
+            };
+            self.frees_applied += 1;
             let count = self.refcount(storage, host)?;
             if count == 0 {
                 return Err(FormatError::malformed_at(

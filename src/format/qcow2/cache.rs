@@ -2,10 +2,10 @@
 //! ([`crate::format::cache`]): a region of it, in which every table of the
 //! image weighs the same.
 //!
-//! A cached table (`Arc<T>`) changes only as its type allows: extended L2
-//! tables are replaced whole, standard L2 entries are single words stored
-//! in place (see `L2Table`). Either way the writer writes through to disk
-//! first and then [`TableCache::insert`]s the table, so that a load racing
+//! A cached table (`Arc<T>`) changes only as its type allows: L2 entries
+//! are stored in place (see `L2Table`), other tables are replaced whole.
+//! Either way the writer writes through to disk first and then
+//! [`TableCache::insert`]s the table, so that a load racing
 //! with it cannot put an older copy back after the newer one (the shared
 //! cache refuses such a load's copy).
 

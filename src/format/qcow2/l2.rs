@@ -248,14 +248,17 @@ impl L2Entry {
 }
 
 /// One L2 table as raw big-endian words decoded to host order, shared
-/// between threads. A standard entry is one word, which a writer changes in
-/// place ([`L2Table::store`]) while readers go on using the table: each
-/// reads whole words. An extended entry is two words that a reader must see
-/// change together, so its table is replaced whole (copy on write).
+/// between threads. A writer changes entries in place ([`L2Table::store`])
+/// while readers go on using the table, so that an allocating write never
+/// copies the table. A standard entry is one word, read whole. An extended
+/// entry is two words that a reader must see change together: the table's
+/// `version` makes a seqlock of them (odd while a store is under way; a
+/// reader that saw it odd or changed reads again).
 #[derive(Debug)]
 pub struct L2Table {
     words: Vec<AtomicU64>,
     extended: bool,
+    version: AtomicU64,
 }
 
 impl Clone for L2Table {
@@ -268,6 +271,7 @@ impl Clone for L2Table {
         L2Table {
             words,
             extended: self.extended,
+            version: AtomicU64::new(0),
         }
     }
 }
@@ -280,7 +284,11 @@ impl L2Table {
             .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
             .map(AtomicU64::new)
             .collect();
-        L2Table { words, extended }
+        L2Table {
+            words,
+            extended,
+            version: AtomicU64::new(0),
+        }
     }
 
     /// The entry at `index`.
@@ -290,12 +298,19 @@ impl L2Table {
     }
 
     fn raw(&self, index: u64) -> (u64, u64) {
-        if self.extended {
-            let at = index as usize * 2;
+        if !self.extended {
+            return (self.words[index as usize].load(Ordering::Acquire), 0);
+        }
+        let at = index as usize * 2;
+        loop {
+            let before = self.version.load(Ordering::Acquire);
+            // Acquire loads: the version below is read after both words.
             let word = self.words[at].load(Ordering::Acquire);
-            (word, self.words[at + 1].load(Ordering::Acquire))
-        } else {
-            (self.words[index as usize].load(Ordering::Acquire), 0)
+            let bitmap = self.words[at + 1].load(Ordering::Acquire);
+            if before & 1 == 0 && self.version.load(Ordering::Acquire) == before {
+                return (word, bitmap);
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -326,17 +341,21 @@ impl L2Table {
         self.encoded(index, entry)
     }
 
-    /// Whether [`L2Table::store`] may change this table in place.
-    pub fn in_place(&self) -> bool {
-        !self.extended
-    }
-
-    /// Replaces the standard entry at `index` where readers see it. The
-    /// caller wrote it to disk first and holds the metadata lock.
+    /// Replaces the entry at `index` where readers see it. The caller wrote
+    /// it to disk first and holds the metadata lock, so stores never race.
     pub fn store(&self, index: u64, entry: &L2Entry) {
-        debug_assert!(self.in_place(), "an extended entry is two words");
-        let (word, _) = entry.encode();
-        self.words[index as usize].store(word, Ordering::Release);
+        let (word, bitmap) = entry.encode();
+        if !self.extended {
+            self.words[index as usize].store(word, Ordering::Release);
+            return;
+        }
+        let at = index as usize * 2;
+        // Odd before either word changes (AcqRel: the stores below stay
+        // after it), even again once both have (Release).
+        self.version.fetch_add(1, Ordering::AcqRel);
+        self.words[at].store(word, Ordering::Release);
+        self.words[at + 1].store(bitmap, Ordering::Release);
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// The whole table as on-disk bytes.
@@ -407,6 +426,47 @@ mod tests {
             entry.run_at(&g, 6144, 1 << 20),
             (Piece::Unallocated, 65536 - 6144)
         );
+    }
+
+    #[test]
+    fn readers_see_an_extended_entry_change_whole() {
+        let g = geometry(true);
+        let table = std::sync::Arc::new(L2Table::from_bytes(&vec![0u8; 65536], true));
+        let entries = [
+            L2Entry::Subclusters {
+                host: Some(HostOffset(0x10000)),
+                copied: true,
+                allocated: 0x0000_ffff,
+                zero: 0xffff_0000,
+            },
+            L2Entry::Subclusters {
+                host: Some(HostOffset(0x20000)),
+                copied: true,
+                allocated: 0xffff_0000,
+                zero: 0x0000_ffff,
+            },
+        ];
+        table.store(3, &entries[0]);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (table, done) = (table.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..2_000_000 {
+                    // A torn read mixes one entry's host with the other's
+                    // bits, which no store ever wrote.
+                    let entry = table.entry(&g, 3).unwrap();
+                    assert!(entries.contains(&entry), "torn read: {entry:?}");
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        // The writer flips the entry for as long as the reader reads.
+        let mut i = 0;
+        while !done.load(Ordering::Acquire) && !reader.is_finished() {
+            table.store(3, &entries[i % 2]);
+            i += 1;
+        }
+        reader.join().unwrap();
     }
 
     #[test]

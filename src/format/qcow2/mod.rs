@@ -3,15 +3,22 @@
 //!
 //! # Concurrency
 //!
-//! Reads and in-place writes of allocated clusters take no exclusive lock:
-//! they look up the mapping (L1 under a shared lock, the L2 table from the
-//! sharded [`cache::TableCache`]) and do the data I/O with only a shared
-//! `inflight` guard held. Anything that changes metadata takes `meta`.
+//! Reads take no exclusive lock: they look up the mapping (L1 under a
+//! shared lock, the L2 table from the sharded [`cache::TableCache`]) and do
+//! the data I/O with only a shared `inflight` guard held. In-place writes
+//! of clusters owned outright do the same with a shared `overwrites` guard.
+//! A change of L2 entries first takes the guest clusters it changes in
+//! `clusters` ([`inflight::ClusterLocks`]), then `meta` only to look up,
+//! allocate and publish: its data I/O (copy-on-write reads, the data write)
+//! runs with no lock but its clusters held.
 //!
-//! Lock order: `meta` → `inflight` → `l1` → cache shards. The `inflight`
-//! guard is never held while waiting for `meta`; `meta` takes `inflight`
-//! exclusively only to apply deferred frees, which guarantees that no request
-//! still uses a mapping to a cluster about to become reusable.
+//! Lock order: `clusters` → `meta` → `inflight` or `overwrites` → `l1` →
+//! cache shards. Neither guard is held while waiting for `meta` or
+//! `clusters`. Applying deferred frees takes `inflight`, then
+//! `overwrites`, exclusively for an instant each, to wait until no request
+//! still uses a mapping read before the frees' entries changed, and frees
+//! (refcounts, hole punches) without them: a reader waits at most for
+//! other reads in flight, never for a write or a free.
 
 pub(super) mod alloc;
 pub(super) mod bitmaps;
@@ -26,6 +33,7 @@ pub(super) mod repair;
 pub(super) mod snapshots;
 pub(super) mod types;
 
+mod inflight;
 mod meta;
 mod populate;
 mod read;
@@ -33,6 +41,7 @@ mod write;
 mod zero;
 
 use std::ffi::OsString;
+use std::ops::Range;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -41,6 +50,7 @@ use self::bitmaps::Bitmaps;
 use self::cache::TableCache;
 use self::features::{Autoclear, Incompatible};
 use self::header::{CompressionType, Header};
+use self::inflight::{ClusterGuard, ClusterLocks};
 use self::l2::{L2Entry, L2Table, L1_COPIED, L1_OFFSET_MASK};
 use self::meta::Meta;
 use self::types::Geometry;
@@ -73,8 +83,13 @@ pub struct Qcow2 {
     decompressed: TableCache<Vec<u8>>,
     /// One past the highest host byte that may hold metadata or data.
     host_end: AtomicU64,
+    /// Guest clusters whose L2 entries are being changed.
+    clusters: ClusterLocks,
     meta: Mutex<Meta>,
+    /// Held shared by reads across their lookup and data I/O.
     inflight: RwLock<()>,
+    /// Held shared by in-place writes across their lookup and data I/O.
+    overwrites: RwLock<()>,
     closed: AtomicBool,
     /// Persistent dirty bitmaps that writes must keep up to date; loaded
     /// whenever the image becomes writable.
@@ -127,8 +142,10 @@ impl Qcow2 {
             l2_cache: TableCache::new(options.cache.region(), cluster_size),
             decompressed: TableCache::new(options.cache.region(), cluster_size),
             host_end: AtomicU64::new(file_len),
+            clusters: ClusterLocks::default(),
             meta: Mutex::new(Meta::new(header, allocator)),
             inflight: RwLock::new(()),
+            overwrites: RwLock::new(()),
             closed: AtomicBool::new(!options.writable),
             bitmaps: RwLock::new(None),
             storage,
@@ -288,23 +305,48 @@ impl Qcow2 {
         if !self.writable.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut meta = sync::lock(&self.meta);
-        self.sync_and_free(&mut meta)
+        self.sync_then_free()
     }
 
     /// Syncs data and metadata, then drops the references that the synced
-    /// metadata no longer holds.
+    /// metadata no longer holds. The sync runs without the metadata lock,
+    /// so writers go on allocating meanwhile: only the frees recorded
+    /// before it started are applied, as only their entries' rewrites are
+    /// known to be covered by it (a free is recorded after the rewrite).
+    fn sync_then_free(&self) -> Result<()> {
+        let covered = sync::lock(&self.meta).allocator.frees_recorded();
+        self.sync_files()?;
+        self.apply_frees(&mut sync::lock(&self.meta), covered)
+    }
+
+    /// [`Qcow2::sync_then_free`] for a caller that holds the metadata
+    /// lock: every free recorded so far is covered.
     fn sync_and_free(&self, meta: &mut Meta) -> Result<()> {
+        let covered = meta.allocator.frees_recorded();
+        self.sync_files()?;
+        self.apply_frees(meta, covered)
+    }
+
+    fn sync_files(&self) -> Result<()> {
         if let Some(data_file) = &self.data_file {
             data_file.sync().io("sync the data file")?;
         }
-        self.storage.sync().io("sync the image")?;
-        if meta.allocator.pending_frees() == 0 {
+        self.storage.sync().io("sync the image")
+    }
+
+    /// Applies the deferred frees recorded before `covered`, which a sync
+    /// has made safe.
+    fn apply_frees(&self, meta: &mut Meta, covered: u64) -> Result<()> {
+        if !meta.allocator.has_frees_before(covered) {
             return Ok(());
         }
-        // Wait until no request still uses a mapping read before the sync.
-        let _barrier = sync::write(&self.inflight);
-        let freed = meta.allocator.apply_frees(self.storage.as_ref());
+        // Wait until no request still uses a mapping read before the
+        // entries changed; later ones cannot reach these clusters. Readers
+        // wait only for that instant (and only for reads), not for the
+        // writes or the frees below.
+        drop(sync::write(&self.inflight));
+        drop(sync::write(&self.overwrites));
+        let freed = meta.allocator.apply_frees(self.storage.as_ref(), covered);
         meta.packing
             .forget_freed(freed.as_deref().ok(), self.geometry.cluster_size());
         let freed = freed?;
@@ -318,13 +360,26 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Takes the guest clusters that `offset..offset + len` touches, for a
+    /// change of their L2 entries (see [`inflight`]).
+    fn lock_clusters(&self, offset: u64, len: u64) -> ClusterGuard<'_> {
+        self.clusters.lock(self.cluster_span(offset, len))
+    }
+
+    /// The indexes of the guest clusters that `offset..offset + len` touches.
+    fn cluster_span(&self, offset: u64, len: u64) -> Range<u64> {
+        let bits = self.geometry.cluster_bits;
+        let end = offset + len.max(1);
+        (offset >> bits)..((end - 1) >> bits) + 1
+    }
+
     /// Flushes and returns reserved clusters, leaving no leaks. Idempotent.
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.sync_then_free()?;
         let mut meta = sync::lock(&self.meta);
-        self.sync_and_free(&mut meta)?;
         self.store_bitmaps(&mut meta)?;
         let released = meta.allocator.release_reserve(self.storage.as_ref())?;
         self.storage.sync().io("sync the image")?;

@@ -1,9 +1,12 @@
 //! Populate: fill the parts of a range that this image does not hold yet,
 //! leaving everything it holds untouched. This is how a stream job copies
-//! data up: under the metadata lock, so that a guest write to the same
-//! cluster and the copy are serialised and the guest write always wins.
+//! data up: with the range's guest clusters held ([`super::inflight`]), so
+//! that a guest write to the same cluster and the copy are serialised and
+//! the guest write always wins (it either comes first, and the copy finds
+//! the cluster allocated and leaves it, or waits and writes over the copy).
+//! The metadata lock is taken only to allocate and to publish.
 
-use super::l2::{L2Entry, L2Table, Piece};
+use super::l2::{L2Entry, Piece};
 use super::types::HostOffset;
 use super::{Meta, Qcow2};
 use crate::format::error::IoContext;
@@ -41,31 +44,33 @@ impl Qcow2 {
     ) -> Result<u64> {
         self.check_writable()?;
         self.check_bounds(offset, len)?;
-        let mut meta = sync::lock(&self.meta);
+        let clusters = self.lock_clusters(offset, len);
         let mut written = 0;
         let mut pos = offset;
         while pos < offset + len {
             if let Some(data) = data {
                 let slice = Fill::Bytes(&data[(pos - offset) as usize..]);
                 // One cluster goes the general way, which is as fast.
-                let batched = self.populate_whole_clusters(&mut meta, pos, slice, 2)?;
+                let batched = self.populate_whole_clusters(pos, slice, 2)?;
                 if batched > 0 {
                     written += batched;
                     pos += batched;
                     continue;
                 }
             }
-            let entry = self.l2_entry(pos)?;
+            let entry = self.current_entry(pos)?;
             let (piece, run) = entry.run_at(&self.geometry, pos, offset + len - pos);
             if piece == Piece::Unallocated {
                 let slice =
                     data.map(|d| &d[(pos - offset) as usize..(pos - offset + run) as usize]);
-                self.populate_run(&mut meta, pos, run, slice, backing)?;
+                self.populate_run(pos, run, slice, backing)?;
                 written += run;
             }
             pos += run;
         }
-        self.bound_pending_frees(&mut meta)?;
+        // Before the sync that bounding the frees may take.
+        drop(clusters);
+        self.bound_pending_frees()?;
         Ok(written)
     }
 
@@ -76,22 +81,24 @@ impl Qcow2 {
     pub fn populate_from(&self, offset: u64, source: &HostRange) -> Result<u64> {
         self.check_writable()?;
         self.check_bounds(offset, source.len)?;
-        let mut meta = sync::lock(&self.meta);
         let mut filled = 0;
-        while filled < source.len {
-            let rest = HostRange {
-                storage: Arc::clone(&source.storage),
-                offset: source.offset + filled,
-                len: source.len - filled,
-            };
-            let batched =
-                self.populate_whole_clusters(&mut meta, offset + filled, Fill::Copy(&rest), 1)?;
-            if batched == 0 {
-                break;
+        {
+            let _clusters = self.lock_clusters(offset, source.len);
+            while filled < source.len {
+                let rest = HostRange {
+                    storage: Arc::clone(&source.storage),
+                    offset: source.offset + filled,
+                    len: source.len - filled,
+                };
+                let batched =
+                    self.populate_whole_clusters(offset + filled, Fill::Copy(&rest), 1)?;
+                if batched == 0 {
+                    break;
+                }
+                filled += batched;
             }
-            filled += batched;
         }
-        self.bound_pending_frees(&mut meta)?;
+        self.bound_pending_frees()?;
         Ok(filled)
     }
 
@@ -100,14 +107,9 @@ impl Qcow2 {
     /// external data file; at least `fewest` of them. Their data goes out
     /// in one write (or copy) per run of contiguous host clusters and their
     /// L2 entries in one write, data first. Returns the bytes filled (0: the
-    /// fast path does not apply).
-    fn populate_whole_clusters(
-        &self,
-        meta: &mut Meta,
-        guest: u64,
-        fill: Fill,
-        fewest: u64,
-    ) -> Result<u64> {
+    /// fast path does not apply). The caller holds the clusters; the data
+    /// goes out without the metadata lock.
+    fn populate_whole_clusters(&self, guest: u64, fill: Fill, fewest: u64) -> Result<u64> {
         let cluster_size = self.geometry.cluster_size();
         let eligible = !self.geometry.extended_l2
             && self.data_file.is_none()
@@ -118,7 +120,7 @@ impl Qcow2 {
         let table_room = self.geometry.l2_entries() - self.geometry.l2_index(guest);
         let mut count = 0;
         while count < table_room && (count + 1) * cluster_size <= fill.len() {
-            if self.l2_entry(guest + count * cluster_size)? != L2Entry::Unallocated {
+            if self.current_entry(guest + count * cluster_size)? != L2Entry::Unallocated {
                 break;
             }
             count += 1;
@@ -126,13 +128,21 @@ impl Qcow2 {
         if count < fewest.max(1) {
             return Ok(0);
         }
-        let (l2_offset, table) = self.writable_l2(meta, guest)?;
         let mut hosts = Vec::with_capacity(count as usize);
-        let published = self
-            .allocate_clusters(meta, count, &mut hosts)
+        let allocated = {
+            let mut meta = sync::lock(&self.meta);
+            self.writable_l2(&mut meta, guest)
+                .and_then(|_| self.allocate_clusters(&mut meta, count, &mut hosts))
+        };
+        // The data goes out with no lock held, before any entry names it.
+        let published = allocated
             .and_then(|()| self.write_host_runs(&hosts, &fill))
-            .and_then(|()| self.set_l2_entries(l2_offset, &table, guest, &hosts));
+            .and_then(|()| {
+                let mut meta = sync::lock(&self.meta);
+                self.set_l2_entries(&mut meta, guest, &hosts)
+            });
         if let Err(err) = published {
+            let mut meta = sync::lock(&self.meta);
             for host in hosts.into_iter().rev() {
                 meta.allocator.give_back(host);
             }
@@ -183,35 +193,29 @@ impl Qcow2 {
     }
 
     /// Points consecutive L2 entries from guest `first` at `hosts`, in one
-    /// write of the table's bytes.
-    fn set_l2_entries(
-        &self,
-        l2_offset: u64,
-        table: &Arc<L2Table>,
-        first: u64,
-        hosts: &[HostOffset],
-    ) -> Result<()> {
+    /// write of the table's bytes, in the table as it is now.
+    fn set_l2_entries(&self, meta: &mut Meta, first: u64, hosts: &[HostOffset]) -> Result<()> {
+        let (l2_offset, table) = self.writable_l2(meta, first)?;
         let entries: Vec<L2Entry> = hosts
             .iter()
             .map(|&host| L2Entry::Data { host, copied: true })
             .collect();
         let index = self.geometry.l2_index(first);
-        self.publish_l2_entries(l2_offset, table, index, &entries)
+        self.publish_l2_entries(l2_offset, &table, index, &entries)
     }
 
     /// Fills one unallocated run inside one cluster.
     fn populate_run(
         &self,
-        meta: &mut Meta,
         guest: u64,
         len: u64,
         data: Option<&[u8]>,
         backing: &dyn BackingReader,
     ) -> Result<()> {
         match data {
-            Some(bytes) => self.write_cluster(meta, guest, bytes, backing),
-            None if len == self.geometry.cluster_size() => self.zero_cluster(meta, guest, backing),
-            None => self.write_cluster(meta, guest, &vec![0u8; len as usize], backing),
+            Some(bytes) => self.write_cluster(guest, bytes, backing),
+            None if len == self.geometry.cluster_size() => self.zero_cluster(guest, backing),
+            None => self.write_cluster(guest, &vec![0u8; len as usize], backing),
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Writes, write-zeroes and the metadata updates they need.
 //!
 //! A write to a cluster that this image owns outright (COPIED) goes straight
-//! to its host cluster with no exclusive lock. Anything else takes the
-//! metadata lock and, per cluster: builds what the guest must see (the new
-//! data over what the cluster showed before, from this image or its backing
-//! chain), writes it to a cluster that is owned outright, then points the L2
-//! entry at it. Data is written before the L2 entry that points to it, and
-//! the clusters that the old entry held are freed only after a sync.
+//! to its host cluster with no exclusive lock. Anything else takes its guest
+//! clusters ([`super::inflight`]) and, per cluster: under the metadata lock
+//! makes the L2 table writable and picks a cluster owned outright; with no
+//! lock, builds what the guest must see (the new data over what the cluster
+//! showed before, from this image or its backing chain) and writes it
+//! there; under the metadata lock again, points the L2 entry at it. Data is
+//! written before the L2 entry that points to it, and the clusters that the
+//! old entry held are freed only after a sync.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 use super::l2::{L2Entry, L2Table, ALL_SUBCLUSTERS, L1_COPIED};
@@ -35,21 +38,26 @@ impl Qcow2 {
         self.check_bounds(offset, data.len() as u64)?;
         self.record_dirty(offset, data.len() as u64);
         let slow = self.write_in_place(offset, data)?;
-        if slow.is_empty() {
+        let (Some(first), Some(last)) = (slow.first(), slow.last()) else {
             return Ok(());
+        };
+        {
+            let _clusters =
+                self.lock_clusters(first.guest, last.guest + last.len as u64 - first.guest);
+            for chunk in &slow {
+                let bytes = &data[chunk.pos..chunk.pos + chunk.len];
+                self.write_cluster(chunk.guest, bytes, backing)?;
+            }
         }
-        let mut meta = sync::lock(&self.meta);
-        for chunk in slow {
-            let bytes = &data[chunk.pos..chunk.pos + chunk.len];
-            self.write_cluster(&mut meta, chunk.guest, bytes, backing)?;
-        }
-        self.bound_pending_frees(&mut meta)
+        self.bound_pending_frees()
     }
 
     /// Writes the parts of the request that land in clusters owned outright
     /// and returns the rest, one chunk per cluster.
     fn write_in_place(&self, offset: u64, data: &[u8]) -> Result<Vec<Chunk>> {
-        let _inflight = sync::read(&self.inflight);
+        // Not `inflight`: a free's barrier must not make reads wait for
+        // this data I/O.
+        let _overwrites = sync::read(&self.overwrites);
         let mut slow = Vec::new();
         let mut pos = 0usize;
         while pos < data.len() {
@@ -100,38 +108,53 @@ impl Qcow2 {
         upper & !((1u32 << first) - 1)
     }
 
-    /// Writes `data` (inside one cluster) under the metadata lock.
+    /// Writes `data` (inside one cluster). The caller holds the cluster
+    /// ([`Qcow2::lock_clusters`]) and not the metadata lock: the data I/O
+    /// runs outside it.
     pub(super) fn write_cluster(
         &self,
-        meta: &mut Meta,
         guest: u64,
         data: &[u8],
         backing: &dyn BackingReader,
     ) -> Result<()> {
-        let (l2_offset, table) = self.writable_l2(meta, guest)?;
-        let index = self.geometry.l2_index(guest);
-        let old = table.entry(&self.geometry, index)?;
+        // Only a holder of the cluster changes its entry: it stays as read.
+        let old = self.current_entry(guest)?;
         if let Some(host) = self.in_place_target(&old, guest, data.len() as u64) {
             return self
                 .data()
                 .write_at(data, host.0)
                 .io_at("write guest data", host.0);
         }
-        if let Some(entry) = self.claim_sole_owner(meta, &old)? {
-            self.set_l2_entry(l2_offset, &table, index, &entry)?;
-            return self.write_cluster(meta, guest, data, backing);
-        }
         let reuse = old.is_copied() && old.host_cluster().is_some();
-        let target = match (reuse, old.host_cluster()) {
-            (true, Some(host)) => host,
-            _ => self.allocate_data_cluster(meta, guest)?,
+        let target = {
+            let mut meta = sync::lock(&self.meta);
+            // A new L2 table is made before the data goes anywhere, so
+            // that a full disk fails the write before it did any I/O.
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            if let Some(entry) = self.claim_sole_owner(&mut meta, &old)? {
+                let index = self.geometry.l2_index(guest);
+                self.set_l2_entry(l2_offset, &table, index, &entry)?;
+                drop(meta);
+                return self.write_cluster(guest, data, backing);
+            }
+            match (reuse, old.host_cluster()) {
+                (true, Some(host)) => host,
+                _ => self.allocate_data_cluster(&mut meta, guest)?,
+            }
         };
+        // The copy-on-write reads and the data write, with no lock held.
         let written = if self.geometry.extended_l2 {
             self.write_subclusters(&old, target, reuse, guest, data, backing)
         } else {
             self.write_whole_cluster(&old, target, guest, data, backing)
         };
-        let published = written.and_then(|new| self.set_l2_entry(l2_offset, &table, index, &new));
+        let mut meta = sync::lock(&self.meta);
+        let published = written.and_then(|new| {
+            // The table as it is now: another cluster's writer may have
+            // moved it (a copy of a table shared with a snapshot).
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            self.set_l2_entry(l2_offset, &table, self.geometry.l2_index(guest), &new)
+        });
         if let Err(err) = published {
             // Nothing points to a fresh cluster yet: keep it for later
             // rather than leak it (a full disk fails writes here).
@@ -141,9 +164,16 @@ impl Qcow2 {
             return Err(err);
         }
         if !reuse {
-            self.free_entry(meta, &old);
+            self.free_entry(&mut meta, &old);
         }
         Ok(())
+    }
+
+    /// The entry for guest `guest` as it is now, looked up under the
+    /// `inflight` guard (the table it lies in may be freed meanwhile).
+    pub(super) fn current_entry(&self, guest: u64) -> Result<L2Entry> {
+        let _inflight = sync::read(&self.inflight);
+        self.l2_entry(guest)
     }
 
     /// For a data cluster without COPIED whose refcount is in fact 1, the
@@ -196,12 +226,13 @@ impl Qcow2 {
         } else {
             let start = self.geometry.cluster_start(guest);
             let in_cluster = (guest - start) as usize;
-            let mut cluster = vec![0u8; cluster_size];
-            self.read_view(old, start, &mut cluster, backing)?;
-            cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
-            self.data()
-                .write_at(&cluster, target.0)
-                .io_at("write guest data", target.0)?;
+            with_cluster_buffer(cluster_size, |cluster| {
+                self.read_view(old, start, cluster, backing)?;
+                cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+                self.data()
+                    .write_at(cluster, target.0)
+                    .io_at("write guest data", target.0)
+            })?;
         }
         Ok(L2Entry::Data {
             host: target,
@@ -228,14 +259,26 @@ impl Qcow2 {
             _ => (0, 0),
         };
         let touched = self.subcluster_mask(guest, data.len() as u64);
-        let written = if reuse {
-            touched
+        // Subclusters the cluster holds already take only the guest's
+        // bytes: a read-modify-write of them could undo an in-place write
+        // that lands there meanwhile (in-place writes hold no cluster).
+        let (kept, rebuilt) = if reuse {
+            (touched & old_allocated, touched & !old_allocated)
         } else {
-            touched | old_allocated
+            (0, touched | old_allocated)
         };
         let start = self.geometry.cluster_start(guest);
         let sc_size = self.geometry.subcluster_size();
-        for (first, last) in bit_runs(written) {
+        let end = guest + data.len() as u64;
+        for (first, last) in bit_runs(kept) {
+            let from = (start + u64::from(first) * sc_size).max(guest);
+            let to = (start + u64::from(last + 1) * sc_size).min(end);
+            let at = target.0 + (from - start);
+            self.data()
+                .write_at(&data[(from - guest) as usize..(to - guest) as usize], at)
+                .io_at("write guest data", at)?;
+        }
+        for (first, last) in bit_runs(rebuilt) {
             let run_start = start + u64::from(first) * sc_size;
             let run_len = u64::from(last - first + 1) * sc_size;
             let mut buf = vec![0u8; run_len as usize];
@@ -245,6 +288,7 @@ impl Qcow2 {
                 .write_at(&buf, target.0 + (run_start - start))
                 .io_at("write guest data", target.0 + (run_start - start))?;
         }
+        let written = kept | rebuilt;
         Ok(L2Entry::Subclusters {
             host: Some(target),
             copied: true,
@@ -302,9 +346,8 @@ impl Qcow2 {
 
     /// Replaces the consecutive entries from `first` of the L2 table at
     /// `l2_offset`: their bytes go to disk in one write, then readers see
-    /// them, in place where the table allows it (no copy of the table per
-    /// allocating write), else in a new version of the table. The caller
-    /// holds the metadata lock, so no other writer changes the table
+    /// them, in place (no copy of the table per allocating write). The
+    /// caller holds the metadata lock, so no other writer changes the table
     /// meanwhile; the table goes back into the cache in case a miss
     /// replaced it there while the data was written.
     pub(super) fn publish_l2_entries(
@@ -325,19 +368,10 @@ impl Qcow2 {
         self.storage
             .write_at(&bytes, at)
             .io_at("write an L2 entry", at)?;
-        let published = if table.in_place() {
-            for (i, entry) in (first..).zip(entries) {
-                table.store(i, entry);
-            }
-            Arc::clone(table)
-        } else {
-            let mut updated = (**table).clone();
-            for (i, entry) in (first..).zip(entries) {
-                updated.set(i, entry);
-            }
-            Arc::new(updated)
-        };
-        self.l2_cache.insert(l2_offset, published);
+        for (i, entry) in (first..).zip(entries) {
+            table.store(i, entry);
+        }
+        self.l2_cache.insert(l2_offset, Arc::clone(table));
         Ok(())
     }
 
@@ -357,12 +391,36 @@ impl Qcow2 {
         }
     }
 
-    pub(super) fn bound_pending_frees(&self, meta: &mut Meta) -> Result<()> {
-        if meta.allocator.pending_frees() > MAX_PENDING_FREES {
-            self.sync_and_free(meta)?;
+    /// Applies the deferred frees when too many wait. The caller holds
+    /// no lock: the sync runs without any.
+    pub(super) fn bound_pending_frees(&self) -> Result<()> {
+        let pending = sync::lock(&self.meta).allocator.pending_frees();
+        if pending > MAX_PENDING_FREES {
+            self.sync_then_free()?;
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// The buffer in which a thread builds a cluster for copy-on-write, kept
+    /// between writes so that a partial write allocates and zeroes nothing
+    /// (every byte of it is read from the old view before it is written).
+    static CLUSTER_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of this thread's cluster buffer (a fresh one if
+/// the thread's is in use), whose content is unspecified.
+fn with_cluster_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    CLUSTER_BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0u8; len]),
+    })
 }
 
 /// Copies the part of `data` (at guest `data_at`) that overlaps `buf` (at

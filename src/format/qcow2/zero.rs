@@ -2,7 +2,7 @@
 //! and give their space back; partial clusters get written zeros.
 
 use super::l2::{L2Entry, ALL_SUBCLUSTERS};
-use super::{Meta, Qcow2};
+use super::Qcow2;
 use crate::format::error::IoContext;
 use crate::format::{BackingReader, Result};
 use crate::sync;
@@ -13,36 +13,32 @@ impl Qcow2 {
         self.check_writable()?;
         self.check_bounds(offset, len)?;
         self.record_dirty(offset, len);
-        let mut meta = sync::lock(&self.meta);
-        let cluster_size = self.geometry.cluster_size();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let chunk = (cluster_size - self.geometry.offset_in_cluster(pos)).min(end - pos);
-            if chunk == cluster_size {
-                self.zero_cluster(&mut meta, pos, backing)?;
-            } else if self.geometry.extended_l2 {
-                self.zero_subclusters(&mut meta, pos, chunk, backing)?;
-            } else {
-                self.write_zeros(&mut meta, pos, chunk, backing)?;
+        {
+            let _clusters = self.lock_clusters(offset, len);
+            let cluster_size = self.geometry.cluster_size();
+            let end = offset + len;
+            let mut pos = offset;
+            while pos < end {
+                let chunk = (cluster_size - self.geometry.offset_in_cluster(pos)).min(end - pos);
+                if chunk == cluster_size {
+                    self.zero_cluster(pos, backing)?;
+                } else if self.geometry.extended_l2 {
+                    self.zero_subclusters(pos, chunk, backing)?;
+                } else {
+                    self.write_zeros(pos, chunk, backing)?;
+                }
+                pos += chunk;
             }
-            pos += chunk;
         }
-        self.bound_pending_frees(&mut meta)
+        self.bound_pending_frees()
     }
 
-    fn write_zeros(
-        &self,
-        meta: &mut Meta,
-        guest: u64,
-        len: u64,
-        backing: &dyn BackingReader,
-    ) -> Result<()> {
+    fn write_zeros(&self, guest: u64, len: u64, backing: &dyn BackingReader) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let zeros = vec![0u8; len as usize];
-        self.write_cluster(meta, guest, &zeros, backing)
+        self.write_cluster(guest, &zeros, backing)
     }
 
     /// The entry that makes a whole cluster read as zeros with no space,
@@ -68,21 +64,19 @@ impl Qcow2 {
         })
     }
 
-    pub(super) fn zero_cluster(
-        &self,
-        meta: &mut Meta,
-        guest: u64,
-        backing: &dyn BackingReader,
-    ) -> Result<()> {
+    /// Makes the cluster holding `guest` read as zeros. The caller holds
+    /// the cluster ([`Qcow2::lock_clusters`]), not the metadata lock.
+    pub(super) fn zero_cluster(&self, guest: u64, backing: &dyn BackingReader) -> Result<()> {
         let cluster_size = self.geometry.cluster_size();
         let Some(new) = self.zero_entry(backing) else {
-            return self.write_zeros(meta, guest, cluster_size, backing);
+            return self.write_zeros(guest, cluster_size, backing);
         };
-        let old = self.l2_entry(guest)?;
+        let old = self.current_entry(guest)?;
         if old != new {
-            let (l2_offset, table) = self.writable_l2(meta, guest)?;
+            let mut meta = sync::lock(&self.meta);
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
             self.set_l2_entry(l2_offset, &table, self.geometry.l2_index(guest), &new)?;
-            self.free_entry(meta, &old);
+            self.free_entry(&mut meta, &old);
         }
         if let Some(data_file) = &self.data_file {
             // A raw data file must itself read as the guest sees it.
@@ -95,24 +89,18 @@ impl Qcow2 {
 
     /// Zeros part of one cluster with extended L2 entries: whole subclusters
     /// by their zero bits, the rest by writing zeros.
-    fn zero_subclusters(
-        &self,
-        meta: &mut Meta,
-        guest: u64,
-        len: u64,
-        backing: &dyn BackingReader,
-    ) -> Result<()> {
+    fn zero_subclusters(&self, guest: u64, len: u64, backing: &dyn BackingReader) -> Result<()> {
         let sc_size = self.geometry.subcluster_size();
         let first_whole = guest.next_multiple_of(sc_size);
         let end = guest + len;
         let last_whole = end - end % sc_size;
         if first_whole >= last_whole {
-            return self.write_zeros(meta, guest, len, backing);
+            return self.write_zeros(guest, len, backing);
         }
-        self.write_zeros(meta, guest, first_whole - guest, backing)?;
-        self.write_zeros(meta, last_whole, end - last_whole, backing)?;
+        self.write_zeros(guest, first_whole - guest, backing)?;
+        self.write_zeros(last_whole, end - last_whole, backing)?;
         let mask = self.subcluster_mask(first_whole, last_whole - first_whole);
-        let old = self.l2_entry(guest)?;
+        let old = self.current_entry(guest)?;
         let L2Entry::Subclusters {
             host,
             copied,
@@ -121,7 +109,7 @@ impl Qcow2 {
         } = old
         else {
             // A compressed cluster has no subcluster bits: write the zeros.
-            return self.write_zeros(meta, first_whole, last_whole - first_whole, backing);
+            return self.write_zeros(first_whole, last_whole - first_whole, backing);
         };
         let new = L2Entry::Subclusters {
             host,
@@ -130,7 +118,8 @@ impl Qcow2 {
             zero: zero | mask,
         };
         if new != old {
-            let (l2_offset, table) = self.writable_l2(meta, guest)?;
+            let mut meta = sync::lock(&self.meta);
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
             self.set_l2_entry(l2_offset, &table, self.geometry.l2_index(guest), &new)?;
         }
         if let Some(data_file) = &self.data_file {

@@ -56,9 +56,16 @@ impl Qcow2 {
             return self.write(offset, data, &NoBacking);
         };
         self.record_dirty(offset, len);
-        let mut meta = sync::lock(&self.meta);
-        self.store_compressed(&mut meta, offset, &compressed)?;
-        self.bound_pending_frees(&mut meta)
+        {
+            // The cluster is held, as by every change of an L2 entry, so a
+            // write or a populate of it waits; the metadata lock covers the
+            // rest (a compressed write syncs before it publishes, so it
+            // gains nothing from leaving it).
+            let _cluster = self.lock_clusters(offset, len);
+            let mut meta = sync::lock(&self.meta);
+            self.store_compressed(&mut meta, offset, &compressed)?;
+        }
+        self.bound_pending_frees()
     }
 
     /// Puts `compressed` (the stream of the guest cluster at `guest`) into

@@ -158,7 +158,7 @@ impl Backup {
             return Err(Stop::Failed);
         }
         let mut cursor = 0;
-        let mut buf = Vec::new();
+        let mut buffers = (Vec::new(), Vec::new());
         loop {
             if let Err(stop) = job.checkpoint() {
                 self.report_writes(job);
@@ -180,24 +180,62 @@ impl Backup {
                 }
                 continue;
             };
-            let result = self.copy_range(offset, len, &mut buf);
-            self.clusters.release(offset, len, result.is_ok());
-            match result {
-                Ok(copied) => {
-                    cursor = offset + len;
-                    job.set_remaining(len, self.clusters.remaining());
-                    job.advance(len, copied);
-                }
-                Err((operation, err)) => {
-                    // Released first: a job paused for its error holds
-                    // back no guest write.
-                    if handle_error(job, self.on_error, operation, &err)? {
-                        // `ignore`: left out; the job will end failed.
-                        self.clusters.skip(offset, len);
-                        cursor = offset + len;
+            // A second chunk beside it: where the host copies the data,
+            // each copy is a kernel memcpy that keeps one core busy.
+            let second = self.clusters.claim_next(offset + len, self.piece());
+            let results = self.copy_pair((offset, len), second, &mut buffers);
+            // Released first: a job paused for an error, or sleeping for
+            // the speed limit, holds back no guest write.
+            for &((offset, len), ref result) in &results {
+                self.clusters.release(offset, len, result.is_ok());
+            }
+            let mut retry = None;
+            for ((offset, len), result) in results {
+                cursor = offset + len;
+                match result {
+                    Ok(copied) => {
+                        job.set_remaining(len, self.clusters.remaining());
+                        job.advance(len, copied);
+                    }
+                    // One pause for the pair: the chunk beside a retried
+                    // one is retried with it.
+                    Err(_) if retry.is_some() => {}
+                    Err((operation, err)) => {
+                        if handle_error(job, self.on_error, operation, &err)? {
+                            // `ignore`: left out; the job will end failed.
+                            self.clusters.skip(offset, len);
+                        } else {
+                            retry.get_or_insert(offset);
+                        }
                     }
                 }
             }
+            cursor = retry.unwrap_or(cursor);
         }
+    }
+
+    /// Copies `first`, and `second` if there is one on a thread of its own
+    /// meanwhile; returns each with its result, `first` first.
+    fn copy_pair(
+        &self,
+        first: (u64, u64),
+        second: Option<(u64, u64)>,
+        buffers: &mut (Vec<u8>, Vec<u8>),
+    ) -> Vec<((u64, u64), Result<u64, CopyFailure>)> {
+        let (buf, other_buf) = buffers;
+        std::thread::scope(|scope| {
+            let other = second.map(|(offset, len)| {
+                scope.spawn(move || ((offset, len), self.copy_range(offset, len, other_buf)))
+            });
+            let mut results = vec![(first, self.copy_range(first.0, first.1, buf))];
+            if let Some(other) = other {
+                results.push(
+                    other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            results
+        })
     }
 }

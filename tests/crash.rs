@@ -372,11 +372,25 @@ fn crashes_around_a_refcount_table_move_and_header_rewrites_stay_consistent() {
     }
 }
 
+/// How the compressed workload writes plain data over its clusters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlainWrites {
+    /// Whole clusters: nothing of the old cluster is kept.
+    Whole,
+    /// Part of a cluster: the rest is copied from the old one.
+    Partial,
+}
+
 /// Clusters written compressed (packed several to a host cluster, some
 /// running on into the next), whole-cluster writes and write-zeroes over
 /// them, and flushes: a compressed L2 entry must never reach the disk
 /// before its stream and its refcounts.
-fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize) -> Journal {
+fn run_compressed_workload(
+    storage: &Arc<MemStorage>,
+    seed: u64,
+    cluster: usize,
+    plain: PlainWrites,
+) -> Journal {
     let image = open(Arc::clone(storage), true);
     let mut model = vec![0u8; SIZE];
     let mut journal = Journal::new(storage);
@@ -384,10 +398,16 @@ fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize)
     let clusters = SIZE / cluster;
     for step in 0..150 {
         let at = rng.random_range(0..clusters) * cluster;
-        // Plain writes and write-zeroes of whole clusters: a partial one
-        // copies the rest of the cluster, whose ordering is not what this
-        // test is about.
-        if step % 7 == 6 {
+        if step % 7 == 6 && plain == PlainWrites::Partial {
+            // Inside one cluster: the rest of it is copied from what the
+            // cluster held (compressed data, flushed), to a new place.
+            let from = at + rng.random_range(0..cluster);
+            let len = rng.random_range(1..=at + cluster - from);
+            journal.writing(storage, from..from + len);
+            let data = vec![rng.random::<u8>() | 1; len];
+            image.write(from as u64, &data, &NoBacking).unwrap();
+            model[from..from + len].copy_from_slice(&data);
+        } else if step % 7 == 6 {
             let len = (rng.random_range(1..4) * cluster).min(SIZE - at);
             journal.writing(storage, at..at + len);
             let data = vec![rng.random::<u8>() | 1; len];
@@ -420,6 +440,17 @@ fn run_compressed_workload(storage: &Arc<MemStorage>, seed: u64, cluster: usize)
 
 #[test]
 fn every_crash_point_of_compressed_writes_leaves_readable_clusters() {
+    crash_compressed_workloads(PlainWrites::Whole);
+}
+
+/// A partial write over a compressed cluster moves the rest of it: those
+/// bytes were flushed, and a crash must not lose them with the write.
+#[test]
+fn a_crash_after_a_partial_write_over_a_compressed_cluster_keeps_its_flushed_bytes() {
+    crash_compressed_workloads(PlainWrites::Partial);
+}
+
+fn crash_compressed_workloads(plain: PlainWrites) {
     if !require_tool("qemu-img") {
         return;
     }
@@ -433,7 +464,7 @@ fn every_crash_point_of_compressed_writes_leaves_readable_clusters() {
     {
         let dir = tempfile::tempdir().unwrap();
         let storage = qemu_image(dir.path(), opts);
-        let journal = run_compressed_workload(&storage, 40 + layout as u64, cluster);
+        let journal = run_compressed_workload(&storage, 40 + layout as u64, cluster, plain);
         let what = format!("{opts}: clean close");
         check(&storage.contents(), dir.path(), false, &what);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7 + layout as u64);

@@ -228,10 +228,13 @@ impl Qcow2 {
             let in_cluster = (guest - start) as usize;
             with_cluster_buffer(cluster_size, |cluster| {
                 self.read_view(old, start, cluster, backing)?;
+                let copies_data = !is_zero(&cluster[..in_cluster])
+                    || !is_zero(&cluster[in_cluster + data.len()..]);
                 cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
                 self.data()
                     .write_at(cluster, target.0)
-                    .io_at("write guest data", target.0)
+                    .io_at("write guest data", target.0)?;
+                self.sync_copied_data(copies_data)
             })?;
         }
         Ok(L2Entry::Data {
@@ -278,16 +281,19 @@ impl Qcow2 {
                 .write_at(&data[(from - guest) as usize..(to - guest) as usize], at)
                 .io_at("write guest data", at)?;
         }
+        let mut copies_data = false;
         for (first, last) in bit_runs(rebuilt) {
             let run_start = start + u64::from(first) * sc_size;
             let run_len = u64::from(last - first + 1) * sc_size;
             let mut buf = vec![0u8; run_len as usize];
             self.read_view(old, run_start, &mut buf, backing)?;
+            copies_data |= !is_zero(&buf);
             overlay(&mut buf, run_start, data, guest);
             self.data()
                 .write_at(&buf, target.0 + (run_start - start))
                 .io_at("write guest data", target.0 + (run_start - start))?;
         }
+        self.sync_copied_data(copies_data)?;
         let written = kept | rebuilt;
         Ok(L2Entry::Subclusters {
             host: Some(target),
@@ -295,6 +301,22 @@ impl Qcow2 {
             allocated: old_allocated | written,
             zero: old_zero & !written,
         })
+    }
+
+    /// After a copy-on-write that moved bytes the guest did not write (a
+    /// backing file's, a compressed or shared cluster's): makes them
+    /// durable before the L2 entry that points to their new place, since
+    /// they were durable where they were, and a power cut must not lose
+    /// them with a write nobody flushed. QEMU orders it the same way (the
+    /// L2 cache depends on a flush after a COW); copied zeros need nothing,
+    /// as QEMU skips the COW of zeros.
+    fn sync_copied_data(&self, copies_data: bool) -> Result<()> {
+        if copies_data {
+            self.data()
+                .sync()
+                .io("make copied data durable before its L2 entry")?;
+        }
+        Ok(())
     }
 
     /// The L2 table for guest `offset`, made writable: allocated if missing,
@@ -421,6 +443,13 @@ fn with_cluster_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         }
         Err(_) => f(&mut vec![0u8; len]),
     })
+}
+
+/// Whether `bytes` are all zeros (64 bytes at a time, which vectorises).
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(64)
+        .all(|chunk| chunk.iter().fold(0, |acc, &b| acc | b) == 0)
 }
 
 /// Copies the part of `data` (at guest `data_at`) that overlaps `buf` (at

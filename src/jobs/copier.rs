@@ -365,6 +365,7 @@ impl Copier {
                 to_reader,
                 waiting: VecDeque::new(),
                 in_flight: Vec::new(),
+                errors_heard: 0,
                 read_all: false,
                 before,
                 after,
@@ -483,8 +484,12 @@ struct Dispatch<'c, 'a, B, A> {
     to_reader: SyncSender<Vec<u8>>,
     /// Read, not yet handed out, oldest first.
     waiting: VecDeque<Chunk>,
-    /// Handed out and not yet back: (offset, len).
-    in_flight: Vec<(u64, u64)>,
+    /// Handed out and not yet back: (offset, len, `errors_heard` when it
+    /// was handed out).
+    in_flight: Vec<(u64, u64, u64)>,
+    /// Failed chunks `after` dealt with and went on from (its `on-error`
+    /// paused the job until a resume, or let the failure go).
+    errors_heard: u64,
     read_all: bool,
     before: B,
     after: A,
@@ -537,7 +542,7 @@ where
             if self
                 .in_flight
                 .iter()
-                .any(|&(offset, len)| offset < end && start < offset + len)
+                .any(|&(offset, len, _)| offset < end && start < offset + len)
             {
                 return None;
             }
@@ -547,7 +552,8 @@ where
                 Err(err) => return Some(Err(err)),
             }
             let chunk = self.waiting.pop_front()?;
-            self.in_flight.push((chunk.offset, chunk.len));
+            self.in_flight
+                .push((chunk.offset, chunk.len, self.errors_heard));
             // The writers outlive this loop.
             let _ = self.to_writers.send(chunk);
         }
@@ -555,12 +561,29 @@ where
     }
 
     /// Hears a chunk back: tells `after`, copies it again on this thread
-    /// while `after` asks for it, and returns its buffer to the reader.
+    /// while `after` asks for it, and returns its buffer to the reader. A
+    /// chunk that failed while `after` dealt with another one's failure
+    /// (the job paused for it and was resumed) is first copied again
+    /// without a word: its error is as stale as the other's, and must not
+    /// pause the job a second time.
     fn written(&mut self, mut chunk: Chunk, mut result: Result<u64, CopyFailure>) -> Result<(), E> {
-        self.in_flight
-            .retain(|&(offset, len)| (offset, len) != (chunk.offset, chunk.len));
+        let at = self
+            .in_flight
+            .iter()
+            .position(|&(offset, len, _)| (offset, len) == (chunk.offset, chunk.len));
+        let handed_out = at.map(|at| self.in_flight.swap_remove(at).2);
+        if result.is_err() && handed_out.is_some_and(|heard| heard < self.errors_heard) {
+            result = self
+                .copier
+                .copy_between(self.chains, chunk.offset, chunk.len, &mut chunk.buf);
+        }
         let heard = loop {
-            match (self.after)(chunk.offset, chunk.len, result) {
+            let failed = result.is_err();
+            let next = (self.after)(chunk.offset, chunk.len, result);
+            if failed && next.is_ok() {
+                self.errors_heard += 1;
+            }
+            match next {
                 Ok(Next::Go) => break Ok(()),
                 Ok(Next::Retry) => {
                     // Nothing overlapping is in flight: this chunk was, so

@@ -61,18 +61,19 @@ fn a_chunk_overlapping_one_in_flight_waits_and_keeps_the_later_ones_behind_it() 
             chunk(3 * CHUNK, CHUNK),
         ]),
         in_flight: Vec::new(),
+        errors_heard: 0,
         read_all: false,
         before: || Ok::<bool, ()>(true),
         after: |_, _, _| Ok::<Next, ()>(Next::Go),
     };
     assert!(dispatch.hand_out().is_none());
-    assert_eq!(dispatch.in_flight, vec![(0, CHUNK)]);
+    assert_eq!(dispatch.in_flight, vec![(0, CHUNK, 0)]);
     let first = work.try_recv().unwrap();
     dispatch.written(first, Ok(CHUNK)).unwrap();
     assert!(dispatch.hand_out().is_none());
     assert_eq!(
         dispatch.in_flight,
-        vec![(CHUNK / 2, CHUNK), (3 * CHUNK, CHUNK)]
+        vec![(CHUNK / 2, CHUNK, 0), (3 * CHUNK, CHUNK, 0)]
     );
 }
 
@@ -155,4 +156,65 @@ fn a_stop_hands_back_every_chunk_taken_and_not_written() {
     all.sort_unstable();
     let walk: Vec<_> = (0..SIZE / CHUNK).map(|i| (i * CHUNK, CHUNK)).collect();
     assert_eq!(all, walk[..all.len()]);
+}
+
+#[test]
+fn a_chunk_that_failed_beside_one_retried_after_a_pause_is_retried_without_a_second_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (
+        raw_chain(dir.path(), "a.img", 1),
+        raw_chain(dir.path(), "b.img", 0),
+    );
+    let copier = mirror_copier(&source, &dest);
+    let (to_writers, work) = channel();
+    let (to_reader, _spare) = sync_channel(8);
+    let mut errors_heard = 0;
+    let mut dispatch = Dispatch {
+        copier: &copier,
+        chains: Chains {
+            source: &source,
+            dest: &dest,
+        },
+        writers: 2,
+        to_writers,
+        to_reader,
+        waiting: VecDeque::from([chunk(0, CHUNK), chunk(CHUNK, CHUNK)]),
+        in_flight: Vec::new(),
+        errors_heard: 0,
+        read_all: false,
+        before: || Ok::<bool, ()>(true),
+        // As `on-error=stop` does: pause, and once resumed, retry.
+        after: |_, _, result: Result<u64, CopyFailure>| {
+            Ok::<Next, ()>(match result {
+                Ok(_) => Next::Go,
+                Err(_) => {
+                    errors_heard += 1;
+                    Next::Retry
+                }
+            })
+        },
+    };
+    assert!(dispatch.hand_out().is_none());
+    let (first, second) = (work.try_recv().unwrap(), work.try_recv().unwrap());
+    // Both failed while in flight (a full disk), before anyone resumed.
+    let full = || {
+        Err((
+            "write",
+            ChainError::Io {
+                path: dir.path().join("b.img"),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        ))
+    };
+    dispatch.written(first, full()).unwrap();
+    dispatch.written(second, full()).unwrap();
+    assert!(dispatch.in_flight.is_empty());
+    drop(dispatch);
+    assert_eq!(errors_heard, 1, "one pause for one full disk");
+    let mut copied = vec![0; 2 * CHUNK as usize];
+    dest.read(dest.active().id(), 0, &mut copied).unwrap();
+    assert!(
+        copied.iter().all(|&b| b == 1),
+        "both chunks were copied again"
+    );
 }

@@ -311,20 +311,33 @@ job_complete=("" "" "" complete complete)
 job_checked=(top top base base copy)
 
 # chainfs_job COMMAND [complete]: runs COMMAND on $mnt, completes it once
-# ready if asked, and prints the seconds until it concluded (status polled
-# every 10 ms, as qsd's is timed by its events).
+# ready if asked, and prints the seconds until it concluded, status polled
+# every millisecond (qsd's jobs are timed by their events). Fails unless
+# every job listed completed.
 chainfs_job() {
-    local text=$1 complete=${2:-} start end
-    start=$(date +%s.%N)
-    echo "$text" > "$mnt/ctl/command"
-    if [ -n "$complete" ]; then
-        until grep -q '"status": "ready"' "$mnt/ctl/status.json"; do sleep 0.01; done
-        echo complete > "$mnt/ctl/command"
-    fi
-    until grep -q '"outcome"' "$mnt/ctl/status.json"; do sleep 0.01; done
-    end=$(date +%s.%N)
-    grep -q '"outcome": "completed"' "$mnt/ctl/status.json"
-    awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
+    python3 - "$mnt/ctl" "$@" <<'PY'
+import json, sys, time
+ctl, command = sys.argv[1], sys.argv[2]
+complete = len(sys.argv) > 3 and sys.argv[3]
+def jobs():
+    with open(ctl + "/status.json") as f:
+        return json.load(f)
+start = time.time()
+with open(ctl + "/command", "w") as f:
+    f.write(command + "\n")
+while complete and not any(j["status"] == "ready" for j in jobs()):
+    time.sleep(0.001)
+if complete:
+    with open(ctl + "/command", "w") as f:
+        f.write("complete\n")
+while not all("outcome" in j for j in jobs()):
+    time.sleep(0.001)
+end = time.time()
+failed = [j for j in jobs() if j["outcome"] != "completed"]
+if failed:
+    sys.exit("job failed: %s" % failed)
+print("%.3f" % (end - start))
+PY
 }
 
 # qmp MODE COMMAND [complete]: sends one QMP command (the inside of its

@@ -26,6 +26,9 @@ use crate::sync::{lock, Arc, Mutex};
 /// (their progress and errors) when no verb wakes it.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
+/// The smallest chunk worth a thread of its own beside another.
+const PARALLEL_CHUNK: u64 = CHUNK / 2;
+
 /// One backup's copying state, shared by its hook and its thread.
 pub(super) struct Backup {
     /// From the node's view (at and below its `base`) into the target.
@@ -214,8 +217,10 @@ impl Backup {
         }
     }
 
-    /// Copies `first`, and `second` if there is one on a thread of its own
-    /// meanwhile; returns each with its result, `first` first.
+    /// Copies `first`, and `second` if there is one: on a thread of its own
+    /// meanwhile when both are large, else after it (a thread costs more
+    /// than it saves on a few clusters, as an incremental backup's scattered
+    /// ones often are). Returns each with its result, `first` first.
     fn copy_pair(
         &self,
         first: (u64, u64),
@@ -223,6 +228,14 @@ impl Backup {
         buffers: &mut (Vec<u8>, Vec<u8>),
     ) -> Vec<((u64, u64), Result<u64, CopyFailure>)> {
         let (buf, other_buf) = buffers;
+        let large = |(_, len): (u64, u64)| len >= PARALLEL_CHUNK;
+        if !(large(first) && second.is_some_and(large)) {
+            let mut results = vec![(first, self.copy_range(first.0, first.1, buf))];
+            if let Some((offset, len)) = second {
+                results.push(((offset, len), self.copy_range(offset, len, other_buf)));
+            }
+            return results;
+        }
         std::thread::scope(|scope| {
             let other = second.map(|(offset, len)| {
                 scope.spawn(move || ((offset, len), self.copy_range(offset, len, other_buf)))

@@ -32,7 +32,7 @@ use crate::format::MetadataCache;
 use crate::sync::Arc;
 
 /// How a range is held (re-exported for the layers above).
-pub use crate::format::{Allocation, Format, HostRange};
+pub use crate::format::{Allocation, Format, HostRange, StoreRefusal};
 pub use create::{create_image, create_raw_image};
 pub use error::ChainError;
 pub use node::{Node, NodeId};

@@ -8,7 +8,7 @@ use super::registry::resolve;
 use super::report::escape;
 use super::{Chain, Format, JobError, Node};
 use crate::chain::bitmap::{BitmapError, BitmapInfo, Bits, Kind, GRANULARITIES};
-use crate::format::StoreRefusal;
+use crate::chain::StoreRefusal;
 
 /// A parsed `bitmap-*` command.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -36,6 +36,35 @@ fn chunk(offset: u64, len: u64) -> Chunk {
     }
 }
 
+/// A dispatcher over `chains` with `waiting` chunks read, nothing handed
+/// out yet; the receiver is the writers' end of its work queue.
+fn dispatcher<'c, 'a, B, A>(
+    copier: &'c Copier,
+    chains: Chains<'a>,
+    writers: usize,
+    waiting: Vec<Chunk>,
+    before: B,
+    after: A,
+) -> (Dispatch<'c, 'a, B, A>, Receiver<Chunk>) {
+    let (to_writers, work) = channel();
+    // The reader's end is dropped: returned buffers are let go.
+    let (to_reader, _) = sync_channel(8);
+    let dispatch = Dispatch {
+        copier,
+        chains,
+        writers,
+        to_writers,
+        to_reader,
+        waiting: waiting.into(),
+        in_flight: Vec::new(),
+        errors_heard: 0,
+        read_all: false,
+        before,
+        after,
+    };
+    (dispatch, work)
+}
+
 #[test]
 fn a_chunk_overlapping_one_in_flight_waits_and_keeps_the_later_ones_behind_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -44,28 +73,23 @@ fn a_chunk_overlapping_one_in_flight_waits_and_keeps_the_later_ones_behind_it() 
         raw_chain(dir.path(), "b.img", 0),
     );
     let copier = mirror_copier(&source, &dest);
-    let (to_writers, work) = channel();
-    let (to_reader, _spare) = sync_channel(8);
-    let mut dispatch = Dispatch {
-        copier: &copier,
-        chains: Chains {
-            source: &source,
-            dest: &dest,
-        },
-        writers: 4,
-        to_writers,
-        to_reader,
-        waiting: VecDeque::from([
-            chunk(0, CHUNK),
-            chunk(CHUNK / 2, CHUNK),
-            chunk(3 * CHUNK, CHUNK),
-        ]),
-        in_flight: Vec::new(),
-        errors_heard: 0,
-        read_all: false,
-        before: || Ok::<bool, ()>(true),
-        after: |_, _, _| Ok::<Next, ()>(Next::Go),
+    let chains = Chains {
+        source: &source,
+        dest: &dest,
     };
+    let waiting = vec![
+        chunk(0, CHUNK),
+        chunk(CHUNK / 2, CHUNK),
+        chunk(3 * CHUNK, CHUNK),
+    ];
+    let (mut dispatch, work) = dispatcher(
+        &copier,
+        chains,
+        4,
+        waiting,
+        || Ok::<bool, ()>(true),
+        |_, _, _| Ok::<Next, ()>(Next::Go),
+    );
     assert!(dispatch.hand_out().is_none());
     assert_eq!(dispatch.in_flight, vec![(0, CHUNK, 0)]);
     let first = work.try_recv().unwrap();
@@ -166,25 +190,20 @@ fn a_chunk_that_failed_beside_one_retried_after_a_pause_is_retried_without_a_sec
         raw_chain(dir.path(), "b.img", 0),
     );
     let copier = mirror_copier(&source, &dest);
-    let (to_writers, work) = channel();
-    let (to_reader, _spare) = sync_channel(8);
     let mut errors_heard = 0;
-    let mut dispatch = Dispatch {
-        copier: &copier,
-        chains: Chains {
-            source: &source,
-            dest: &dest,
-        },
-        writers: 2,
-        to_writers,
-        to_reader,
-        waiting: VecDeque::from([chunk(0, CHUNK), chunk(CHUNK, CHUNK)]),
-        in_flight: Vec::new(),
-        errors_heard: 0,
-        read_all: false,
-        before: || Ok::<bool, ()>(true),
+    let chains = Chains {
+        source: &source,
+        dest: &dest,
+    };
+    let waiting = vec![chunk(0, CHUNK), chunk(CHUNK, CHUNK)];
+    let (mut dispatch, work) = dispatcher(
+        &copier,
+        chains,
+        2,
+        waiting,
+        || Ok::<bool, ()>(true),
         // As `on-error=stop` does: pause, and once resumed, retry.
-        after: |_, _, result: Result<u64, CopyFailure>| {
+        |_, _, result: Result<u64, CopyFailure>| {
             Ok::<Next, ()>(match result {
                 Ok(_) => Next::Go,
                 Err(_) => {
@@ -193,7 +212,7 @@ fn a_chunk_that_failed_beside_one_retried_after_a_pause_is_retried_without_a_sec
                 }
             })
         },
-    };
+    );
     assert!(dispatch.hand_out().is_none());
     let (first, second) = (work.try_recv().unwrap(), work.try_recv().unwrap());
     // Both failed while in flight (a full disk), before anyone resumed.

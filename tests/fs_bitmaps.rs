@@ -253,3 +253,37 @@ fn after_a_snapshot_the_old_nodes_bitmaps_stop_recording() {
     assert_eq!(count(&m, "snap.qcow2", "new"), 2 * K64);
     assert_eq!(bitmap(&m, "snap.qcow2", "new")["recording"], true);
 }
+
+/// QEMU's bitmaps belong to their node: one on the active node records
+/// every guest write while jobs run beside it, and goes on recording after
+/// them while the node stays active (a stream; a mirror soft-cancelled,
+/// which leaves the node where it was).
+#[test]
+fn a_bitmap_on_the_active_node_records_across_a_mirror_and_a_stream() {
+    let Some(f) = mounted(&[], three_nodes) else {
+        return;
+    };
+    let m = f.m;
+    command(&m, "bitmap-add node=active name=b granularity=64K\n").unwrap();
+    let target = f.dir.path().join("copy.qcow2");
+    let mirror = format!("mirror target={} id=mi\n", target.display());
+    command(&m, &mirror).unwrap();
+    poke(&m, &[0]);
+    wait_ready(&m, "mi");
+    poke(&m, &[K64]);
+    command(&m, "cancel id=mi\n").unwrap();
+    assert_eq!(wait_outcome(&m, "mi")["outcome"], "completed");
+    // The mirror read the node and wrote elsewhere: only the guest's two
+    // writes are dirty.
+    assert_eq!(count(&m, "top.qcow2", "b"), 2 * K64);
+    command(&m, "bitmap-clear node=active name=b\n").unwrap();
+    // Nothing below the top holds data: the stream copies nothing, so
+    // the guest's writes are all the bitmap may see.
+    command(&m, "stream base=base.img id=st\n").unwrap();
+    poke(&m, &[4 * K64]);
+    assert_eq!(wait_outcome(&m, "st")["outcome"], "completed");
+    poke(&m, &[8 * K64]);
+    let b = bitmap(&m, "top.qcow2", "b");
+    assert_eq!(b["recording"], true, "{b}");
+    assert_eq!(count(&m, "top.qcow2", "b"), 2 * K64, "{b}");
+}

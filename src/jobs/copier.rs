@@ -604,6 +604,26 @@ where
     }
 }
 
+/// Walks the whole of `view` as its chain holds it above `base` (`None`:
+/// down to the bottom), calling `f` on each run with its allocation: how
+/// a job finds, before it copies, what it must copy or may skip.
+pub(super) fn each_extent(
+    chain: &Chain,
+    view: NodeId,
+    base: Option<NodeId>,
+    mut f: impl FnMut(u64, u64, Allocation),
+) -> Result<(), ChainError> {
+    let size = chain.node(view).map_or(0, |n| n.virtual_size());
+    let mut offset = 0;
+    while offset < size {
+        let extent = chain.block_status(view, base, offset, size - offset)?;
+        let run = extent.len.max(1).min(size - offset);
+        f(offset, run, extent.allocation);
+        offset += run;
+    }
+    Ok(())
+}
+
 /// A linear walk over `0..size` in chunks, for [`Copier::run`]'s `take`.
 pub(super) fn linear(size: u64) -> impl FnMut() -> Option<(u64, u64)> + Send {
     let mut next = 0;

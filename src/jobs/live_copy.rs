@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::command::{CopyMode, OnError};
-use super::copier::{Chains, Copier, CopyFailure, Ended, Next, CHUNK};
+use super::copier::{each_extent, Chains, Copier, CopyFailure, Ended, Next, CHUNK};
 use super::job::{Job, Outcome, Stop};
 use super::registry::LiveChain;
 use super::state::JobStatus;
@@ -230,17 +230,11 @@ pub(super) fn mark_allocated(
     base: Option<NodeId>,
     dirty: &DirtyMap,
 ) -> Result<(), ChainError> {
-    let size = chain.node(view).map_or(0, |n| n.virtual_size());
-    let mut offset = 0;
-    while offset < size {
-        let extent = chain.block_status(view, base, offset, size - offset)?;
-        let run = extent.len.max(1).min(size - offset);
-        if extent.allocation != Allocation::Unallocated {
-            dirty.mark(offset, run);
+    each_extent(chain, view, base, |offset, len, allocation| {
+        if allocation != Allocation::Unallocated {
+            dirty.mark(offset, len);
         }
-        offset += run;
-    }
-    Ok(())
+    })
 }
 
 /// Copies until `complete` (returns `true`: pivot) or a soft cancel of a

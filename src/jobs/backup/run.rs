@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::super::command::OnError;
-use super::super::copier::{Chains, Copier, CopyFailure, CHUNK};
+use super::super::copier::{each_extent, Chains, Copier, CopyFailure, CHUNK};
 use super::super::job::{Job, Stop};
 use super::super::stream::handle_error;
 use super::args::Copy;
@@ -135,19 +135,16 @@ impl Backup {
         let Some(base) = self.skip_unheld else {
             return Ok(());
         };
-        let view = self.copy.view;
-        let size = self.source.node(view).map_or(0, |n| n.virtual_size());
-        let mut offset = 0;
-        while offset < size {
-            let extent = self
-                .source
-                .block_status(view, base, offset, size - offset)?;
-            let run = extent.len.max(1).min(size - offset);
-            if extent.allocation == Allocation::Unallocated {
-                self.clusters.skip(offset, run);
-            }
-            offset += run;
-        }
+        each_extent(
+            &self.source,
+            self.copy.view,
+            base,
+            |offset, len, allocation| {
+                if allocation == Allocation::Unallocated {
+                    self.clusters.skip(offset, len);
+                }
+            },
+        )?;
         job.set_remaining(0, self.clusters.remaining());
         Ok(())
     }

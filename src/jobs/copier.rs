@@ -352,15 +352,16 @@ impl Copier {
             let (stop, work) = (&stop, &work);
             let reader_events = events.clone();
             scope.spawn(move || self.read_ahead(chains.source, take, stop, spare, reader_events));
-            for _ in 0..writers {
+            let spawn_writer = || {
                 let events = events.clone();
                 scope.spawn(move || self.write_queued(chains, work, events));
-            }
-            drop(events);
+            };
             let mut dispatch = Dispatch {
                 copier: self,
                 chains,
                 writers,
+                spawned: 0,
+                spawn_writer,
                 to_writers,
                 to_reader,
                 waiting: VecDeque::new(),
@@ -380,7 +381,7 @@ impl Copier {
             } = dispatch;
             // Closing both ends the writers (no more work) and a reader
             // waiting for a buffer; every chunk still queued was not written.
-            drop((to_writers, to_reader));
+            drop((events, to_writers, to_reader));
             for event in inbox.iter() {
                 if let Event::Read(chunk) = event {
                     waiting.push_back(chunk);
@@ -452,7 +453,7 @@ impl Copier {
     }
 }
 
-/// Chunk writes in flight at once. The format layer writes disjoint
+/// Chunk writes in flight at most. The format layer writes disjoint
 /// clusters of one image in parallel (only allocation and publication take
 /// its metadata lock), and where the host copies the data (tmpfs, or any
 /// file system without shared extents) that copy is a kernel `memcpy` that
@@ -476,10 +477,16 @@ enum Event {
 /// (an active commit's re-copy after a guest write) always lands after
 /// its earlier copy; calls `before` on each chunk it hands out and `after`
 /// on each that comes back.
-struct Dispatch<'c, 'a, B, A> {
+struct Dispatch<'c, 'a, B, A, S> {
     copier: &'c Copier,
     chains: Chains<'a>,
+    /// At most this many writer threads.
     writers: usize,
+    /// Writer threads started so far: one more only when every one is
+    /// busy, so a run of a chunk or two (a live copy catching up with a
+    /// guest write) starts one thread, not one per core.
+    spawned: usize,
+    spawn_writer: S,
     to_writers: Sender<Chunk>,
     to_reader: SyncSender<Vec<u8>>,
     /// Read, not yet handed out, oldest first.
@@ -495,10 +502,11 @@ struct Dispatch<'c, 'a, B, A> {
     after: A,
 }
 
-impl<B, A, E> Dispatch<'_, '_, B, A>
+impl<B, A, S, E> Dispatch<'_, '_, B, A, S>
 where
     B: FnMut() -> Result<bool, E>,
     A: FnMut(u64, u64, Result<u64, CopyFailure>) -> Result<Next, E>,
+    S: FnMut(),
 {
     /// Runs until every chunk is written, or the job stops: then waits for
     /// the chunks in flight (their `after` is still heard, and an error it
@@ -554,6 +562,10 @@ where
             let chunk = self.waiting.pop_front()?;
             self.in_flight
                 .push((chunk.offset, chunk.len, self.errors_heard));
+            if self.in_flight.len() > self.spawned {
+                (self.spawn_writer)();
+                self.spawned += 1;
+            }
             // The writers outlive this loop.
             let _ = self.to_writers.send(chunk);
         }

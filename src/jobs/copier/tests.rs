@@ -36,8 +36,12 @@ fn chunk(offset: u64, len: u64) -> Chunk {
     }
 }
 
+/// A dispatcher whose writer threads are started by a plain function.
+type TestDispatch<'c, 'a, B, A> = Dispatch<'c, 'a, B, A, fn()>;
+
 /// A dispatcher over `chains` with `waiting` chunks read, nothing handed
-/// out yet; the receiver is the writers' end of its work queue.
+/// out yet, its `writers` counted as started; the receiver is the
+/// writers' end of its work queue, which the test reads itself.
 fn dispatcher<'c, 'a, B, A>(
     copier: &'c Copier,
     chains: Chains<'a>,
@@ -45,7 +49,7 @@ fn dispatcher<'c, 'a, B, A>(
     waiting: Vec<Chunk>,
     before: B,
     after: A,
-) -> (Dispatch<'c, 'a, B, A>, Receiver<Chunk>) {
+) -> (TestDispatch<'c, 'a, B, A>, Receiver<Chunk>) {
     let (to_writers, work) = channel();
     // The reader's end is dropped: returned buffers are let go.
     let (to_reader, _) = sync_channel(8);
@@ -53,6 +57,8 @@ fn dispatcher<'c, 'a, B, A>(
         copier,
         chains,
         writers,
+        spawned: writers,
+        spawn_writer: (|| {}) as fn(),
         to_writers,
         to_reader,
         waiting: waiting.into(),
@@ -236,4 +242,46 @@ fn a_chunk_that_failed_beside_one_retried_after_a_pause_is_retried_without_a_sec
         copied.iter().all(|&b| b == 1),
         "both chunks were copied again"
     );
+}
+
+/// Writer threads the next test's dispatcher started.
+static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_start() {
+    STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn a_writer_thread_starts_only_when_every_started_one_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (
+        raw_chain(dir.path(), "a.img", 1),
+        raw_chain(dir.path(), "b.img", 0),
+    );
+    let copier = mirror_copier(&source, &dest);
+    let chains = Chains {
+        source: &source,
+        dest: &dest,
+    };
+    let (mut dispatch, work) = dispatcher(
+        &copier,
+        chains,
+        4,
+        vec![chunk(0, CHUNK)],
+        || Ok::<bool, ()>(true),
+        |_, _, _| Ok::<Next, ()>(Next::Go),
+    );
+    dispatch.spawned = 0;
+    dispatch.spawn_writer = count_start;
+    let started = || STARTED.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(dispatch.hand_out().is_none());
+    assert_eq!(started(), 1, "one chunk, one writer");
+    dispatch
+        .written(work.try_recv().unwrap(), Ok(CHUNK))
+        .unwrap();
+    dispatch
+        .waiting
+        .extend([chunk(CHUNK, CHUNK), chunk(2 * CHUNK, CHUNK)]);
+    assert!(dispatch.hand_out().is_none());
+    assert_eq!(started(), 2, "the first writer takes one of two");
 }

@@ -22,6 +22,7 @@ mod copier;
 mod error;
 pub mod events;
 pub mod job;
+mod job_info;
 mod live_copy;
 mod mirror;
 pub mod ratelimit;

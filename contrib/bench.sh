@@ -17,12 +17,21 @@
 #         writes, O_DIRECT, 1 and 4 jobs.
 # alloc : writes into an empty overlay that each allocate a new 64 KiB
 #         cluster (64 KiB writes, and 4 KiB writes at cluster starts),
-#         1 and 4 jobs, O_DIRECT, a fresh overlay each time.
+#         1 and 4 jobs, O_DIRECT, a fresh overlay each time. Beside
+#         them, the same writes into a sparse raw image through chainfs:
+#         one pwrite per write and no metadata, the most any format can
+#         get through chainfs's FUSE transport (its ratio to qsd bounds
+#         the qcow2 one).
 # jobs  : a four-deep chain of SIZE, each layer a disjoint quarter:
 #         stream without base and onto the bottom node, intermediate commit
 #         (two layers into the base), active commit and a full mirror to a
 #         new qcow2 (each to ready, then complete), against qsd's
-#         block-stream / block-commit / drive-mirror.
+#         block-stream / block-commit / drive-mirror. Beside each, a
+#         floor: the fastest plain copy (copy_file_range by one thread
+#         or two, the kernel's own copy) of the bytes the job must write
+#         into one file, to a new file in the same directory; its ratio
+#         to qsd is about the most any program that writes those bytes
+#         can reach on this file system.
 # load  : the same jobs at speed=LOAD_SPEED while fio reads 4 KiB at
 #         random from the top for LOAD_SECONDS: the read IOPS kept, as a
 #         share of the same reads with no job (qsd read through NBD, since
@@ -260,6 +269,19 @@ empty_overlay() {
     qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$1/top.qcow2" "$SIZE"
 }
 
+# raw_writes JOBS BS -> IOPS of fio_alloc's writes into a sparse raw image
+# of SIZE mounted by chainfs.
+raw_writes() {
+    local iops
+    rm -rf "$work/r"; mkdir -p "$work/r" "$mnt"
+    truncate -s "$SIZE" "$work/r/disk.raw"
+    # Error level: a raw image named alone draws a probing warning.
+    RUST_LOG=error "$chainfs" mount "$work/r/disk.raw" "$mnt"
+    iops=$(fio_alloc "$mnt/active" "$1" "$2")
+    "$chainfs" umount "$mnt"
+    echo "$iops"
+}
+
 bench_alloc() {
     echo "allocating writes into an empty $SIZE overlay (fio O_DIRECT, one write per new cluster)"
     local spec jobs bs c q
@@ -278,6 +300,7 @@ bench_alloc() {
             stop_qsd
             qemu-img check -q "$work/a/top.qcow2"
             record "allocating write: $bs, $jobs job(s)" IOPS higher "$c" "$q"
+            record "  ceiling of $bs, $jobs job(s): a raw image" IOPS higher "$(raw_writes "$jobs" "$bs")" "$q"
         done
     done
 }
@@ -308,6 +331,8 @@ job_qsd=('"block-stream", "arguments": {"job-id": "j", "device": "top"'
     '"block-commit", "arguments": {"job-id": "j", "device": "top", "base-node": "base"'
     '"drive-mirror", "arguments": {"job-id": "j", "device": "top", "target": "'"$work/q/copy.qcow2"'", "format": "qcow2", "sync": "full", "mode": "absolute-paths"')
 job_complete=("" "" "" complete complete)
+# The quarters of the chain each job writes into one file.
+job_quarters=(3 2 2 3 4)
 job_checked=(top top base base copy)
 
 # chainfs_job COMMAND [complete]: runs COMMAND on $mnt, completes it once
@@ -397,6 +422,38 @@ start_qsd_chain() {
     start_qsd "${args[@]}" "$@"
 }
 
+# copy_floor QUARTERS -> the seconds the fastest plain copy takes to put
+# QUARTERS quarters of SIZE, held in the page cache, into a new file
+# beside them: copy_file_range (the kernel's own copy, no user space) in
+# 1 MiB pieces by one thread and by two, the better of the two.
+copy_floor() {
+    local src=$work/floor.src dst=$work/floor.dst bytes
+    bytes=$(( $(numfmt --from=iec "$SIZE") / 4 * $1 ))
+    dd if=/dev/zero of="$src" bs=1M count=$(( bytes >> 20 )) status=none
+    python3 - "$src" "$dst" "$bytes" <<'PY'
+import os, sys, threading, time
+src, dst, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+PIECE = 1 << 20
+def copy(threads):
+    fin = os.open(src, os.O_RDONLY)
+    fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def worker(first):
+        for at in range(first * PIECE, total, threads * PIECE):
+            done = 0
+            while done < PIECE:
+                done += os.copy_file_range(fin, fout, PIECE - done, at + done, at + done)
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    start = time.time()
+    for w in workers: w.start()
+    for w in workers: w.join()
+    seconds = time.time() - start
+    os.close(fin); os.close(fout); os.unlink(dst)
+    return seconds
+print("%.3f" % min(copy(1), copy(2)))
+PY
+    rm -f "$src"
+}
+
 bench_jobs() {
     echo "jobs on a four-deep $SIZE chain (each layer a disjoint quarter), in seconds"
     local i c q c_rss q_rss
@@ -416,6 +473,7 @@ bench_jobs() {
             stop_qsd
             qemu-img check -q "$work/q/${job_checked[$i]}.qcow2"
             record "${job_names[$i]}" s lower "$c" "$q"
+            record "  floor of ${job_names[$i]}" s lower "$(copy_floor "${job_quarters[$i]}")" "$q"
         done
         record "peak RSS after a job" MiB lower "$c_rss" "$q_rss"
     done

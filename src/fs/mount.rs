@@ -163,7 +163,7 @@ impl Mount {
         // `run` returns after the kernel ended the session and every
         // request thread stopped; the file system, and with it every open
         // handle's chain snapshot, is dropped by then.
-        let served = session.run().map_err(|source| FsError::Session {
+        let served = connection_gone_is_the_end(session.run()).map_err(|source| FsError::Session {
             path: mountpoint.clone(),
             source,
         });
@@ -230,6 +230,24 @@ impl Unmounter {
             }
             Err(error) => log::warn!("unmount {}: {error}", self.mountpoint.display()),
         }
+    }
+}
+
+/// The end of a session's serving: fuser ends it cleanly when the kernel
+/// says the connection is gone with ENODEV. The kernel also says it with
+/// ECONNABORTED (its answer after an abort, for servers that ask for
+/// FUSE_ABORT_ERROR; fuser does not ask). It has been seen, rarely, at a
+/// clean unmount under load on Linux 6.18, where no abort was made: an
+/// abort through fusectl ends a chainfs session with ENODEV. Either way
+/// no request can come any more and the images are closed as after any
+/// unmount, so it ends the session, with a warning.
+fn connection_gone_is_the_end(served: std::io::Result<()>) -> std::io::Result<()> {
+    match served {
+        Err(error) if error.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::warn!("the kernel ended the FUSE connection with {error}");
+            Ok(())
+        }
+        other => other,
     }
 }
 
@@ -345,6 +363,15 @@ fn mountpoint_error(path: &Path, reason: String, errno: Option<i32>) -> FsError 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_the_kernel_reports_aborted_ends_the_session_like_one_gone() {
+        let aborted = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert!(connection_gone_is_the_end(Err(aborted)).is_ok());
+        let failed = std::io::Error::from_raw_os_error(libc::EIO);
+        let kept = connection_gone_is_the_end(Err(failed)).unwrap_err();
+        assert_eq!(kept.raw_os_error(), Some(libc::EIO));
+    }
 
     #[test]
     fn mount_points_are_escaped_as_the_mount_table_writes_them() {

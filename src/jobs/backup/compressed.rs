@@ -85,3 +85,101 @@ fn write_run(
     buf.clear();
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::track::BeforeWrite;
+    use crate::chain::{create_image, Chain, ChainOptions};
+    use crate::sync::{self, Arc, Mutex};
+
+    const CLUSTER: u64 = 4096;
+
+    /// Every write to a node, as (offset, len), in order.
+    #[derive(Default)]
+    struct Writes(Mutex<Vec<(u64, u64)>>);
+
+    impl BeforeWrite for Writes {
+        fn before_write(&self, offset: u64, len: u64) {
+            sync::lock(&self.0).push((offset, len));
+        }
+    }
+
+    /// One cluster of a kind: `t` text, `n` noise (which does not
+    /// compress), `z` zeros.
+    fn cluster(kind: u8, index: u64) -> Vec<u8> {
+        let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        match kind {
+            b't' => format!("cluster {index} of a compressed backup; ")
+                .bytes()
+                .cycle()
+                .take(CLUSTER as usize)
+                .collect(),
+            b'n' => (0..CLUSTER)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect(),
+            _ => vec![0; CLUSTER as usize],
+        }
+    }
+
+    #[test]
+    fn each_run_of_data_clusters_goes_to_the_target_in_one_compressed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let kinds = b"tttztnttzzt";
+        // The disk's last cluster is partial.
+        let size = kinds.len() as u64 * CLUSTER - 1024;
+        let mut data: Vec<u8> = (0..)
+            .zip(kinds)
+            .flat_map(|(i, &kind)| cluster(kind, i))
+            .collect();
+        data.truncate(size as usize);
+        let (source, target) = (dir.path().join("disk.raw"), dir.path().join("bak.qcow2"));
+        std::fs::write(&source, &data).unwrap();
+        create_image(&target, size, CLUSTER, None).unwrap();
+        let writable = ChainOptions {
+            writable: true,
+            ..ChainOptions::default()
+        };
+        let source = Chain::open(&source, &ChainOptions::default()).unwrap();
+        let target = Chain::open(&target, &writable).unwrap();
+        let writes = Arc::new(Writes::default());
+        target.active().add_before_write_hook(writes.clone());
+        let copy = Copier {
+            view: source.active().id(),
+            base: None,
+            dest: target.active().id(),
+            overwrite: true,
+        };
+        let chains = Chains {
+            source: &source,
+            dest: &target,
+        };
+        let copied = copy_compressed(&copy, chains, CLUSTER, 0, size, &mut Vec::new()).unwrap();
+        assert_eq!(
+            copied,
+            size - 3 * CLUSTER,
+            "the zero clusters are not counted"
+        );
+        let c = CLUSTER;
+        assert_eq!(
+            *sync::lock(&writes.0),
+            [
+                (0, 3 * c),
+                (3 * c, c),
+                (4 * c, 4 * c),
+                (8 * c, c),
+                (9 * c, c),
+                (10 * c, c - 1024)
+            ],
+            "one write per run of data clusters, one zeroing per zero cluster"
+        );
+        let mut back = vec![1; size as usize];
+        target.read(target.active().id(), 0, &mut back).unwrap();
+        assert!(back == data, "the target reads as the disk");
+    }
+}

@@ -455,44 +455,24 @@ fn run_compressed_workload(
     journal
 }
 
+/// Layouts of the compressed workloads: (`qemu-img create` options, the
+/// cluster size they give).
+const COMPRESSED_LAYOUTS: [(&str, usize); 3] = [
+    ("cluster_size=65536", 65536),
+    ("cluster_size=4096,compression_type=zstd", 4096),
+    ("extended_l2=on,cluster_size=16k", 16384),
+];
+
 #[test]
 fn every_crash_point_of_compressed_writes_leaves_readable_clusters() {
-    crash_compressed_workloads(PlainWrites::Whole);
+    crash_compressed_workloads(PlainWrites::Whole, 1, &COMPRESSED_LAYOUTS, (40, 7));
 }
 
 /// A partial write over a compressed cluster moves the rest of it: those
 /// bytes were flushed, and a crash must not lose them with the write.
 #[test]
 fn a_crash_after_a_partial_write_over_a_compressed_cluster_keeps_its_flushed_bytes() {
-    crash_compressed_workloads(PlainWrites::Partial);
-}
-
-fn crash_compressed_workloads(plain: PlainWrites) {
-    if !require_tool("qemu-img") {
-        return;
-    }
-    for (layout, (opts, cluster)) in [
-        ("cluster_size=65536", 65536),
-        ("cluster_size=4096,compression_type=zstd", 4096),
-        ("extended_l2=on,cluster_size=16k", 16384),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = qemu_image(dir.path(), opts);
-        let journal = run_compressed_workload(&storage, 40 + layout as u64, cluster, plain, 1);
-        let what = format!("{opts}: clean close");
-        check(&storage.contents(), dir.path(), false, &what);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7 + layout as u64);
-        let total = storage.op_count();
-        // Every compressed write syncs: a sample of the sync points.
-        let syncs = storage.sync_points();
-        let step = syncs.len().div_ceil(50);
-        let mut points: Vec<usize> = syncs.iter().step_by(step).copied().collect();
-        points.extend((0..80).map(|_| rng.random_range(0..=total)));
-        crash_at_each(&storage, &journal, points, &mut rng);
-    }
+    crash_compressed_workloads(PlainWrites::Partial, 1, &COMPRESSED_LAYOUTS, (40, 7));
 }
 
 /// Runs of clusters written compressed in one write, which syncs once:
@@ -501,36 +481,48 @@ fn crash_compressed_workloads(plain: PlainWrites) {
 /// 512-byte clusters) or mixes in clusters written plain.
 #[test]
 fn every_crash_point_of_compressed_runs_leaves_readable_clusters() {
-    if !require_tool("qemu-img") {
-        return;
-    }
-    for (layout, (opts, cluster)) in [
+    let layouts = [
         ("cluster_size=512", 512),
         ("cluster_size=65536", 65536),
         ("cluster_size=4096,compression_type=zstd", 4096),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    crash_compressed_workloads(PlainWrites::Whole, 16, &layouts, (60, 17));
+}
+
+/// Runs the compressed workload (compressed writes of up to `max_run`
+/// clusters) on each of `layouts` and crashes it at a sample of instants;
+/// `seeds` seed the workload and the choice of crashes.
+fn crash_compressed_workloads(
+    plain: PlainWrites,
+    max_run: usize,
+    layouts: &[(&str, usize)],
+    seeds: (u64, u64),
+) {
+    if !require_tool("qemu-img") {
+        return;
+    }
+    for (layout, &(opts, cluster)) in (0..).zip(layouts) {
         let dir = tempfile::tempdir().unwrap();
         let storage = qemu_image(dir.path(), opts);
-        let seed = 60 + layout as u64;
-        let journal = run_compressed_workload(&storage, seed, cluster, PlainWrites::Whole, 16);
+        let journal = run_compressed_workload(&storage, seeds.0 + layout, cluster, plain, max_run);
         let what = format!("{opts}: clean close");
         check(&storage.contents(), dir.path(), false, &what);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(17 + layout as u64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seeds.1 + layout);
         let total = storage.op_count();
-        // Just before a sync, its run's entries would be on the disk cache
-        // with the data they point to if the sync came after them: a
-        // sample of those instants, and of the syncs themselves.
+        // Every compressed write syncs: a sample of the sync points. With
+        // runs, also the instant before each: were the sync after the
+        // run's entries, they would be in the disk cache with the data
+        // they point to.
         let syncs = storage.sync_points();
-        let step = syncs.len().div_ceil(60);
+        let step = syncs.len().div_ceil(50);
+        let before = usize::from(max_run > 1);
         let mut points: Vec<usize> = syncs
             .iter()
             .step_by(step)
-            .flat_map(|&p| [p - 1, p])
+            .flat_map(|&p| p - before..=p)
             .collect();
-        points.extend((0..40).map(|_| rng.random_range(0..=total)));
+        points.extend((0..80).map(|_| rng.random_range(0..=total)));
+        // Before the journal starts, the open itself was running.
         points.retain(|&p| p >= journal.flushes[0].0);
         crash_at_each(&storage, &journal, points, &mut rng);
     }

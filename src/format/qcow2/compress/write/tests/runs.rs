@@ -19,6 +19,18 @@ fn cluster_of(data: &[u8], start: u64, guest: u64, cluster_size: u64) -> &[u8] {
     &data[at..at + cluster_size as usize]
 }
 
+/// Reads `data` back at `start`, closes the image, which `qemu-img check`
+/// must find clean, and reads it back again from the image reopened.
+fn assert_reads_back_after_close(storage: Arc<MemStorage>, image: Qcow2, start: u64, data: &[u8]) {
+    assert_eq!(read(&image, start, data.len()), data);
+    image.close().unwrap();
+    if require_tool("qemu-img") {
+        assert_qemu_check_clean(&storage);
+    }
+    let reopened = open(storage, false);
+    assert_eq!(read(&reopened, start, data.len()), data, "reopened");
+}
+
 #[test]
 fn a_run_of_clusters_syncs_once_and_reads_back() {
     for zstd in [false, true] {
@@ -38,13 +50,7 @@ fn a_run_of_clusters_syncs_once_and_reads_back() {
         // The first stream shares a host cluster with the run's.
         let guests: Vec<u64> = [0].into_iter().chain(4..12).map(|i| i * CS).collect();
         assert_refcounts_count_compressed(&image, &guests);
-        assert_eq!(read(&image, 4 * CS, data.len()), data, "zstd {zstd}");
-        image.close().unwrap();
-        if require_tool("qemu-img") {
-            assert_qemu_check_clean(&storage);
-        }
-        let reopened = open(storage, false);
-        assert_eq!(read(&reopened, 4 * CS, data.len()), data, "zstd {zstd}");
+        assert_reads_back_after_close(storage, image, 4 * CS, &data);
     }
 }
 
@@ -73,13 +79,7 @@ fn a_run_across_l2_tables_syncs_once_and_replaces_what_both_held() {
     image.flush().unwrap();
     let guests: Vec<u64> = (0..20).map(|i| start + i * cs).collect();
     assert_refcounts_count_compressed(&image, &guests);
-    assert_eq!(read(&image, start, data.len()), data);
-    image.close().unwrap();
-    if require_tool("qemu-img") {
-        assert_qemu_check_clean(&storage);
-    }
-    let reopened = open(storage, false);
-    assert_eq!(read(&reopened, start, data.len()), data);
+    assert_reads_back_after_close(storage, image, start, &data);
 }
 
 #[test]
@@ -113,13 +113,7 @@ fn clusters_that_do_not_compress_are_written_plain_within_the_run() {
             _ => assert!(matches!(entry, L2Entry::Data { .. }), "{i}: {entry:?}"),
         }
     }
-    assert_eq!(read(&image, start, data.len()), data);
-    image.close().unwrap();
-    if require_tool("qemu-img") {
-        assert_qemu_check_clean(&storage);
-    }
-    let reopened = open(storage, false);
-    assert_eq!(read(&reopened, start, data.len()), data);
+    assert_reads_back_after_close(storage, image, start, &data);
 }
 
 /// Each cluster of the run reads as what it held before or as what the

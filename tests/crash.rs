@@ -382,14 +382,16 @@ enum PlainWrites {
 }
 
 /// Clusters written compressed (packed several to a host cluster, some
-/// running on into the next), whole-cluster writes and write-zeroes over
-/// them, and flushes: a compressed L2 entry must never reach the disk
-/// before its stream and its refcounts.
+/// running on into the next), up to `max_run` of them in one write, with
+/// whole-cluster writes and write-zeroes over them, and flushes: a
+/// compressed L2 entry must never reach the disk before its stream and its
+/// refcounts.
 fn run_compressed_workload(
     storage: &Arc<MemStorage>,
     seed: u64,
     cluster: usize,
     plain: PlainWrites,
+    max_run: usize,
 ) -> Journal {
     let image = open(Arc::clone(storage), true);
     let mut model = vec![0u8; SIZE];
@@ -420,13 +422,28 @@ fn run_compressed_workload(
                 .unwrap();
             model[at..at + cluster].fill(0);
         } else {
-            // Noise then a fill: streams of every length up to a cluster.
-            let noisy = rng.random_range(0..cluster);
-            let mut data: Vec<u8> = (0..noisy).map(|_| rng.random()).collect();
-            data.resize(cluster, step as u8);
-            journal.writing(storage, at..at + cluster);
+            let count = if max_run > 1 {
+                rng.random_range(1..=max_run).min((SIZE - at) / cluster)
+            } else {
+                1
+            };
+            let mut data = Vec::with_capacity(count * cluster);
+            for _ in 0..count {
+                // Noise then a fill: streams of every length up to a
+                // cluster. In a run, some clusters are all noise, which
+                // does not compress: they are written plain.
+                let noisy = if max_run > 1 && rng.random_bool(0.2) {
+                    cluster
+                } else {
+                    rng.random_range(0..cluster)
+                };
+                let start = data.len();
+                data.extend((0..noisy).map(|_| rng.random::<u8>()));
+                data.resize(start + cluster, step as u8);
+            }
+            journal.writing(storage, at..at + data.len());
             image.write_compressed(at as u64, &data).unwrap();
-            model[at..at + cluster].copy_from_slice(&data);
+            model[at..at + data.len()].copy_from_slice(&data);
         }
         if step % 10 == 9 {
             image.flush().unwrap();
@@ -438,42 +455,75 @@ fn run_compressed_workload(
     journal
 }
 
+/// Layouts of the compressed workloads: (`qemu-img create` options, the
+/// cluster size they give).
+const COMPRESSED_LAYOUTS: [(&str, usize); 3] = [
+    ("cluster_size=65536", 65536),
+    ("cluster_size=4096,compression_type=zstd", 4096),
+    ("extended_l2=on,cluster_size=16k", 16384),
+];
+
 #[test]
 fn every_crash_point_of_compressed_writes_leaves_readable_clusters() {
-    crash_compressed_workloads(PlainWrites::Whole);
+    crash_compressed_workloads(PlainWrites::Whole, 1, &COMPRESSED_LAYOUTS, (40, 7));
 }
 
 /// A partial write over a compressed cluster moves the rest of it: those
 /// bytes were flushed, and a crash must not lose them with the write.
 #[test]
 fn a_crash_after_a_partial_write_over_a_compressed_cluster_keeps_its_flushed_bytes() {
-    crash_compressed_workloads(PlainWrites::Partial);
+    crash_compressed_workloads(PlainWrites::Partial, 1, &COMPRESSED_LAYOUTS, (40, 7));
 }
 
-fn crash_compressed_workloads(plain: PlainWrites) {
+/// Runs of clusters written compressed in one write, which syncs once:
+/// every stream and refcount of the run must be durable before any of its
+/// L2 entries, also when the run crosses L2 tables (64 entries a table with
+/// 512-byte clusters) or mixes in clusters written plain.
+#[test]
+fn every_crash_point_of_compressed_runs_leaves_readable_clusters() {
+    let layouts = [
+        ("cluster_size=512", 512),
+        ("cluster_size=65536", 65536),
+        ("cluster_size=4096,compression_type=zstd", 4096),
+    ];
+    crash_compressed_workloads(PlainWrites::Whole, 16, &layouts, (60, 17));
+}
+
+/// Runs the compressed workload (compressed writes of up to `max_run`
+/// clusters) on each of `layouts` and crashes it at a sample of instants;
+/// `seeds` seed the workload and the choice of crashes.
+fn crash_compressed_workloads(
+    plain: PlainWrites,
+    max_run: usize,
+    layouts: &[(&str, usize)],
+    seeds: (u64, u64),
+) {
     if !require_tool("qemu-img") {
         return;
     }
-    for (layout, (opts, cluster)) in [
-        ("cluster_size=65536", 65536),
-        ("cluster_size=4096,compression_type=zstd", 4096),
-        ("extended_l2=on,cluster_size=16k", 16384),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (layout, &(opts, cluster)) in (0..).zip(layouts) {
         let dir = tempfile::tempdir().unwrap();
         let storage = qemu_image(dir.path(), opts);
-        let journal = run_compressed_workload(&storage, 40 + layout as u64, cluster, plain);
+        let journal = run_compressed_workload(&storage, seeds.0 + layout, cluster, plain, max_run);
         let what = format!("{opts}: clean close");
         check(&storage.contents(), dir.path(), false, &what);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7 + layout as u64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seeds.1 + layout);
         let total = storage.op_count();
-        // Every compressed write syncs: a sample of the sync points.
+        // Every compressed write syncs: a sample of the sync points. With
+        // runs, also the instant before each: were the sync after the
+        // run's entries, they would be in the disk cache with the data
+        // they point to.
         let syncs = storage.sync_points();
         let step = syncs.len().div_ceil(50);
-        let mut points: Vec<usize> = syncs.iter().step_by(step).copied().collect();
+        let before = usize::from(max_run > 1);
+        let mut points: Vec<usize> = syncs
+            .iter()
+            .step_by(step)
+            .flat_map(|&p| p - before..=p)
+            .collect();
         points.extend((0..80).map(|_| rng.random_range(0..=total)));
+        // Before the journal starts, the open itself was running.
+        points.retain(|&p| p >= journal.flushes[0].0);
         crash_at_each(&storage, &journal, points, &mut rng);
     }
 }

@@ -33,10 +33,48 @@ fn cluster_content(index: u64, len: usize) -> Vec<u8> {
     }
 }
 
-/// Writes every third cluster of the top image compressed (and, before,
-/// some of them plain, so the compressed write replaces them), then checks
-/// the image with QEMU's tools.
-fn compressed_writes_are_what_qemu_reads(options: &str) {
+/// Which ranges of the image are written compressed, each in one call.
+#[derive(Clone, Copy, Debug)]
+enum Spans {
+    /// Every third cluster, one at a time, and the last.
+    EveryThird,
+    /// Runs of 1, 2, 3... clusters (many L2 tables' worth with small
+    /// clusters) one cluster apart, up to the last.
+    Runs,
+}
+
+impl Spans {
+    /// The (offset, length) of each compressed write, for `cluster`.
+    fn of(self, cluster: u64) -> Vec<(u64, u64)> {
+        let mut spans = Vec::new();
+        let mut at = 0;
+        let mut run = 1;
+        while at < SIZE {
+            let clusters = match self {
+                Spans::EveryThird => 1,
+                Spans::Runs => run,
+            };
+            let len = (clusters * cluster).min(SIZE - at);
+            spans.push((at, len));
+            let gap = match self {
+                Spans::EveryThird => 2 * cluster,
+                Spans::Runs => cluster,
+            };
+            at += len + gap;
+            run = run % 150 + 1;
+            if at >= SIZE && at - gap < SIZE {
+                // The last cluster was skipped: it is partial, and written.
+                at = (SIZE - 1) / cluster * cluster;
+            }
+        }
+        spans
+    }
+}
+
+/// Writes the `spans` of the top image compressed (and, before, some of
+/// them plain, so the compressed write replaces them), then checks the
+/// image with QEMU's tools.
+fn compressed_writes_are_what_qemu_reads(options: &str, spans: Spans) {
     let chain = TempChain::new()
         .raw_base("base.raw", SIZE)
         .write(&[format!("write -P 0x11 0 {SIZE}")])
@@ -54,21 +92,24 @@ fn compressed_writes_are_what_qemu_reads(options: &str) {
         .add("b0", Bits::new(65536, SIZE), true, Kind::Transient)
         .unwrap();
     let mut written = 0;
-    for (index, offset) in (0..SIZE).step_by(cluster as usize).enumerate() {
-        let index = index as u64;
-        let last = offset + cluster >= SIZE;
-        if index % 3 != 0 && !last {
-            continue;
-        }
-        let len = cluster.min(SIZE - offset) as usize;
-        let data = cluster_content(index / 3, len);
+    for (offset, len) in spans.of(cluster) {
+        let data: Vec<u8> = (offset..offset + len)
+            .step_by(cluster as usize)
+            .flat_map(|at| cluster_content(at / cluster / 3, cluster.min(SIZE - at) as usize))
+            .collect();
         image.write_compressed(top.id(), offset, &data).unwrap();
-        expected[offset as usize..offset as usize + len].copy_from_slice(&data);
-        written += 1;
+        expected[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+        written += len.div_ceil(cluster);
     }
-    assert!(written >= 2, "{options}: only {written} clusters written");
+    assert!(
+        written >= 2,
+        "{options}, {spans:?}: only {written} clusters written"
+    );
     let recorded = top.bitmaps().infos()[0].count;
-    assert!(recorded > 0, "{options}: the bitmap recorded nothing");
+    assert!(
+        recorded > 0,
+        "{options}, {spans:?}: the bitmap recorded nothing"
+    );
     image.close().unwrap();
 
     qemu_img_check(chain.top());
@@ -80,7 +121,7 @@ fn compressed_writes_are_what_qemu_reads(options: &str) {
     .unwrap();
     assert!(
         report["compressed-clusters"].as_u64().unwrap_or(0) > 0,
-        "{options}: no compressed cluster: {report}"
+        "{options}, {spans:?}: no compressed cluster: {report}"
     );
     common::assert_same_bytes(&convert_to_raw(chain.top()), &expected, options);
 }
@@ -97,7 +138,9 @@ fn deflate_compressed_writes_pass_qemu_img_check_and_convert() {
         "cluster_size=4096,refcount_bits=1",
         "cluster_size=16k,extended_l2=on",
     ] {
-        compressed_writes_are_what_qemu_reads(options);
+        for spans in [Spans::EveryThird, Spans::Runs] {
+            compressed_writes_are_what_qemu_reads(options, spans);
+        }
     }
 }
 
@@ -111,7 +154,9 @@ fn zstd_compressed_writes_pass_qemu_img_check_and_convert() {
         "compression_type=zstd,cluster_size=4096,refcount_bits=64",
         "compression_type=zstd,cluster_size=64k,extended_l2=on",
     ] {
-        compressed_writes_are_what_qemu_reads(options);
+        for spans in [Spans::EveryThird, Spans::Runs] {
+            compressed_writes_are_what_qemu_reads(options, spans);
+        }
     }
 }
 

@@ -199,11 +199,12 @@ impl Chain {
         Ok(())
     }
 
-    /// Writes the cluster at `offset` of `node` compressed, as
+    /// Writes the clusters from `offset` of `node` compressed, as
     /// [`crate::format::Image::write_compressed`] (a qcow2 node without an
-    /// external data file; one whole cluster, or the last partial one),
-    /// under the same rules as [`Chain::write`]; the node's write hooks and
-    /// bitmaps hear of it as of any write.
+    /// external data file; whole clusters, the last of which may be the
+    /// last partial one; one sync for the run), under the same rules as
+    /// [`Chain::write`]; the node's write hooks and bitmaps hear of it as
+    /// of any write.
     pub fn write_compressed(
         &self,
         node: NodeId,

@@ -283,10 +283,11 @@ impl Image {
         }
     }
 
-    /// Writes the cluster at `offset` compressed (see
-    /// [`Qcow2::write_compressed`]): `data` is one whole cluster from a
-    /// cluster boundary, or the image's last, partial cluster. Only qcow2
-    /// images hold compressed clusters.
+    /// Writes the clusters from `offset` compressed (see
+    /// [`Qcow2::write_compressed`]): `data` is whole clusters from a
+    /// cluster boundary, the last of which may be the image's last, partial
+    /// cluster; the run syncs the image once. Only qcow2 images hold
+    /// compressed clusters.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         match self {
             Image::Raw(_) => Err(FormatError::Unsupported {

@@ -7,8 +7,8 @@
 //! so `qemu-img check` agrees with what is written here.
 //!
 //! Refcounts are written before the caller writes the data and the L2
-//! entry; the caller syncs before it publishes the entry, so a crash leaves
-//! at worst a leak.
+//! entries; the caller syncs before it publishes the entries, so a crash
+//! leaves at worst a leak.
 
 use super::super::types::HostOffset;
 use super::super::{Meta, Qcow2};
@@ -125,6 +125,16 @@ impl Qcow2 {
         }
         if let Some(fresh) = claim.fresh {
             meta.allocator.give_back(fresh);
+        }
+    }
+
+    /// Takes back claims made one after the other in one write, none of
+    /// which an L2 entry came to point to: the latest first, so each puts
+    /// back what the one before it left (a claim may have raised the
+    /// refcount of the cluster the one before took fresh).
+    pub(super) fn undo_claims(&self, meta: &mut Meta, claims: Vec<Claim>) {
+        for claim in claims.into_iter().rev() {
+            self.undo_claim(meta, claim);
         }
     }
 }

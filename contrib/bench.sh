@@ -255,11 +255,18 @@ bench_writes() {
 # each job writes its own share of the image once, one write per 64 KiB
 # cluster: 64 KiB writes at random, 4 KiB writes at each cluster's start.
 fio_alloc() {
-    local file=$1 jobs=$2 bs=$3 size pattern=randwrite
+    local file=$1 jobs=$2 bs=$3 size pattern=randwrite writes
     size=$(( $(numfmt --from=iec "$SIZE") / jobs ))
-    [ "$bs" = 4k ] && pattern=write:60k
+    writes=$size
+    if [ "$bs" = 4k ]; then
+        pattern=write:60k
+        # One 4 KiB write per 64 KiB: without the bound, fio would go
+        # round its share again and write the same clusters in place.
+        writes=$(( size / 16 ))
+    fi
     fio_json --filename="$file" --rw="$pattern" --bs="$bs" --numjobs="$jobs" \
-        --size="$size" --offset_increment="$size" --direct=1 --ioengine=psync | fio_value
+        --size="$size" --io_size="$writes" --offset_increment="$size" --direct=1 \
+        --ioengine=psync | fio_value
 }
 
 # empty_overlay DIR: base.qcow2 (empty) <- top.qcow2 (empty), 64 KiB clusters.

@@ -506,3 +506,50 @@ fn a_sequential_fill_syncs_rarely_and_a_clean_close_leaves_no_reserved_tail() {
     qemu_img_check(&fx.image);
     assert_eq!(convert_to_raw(&fx.image)[..256 << 20], data.repeat(256)[..]);
 }
+
+/// A write into a new cluster whose other bytes read as zeros writes only
+/// its own bytes into a cluster made zeros by deallocation, as QEMU's
+/// `is_zero_cow` does, so a 4 KiB write into an empty overlay allocates
+/// 4 KiB of host storage, not a cluster. The cluster it lands on may have
+/// held data before (QEMU does not always discard what it frees): that
+/// data must not show.
+#[test]
+fn a_write_into_a_new_cluster_over_zeros_writes_only_its_bytes_and_hides_what_the_cluster_held() {
+    if !require_tool("qemu-img") {
+        return;
+    }
+    let f = fixture("cluster_size=65536", "4M");
+    // Free clusters past the image's metadata that still hold old bytes.
+    let stale_start = std::fs::metadata(&f.image).unwrap().len();
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&f.image)
+            .unwrap();
+        file.write_all(&vec![0xaa; 1 << 20]).unwrap();
+    }
+    let image = open(&f.image, true);
+    image.write(8192, &[0x55; 4096], &NoBacking).unwrap();
+    let mut expected = vec![0u8; 4 << 20];
+    expected[8192..12288].fill(0x55);
+    assert!(read_all(&image, 1 << 20) == expected, "view differs");
+    image.close().unwrap();
+    qemu_img_check(&f.image);
+    assert!(
+        convert_to_raw(&f.image) == expected,
+        "qemu reads other bytes"
+    );
+    // Every byte past `stale_start` was written before the image was
+    // opened; a hole there is the part of the data cluster the guest did
+    // not write.
+    let len = std::fs::metadata(&f.image).unwrap().len();
+    let hole = FileStorage::open(&f.image, false)
+        .unwrap()
+        .seek_hole(stale_start)
+        .unwrap();
+    assert!(
+        hole < len,
+        "no hole in the clusters allocated: the copy-on-write wrote its zeros"
+    );
+}

@@ -230,6 +230,10 @@ impl Qcow2 {
                 self.read_view(old, start, cluster, backing)?;
                 let copies_data = !is_zero(&cluster[..in_cluster])
                     || !is_zero(&cluster[in_cluster + data.len()..]);
+                if !copies_data && self.zero_new_cluster(target) {
+                    let at = target.0 + in_cluster as u64;
+                    return self.data().write_at(data, at).io_at("write guest data", at);
+                }
                 cluster[in_cluster..in_cluster + data.len()].copy_from_slice(data);
                 self.data()
                     .write_at(cluster, target.0)
@@ -241,6 +245,24 @@ impl Qcow2 {
             host: target,
             copied: true,
         })
+    }
+
+    /// Makes the new cluster at `target` read as zeros by deallocating it,
+    /// so that a write into it whose copy-on-write would copy only zeros
+    /// writes the guest's bytes alone (QEMU's `is_zero_cow`, where it
+    /// writes zeroes to the cluster without falling back to writing them):
+    /// a 4 KiB write into a fresh overlay then allocates 4 KiB of host
+    /// memory or disk, not a cluster's worth. The cluster may have held
+    /// data before it was freed (QEMU does not always discard what it
+    /// frees), so it is deallocated whatever it held. An external data
+    /// file is left to the plain copy; so is any failure, which the plain
+    /// copy then meets or overwrites. Returns whether the cluster is zeros.
+    fn zero_new_cluster(&self, target: HostOffset) -> bool {
+        self.data_file.is_none()
+            && self
+                .storage
+                .punch_hole(target.0, self.geometry.cluster_size())
+                .is_ok()
     }
 
     /// Writes the subclusters that `data` touches (and, when the cluster

@@ -50,31 +50,82 @@ impl Journal {
     }
 }
 
+/// A workload in progress: the image it writes, the model of what the
+/// image holds, and the journal of what it did. Each change is journaled
+/// as it starts and applied to the model once the image returned.
+struct Workload<'s> {
+    storage: &'s Arc<MemStorage>,
+    image: Qcow2,
+    model: Vec<u8>,
+    journal: Journal,
+}
+
+impl<'s> Workload<'s> {
+    /// A workload on the all-zero image in `storage`, opened for writing.
+    fn new(storage: &'s Arc<MemStorage>) -> Workload<'s> {
+        Workload {
+            storage,
+            image: open(Arc::clone(storage), true),
+            model: vec![0u8; SIZE],
+            journal: Journal::new(storage),
+        }
+    }
+
+    fn write(&mut self, at: usize, data: &[u8]) {
+        self.journal.writing(self.storage, at..at + data.len());
+        self.image.write(at as u64, data, &NoBacking).unwrap();
+        self.model[at..at + data.len()].copy_from_slice(data);
+    }
+
+    fn write_compressed(&mut self, at: usize, data: &[u8]) {
+        self.journal.writing(self.storage, at..at + data.len());
+        self.image.write_compressed(at as u64, data).unwrap();
+        self.model[at..at + data.len()].copy_from_slice(data);
+    }
+
+    fn zero(&mut self, at: usize, len: usize) {
+        self.journal.writing(self.storage, at..at + len);
+        self.image
+            .zero_range(at as u64, len as u64, &NoBacking)
+            .unwrap();
+        self.model[at..at + len].fill(0);
+    }
+
+    /// Everything written so far is durable now (a flush, or another path
+    /// that syncs).
+    fn durable(&mut self) {
+        self.journal.flushed(self.storage, &self.model);
+    }
+
+    fn flush(&mut self) {
+        self.image.flush().unwrap();
+        self.durable();
+    }
+
+    /// Closes the image, which makes everything durable.
+    fn close(mut self) -> Journal {
+        self.image.close().unwrap();
+        self.durable();
+        self.journal
+    }
+}
+
 fn run_workload(storage: &Arc<MemStorage>, seed: u64) -> Journal {
-    let image = open(Arc::clone(storage), true);
-    let mut model = vec![0u8; SIZE];
-    let mut journal = Journal::new(storage);
+    let mut work = Workload::new(storage);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for step in 0..120 {
         let len = rng.random_range(1..150_000usize);
         let at = rng.random_range(0..SIZE - len);
-        journal.writing(storage, at..at + len);
         if step % 6 == 5 {
-            image.zero_range(at as u64, len as u64, &NoBacking).unwrap();
-            model[at..at + len].fill(0);
+            work.zero(at, len);
         } else {
-            let data = vec![rng.random::<u8>() | 1; len];
-            image.write(at as u64, &data, &NoBacking).unwrap();
-            model[at..at + len].copy_from_slice(&data);
+            work.write(at, &vec![rng.random::<u8>() | 1; len]);
         }
         if step % 10 == 9 {
-            image.flush().unwrap();
-            journal.flushed(storage, &model);
+            work.flush();
         }
     }
-    image.close().unwrap();
-    journal.flushed(storage, &model);
-    journal
+    work.close()
 }
 
 /// Runs `qemu-img check` on `bytes`; panics on any error (leaks allowed
@@ -261,26 +312,16 @@ fn reftable_offset(bytes: &[u8]) -> u64 {
 /// journal and the operation windows of the table move and of each header
 /// rewrite.
 fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<Range<usize>>) {
-    let image = open(Arc::clone(storage), true);
-    let mut model = vec![0u8; SIZE];
-    let mut journal = Journal::new(storage);
+    let mut work = Workload::new(storage);
     let mut windows = Vec::new();
-    let write = |journal: &mut Journal, model: &mut [u8], at: usize, len: usize, byte: u8| {
-        journal.writing(storage, at..at + len);
-        image
-            .write(at as u64, &vec![byte; len], &NoBacking)
-            .unwrap();
-        model[at..at + len].fill(byte);
-    };
     for (i, at) in (0..SIZE).step_by(256 << 10).enumerate() {
         let (ops, table) = (storage.op_count(), reftable_offset(&storage.contents()));
-        write(&mut journal, &mut model, at, 256 << 10, i as u8 | 1);
+        work.write(at, &vec![i as u8 | 1; 256 << 10]);
         if reftable_offset(&storage.contents()) != table {
             windows.push(ops..storage.op_count());
         }
         if i % 8 == 7 {
-            image.flush().unwrap();
-            journal.flushed(storage, &model);
+            work.flush();
         }
     }
     assert!(
@@ -293,23 +334,20 @@ fn run_growth_workload(storage: &Arc<MemStorage>, base: &Path) -> (Journal, Vec<
         format: Some(Format::Raw),
     };
     let ops = storage.op_count();
-    image.set_backing(Some(&base)).unwrap();
-    image.set_backing(None).unwrap();
+    work.image.set_backing(Some(&base)).unwrap();
+    work.image.set_backing(None).unwrap();
     windows.push(ops..storage.op_count());
-    journal.writing(storage, 2 << 20..3 << 20);
-    image.zero_range(2 << 20, 1 << 20, &NoBacking).unwrap();
-    model[2 << 20..3 << 20].fill(0);
-    write(&mut journal, &mut model, 2 << 20, 1 << 20, 0x5b);
+    work.zero(2 << 20, 1 << 20);
+    work.write(2 << 20, &vec![0x5b; 1 << 20]);
     let ops = storage.op_count();
-    image.set_writable(false).unwrap();
-    journal.flushed(storage, &model);
-    image.set_writable(true).unwrap();
+    work.image.set_writable(false).unwrap();
+    work.durable();
+    work.image.set_writable(true).unwrap();
     windows.push(ops..storage.op_count());
-    write(&mut journal, &mut model, 5 << 20, 300_000, 0x6d);
+    work.write(5 << 20, &vec![0x6d; 300_000]);
     let ops = storage.op_count();
-    image.close().unwrap();
+    let journal = work.close();
     windows.push(ops..storage.op_count());
-    journal.flushed(storage, &model);
     (journal, windows)
 }
 
@@ -393,9 +431,7 @@ fn run_compressed_workload(
     plain: PlainWrites,
     max_run: usize,
 ) -> Journal {
-    let image = open(Arc::clone(storage), true);
-    let mut model = vec![0u8; SIZE];
-    let mut journal = Journal::new(storage);
+    let mut work = Workload::new(storage);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let clusters = SIZE / cluster;
     for step in 0..150 {
@@ -405,22 +441,12 @@ fn run_compressed_workload(
             // cluster held (compressed data, flushed), to a new place.
             let from = at + rng.random_range(0..cluster);
             let len = rng.random_range(1..=at + cluster - from);
-            journal.writing(storage, from..from + len);
-            let data = vec![rng.random::<u8>() | 1; len];
-            image.write(from as u64, &data, &NoBacking).unwrap();
-            model[from..from + len].copy_from_slice(&data);
+            work.write(from, &vec![rng.random::<u8>() | 1; len]);
         } else if step % 7 == 6 {
             let len = (rng.random_range(1..4) * cluster).min(SIZE - at);
-            journal.writing(storage, at..at + len);
-            let data = vec![rng.random::<u8>() | 1; len];
-            image.write(at as u64, &data, &NoBacking).unwrap();
-            model[at..at + len].copy_from_slice(&data);
+            work.write(at, &vec![rng.random::<u8>() | 1; len]);
         } else if step % 11 == 10 {
-            journal.writing(storage, at..at + cluster);
-            image
-                .zero_range(at as u64, cluster as u64, &NoBacking)
-                .unwrap();
-            model[at..at + cluster].fill(0);
+            work.zero(at, cluster);
         } else {
             let count = if max_run > 1 {
                 rng.random_range(1..=max_run).min((SIZE - at) / cluster)
@@ -441,18 +467,13 @@ fn run_compressed_workload(
                 data.extend((0..noisy).map(|_| rng.random::<u8>()));
                 data.resize(start + cluster, step as u8);
             }
-            journal.writing(storage, at..at + data.len());
-            image.write_compressed(at as u64, &data).unwrap();
-            model[at..at + data.len()].copy_from_slice(&data);
+            work.write_compressed(at, &data);
         }
         if step % 10 == 9 {
-            image.flush().unwrap();
-            journal.flushed(storage, &model);
+            work.flush();
         }
     }
-    image.close().unwrap();
-    journal.flushed(storage, &model);
-    journal
+    work.close()
 }
 
 /// Layouts of the compressed workloads: (`qemu-img create` options, the

@@ -17,6 +17,12 @@ fn raw_chain(dir: &std::path::Path, name: &str, fill: u8) -> Chain {
     Chain::open(&path, &options).unwrap()
 }
 
+/// The chains a test copies between: a source of ones, `a.img`, and a
+/// destination of zeros, `b.img`, in `dir`.
+fn source_and_dest(dir: &std::path::Path) -> (Chain, Chain) {
+    (raw_chain(dir, "a.img", 1), raw_chain(dir, "b.img", 0))
+}
+
 /// The copy of the only node of one chain into the only node of another.
 fn mirror_copier(source: &Chain, dest: &Chain) -> Copier {
     Copier {
@@ -74,10 +80,7 @@ fn dispatcher<'c, 'a, B, A>(
 #[test]
 fn a_chunk_overlapping_one_in_flight_waits_and_keeps_the_later_ones_behind_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (
-        raw_chain(dir.path(), "a.img", 1),
-        raw_chain(dir.path(), "b.img", 0),
-    );
+    let (source, dest) = source_and_dest(dir.path());
     let copier = mirror_copier(&source, &dest);
     let chains = Chains {
         source: &source,
@@ -111,8 +114,7 @@ fn a_chunk_overlapping_one_in_flight_waits_and_keeps_the_later_ones_behind_it() 
 fn a_range_read_again_after_a_change_ends_with_the_new_data() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..50u8 {
-        let source = raw_chain(dir.path(), "a.img", 1);
-        let dest = raw_chain(dir.path(), "b.img", 0);
+        let (source, dest) = source_and_dest(dir.path());
         let copier = mirror_copier(&source, &dest);
         let node = source.active().id();
         // Every range twice, the source rewritten between the two reads:
@@ -153,8 +155,7 @@ fn a_range_read_again_after_a_change_ends_with_the_new_data() {
 #[test]
 fn a_stop_hands_back_every_chunk_taken_and_not_written() {
     let dir = tempfile::tempdir().unwrap();
-    let source = raw_chain(dir.path(), "a.img", 1);
-    let dest = raw_chain(dir.path(), "b.img", 0);
+    let (source, dest) = source_and_dest(dir.path());
     let copier = mirror_copier(&source, &dest);
     let mut written = Vec::new();
     let mut allowed = 2;
@@ -191,10 +192,7 @@ fn a_stop_hands_back_every_chunk_taken_and_not_written() {
 #[test]
 fn a_chunk_that_failed_beside_one_retried_after_a_pause_is_retried_without_a_second_pause() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (
-        raw_chain(dir.path(), "a.img", 1),
-        raw_chain(dir.path(), "b.img", 0),
-    );
+    let (source, dest) = source_and_dest(dir.path());
     let copier = mirror_copier(&source, &dest);
     let mut errors_heard = 0;
     let chains = Chains {
@@ -254,10 +252,7 @@ fn count_start() {
 #[test]
 fn a_writer_thread_starts_only_when_every_started_one_is_busy() {
     let dir = tempfile::tempdir().unwrap();
-    let (source, dest) = (
-        raw_chain(dir.path(), "a.img", 1),
-        raw_chain(dir.path(), "b.img", 0),
-    );
+    let (source, dest) = source_and_dest(dir.path());
     let copier = mirror_copier(&source, &dest);
     let chains = Chains {
         source: &source,

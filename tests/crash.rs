@@ -398,16 +398,7 @@ fn crashes_around_a_refcount_table_move_and_header_rewrites_stay_consistent() {
     points.retain(|&p| p >= journal.flushes[0].0);
     points.sort_unstable();
     points.dedup();
-    for (i, point) in points.into_iter().enumerate() {
-        let seed = rng.random::<u64>();
-        let mode = match i % 4 {
-            0 => CrashMode::DropAll,
-            1 => CrashMode::KeepAll,
-            2 => CrashMode::Subset { seed },
-            _ => CrashMode::TornSubset { seed },
-        };
-        crash_and_verify(&storage, &journal, point, mode);
-    }
+    crash_at_each(&storage, &journal, points, &mut rng);
 }
 
 /// How the compressed workload writes plain data over its clusters.
